@@ -1,0 +1,2 @@
+"""TGPO in JAX."""
+__version__ = "0.1.0"

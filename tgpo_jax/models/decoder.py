@@ -1,0 +1,155 @@
+"""The dense decoder (Qwen2 / Qwen3 / Llama) as a flax.nnx module.
+
+The module is a parameter container whose layer parameters are stacked on a leading [layers] axis;
+the forward pass scans one compiled layer body over them (compile time does not grow with depth).
+At a jit boundary split it with `nnx.split(model)` and merge inside (see `apply`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tgpo_jax.models import layers as L
+from tgpo_jax.models.config import ModelConfig
+from tgpo_jax.models.kv_cache import KVCache, write_layer
+from tgpo_jax.models.params import initializer, layer_param_specs, param_specs
+
+
+def _make_params(owner: nnx.Module, specs, prefix: str, cfg: ModelConfig, rngs: nnx.Rngs):
+    for path, spec in specs.items():
+        if not path.startswith(prefix):
+            continue
+        name = path[len(prefix):]
+        if "." in name:
+            continue
+        value = initializer(spec.init)(rngs.params(), spec.shape, cfg.jnp_param_dtype)
+        setattr(owner, name, nnx.Param(value, sharding_names=spec.axes, eager_sharding=False))
+
+
+class StackedLayers(nnx.Module):
+    """All decoder layers' parameters, each with a leading [layers] axis."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        _make_params(self, param_specs(cfg), "layers.", cfg, rngs)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        specs = param_specs(cfg)
+        _make_params(self, specs, "", cfg, rngs)
+        self.layers = StackedLayers(cfg, rngs)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, tokens_BT, positions_BT, mask_BT, cache: KVCache | None = None):
+        """Logits [B, T, V] (fp32) and the updated cache (None when no cache was given)."""
+        h_BTE, cache = self.hidden_states(tokens_BT, positions_BT, mask_BT, cache)
+        return self.logits(h_BTE), cache
+
+    def hidden_states(self, tokens_BT, positions_BT, mask_BT, cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, E] in the compute dtype.
+
+        tokens/positions/mask are [B, T]; mask is 1 for real tokens (0 for left padding). Without a
+        cache, token t attends to real tokens s <= t of the same row. With a cache, the tokens are
+        written at slots [cache.index, cache.index + T) and attend to every earlier real slot.
+        """
+        cfg = self.cfg
+        x_BTE = self.embed[...].astype(cfg.jnp_dtype)[tokens_BT]
+        cos, sin = L.rope_cos_sin(positions_BT, L.rope_inv_freq(cfg), cfg.jnp_dtype)
+        layer_params = {k: v[...] for k, v in nnx.to_pure_dict(nnx.state(self.layers, nnx.Param)).items()}
+        if cache is None:
+            T = tokens_BT.shape[1]
+            allowed = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & mask_BT.astype(bool)[:, None, :]
+
+            def body(x, lp):
+                x, _ = _layer(cfg, lp, x, cos, sin, allowed, None, None)
+                return x, None
+
+            x_BTE, _ = jax.lax.scan(body, x_BTE, layer_params)
+        else:
+            slot_mask, allowed = cache.allowed_BTS(mask_BT)
+
+            def body(x, xs):
+                lp, k_BSKD, v_BSKD = xs
+                x, kv = _layer(cfg, lp, x, cos, sin, allowed, (k_BSKD, v_BSKD), cache.index)
+                return x, kv
+
+            x_BTE, (k, v) = jax.lax.scan(body, x_BTE, (layer_params, cache.k_LBSKD, cache.v_LBSKD))
+            cache = KVCache(k, v, slot_mask, cache.index + tokens_BT.shape[1])
+        return L.rms_norm(x_BTE, self.final_norm[...], cfg.rms_norm_eps), cache
+
+    def logits(self, h_BTE: jax.Array) -> jax.Array:
+        """fp32 logits [..., V]; rows at or beyond cfg.valid_vocab_size get a large negative value."""
+        cfg = self.cfg
+        head_EV = self.lm_head_EV()
+        logits = jnp.einsum("...e,ev->...v", h_BTE, head_EV.astype(h_BTE.dtype), preferred_element_type=jnp.float32)
+        return mask_padded_vocab(logits, cfg)
+
+    def lm_head_EV(self) -> jax.Array:
+        return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+
+def mask_padded_vocab(logits_V: jax.Array, cfg: ModelConfig) -> jax.Array:
+    if cfg.valid_vocab_size is None or cfg.valid_vocab_size == cfg.vocab_size:
+        return logits_V
+    valid = jnp.arange(logits_V.shape[-1]) < cfg.valid_vocab_size
+    return jnp.where(valid, logits_V, L.MASK_VALUE)
+
+
+def _layer(cfg: ModelConfig, p: dict[str, jax.Array], x_BTE, cos, sin, allowed_BTS, kv, index):
+    """One pre-norm decoder layer: x + attn(norm(x)); then x + swiglu(norm(x))."""
+    dt = cfg.jnp_dtype
+    w = {k: v.astype(dt) for k, v in p.items()}
+    h = L.rms_norm(x_BTE, w["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("bte,ehd->bthd", h, w["q_kernel"])
+    k = jnp.einsum("bte,ehd->bthd", h, w["k_kernel"])
+    v = jnp.einsum("bte,ehd->bthd", h, w["v_kernel"])
+    if cfg.qkv_bias:
+        q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+    if cfg.qk_norm:
+        q = L.rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+        k = L.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+    q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+    if kv is not None:
+        k_all, v_all = write_layer(kv[0], k, index), write_layer(kv[1], v, index)
+        attn = L.attention(q, k_all, v_all, allowed_BTS)
+        kv = (k_all, v_all)
+    else:
+        attn = L.attention(q, k, v, allowed_BTS)
+    out = jnp.einsum("bthd,hde->bte", attn, w["o_kernel"])
+    if cfg.o_bias:
+        out = out + w["o_bias"]
+    x_BTE = x_BTE + out
+    h = L.rms_norm(x_BTE, w["mlp_norm"], cfg.rms_norm_eps)
+    x_BTE = x_BTE + L.swiglu(h, w["gate_kernel"], w["up_kernel"], w["down_kernel"])
+    return x_BTE, kv
+
+
+# ---------------------------------------------------------------------- functional helpers
+def left_pad_positions(mask_BT: jax.Array) -> jax.Array:
+    """Positions for a left-padded batch: 0 at the first real token, pads clamped to 0."""
+    return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def apply(graphdef: Any, state: Any, method: str, *args, **kwargs):
+    """Calls `method` of the model rebuilt from (graphdef, state): the pure entry point used
+    inside jitted functions."""
+    model = nnx.merge(graphdef, state)
+    return getattr(model, method)(*args, **kwargs)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    return Decoder(cfg, nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Decoder:
+    """A Decoder whose parameters are jax.ShapeDtypeStruct: no memory allocated."""
+    return nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
+
+
+__all__ = ["Decoder", "StackedLayers", "apply", "init_model", "abstract_model", "left_pad_positions", "layer_param_specs"]

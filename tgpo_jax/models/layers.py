@@ -1,0 +1,83 @@
+"""Pure math of the decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Numerics follow transformers' PyTorch implementations (RMSNorm and RoPE angles in fp32, softmax in
+fp32) so that fp32 logits agree to ~1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tgpo_jax.models.config import ModelConfig
+
+# Finite "minus infinity": a fully masked row (a left-pad query) then softmaxes to a uniform
+# distribution instead of NaN, and NaNs never leak into valid rows through 0 * NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def rms_norm(x_BTE: jax.Array, scale_E: jax.Array, eps: float) -> jax.Array:
+    """y = scale * x / sqrt(mean(x^2) + eps), statistics in fp32, result cast back to x.dtype."""
+    x32 = x_BTE.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(var + eps)).astype(x_BTE.dtype)
+    return scale_E.astype(x_BTE.dtype) * normed
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] for rope_type 'default' or 'llama3' (computed on host, fp32)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    rs = cfg.rope_scaling
+    if rs.rope_type == "default":
+        return inv.astype(np.float32)
+    # Llama 3.1 frequency-dependent scaling: long wavelengths are divided by `factor`, short ones
+    # kept, and the band in between interpolated smoothly.
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions_BT: jax.Array, inv_freq_D2: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, head_dim] for the rotate-half RoPE layout used by HF checkpoints."""
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_D2)[None, None, :]
+    emb = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_BTHD: jax.Array, cos_BTD: jax.Array, sin_BTD: jax.Array) -> jax.Array:
+    half = x_BTHD.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTHD[..., half:], x_BTHD[..., :half]], axis=-1)
+    return x_BTHD * cos_BTD[:, :, None, :] + rotated * sin_BTD[:, :, None, :]
+
+
+def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array) -> jax.Array:
+    """Grouped-query softmax attention. q has H heads, k/v have K heads (H % K == 0); query head h
+    reads kv head h // (H / K). allowed[b, t, s] says whether query t may attend key slot s.
+    Returns [B, T, H, D] in q's dtype; scores and softmax in fp32."""
+    B, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(D))
+    scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, D).astype(q_BTHD.dtype)
+
+
+def swiglu(x_BTE: jax.Array, gate_EF: jax.Array, up_EF: jax.Array, down_FE: jax.Array) -> jax.Array:
+    """down( silu(x @ gate) * (x @ up) )."""
+    g = jnp.einsum("bte,ef->btf", x_BTE, gate_EF)
+    u = jnp.einsum("bte,ef->btf", x_BTE, up_EF)
+    return jnp.einsum("btf,fe->bte", jax.nn.silu(g) * u, down_FE)
