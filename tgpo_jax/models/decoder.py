@@ -27,7 +27,7 @@ def _make_params(owner: nnx.Module, specs, prefix: str, cfg: ModelConfig, rngs: 
         if "." in name:
             continue
         value = initializer(spec.init)(rngs.params(), spec.shape, cfg.jnp_param_dtype)
-        setattr(owner, name, nnx.Param(value, sharding_names=spec.axes, eager_sharding=False))
+        setattr(owner, name, nnx.Param(value, out_sharding=spec.axes, eager_sharding=False))
 
 
 class StackedLayers(nnx.Module):
