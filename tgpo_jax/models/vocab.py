@@ -245,7 +245,7 @@ def _compare_special_tokens(student_tok, teacher_tok, special_tokens: Sequence[s
     for token in special_tokens:
         s_id, t_id = s_vocab.get(token), t_vocab.get(token)
         if s_id != t_id:
-            found.append(Disagreement("special_token", f"id of {token!r}", _fmt_id(s_id), _fmt_id(t_id)))
+            found.append(Disagreement("special_token", f"id of {token!r}", s_id, t_id))
     return found
 
 
@@ -271,7 +271,9 @@ def _compare_one_encoding(student_tok, teacher_tok, text: str, *, add_special: b
 
 
 def _fmt_value(value: Any, limit: int = 32) -> str:
-    """str(value); a list of ids is cut after `limit` entries for readability."""
+    """str(value) ('absent' for None); a list of ids is cut after `limit` entries for readability."""
+    if value is None:
+        return "absent"
     if not isinstance(value, list) or len(value) <= limit:
         return str(value)
     return f"{str(value[:limit])[:-1]}, ... ({len(value)} ids)]"
@@ -287,10 +289,6 @@ def _first_difference(student_tok, teacher_tok, s_ids: list[int], t_ids: list[in
 
 def _fmt_token(token, token_id) -> str:
     return "None" if token is None else f"{str(token)!r} (id {token_id})"
-
-
-def _fmt_id(token_id) -> str:
-    return "absent" if token_id is None else str(token_id)
 
 
 __all__ = [
