@@ -102,7 +102,7 @@ def test_deterministic_files(tmp_path):
     build_tiny_tokenizer(str(tmp_path / "a"))
     build_tiny_tokenizer(str(tmp_path / "b"))
     # A fresh interpreter (other hash seeds) must write the same bytes too.
-    code = "import sys; from tgpo_jax.models.tiny_tokenizer import build_tiny_tokenizer; build_tiny_tokenizer(sys.argv[1])"
+    code = "import sys; from tgpo_jax.models import tiny_tokenizer as t; t.build_tiny_tokenizer(sys.argv[1])"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONHASHSEED="12345")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], check=True, env=env, timeout=60)
     a = _read_all(tmp_path / "a")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
 from tgpo_jax.models import layers as L
@@ -43,7 +43,11 @@ def random_params(cfg: ModelConfig, seed: int) -> dict:
     """The nested parameter dict of a Decoder for cfg, drawn with numpy (a real `Decoder(cfg,
     nnx.Rngs(0))` compiles one random op per parameter shape: seconds on a small CPU)."""
     rng = np.random.default_rng(seed)
-    draw = {"normal": lambda s: 0.3 * rng.standard_normal(s), "zeros": np.zeros, "ones": lambda s: 1 + 0.1 * rng.standard_normal(s)}
+    draw = {
+        "normal": lambda shape: 0.3 * rng.standard_normal(shape),
+        "zeros": np.zeros,
+        "ones": lambda shape: 1 + 0.1 * rng.standard_normal(shape),
+    }
     params: dict = {}
     for path, spec in param_specs(cfg).items():
         *parents, leaf = path.split(".")
@@ -257,9 +261,14 @@ def variant(tok, edit, **special_tokens) -> PreTrainedTokenizerFast:
     """A copy of tok whose tokenizer.json was changed by edit(dict) in place."""
     data = json.loads(tok.backend_tokenizer.to_str())
     edit(data)
-    kwargs = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>", "<|im_end|>"])
-    kwargs.update(special_tokens)
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), **kwargs)
+    return wrap(Tokenizer.from_str(json.dumps(data)), **special_tokens)
+
+
+def wrap(backend: Tokenizer, **special_tokens) -> PreTrainedTokenizerFast:
+    """backend with the tiny tokenizer's special tokens unless overridden."""
+    kwargs = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                  extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **(kwargs | special_tokens))
 
 
 def test_identical_tokenizers_agree(tok):
@@ -323,7 +332,8 @@ def test_smaller_vocabulary_fails_on_length_and_special_ids(tok):
 
 def test_different_eos_token_is_reported(tok):
     teacher = variant(tok, lambda data: None, eos_token="<|im_end|>")  # Qwen instruct vs base
-    with pytest.raises(TokenizerMismatchError, match=r"eos_token: student '<\|endoftext\|>' \(id \d+\) vs teacher '<\|im_end\|>'"):
+    expected = r"eos_token: student '<\|endoftext\|>' \(id \d+\) vs teacher '<\|im_end\|>'"
+    with pytest.raises(TokenizerMismatchError, match=expected):
         check_tokenizers_agree(tok, teacher)
 
 
@@ -339,3 +349,18 @@ def test_allow_mismatch_returns_report_and_warns(tok):
         ("special_token", "id of '<|im_start|>'"): (n + 1, n + 2),
         ("encoding", "encoding of '<|im_start|>'"): ([n + 1], [n + 2]),
     }
+
+
+def test_a_tokenizer_that_adds_a_bos_fails(tok):
+    n = len(tok) - 3
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    bos = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", n)])
+    backend.post_processor = bos
+    teacher = wrap(backend)
+    text = "The answer is 4."
+    assert teacher.encode(text) == [n] + tok.encode(text)
+    with pytest.raises(TokenizerMismatchError) as err:
+        check_tokenizers_agree(tok, teacher, probe_texts=[text, "7 + 8"])
+    (only,) = err.value.args[0].split("disagreement(s)\n")[1].split("\nIf the")[0].splitlines()
+    assert only.startswith("  - [encoding] encoding of 'The answer is 4.' with add_special_tokens=True")
+    assert f"student {tok.encode(text)[0]} 'The' vs teacher {n} '<|endoftext|>'" in only

@@ -168,4 +168,11 @@ def load_tokenizer(path: str):
     """The tokenizer saved beside the weights, through transformers' AutoTokenizer (offline)."""
     from transformers import AutoTokenizer
 
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer in {path}: expected one of {', '.join(TOKENIZER_FILES)}")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

@@ -1,0 +1,121 @@
+"""`tgpo-jax` command line: thin argument parsing over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _offline_env():
+    # The project never reaches a model hub at run time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def cmd_info(args) -> int:
+    from tgpo_jax.models.config import ModelConfig
+    from tgpo_jax.models.params import param_specs
+
+    cfg = ModelConfig.from_hf_dir(args.model)
+    n = sum(int(__import__("math").prod(s.shape)) for s in param_specs(cfg).values())
+    print(json.dumps({"config": _jsonable(cfg), "parameters": n}, indent=2))
+    return 0
+
+
+def _jsonable(cfg):
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def cmd_convert(args) -> int:
+    from tgpo_jax.models.hf_export import save_hf
+    from tgpo_jax.models.hf_import import load_model
+
+    model = load_model(args.from_hf, param_dtype=args.dtype)
+    out = save_hf(model, args.to_hf, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                  tokenizer_dir=args.from_hf if _has_tokenizer(args.from_hf) else None)
+    print(f"wrote {out}")
+    return 0
+
+
+def _has_tokenizer(path: str) -> bool:
+    from tgpo_jax.models.hf_import import TOKENIZER_FILES
+
+    return any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+def cmd_sample(args) -> int:
+    from tgpo_jax.rollout.text import run_sample
+
+    for line in run_sample(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, seed=args.seed, chat=not args.no_chat):
+        print(line)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tgpo_jax.models.tiny import make_tiny_checkpoint
+    from tgpo_jax.rollout.text import run_sample
+
+    t0 = time.time()
+    path = make_tiny_checkpoint(args.out, arch=args.arch, seed=args.seed)
+    print(f"[demo] wrote a tiny random {args.arch} checkpoint (HF safetensors + tokenizer) to {path}")
+    prompts = args.prompt or ["What is 12 + 7?", "Compute 3 * 4."]
+    for line in run_sample(path, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           seed=args.seed, chat=True):
+        print(line)
+    print(f"[demo] done in {time.time() - t0:.1f}s (random weights: the text is noise, the path is real)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tgpo-jax", description="Teacher-Guided Policy Optimization in JAX")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="print a HF checkpoint's parsed config and parameter count")
+    s.add_argument("--model", required=True, help="local HF model directory")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("convert", help="import a HF checkpoint and write it back (dtype / shard size)")
+    s.add_argument("--from-hf", required=True)
+    s.add_argument("--to-hf", required=True)
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--max-shard-gb", type=float, default=5.0)
+    s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("sample", help="generate from a local HF checkpoint with the jitted KV-cache sampler")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompt", action="append", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-chat", action="store_true", help="feed the raw prompt, no chat template")
+    s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("demo", help="make a tiny random checkpoint offline, convert it and sample from it")
+    s.add_argument("--out", default="runs/demo/tiny-model")
+    s.add_argument("--arch", default="qwen2", choices=["qwen2", "qwen3", "llama"])
+    s.add_argument("--prompt", action="append")
+    s.add_argument("--max-new-tokens", type=int, default=24)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_env()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"tgpo-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
