@@ -38,9 +38,13 @@ class StackedLayers(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None):
+    """`sharding` (a tgpo_jax.sharding.ActivationSharding, or None) adds activation sharding
+    constraints; it is static, so a change of mesh or rules recompiles."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None, sharding: Any = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
+        self.sharding = sharding
         specs = param_specs(cfg)
         _make_params(self, specs, "", cfg, rngs)
         self.layers = StackedLayers(cfg, rngs)
@@ -59,7 +63,11 @@ class Decoder(nnx.Module):
         written at slots [cache.index, cache.index + T) and attend to every earlier real slot.
         """
         cfg = self.cfg
-        x_BTE = self.embed[...].astype(cfg.jnp_dtype)[tokens_BT]
+        sh = self.sharding
+        # FSDP: gather the table over its embed shards before the lookup (as every weight is
+        # gathered at use); vocab stays tensor-sharded and XLA masks + reduces the lookup.
+        table_VE = _constrain(sh, self.embed[...].astype(cfg.jnp_dtype), ("vocab", None))
+        x_BTE = _constrain(sh, table_VE[tokens_BT], ("batch", "seq", "act_embed"))
         cos, sin = L.rope_cos_sin(positions_BT, L.rope_inv_freq(cfg), cfg.jnp_dtype)
         layer_params = {k: v[...] for k, v in nnx.to_pure_dict(nnx.state(self.layers, nnx.Param)).items()}
         if cache is None:
@@ -67,7 +75,7 @@ class Decoder(nnx.Module):
             allowed = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & mask_BT.astype(bool)[:, None, :]
 
             def body(x, lp):
-                x, _ = _layer(cfg, lp, x, cos, sin, allowed, None, None)
+                x, _ = _layer(cfg, sh, lp, x, cos, sin, allowed, None, None)
                 return x, None
 
             x_BTE, _ = jax.lax.scan(body, x_BTE, layer_params)
@@ -76,7 +84,7 @@ class Decoder(nnx.Module):
 
             def body(x, xs):
                 lp, k_BSKD, v_BSKD = xs
-                x, kv = _layer(cfg, lp, x, cos, sin, allowed, (k_BSKD, v_BSKD), cache.index)
+                x, kv = _layer(cfg, sh, lp, x, cos, sin, allowed, (k_BSKD, v_BSKD), cache.index)
                 return x, kv
 
             x_BTE, (k, v) = jax.lax.scan(body, x_BTE, (layer_params, cache.k_LBSKD, cache.v_LBSKD))
@@ -88,6 +96,8 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         head_EV = self.lm_head_EV()
         logits = jnp.einsum("...e,ev->...v", h_BTE, head_EV.astype(h_BTE.dtype), preferred_element_type=jnp.float32)
+        if logits.ndim == 3:
+            logits = _constrain(self.sharding, logits, ("batch", "seq", "act_vocab"))
         return mask_padded_vocab(logits, cfg)
 
     def lm_head_EV(self) -> jax.Array:
@@ -101,7 +111,11 @@ def mask_padded_vocab(logits_V: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.where(valid, logits_V, L.MASK_VALUE)
 
 
-def _layer(cfg: ModelConfig, p: dict[str, jax.Array], x_BTE, cos, sin, allowed_BTS, kv, index):
+def _constrain(sharding, x, logical_axes):
+    return x if sharding is None else sharding.constrain(x, logical_axes)
+
+
+def _layer(cfg: ModelConfig, sh, p: dict[str, jax.Array], x_BTE, cos, sin, allowed_BTS, kv, index):
     """One pre-norm decoder layer: x + attn(norm(x)); then x + swiglu(norm(x))."""
     dt = cfg.jnp_dtype
     w = {k: v.astype(dt) for k, v in p.items()}
@@ -115,6 +129,9 @@ def _layer(cfg: ModelConfig, p: dict[str, jax.Array], x_BTE, cos, sin, allowed_B
         q = L.rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
         k = L.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+    q = _constrain(sh, q, ("batch", "seq", "act_heads", None))
+    k = _constrain(sh, k, ("batch", "seq", "act_kv_heads", None))
+    v = _constrain(sh, v, ("batch", "seq", "act_kv_heads", None))
     if kv is not None:
         k_all, v_all = write_layer(kv[0], k, index), write_layer(kv[1], v, index)
         attn = L.attention(q, k_all, v_all, allowed_BTS)
@@ -124,9 +141,11 @@ def _layer(cfg: ModelConfig, p: dict[str, jax.Array], x_BTE, cos, sin, allowed_B
     out = jnp.einsum("bthd,hde->bte", attn, w["o_kernel"])
     if cfg.o_bias:
         out = out + w["o_bias"]
-    x_BTE = x_BTE + out
+    x_BTE = _constrain(sh, x_BTE + out, ("batch", "seq", "act_embed"))
     h = L.rms_norm(x_BTE, w["mlp_norm"], cfg.rms_norm_eps)
-    x_BTE = x_BTE + L.swiglu(h, w["gate_kernel"], w["up_kernel"], w["down_kernel"])
+    mlp = L.swiglu(h, w["gate_kernel"], w["up_kernel"], w["down_kernel"],
+                   constrain_hidden=lambda a: _constrain(sh, a, ("batch", "seq", "act_mlp")))
+    x_BTE = _constrain(sh, x_BTE + mlp, ("batch", "seq", "act_embed"))
     return x_BTE, kv
 
 
@@ -143,13 +162,13 @@ def apply(graphdef: Any, state: Any, method: str, *args, **kwargs):
     return getattr(model, method)(*args, **kwargs)
 
 
-def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
-    return Decoder(cfg, nnx.Rngs(seed))
+def init_model(cfg: ModelConfig, seed: int = 0, sharding: Any = None) -> Decoder:
+    return Decoder(cfg, nnx.Rngs(seed), sharding)
 
 
-def abstract_model(cfg: ModelConfig) -> Decoder:
+def abstract_model(cfg: ModelConfig, sharding: Any = None) -> Decoder:
     """A Decoder whose parameters are jax.ShapeDtypeStruct: no memory allocated."""
-    return nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0), sharding))
 
 
 __all__ = ["Decoder", "StackedLayers", "apply", "init_model", "abstract_model", "left_pad_positions", "layer_param_specs"]

@@ -140,18 +140,19 @@ def load_model(
     dtype: str = "float32",
     shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     cfg_overrides: dict[str, Any] | None = None,
+    activation_sharding: Any = None,
 ) -> Decoder:
     """A Decoder with the weights of the HF directory `path` (config.json + safetensors)."""
     cfg = ModelConfig.from_hf_dir(path, param_dtype=param_dtype, dtype=dtype)
     if cfg_overrides:
         cfg = cfg.replace(**cfg_overrides)
     flat = load_params(path, cfg, shardings)
-    return model_from_flat(cfg, flat)
+    return model_from_flat(cfg, flat, activation_sharding)
 
 
-def model_from_flat(cfg: ModelConfig, flat: Mapping[str, jax.Array]) -> Decoder:
+def model_from_flat(cfg: ModelConfig, flat: Mapping[str, jax.Array], activation_sharding: Any = None) -> Decoder:
     """Builds a Decoder around given parameter arrays (no random init is run)."""
-    model = abstract_model(cfg)
+    model = abstract_model(cfg, activation_sharding)
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
     for p, value in flat.items():

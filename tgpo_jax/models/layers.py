@@ -76,8 +76,8 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_B
     return out.reshape(B, T, H, D).astype(q_BTHD.dtype)
 
 
-def swiglu(x_BTE: jax.Array, gate_EF: jax.Array, up_EF: jax.Array, down_FE: jax.Array) -> jax.Array:
-    """down( silu(x @ gate) * (x @ up) )."""
+def swiglu(x_BTE, gate_EF, up_EF, down_FE, constrain_hidden=lambda a: a) -> jax.Array:
+    """down( silu(x @ gate) * (x @ up) ); `constrain_hidden` pins the [B, T, F] sharding."""
     g = jnp.einsum("bte,ef->btf", x_BTE, gate_EF)
     u = jnp.einsum("bte,ef->btf", x_BTE, up_EF)
-    return jnp.einsum("btf,fe->bte", jax.nn.silu(g) * u, down_FE)
+    return jnp.einsum("btf,fe->bte", constrain_hidden(jax.nn.silu(g) * u), down_FE)
