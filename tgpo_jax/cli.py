@@ -72,6 +72,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    """Per-device memory estimate; exit 0 if it fits (or no memory given), 3 if it does not."""
+    import dataclasses
+
+    from tgpo_jax.sharding.estimate import estimate, load_estimate_config
+
+    cfg = load_estimate_config(args.config)
+    if args.device_memory_gb is not None:
+        cfg = dataclasses.replace(cfg, device_memory_gb=args.device_memory_gb)
+    est = estimate(cfg)
+    print(est.report())
+    return 3 if est.fits is False else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tgpo-jax", description="Teacher-Guided Policy Optimization in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("estimate", help="per-device memory of student + teacher on a target mesh (exit 3: does not fit)")
+    s.add_argument("--config", required=True, help="estimate YAML (see configs/estimate_example.yaml)")
+    s.add_argument("--device-memory-gb", type=float, default=None, help="per-device memory in GiB (overrides the config)")
+    s.set_defaults(fn=cmd_estimate)
     return p
 
 

@@ -1,0 +1,186 @@
+"""The memory estimator: a tiny model computed by hand, the CLI verdict / exit codes, config errors,
+and the real Qwen2.5-Math-7B parameter count."""
+
+import copy
+import json
+import os
+
+import pytest
+import yaml
+
+from tgpo_jax.cli import main
+from tgpo_jax.sharding.estimate import GIB, EstimateConfigError, estimate, load_estimate_config
+from tgpo_jax.sharding.mesh import ShardingConfigError
+
+TINY_HF = {
+    "architectures": ["Qwen2ForCausalLM"],  # Qwen2: q/k/v biases, no o bias
+    "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": False,
+}
+TINY = {
+    "mesh": {"data": 1, "fsdp": 2, "tensor": 2},
+    "num_devices": 4,
+    "device_memory_gb": 1,
+    "student": {"hf": TINY_HF, "param_dtype": "bfloat16", "dtype": "bfloat16"},
+    "teacher": {"hf": {**TINY_HF, "architectures": ["LlamaForCausalLM"]}},  # same dims, no biases
+    "batch": {"rollout_batch": 8, "micro_batch": 4, "prompt_len": 16, "response_len": 48, "logits_chunk": 32},
+    "optimizer": {"state_dtype": "float32", "master_dtype": "float32", "grad_dtype": "float32"},
+    "remat": "full",
+    "attention": "materialized",
+}
+
+
+def tiny(**changes):
+    d = copy.deepcopy(TINY)
+    for path, v in changes.items():
+        *head, last = path.split("__")
+        node = d
+        for k in head:
+            node = node[k]
+        node[last] = v
+    return d
+
+
+def test_tiny_model_by_hand():
+    est = estimate(load_estimate_config(TINY))
+    # Default rules: vocab->tensor(2), embed->fsdp(2), heads/kv_heads/mlp->tensor(2), layers/head_dim
+    # replicated. Per-device elements of each parameter (L=2 leading layer axis):
+    embed = (256 // 2) * (64 // 2)  # [V, E] -> 128 x 32 = 4096
+    attn_norm = mlp_norm = 2 * (64 // 2)  # [L, E] = 64
+    q = 2 * (64 // 2) * (4 // 2) * 16  # [L, E, H, D] = 2048
+    k = v = 2 * (64 // 2) * (2 // 2) * 16  # [L, E, K, D] = 1024
+    o = 2 * (4 // 2) * 16 * (64 // 2)  # [L, H, D, E] = 2048
+    gate = up = 2 * (64 // 2) * (128 // 2)  # [L, E, F] = 4096
+    down = 2 * (128 // 2) * (64 // 2)  # [L, F, E] = 4096
+    q_bias = 2 * (4 // 2) * 16  # [L, H, D] = 64
+    k_bias = v_bias = 2 * (2 // 2) * 16  # [L, K, D] = 32
+    final_norm = 64 // 2  # [E] = 32
+    lm_head = (64 // 2) * (256 // 2)  # [E, V] = 4096
+    n_teacher = embed + attn_norm + q + k + v + o + mlp_norm + gate + up + down + final_norm + lm_head
+    n_student = n_teacher + q_bias + k_bias + v_bias
+    assert (n_student, n_teacher) == (26912, 26784)
+
+    s = est.models["student"].items
+    assert s["params"] == n_student * 2  # bf16
+    assert s["grads"] == n_student * 4  # fp32 accumulator
+    assert s["optimizer"] == n_student * (2 * 4 + 4)  # mu + nu fp32, fp32 master (param is bf16)
+    # KV cache: L * 2 * (R=8 / (data*fsdp=2)) * (S=16+48) * (K=2 / tensor 2) * D * 2 bytes
+    assert s["kv_cache"] == 2 * 2 * 4 * 64 * 1 * 16 * 2 == 32768
+    # Activations, B = 4 / 2 = 2, T = 64, E = 64, H = 2, K = 1, D = 16, F = 64, a = 2:
+    r = 2 * 64 * 64 * 2  # one residual = 16384
+    w = 2 * 2 * 64 * (2 * 64 + 2 * 2 * 16 + 2 * 1 * 16 + 3 * 64) + 2 * 2 * 64 * 64 * (4 + 2)  # = 204800
+    assert w == 204800
+    assert s["activations"] == 2 * r + 2 * w  # remat full: L residuals + 2 working sets
+    # Logits: B 2 x chunk 32 x V/tensor 128 x 4 bytes, x2 (forward + backward)
+    assert s["logits"] == 2 * 32 * 128 * 4 * 2 == 65536
+
+    t = est.models["teacher"].items
+    assert set(t) == {"params", "activations", "logits"}
+    assert t["params"] == n_teacher * 2
+    assert t["activations"] == r + w  # forward only: the running residual + one layer
+    assert t["logits"] == 2 * 32 * 128 * 4
+
+    resident = s["params"] + s["optimizer"] + t["params"]
+    train = s["grads"] + s["activations"] + s["logits"]
+    assert est.phases == {"resident": resident, "rollout": s["kv_cache"],
+                          "teacher scoring": t["activations"] + t["logits"], "train step": train}
+    assert est.peak_bytes == resident + train
+    assert est.sum_bytes == sum(s.values()) + sum(t.values())
+    assert est.fits is True and est.capacity_bytes == GIB
+    assert est.models["student"].n_params == 256 * 64 * 2 + 64 + 2 * (
+        2 * 64 + 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 64 + 2 * 32)
+
+
+def test_remat_none_flash_and_rules_override():
+    base = estimate(load_estimate_config(TINY)).models
+    est = estimate(load_estimate_config(tiny(remat="none", attention="flash", teacher__rules={"embed": None})))
+    r = 2 * 64 * 64 * 2
+    w = 2 * 2 * 64 * (2 * 64 + 2 * 2 * 16 + 2 * 1 * 16 + 3 * 64) + 2 * 2 * 64 * 4  # flash: fp32 logsumexp only
+    assert est.models["student"].items["activations"] == 2 * (r + w) + w
+    assert est.models["teacher"].items["activations"] == r + w
+    # Teacher embed / lm_head / norms no longer split over fsdp: their bytes double.
+    doubled = 4096 + 64 + 64 + 32 + 4096 + (2048 + 1024 + 1024 + 2048 + 3 * 4096)  # every embed-axis param
+    assert est.models["teacher"].items["params"] == base["teacher"].items["params"] + doubled * 2
+
+
+def write(tmp_path, d):
+    p = tmp_path / "est.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return str(p)
+
+
+def test_cli_fits_and_does_not_fit(tmp_path, capsys):
+    path = write(tmp_path, TINY)
+    assert main(["estimate", "--config", path]) == 0
+    out = capsys.readouterr().out
+    assert "student:" in out and "teacher:" in out and "\nfits: needs" in out
+    assert main(["estimate", "--config", path, "--device-memory-gb", "0.0001"]) == 3
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT: needs 0.00 GiB, has 0.00 GiB per device; biggest items: student activations" in out
+
+
+def test_cli_hf_config_path_and_no_memory(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(TINY_HF))
+    d = tiny(student={"hf_config": "m"})
+    del d["device_memory_gb"], d["teacher"]
+    assert main(["estimate", "--config", write(tmp_path, d)]) == 0
+    assert "no verdict" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("changes, err, msg", [
+    ({"batch__micro_batchh": 8}, EstimateConfigError,
+     "unknown key 'micro_batchh' in batch; valid keys: rollout_batch, micro_batch, prompt_len, response_len, logits_chunk"),
+    ({"typo": 1}, EstimateConfigError, "unknown key 'typo' in the config; valid keys: mesh, num_devices, student"),
+    ({"student__trainables": True}, EstimateConfigError, "unknown key 'trainables' in student; valid keys: hf_config, hf,"),
+    ({"batch__micro_batch": "eight"}, EstimateConfigError, "batch.micro_batch must be an integer; got str 'eight'"),
+    ({"student__trainable": "yes"}, EstimateConfigError, "student.trainable must be a boolean; got str 'yes'"),
+    ({"batch__micro_batch": 3}, EstimateConfigError, "batch.micro_batch=3 does not divide batch.rollout_batch=8"),
+    ({"remat": "some"}, EstimateConfigError, "remat='some'; accepted: full, none"),
+    ({"student__dtype": "fp8"}, EstimateConfigError, "student.dtype='fp8'; accepted: float32, bfloat16, float16"),
+    ({"num_devices": 8}, ShardingConfigError, "has 4 devices but 8 are available"),
+    ({"mesh": {"data": 1, "fsdp": -1, "tensor": 3}}, ShardingConfigError, "the fixed axes (3 devices) do not divide the 4"),
+    ({"student__rules": {"embd": "fsdp"}}, ShardingConfigError, "student: unknown logical axis 'embd' in sharding rules; valid:"),
+    ({"teacher__rules": {"mlp": "model"}}, ShardingConfigError,
+     "teacher: sharding rule mlp -> 'model' names an axis the mesh does not have; mesh axes: data, fsdp, tensor"),
+    ({"student__hf": {**TINY_HF, "num_key_value_heads": 1}}, ShardingConfigError,
+     "student: parameter layers.k_kernel dim 2 (kv_heads=1) is not divisible by mesh axes tensor of size 2"),
+    ({"student__hf_config": "x.json"}, EstimateConfigError, "student: give exactly one of hf_config"),
+])
+def test_bad_configs(changes, err, msg, tmp_path, capsys):
+    with pytest.raises(err) as e:
+        load_estimate_config(tiny(**changes))
+    assert msg in str(e.value)
+    assert main(["estimate", "--config", write(tmp_path, tiny(**changes))]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_missing_file_exits_2(capsys):
+    assert main(["estimate", "--config", "/nonexistent/est.yaml"]) == 2
+    assert "estimate config not found" in capsys.readouterr().err
+
+
+def test_qwen25_math_7b_param_bytes():
+    hf = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064, "hidden_size": 3584,
+          "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+          "num_key_value_heads": 4, "tie_word_embeddings": False}
+    cfg = {"mesh": {"data": 1, "fsdp": 4, "tensor": 2}, "num_devices": 8, "student": {"hf": hf}}
+    est = estimate(load_estimate_config(cfg))
+    m = est.models["student"]
+    assert abs(m.n_params - 7.6e9) / 7.6e9 < 0.01
+    assert abs(m.items["params"] * 8 - 7.6e9 * 2) / (7.6e9 * 2) < 0.01
+
+
+def test_example_config_runs(capsys):
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "estimate_example.yaml")
+    assert main(["estimate", "--config", path]) == 0  # fits a 32 GiB device
+    assert "peak (resident + largest phase)" in capsys.readouterr().out
+
+
+def test_indivisible_activation_stays_whole_and_is_noted():
+    est = estimate(load_estimate_config(tiny(batch__micro_batch=1)))
+    assert "student: activation batch=1 does not divide mesh axes ('data', 'fsdp') (2); kept whole on each device" in est.notes
+    assert "note: student: activation batch=1" in est.report()
+    r = 1 * 64 * 64 * 2  # B stays 1 on every device
+    w = 2 * 1 * 64 * (2 * 64 + 2 * 2 * 16 + 2 * 1 * 16 + 3 * 64) + 1 * 2 * 64 * 64 * 6
+    assert est.models["student"].items["activations"] == 2 * r + 2 * w

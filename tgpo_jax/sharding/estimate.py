@@ -1,0 +1,481 @@
+"""Per-device memory estimate for a TGPO run (student + optional teacher) on a target mesh.
+
+Pure arithmetic over the parameter table (`param_specs`) and the sharding rules: no jax devices, no
+weights. The mesh is the TARGET hardware's (`num_devices`), not this machine's.
+
+Notation (all sizes per device unless marked global):
+  L layers, E hidden, H heads, K kv heads, D head_dim, F intermediate, V vocab;
+  p / a / s / g / m = bytes of param_dtype / dtype (compute) / optimizer state / gradient / master copy;
+  R = rollout_batch, Bm = micro_batch, T = S = prompt_len + response_len, C = min(logits_chunk, response_len).
+A dimension's local size is its global size divided by the product of the mesh axes its logical axis
+maps to, through `ShardingRules.spec` (a mesh axis is used at most once per array). Parameters must
+divide exactly (a config error names the parameter, as `rules.param_shardings` does); an activation
+dimension that does not divide stays unsharded, as `ActivationSharding.constrain` does (noted in
+the report).
+
+Items per model:
+  params      = sum over parameters of prod(local shape) * p
+  grads       = N_local * g                         (trainable only; g = optimizer.grad_dtype, default
+                float32: the accumulator over micro-batches, kept in fp32 so summing many bf16
+                micro-batch gradients does not lose precision)
+  optimizer   = N_local * (2 s + m)                 (trainable only; AdamW mu and nu in state_dtype, plus
+                a master copy in master_dtype when it differs from param_dtype; m = 0 otherwise)
+  kv_cache    = L * 2 * R_l * S * K_l * D * a       (student only: rollout sampling; R over `batch`,
+                K over `act_kv_heads`, S over `cache_seq`)
+  activations = see `activation_bytes` (micro-batch Bm over `batch`)
+  logits      = Bm_l * C * V_l * 4 * (2 if trainable else 1)   (fp32 logits chunk, and its gradient)
+
+Verdict. Params and optimizer state stay resident; the other items live in one phase each:
+  rollout (student kv_cache), teacher scoring (teacher activations + logits),
+  train step (student grads + activations + logits).
+  peak = resident + max(phase totals); fits = peak <= device_memory_gb GiB.
+The sum of every item (nothing freed between phases) is reported too, as an upper bound.
+Not counted: FSDP all-gather buffers of one layer's weights, the sampler's per-step logits, XLA
+temporaries and fragmentation, the runtime's reserved memory: keep some headroom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from typing import Any, Mapping
+
+import yaml
+
+from tgpo_jax.models.config import ModelConfig, ModelConfigError
+from tgpo_jax.models.params import param_specs
+from tgpo_jax.sharding.mesh import MeshConfig, ShardingConfigError
+from tgpo_jax.sharding.rules import ShardingRules
+
+GIB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+REMAT_MODES = ("full", "none")
+ATTENTION_KINDS = ("materialized", "flash")
+
+
+class EstimateConfigError(ValueError):
+    """An estimate config that is malformed (unknown key, wrong type, impossible batch)."""
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    """One model: its HF config (a path to config.json / its directory, or the inline dict)."""
+
+    hf_config: str | None = None
+    hf: dict | None = None
+    param_dtype: str = "bfloat16"
+    dtype: str = "bfloat16"
+    rules: dict | None = None  # overrides of DEFAULT_RULES
+    trainable: bool = True  # the teacher section defaults to false
+
+    def model_config(self) -> ModelConfig:
+        try:
+            return ModelConfig.from_hf_dict(self.hf or {}, param_dtype=self.param_dtype, dtype=self.dtype)
+        except KeyError as e:
+            raise EstimateConfigError(f"the model's config.json fields lack {e.args[0]!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    rollout_batch: int = 1024  # sequences per iteration (prompts x n)
+    micro_batch: int = 8  # sequences per micro-batch in the train step and teacher scoring
+    prompt_len: int = 1024
+    response_len: int = 8192
+    logits_chunk: int = 1024  # tokens per chunk when computing log-probs over the vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    state_dtype: str = "float32"  # AdamW's two moments
+    master_dtype: str | None = "float32"  # null: no master copy
+    grad_dtype: str = "float32"  # the gradient accumulator
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimateConfig:
+    mesh: dict
+    num_devices: int
+    student: ModelEntry
+    teacher: ModelEntry | None = None
+    device_memory_gb: float | None = None  # per-device HBM in GiB (v4 32, v5e 16, v5p 95)
+    batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    remat: str = "full"  # full | none
+    attention: str = "materialized"  # materialized (layers.attention today) | flash
+
+
+def load_estimate_config(source: str | os.PathLike | Mapping[str, Any]) -> EstimateConfig:
+    """Reads a YAML file (or takes its dict), checks keys and types, reads `hf_config` files
+    (relative to the YAML's directory, else the cwd) and validates mesh, rules and batch."""
+    base = "."
+    if isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        base = os.path.dirname(os.path.abspath(source))
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"estimate config not found: {source}")
+        try:
+            with open(source) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise EstimateConfigError(f"{source} is not valid YAML: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("teacher"), dict):
+        data["teacher"] = {"trainable": False, **data["teacher"]}
+    cfg = _build(EstimateConfig, data, "")
+    cfg = dataclasses.replace(cfg, student=_read_hf(cfg.student, "student", base),
+                              teacher=cfg.teacher and _read_hf(cfg.teacher, "teacher", base))
+    validate(cfg)
+    return cfg
+
+
+def _build(cls, data: Any, where: str):
+    """cls(**data) with unknown / missing keys and wrong value types reported by name."""
+    if not isinstance(data, dict):
+        raise EstimateConfigError(f"{where or 'the config'} must be a mapping; got {type(data).__name__} {data!r}")
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    for k in data:
+        if k not in names:
+            raise EstimateConfigError(f"unknown key {k!r} in {where or 'the config'}; valid keys: {', '.join(names)}")
+    for f in fields:
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data:
+            raise EstimateConfigError(f"missing key {_join(where, f.name)!r}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()})
+
+
+def _coerce(tp, v: Any, where: str):
+    """Checks one value against its annotation (bool / int / float / str / dict / dataclass / X | None)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if v is None:
+            return None
+        (tp,) = [t for t in typing.get_args(tp) if t is not type(None)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, where)
+    ok = {
+        bool: isinstance(v, bool),
+        int: isinstance(v, int) and not isinstance(v, bool),
+        float: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: isinstance(v, str),
+        dict: isinstance(v, dict),
+    }[tp]
+    if not ok:
+        want = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}[tp]
+        raise EstimateConfigError(f"{where} must be {want}; got {type(v).__name__} {v!r}")
+    return float(v) if tp is float else v
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _read_hf(entry: ModelEntry, role: str, base: str) -> ModelEntry:
+    """Fills `entry.hf` from `hf_config` (a config.json or a directory holding one)."""
+    if (entry.hf is None) == (entry.hf_config is None):
+        raise EstimateConfigError(f"{role}: give exactly one of hf_config (a path to config.json) or hf (its fields inline)")
+    if entry.hf is not None:
+        return entry
+    path = entry.hf_config
+    if not os.path.isabs(path) and os.path.exists(os.path.join(base, path)):
+        path = os.path.join(base, path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{role}.hf_config: no such file: {entry.hf_config}")
+    try:
+        with open(path) as f:
+            return dataclasses.replace(entry, hf=json.load(f))
+    except json.JSONDecodeError as e:
+        raise EstimateConfigError(f"{role}.hf_config {path} is not valid JSON: {e}") from None
+
+
+# -------------------------------------------------------------------------------------- validation
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    role: str
+    entry: ModelEntry
+    cfg: ModelConfig
+    rules: ShardingRules
+    shards: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # path -> (global shape, local shape)
+
+
+def validate(cfg: EstimateConfig) -> tuple[dict[str, int], list[_Model]]:
+    """Every config error, before any arithmetic: values, mesh vs num_devices, rules' axis names,
+    parameter divisibility. Returns the resolved mesh sizes and the prepared models."""
+    _check_values(cfg)
+    mesh = MeshConfig.from_dict(cfg.mesh)
+    sizes = dict(zip(mesh.names, mesh.resolve(cfg.num_devices)))
+    models = [_prepare("student", cfg.student, sizes)]
+    if cfg.teacher is not None:
+        models.append(_prepare("teacher", cfg.teacher, sizes))
+    return sizes, models
+
+
+def _check_values(cfg: EstimateConfig) -> None:
+    def one_of(where, v, accepted):
+        if v not in accepted:
+            raise EstimateConfigError(f"{where}={v!r}; accepted: {', '.join(accepted)}")
+
+    for role, e in (("student", cfg.student), ("teacher", cfg.teacher)):
+        if e is not None:
+            one_of(f"{role}.param_dtype", e.param_dtype, DTYPE_BYTES)
+            one_of(f"{role}.dtype", e.dtype, DTYPE_BYTES)
+    o = cfg.optimizer
+    one_of("optimizer.state_dtype", o.state_dtype, DTYPE_BYTES)
+    one_of("optimizer.grad_dtype", o.grad_dtype, DTYPE_BYTES)
+    if o.master_dtype is not None:
+        one_of("optimizer.master_dtype", o.master_dtype, DTYPE_BYTES)
+    one_of("remat", cfg.remat, REMAT_MODES)
+    one_of("attention", cfg.attention, ATTENTION_KINDS)
+    for k, v in [("num_devices", cfg.num_devices)] + [(f"batch.{k}", v) for k, v in dataclasses.asdict(cfg.batch).items()]:
+        if v < 1:
+            raise EstimateConfigError(f"{k}={v} must be a positive integer")
+    if cfg.device_memory_gb is not None and cfg.device_memory_gb <= 0:
+        raise EstimateConfigError(f"device_memory_gb={cfg.device_memory_gb} must be positive")
+    if cfg.batch.rollout_batch % cfg.batch.micro_batch:
+        raise EstimateConfigError(
+            f"batch.micro_batch={cfg.batch.micro_batch} does not divide batch.rollout_batch={cfg.batch.rollout_batch}"
+        )
+
+
+def _prepare(role: str, entry: ModelEntry, sizes: dict[str, int]) -> _Model:
+    try:
+        mcfg = entry.model_config()
+        rules = _rules(entry.rules, sizes)
+        shards = param_shard_shapes(mcfg, rules, sizes)
+    except (ShardingConfigError, ModelConfigError, EstimateConfigError) as e:
+        raise type(e)(f"{role}: {e}") from None
+    return _Model(role, entry, mcfg, rules, shards)
+
+
+def _rules(overrides: dict | None, sizes: dict[str, int]) -> ShardingRules:
+    """ShardingRules.from_dict plus the mesh-axis check of ShardingRules.validate, without a Mesh."""
+    for k, v in (overrides or {}).items():
+        if not (v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(a, str) for a in v))):
+            raise EstimateConfigError(f"rules.{k} must be null, a mesh axis name or a list of them; got {v!r}")
+    rules = ShardingRules.from_dict(overrides)
+    for logical, axes in rules.table:
+        for a in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+            if a not in sizes:
+                raise ShardingConfigError(
+                    f"sharding rule {logical} -> {a!r} names an axis the mesh does not have; mesh axes: {', '.join(sizes)}"
+                )
+    return rules
+
+
+def _axes_size(entry, sizes: Mapping[str, int]) -> int:
+    """Devices a PartitionSpec entry (None, an axis name or a tuple of them) shards over."""
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(sizes[n] for n in names)
+
+
+def param_shard_shapes(cfg: ModelConfig, rules: ShardingRules, sizes: Mapping[str, int]):
+    """{path: (global shape, per-device shape)}; the same spec and divisibility check (and error
+    message) as `rules.param_shardings`, with mesh sizes instead of a Mesh."""
+    out = {}
+    for path, spec in param_specs(cfg).items():
+        pspec = rules.spec(spec.axes)
+        local = []
+        for dim, (size, entry, logical) in enumerate(zip(spec.shape, pspec, spec.axes)):
+            n = _axes_size(entry, sizes)
+            if size % n:
+                raise ShardingConfigError(
+                    f"parameter {path} dim {dim} ({logical}={size}) is not divisible by mesh axes {entry} "
+                    f"of size {n}; change the rule for {logical!r} (e.g. to null) or the mesh"
+                )
+            local.append(-(-size // n))
+        out[path] = (tuple(spec.shape), tuple(local))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ arithmetic
+def _local(m: _Model, sizes, logical: tuple, shape: tuple[int, ...], what: str, notes: list[str]) -> tuple[int, ...]:
+    """Per-device shape of an activation: each dim divided by its mesh axes (via rules.spec);
+    a dim that does not divide stays whole, as ActivationSharding.constrain leaves it."""
+    out = []
+    for size, entry, name in zip(shape, m.rules.spec(logical), logical):
+        n = _axes_size(entry, sizes)
+        if size % n:
+            notes.append(f"{m.role}: {what} {name}={size} does not divide mesh axes {entry} ({n}); kept whole on each device")
+            n = 1
+        out.append(size // n)
+    return tuple(out)
+
+
+def kv_cache_bytes(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> int:
+    """L * 2 (k, v) * R_l * S * K_l * D * a: the sampler's cache for the whole rollout batch
+    (KVCache.init: [L, B, S, K, D] in the compute dtype), S = prompt_len + response_len."""
+    c = m.cfg
+    shape = (c.num_layers, b.rollout_batch, b.prompt_len + b.response_len, c.num_kv_heads, c.head_dim)
+    local = _local(m, sizes, (None, "batch", "cache_seq", "act_kv_heads", None), shape, "kv cache", notes)
+    return 2 * math.prod(local) * DTYPE_BYTES[c.dtype]
+
+
+def _act_dims(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> dict[str, int]:
+    """Per-device B (micro_batch), T (sequence), E, H, K, F under the model's activation rules."""
+    c, T = m.cfg, b.prompt_len + b.response_len
+    B, Tl, E = _local(m, sizes, ("batch", "seq", "act_embed"), (b.micro_batch, T, c.hidden_size), "activation", notes)
+    H = _local(m, sizes, (None, None, "act_heads"), (1, 1, c.num_heads), "activation", notes)[2]
+    K = _local(m, sizes, (None, None, "act_kv_heads"), (1, 1, c.num_kv_heads), "activation", notes)[2]
+    F = _local(m, sizes, (None, None, "act_mlp"), (1, 1, c.intermediate_size), "activation", notes)[2]
+    return dict(B=B, T=Tl, Tk=T, E=E, H=H, K=K, F=F, D=c.head_dim)
+
+
+def layer_working_set(d: Mapping[str, int], a: int, attention: str) -> int:
+    """One decoder layer's forward intermediates, W = a*B*T*(2E + 2H*D + 2K*D + 3F) + A:
+    2E the two RMSNorm outputs, 2H*D q and the attention output, 2K*D k and v, 3F gate, up and
+    silu(gate)*up; A the attention scores with Tk = the full key length:
+      materialized: A = B*H*T*Tk*(4 + a)  (fp32 scores + probs in the compute dtype, layers.attention)
+      flash:        A = B*H*T*4           (a blockwise kernel keeps only the fp32 logsumexp per query)"""
+    B, T, E, H, K, F, D = (d[k] for k in "BTEHKFD")
+    attn = B * H * T * d["Tk"] * (4 + a) if attention == "materialized" else B * H * T * 4
+    return a * B * T * (2 * E + 2 * H * D + 2 * K * D + 3 * F) + attn
+
+
+def activation_bytes(m: _Model, cfg: EstimateConfig, sizes, notes: list[str]) -> int:
+    """Train step (trainable) or teacher scoring forward (not trainable) over one micro-batch,
+    with r = B*T*E*a one residual [B, T, E] and W = layer_working_set:
+      trainable, remat full: L*r + 2W      (the scan saves each layer's input; backward recomputes one
+                                            layer and holds its intermediates' gradients, ~W)
+      trainable, remat none: L*(r + W) + W (every layer's intermediates saved + one layer's gradients)
+      not trainable:         r + W         (no grad: the running residual and one layer)"""
+    d = _act_dims(m, cfg.batch, sizes, notes)
+    a = DTYPE_BYTES[m.cfg.dtype]
+    r = d["B"] * d["T"] * d["E"] * a
+    w = layer_working_set(d, a, cfg.attention)
+    L = m.cfg.num_layers
+    if not m.entry.trainable:
+        return r + w
+    return L * r + 2 * w if cfg.remat == "full" else L * (r + w) + w
+
+
+def logits_bytes(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> int:
+    """Bm_l * C * V_l * 4 (fp32), x2 when trainable (the chunk's gradient); C = min(logits_chunk, response_len)."""
+    shape = (b.micro_batch, min(b.logits_chunk, b.response_len), m.cfg.vocab_size)
+    local = _local(m, sizes, ("batch", "seq", "act_vocab"), shape, "logits", notes)
+    return math.prod(local) * 4 * (2 if m.entry.trainable else 1)
+
+
+def model_items(m: _Model, cfg: EstimateConfig, sizes, notes: list[str]) -> dict[str, int]:
+    """Bytes per device for each item of one model (see the module docstring)."""
+    n_local = sum(math.prod(local) for _, local in m.shards.values())
+    items = {"params": n_local * DTYPE_BYTES[m.entry.param_dtype]}
+    if m.entry.trainable:
+        o = cfg.optimizer
+        master = o.master_dtype is not None and o.master_dtype != m.entry.param_dtype
+        items["grads"] = n_local * DTYPE_BYTES[o.grad_dtype]
+        items["optimizer"] = n_local * (2 * DTYPE_BYTES[o.state_dtype] + (DTYPE_BYTES[o.master_dtype] if master else 0))
+    if m.role == "student":
+        items["kv_cache"] = kv_cache_bytes(m, cfg.batch, sizes, notes)
+    items["activations"] = activation_bytes(m, cfg, sizes, notes)
+    items["logits"] = logits_bytes(m, cfg.batch, sizes, notes)
+    return items
+
+
+# ------------------------------------------------------------------------------------------ result
+RESIDENT = ("params", "optimizer")
+
+
+def phase_of(role: str, item: str) -> str:
+    """Which phase an item lives in (params / optimizer state are resident: 'resident')."""
+    if item in RESIDENT:
+        return "resident"
+    if item == "kv_cache":
+        return "rollout"
+    return "train step" if role == "student" or item == "grads" else "teacher scoring"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEstimate:
+    role: str
+    architecture: str
+    n_params: int  # global
+    param_dtype: str
+    trainable: bool
+    items: dict[str, int]  # bytes per device
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    mesh: dict[str, int]
+    num_devices: int
+    models: dict[str, ModelEstimate]
+    phases: dict[str, int]  # 'resident' and each phase's transient bytes per device
+    capacity_bytes: int | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def sum_bytes(self) -> int:
+        """Every item at once (nothing freed between phases): an upper bound."""
+        return sum(m.total for m in self.models.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        """resident + the largest phase: what the verdict uses."""
+        return self.phases["resident"] + max((v for k, v in self.phases.items() if k != "resident"), default=0)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity_bytes is None else self.peak_bytes <= self.capacity_bytes
+
+    def biggest(self, n: int = 3) -> list[tuple[str, int]]:
+        all_items = [(f"{r} {k}", v) for r, m in self.models.items() for k, v in m.items.items()]
+        return sorted(all_items, key=lambda kv: -kv[1])[:n]
+
+    def verdict(self) -> str:
+        if self.capacity_bytes is None:
+            return "no device memory given (device_memory_gb / --device-memory-gb): no verdict"
+        if self.fits:
+            return f"fits: needs {gib(self.peak_bytes)} GiB of {gib(self.capacity_bytes)} GiB per device"
+        top = ", ".join(f"{k} {gib(v)} GiB" for k, v in self.biggest())
+        return (f"DOES NOT FIT: needs {gib(self.peak_bytes)} GiB, has {gib(self.capacity_bytes)} GiB per device; "
+                f"biggest items: {top}")
+
+    def report(self) -> str:
+        return format_report(self)
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def estimate(cfg: EstimateConfig) -> Estimate:
+    """Validates `cfg` (raising on any config error before computing) and returns per-device bytes."""
+    sizes, models = validate(cfg)
+    notes: list[str] = []
+    out, phases = {}, {"resident": 0, "rollout": 0, "teacher scoring": 0, "train step": 0}
+    for m in models:
+        items = model_items(m, cfg, sizes, notes)
+        n = sum(math.prod(g) for g, _ in m.shards.values())
+        out[m.role] = ModelEstimate(m.role, m.cfg.architecture, n, m.entry.param_dtype, m.entry.trainable, items)
+        for k, v in items.items():
+            phases[phase_of(m.role, k)] += v
+    cap = None if cfg.device_memory_gb is None else int(cfg.device_memory_gb * GIB)
+    return Estimate(sizes, cfg.num_devices, out, phases, cap, tuple(dict.fromkeys(notes)))
+
+
+def format_report(est: Estimate) -> str:
+    """A table per model (GiB per device), the totals, the phases and the verdict."""
+    mesh = " ".join(f"{k}={v}" for k, v in est.mesh.items())
+    lines = [f"mesh: {mesh} ({est.num_devices} devices); GiB per device"]
+    for m in est.models.values():
+        kind = "trainable" if m.trainable else "frozen"
+        lines.append(f"{m.role}: {m.architecture}, {m.n_params / 1e9:.3f}e9 params, {m.param_dtype}, {kind}")
+        lines += [f"  {k:<12}{gib(v):>10}" for k, v in m.items.items()]
+        lines.append(f"  {'total':<12}{gib(m.total):>10}")
+    ph = ", ".join(f"{k} {gib(v)}" for k, v in est.phases.items())
+    lines.append(f"all items at once: {gib(est.sum_bytes)} GiB")
+    lines.append(f"peak (resident + largest phase): {gib(est.peak_bytes)} GiB  [{ph}]")
+    lines += [f"note: {n}" for n in est.notes]
+    lines.append(est.verdict())
+    return "\n".join(lines)
