@@ -1,0 +1,100 @@
+"""Prefill + decode as ONE jitted function (the device side of the rollout sampler).
+
+- Each prompt is prefilled once; its KV slots are copied to its n group members.
+- Decode is a `lax.while_loop` that exits as soon as every row has stopped.
+- The KV cache comes in preallocated and donated, and goes out for the next call.
+Random draws use `fold_in(key, step)`, so tokens depend on the key only, not on the sharding.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tgpo_jax.models.decoder import left_pad_positions
+from tgpo_jax.models.kv_cache import KVCache
+from tgpo_jax.rollout.sampling import SamplingParams, select
+
+FINISH_STOP, FINISH_LENGTH = 0, 1
+
+
+class Rollout(NamedTuple):
+    """Responses for B = prompts x n rows; row b belongs to prompt b // n."""
+
+    tokens_BT: np.ndarray  # int32, 0 after the stop
+    mask_BT: np.ndarray  # int32, 1 up to and including the stop token
+    logp_BT: np.ndarray  # fp32 log-prob of each sampled token under the sampling distribution
+    lengths_B: np.ndarray
+    finish_B: np.ndarray  # FINISH_STOP or FINISH_LENGTH
+    prompt_tokens_BP: np.ndarray  # the left-padded prompt of each row (repeated n times)
+    prompt_mask_BP: np.ndarray
+
+
+def _constrain_cache(model, x, axes):
+    sh = getattr(model, "sharding", None)
+    return x if sh is None else sh.constrain(x, axes)
+
+
+def _prefill(model, prompt_PT, mask_PT, cache: KVCache, n: int):
+    """Runs the prompts once and fills slots [0, T) of the (donated) big cache for all n copies."""
+    P, T = prompt_PT.shape
+    small = KVCache.init(model.cfg, P, T, dtype=cache.k_LBSKD.dtype)
+    logits_PTV, small = model(prompt_PT, left_pad_positions(mask_PT), mask_PT, small)
+    rep = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
+    k = cache.k_LBSKD.at[:, :, :T].set(rep(small.k_LBSKD, 1))
+    v = cache.v_LBSKD.at[:, :, :T].set(rep(small.v_LBSKD, 1))
+    axes = (None, "batch", "cache_seq", "act_kv_heads", None)
+    k, v = _constrain_cache(model, k, axes), _constrain_cache(model, v, axes)
+    slot_mask = jnp.zeros(cache.mask_BS.shape, bool).at[:, :T].set(rep(mask_PT.astype(bool), 0))
+    big = KVCache(k, v, slot_mask, jnp.asarray(T, jnp.int32))
+    return rep(logits_PTV[:, -1], 0), big
+
+
+def rollout_fn(graphdef, state, cache, prompt_PT, mask_PT, key, *, params: SamplingParams, stop_ids: tuple[int, ...]):
+    model = nnx.merge(graphdef, state)
+    n, T_new = params.n, params.max_new_tokens
+    logits_BV, cache = _prefill(model, prompt_PT, mask_PT, cache, n)
+    B = logits_BV.shape[0]
+    next_pos_B = jnp.repeat(left_pad_positions(mask_PT)[:, -1] + 1, n)
+    stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+
+    def cond(c):
+        return (c["t"] < T_new) & ~jnp.all(c["done"])
+
+    def body(c):
+        t = c["t"]
+        tok, logp = select(c["logits"], jax.random.fold_in(key, t), params)
+        live = ~c["done"]
+        hit = live & jnp.isin(tok, stops)
+        out = dict(c)
+        out["tokens"] = c["tokens"].at[:, t].set(jnp.where(live, tok, 0))
+        out["mask"] = c["mask"].at[:, t].set(live.astype(jnp.int32))
+        out["logp"] = c["logp"].at[:, t].set(jnp.where(live, logp, 0.0))
+        out["stopped"] = c["stopped"] | hit
+        out["done"] = c["done"] | hit
+        # The last step needs no forward: its logits would never be used.
+        logits, out["cache"] = jax.lax.cond(
+            t + 1 < T_new,
+            lambda: _decode_step(model, tok, next_pos_B + t, c["cache"]),
+            lambda: (c["logits"], c["cache"]),
+        )
+        out["logits"], out["t"] = logits, t + 1
+        return out
+
+    init = dict(
+        t=jnp.zeros((), jnp.int32), logits=logits_BV, cache=cache, done=jnp.zeros((B,), bool),
+        stopped=jnp.zeros((B,), bool), tokens=jnp.zeros((B, T_new), jnp.int32),
+        mask=jnp.zeros((B, T_new), jnp.int32), logp=jnp.zeros((B, T_new), jnp.float32),
+    )
+    c = jax.lax.while_loop(cond, body, init)
+    finish = jnp.where(c["stopped"], FINISH_STOP, FINISH_LENGTH).astype(jnp.int32)
+    return c["cache"], (c["tokens"], c["mask"], c["logp"], c["mask"].sum(-1), finish)
+
+
+def _decode_step(model, tok_B, pos_B, cache):
+    logits, cache = model(tok_B[:, None], pos_B[:, None], jnp.ones((tok_B.shape[0], 1), jnp.int32), cache)
+    return logits[:, -1], cache

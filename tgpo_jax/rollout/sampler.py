@@ -1,0 +1,133 @@
+"""The rollout sampler (host side): bucketing, padding, sharding of inputs, compile bookkeeping.
+
+Prompts are left-padded to a length bucket and the prompt count padded to a multiple of the batch
+shards, so compilation happens once per (prompt count, bucket, sampling params); each compiled
+executable keeps its own preallocated KV cache, donated on every call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tgpo_jax.models.kv_cache import KVCache
+from tgpo_jax.rollout.decode_loop import Rollout, rollout_fn
+from tgpo_jax.rollout.sampling import SamplingParams
+
+DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclasses.dataclass
+class CompileStats:
+    compiles: int = 0
+    compile_s: float = 0.0
+    shapes: list = dataclasses.field(default_factory=list)
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"a prompt of {n} tokens is longer than the largest prompt bucket ({buckets[-1]}); "
+                     "raise the buckets or drop the prompt")
+
+
+class Sampler:
+    """Samples n responses per prompt from `model` (a Decoder, sharded or not)."""
+
+    def __init__(self, model, *, stop_ids: Sequence[int], pad_id: int = 0,
+                 prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS):
+        self.graphdef, self.state = nnx.split(model)
+        self.cfg = model.cfg
+        self.sharding = getattr(model, "sharding", None)
+        self.stop_ids = tuple(sorted(set(int(s) for s in stop_ids)))
+        self.pad_id = pad_id
+        self.buckets = tuple(sorted(prompt_buckets))
+        self.stats = CompileStats()
+        self._compiled: dict = {}
+        self._caches: dict = {}
+
+    def update_weights(self, model) -> None:
+        """New parameters (same structure): no recompilation."""
+        self.state = nnx.state(model)
+
+    # ------------------------------------------------------------------ host -> device
+    def _batch_shards(self) -> int:
+        if self.sharding is None:
+            return 1
+        mesh, spec = self.sharding.mesh, self.sharding.rules.spec(("batch",))[0]
+        names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+        return int(np.prod([mesh.shape[a] for a in names])) if names else 1
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        if self.sharding is None:
+            return jnp.asarray(x)
+        spec = self.sharding.rules.spec(("batch",) + (None,) * (x.ndim - 1))
+        return jax.device_put(x, NamedSharding(self.sharding.mesh, spec))
+
+    def _pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        T = bucket_length(max(map(len, prompts)), self.buckets)
+        shards = self._batch_shards()
+        P = -(-len(prompts) // shards) * shards
+        tokens = np.full((P, T), self.pad_id, np.int32)
+        mask = np.zeros((P, T), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, T - len(p):], mask[i, T - len(p):] = p, 1
+        for i in range(len(prompts), P):  # filler rows: one token, results dropped
+            tokens[i, -1], mask[i, -1] = self.pad_id, 1
+        return tokens, mask
+
+    # ------------------------------------------------------------------ compile + run
+    def _executable(self, P: int, T: int, params: SamplingParams):
+        key = (P, T, params)
+        if key not in self._compiled:
+            fn = jax.jit(functools.partial(rollout_fn, params=params, stop_ids=self.stop_ids),
+                         static_argnums=(0,), donate_argnums=(2,))
+            cache = self._new_cache(P * params.n, T + params.max_new_tokens)
+            args = (self.graphdef, self.state, cache, self._put(np.zeros((P, T), np.int32)),
+                    self._put(np.ones((P, T), np.int32)), jax.random.key(0))
+            t0 = time.perf_counter()
+            self._compiled[key] = fn.lower(*args).compile()
+            self.stats.compiles += 1
+            self.stats.compile_s += time.perf_counter() - t0
+            self.stats.shapes.append(key[:2])
+            self._caches[key] = cache
+        return key, self._compiled[key]
+
+    def _new_cache(self, B: int, S: int) -> KVCache:
+        cache = KVCache.init(self.cfg, B, S)
+        if self.sharding is None:
+            return cache
+        mesh, rules = self.sharding.mesh, self.sharding.rules
+        kv = NamedSharding(mesh, _divisible_spec(rules, (None, "batch", "cache_seq", "act_kv_heads", None), cache.k_LBSKD.shape, mesh))
+        return KVCache(jax.device_put(cache.k_LBSKD, kv), jax.device_put(cache.v_LBSKD, kv),
+                       jax.device_put(cache.mask_BS, NamedSharding(mesh, rules.spec(("batch", None)))),
+                       jax.device_put(cache.index, NamedSharding(mesh, PartitionSpec())))
+
+    def sample(self, prompts: Sequence[Sequence[int]], params: SamplingParams, key: jax.Array) -> Rollout:
+        """n responses for each prompt (token id lists); rows ordered prompt-major."""
+        tokens, mask = self._pad_prompts(prompts)
+        ck, exe = self._executable(tokens.shape[0], tokens.shape[1], params)
+        cache, out = exe(self.state, self._caches.pop(ck), self._put(tokens), self._put(mask), key)
+        self._caches[ck] = cache
+        keep = len(prompts) * params.n
+        t, m, lp, ln, fin = (np.asarray(jax.device_get(x))[:keep] for x in out)
+        rep = lambda x: np.repeat(x, params.n, axis=0)[:keep]  # noqa: E731
+        return Rollout(t, m, lp, ln, fin, rep(tokens), rep(mask))
+
+
+def _divisible_spec(rules, axes, shape, mesh) -> PartitionSpec:
+    from tgpo_jax.sharding.rules import axis_size
+
+    spec = rules.spec(axes)
+    return PartitionSpec(*(e if shape[i] % axis_size(mesh, e) == 0 else None for i, e in enumerate(spec)))
