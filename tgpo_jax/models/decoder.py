@@ -55,12 +55,13 @@ class Decoder(nnx.Module):
         h_BTE, cache = self.hidden_states(tokens_BT, positions_BT, mask_BT, cache)
         return self.logits(h_BTE), cache
 
-    def hidden_states(self, tokens_BT, positions_BT, mask_BT, cache: KVCache | None = None):
+    def hidden_states(self, tokens_BT, positions_BT, mask_BT, cache: KVCache | None = None, remat: bool = False):
         """Final-norm hidden states [B, T, E] in the compute dtype.
 
         tokens/positions/mask are [B, T]; mask is 1 for real tokens (0 for left padding). Without a
         cache, token t attends to real tokens s <= t of the same row. With a cache, the tokens are
         written at slots [cache.index, cache.index + T) and attend to every earlier real slot.
+        remat=True recomputes each layer's activations in the backward pass (training memory).
         """
         cfg = self.cfg
         sh = self.sharding
@@ -78,6 +79,8 @@ class Decoder(nnx.Module):
                 x, _ = _layer(cfg, sh, lp, x, cos, sin, allowed, None, None)
                 return x, None
 
+            if remat:
+                body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
             x_BTE, _ = jax.lax.scan(body, x_BTE, layer_params)
         else:
             slot_mask, allowed = cache.allowed_BTS(mask_BT)

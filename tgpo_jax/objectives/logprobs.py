@@ -1,0 +1,117 @@
+"""Per-token quantities of a softmax over the vocabulary, computed from final hidden states in
+chunks over the sequence so that neither the forward nor the backward pass ever holds [B, T, V]
+logits: each chunk's logits are rematerialised in the backward pass (`jax.checkpoint`).
+
+Student side (differentiable): log pi(y_t), log pi(extra ids) (teacher argmax, top-K ids, ...),
+entropy. Teacher side (no grad): argmax, one sample, log pi_T(y_t), top-K ids and log-probs,
+log pi_T at given ids.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tgpo_jax.models.layers import MASK_VALUE
+
+
+def chunk_logits(h_BCE: jax.Array, head_EV: jax.Array, valid_vocab: int | None) -> jax.Array:
+    """fp32 logits [B, C, V] for one chunk; ids >= valid_vocab get a large negative value."""
+    logits = jnp.einsum("bce,ev->bcv", h_BCE, head_EV.astype(h_BCE.dtype), preferred_element_type=jnp.float32)
+    if valid_vocab is not None and valid_vocab < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, MASK_VALUE)
+    return logits
+
+
+def _map_chunks(fn: Callable, chunk: int, *arrays_BT):
+    """Applies fn to [B, chunk, ...] slices of every array (split on axis 1) with a scan, and
+    concatenates the per-chunk outputs back to [B, T, ...]."""
+    T = arrays_BT[0].shape[1]
+    chunk = min(chunk, T)
+    if T % chunk:
+        raise ValueError(f"sequence length {T} is not a multiple of the log-prob chunk {chunk}")
+    n = T // chunk
+    split = [jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0) for a in arrays_BT]
+
+    def body(_, xs):
+        return None, fn(*xs)
+
+    _, out = jax.lax.scan(body, None, split)
+    return jax.tree.map(lambda o: jnp.moveaxis(o, 0, 1).reshape(o.shape[1], T, *o.shape[3:]), out)
+
+
+class StudentStats(NamedTuple):
+    logp_BT: jax.Array  # log pi(y_t)
+    extra_logp_BTK: jax.Array  # log pi(ids[b, t, k]) for the requested extra ids (K may be 0)
+    entropy_BT: jax.Array  # full-vocab entropy of pi(. | prefix)
+
+
+def student_stats(h_BTE, head_EV, targets_BT, extra_ids_BTK, *, chunk: int, valid_vocab: int | None = None) -> StudentStats:
+    """log pi(y_t), log pi(extra ids), entropy; differentiable w.r.t. h and head, with the chunk
+    logits recomputed in the backward pass.
+
+      logp_t = z_t[y_t] - logsumexp(z_t)
+      H_t    = logsumexp(z_t) - sum_v softmax(z_t)_v z_t[v]
+    """
+
+    @jax.checkpoint
+    def one(h_BCE, y_BC, ids_BCK):
+        z = chunk_logits(h_BCE, head_EV, valid_vocab)
+        lse = jax.nn.logsumexp(z, -1)
+        logp_y = jnp.take_along_axis(z, y_BC[..., None], -1)[..., 0] - lse
+        logp_ids = jnp.take_along_axis(z, ids_BCK, -1) - lse[..., None]
+        ent = lse - jnp.sum(jax.nn.softmax(z, -1) * z, -1)
+        return StudentStats(logp_y, logp_ids, ent)
+
+    return _map_chunks(one, chunk, h_BTE, targets_BT, extra_ids_BTK)
+
+
+class TeacherStats(NamedTuple):
+    ids_BT: jax.Array  # argmax (or a temperature-1 sample) of pi_T: the CE target
+    argmax_BT: jax.Array  # argmax of pi_T (divergence metrics)
+    logp_y_BT: jax.Array  # log pi_T(y_t)
+    logp_ids_BT: jax.Array  # log pi_T(ids_BT)
+    topk_ids_BTK: jax.Array  # teacher top-K ids (K may be 0)
+    topk_logp_BTK: jax.Array
+    at_logp_BTJ: jax.Array  # log pi_T at caller-given ids (e.g. the student's top-K)
+
+
+def teacher_stats(h_BTE, head_EV, targets_BT, at_ids_BTJ, key, *, chunk: int, top_k: int = 0, sample: bool = False,
+                  valid_vocab: int | None = None) -> TeacherStats:
+    """Teacher quantities at every response position (no gradient flows)."""
+    h_BTE = jax.lax.stop_gradient(h_BTE)
+    B, T = targets_BT.shape
+    pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+
+    def one(h_BCE, y_BC, at_BCJ, pos_BC):
+        z = chunk_logits(h_BCE, head_EV, valid_vocab)
+        logp = jax.nn.log_softmax(z, -1)
+        argmax = jnp.argmax(z, -1).astype(jnp.int32)
+        ids = argmax
+        if sample:
+            # Gumbel-max with one key per position: the draw does not depend on the chunk size.
+            gumbel = jax.vmap(lambda t: jax.random.gumbel(jax.random.fold_in(key, t), (B, z.shape[-1])), out_axes=1)(pos_BC[0])
+            ids = jnp.argmax(logp + gumbel, -1).astype(jnp.int32)
+        gather = lambda i: jnp.take_along_axis(logp, i, -1)  # noqa: E731
+        tk_logp, tk_ids = jax.lax.top_k(logp, top_k) if top_k else (logp[..., :0], jnp.zeros(logp.shape[:-1] + (0,), jnp.int32))
+        return TeacherStats(ids, argmax, gather(y_BC[..., None])[..., 0], gather(ids[..., None])[..., 0],
+                            tk_ids.astype(jnp.int32), tk_logp, gather(at_BCJ))
+
+    return _map_chunks(one, chunk, h_BTE, targets_BT, at_ids_BTJ, pos_BT)
+
+
+def student_old_stats(h_BTE, head_EV, targets_BT, at_ids_BTJ, *, chunk: int, top_k: int = 0,
+                      valid_vocab: int | None = None):
+    """Old-student quantities (no grad): log pi_old(y_t), log pi_old(at ids), and its own top-K
+    (ids, log-probs) for the RKL-centered / RKL-dist baselines."""
+    h_BTE = jax.lax.stop_gradient(h_BTE)
+
+    def one(h_BCE, y_BC, at_BCJ):
+        logp = jax.nn.log_softmax(chunk_logits(h_BCE, head_EV, valid_vocab), -1)
+        tk_logp, tk_ids = jax.lax.top_k(logp, top_k) if top_k else (logp[..., :0], jnp.zeros(logp.shape[:-1] + (0,), jnp.int32))
+        return (jnp.take_along_axis(logp, y_BC[..., None], -1)[..., 0], jnp.take_along_axis(logp, at_BCJ, -1),
+                tk_ids.astype(jnp.int32), tk_logp)
+
+    return _map_chunks(one, chunk, h_BTE, targets_BT, at_ids_BTJ)

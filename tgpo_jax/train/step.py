@@ -1,0 +1,146 @@
+"""The jit-compiled TGPO train step: micro-batch gradient accumulation with `lax.scan`, the
+selected objective, global-norm clipping and optax AdamW. The old state is donated.
+
+A mini-batch is a dict of arrays with a leading batch axis: prompt/prompt_mask [B, P], tokens/mask
+[B, T] (the response), adv_B [B], and the score step's outputs (see objectives/registry.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from tgpo_jax.objectives.advantages import teacher_coef
+from tgpo_jax.objectives.logprobs import student_stats
+from tgpo_jax.objectives.losses import aggregate
+from tgpo_jax.objectives.registry import ObjectiveConfig
+from tgpo_jax.train.score import response_hidden
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW with a constant (optionally warmed-up) learning rate. The
+    schedule starts at step 1 with the full rate (the authors' lr=0 first step is not copied)."""
+    lr = cfg.lr if cfg.warmup_steps == 0 else optax.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps)
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                       optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+
+
+@struct.dataclass
+class TrainState:
+    params: Any  # nnx.State of the student's parameters
+    opt_state: Any
+    step: jax.Array  # optimizer steps taken
+
+
+def init_train_state(model, optimizer: optax.GradientTransformation) -> tuple[Any, TrainState]:
+    graphdef, params = nnx.split(model)
+    opt_state = jax.jit(optimizer.init)(params)
+    return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32))
+
+
+def _micro_loss(params, graphdef, mb, denom, lam, obj_cfg: ObjectiveConfig, chunk: int):
+    """Loss of one micro-batch (already divided by the aggregation denominator) and its metric sums."""
+    obj = obj_cfg.objective
+    model = nnx.merge(graphdef, params)
+    h = response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["tokens"], mb["mask"], remat=True)
+    cfg = model.cfg
+    cur = student_stats(h, model.lm_head_EV(), mb["tokens"], obj.extra_ids(mb, obj_cfg), chunk=chunk,
+                        valid_vocab=cfg.valid_vocab_size or cfg.vocab_size)
+    mask = mb["mask"].astype(jnp.float32)
+    terms = obj.terms(cur, mb, obj_cfg, lam)
+    parts = {f"loss/{k}": aggregate(v, mask, denom) for k, v in terms.items()}
+    loss = sum(parts.values())
+    ratio = jnp.exp(cur.logp_BT - mb["old_logp"])
+    lo, hi = 1.0 - obj_cfg.clip_eps_low, 1.0 + obj_cfg.clip_eps_high
+    big = jnp.finfo(jnp.float32).max
+    stats = dict(parts, **{
+        "actor/entropy": aggregate(cur.entropy_BT, mask, denom),
+        "actor/ratio_mean": aggregate(ratio, mask, denom),
+        "actor/clip_frac": aggregate(((ratio < lo) | (ratio > hi)).astype(jnp.float32), mask, denom),
+        "actor/ratio_max": jnp.max(jnp.where(mask > 0, ratio, -big)),
+        "actor/ratio_min": jnp.min(jnp.where(mask > 0, ratio, big)),
+    })
+    return loss, stats
+
+
+def _denominators(mb_M, obj_cfg: ObjectiveConfig):
+    """Per-micro-batch aggregation denominators [M]."""
+    mask = mb_M["mask"].astype(jnp.float32)
+    M, b, T = mask.shape
+    if obj_cfg.objective.luffy_agg:  # sum / T_max per sequence, mean over the mini-batch
+        return jnp.full((M,), float(T * M * b))
+    if obj_cfg.loss_agg == "microbatch_sum":
+        return mask.sum((1, 2))
+    return jnp.full((M,), mask.sum())
+
+
+def train_step(graphdef, optimizer, state: TrainState, minibatch, rng, iteration, *, obj_cfg: ObjectiveConfig,
+               micro_batch: int, chunk: int):
+    """One optimizer step on a mini-batch; returns (new state, metrics)."""
+    del rng  # no stochastic term in the current objectives; kept in the signature for dropout etc.
+    B = minibatch["mask"].shape[0]
+    if B % micro_batch:
+        raise ValueError(f"micro_batch={micro_batch} does not divide the mini-batch of {B} sequences")
+    M = B // micro_batch
+    mb_M = jax.tree.map(lambda x: x.reshape(M, micro_batch, *x.shape[1:]), minibatch)
+    denoms = _denominators(mb_M, obj_cfg)
+    lam = teacher_coef(iteration, *obj_cfg.schedule())
+    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+    def body(acc, xs):
+        mb, denom = xs
+        (loss, stats), g = grad_fn(state.params, graphdef, mb, denom, lam, obj_cfg, chunk)
+        g_acc, s_acc = acc
+        return (jax.tree.map(jnp.add, g_acc, g), _accumulate(s_acc, stats)), None
+
+    zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+    names = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, jax.tree.map(lambda x: x[0], mb_M),
+                                               denoms[0], lam, obj_cfg, chunk)[1])
+    (grads, sums), _ = jax.lax.scan(body, (zeros_g, _initial(names)), (mb_M, denoms))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(sums)
+    if obj_cfg.loss_agg == "microbatch_sum" and not obj_cfg.objective.luffy_agg:
+        # the loss is a sum of micro-batch means; report the diagnostics as means
+        metrics.update({k: v / M for k, v in sums.items() if k in _MEAN_DIAGNOSTICS})
+    metrics.update({"loss/total": sum(v for k, v in metrics.items() if k.startswith("loss/")),
+                    "actor/grad_norm": optax.global_norm(grads), "teacher/lambda": lam,
+                    "teacher/masked_ids": jnp.sum((1.0 - minibatch.get("teacher_valid", 1.0)) * minibatch["mask"])})
+    return TrainState(params, opt_state, state.step + 1), metrics
+
+
+_MEAN_DIAGNOSTICS = ("actor/entropy", "actor/ratio_mean", "actor/clip_frac")
+
+
+def _initial(names):
+    """Running extremes for *_min / *_max metrics, sums for the rest."""
+    return {k: jnp.full((), jnp.inf) if k.endswith("_min") else jnp.full((), -jnp.inf) if k.endswith("_max")
+            else jnp.zeros((), jnp.float32) for k in names}
+
+
+def _accumulate(acc, stats):
+    return {k: jnp.minimum(acc[k], v) if k.endswith("_min") else jnp.maximum(acc[k], v) if k.endswith("_max")
+            else acc[k] + v for k, v in stats.items()}
+
+
+def make_train_step(graphdef, optimizer, *, obj_cfg: ObjectiveConfig, micro_batch: int, chunk: int = 256):
+    """The jitted step: (state, minibatch, rng, iteration) -> (state, metrics); state donated."""
+    fn = functools.partial(train_step, graphdef, optimizer, obj_cfg=obj_cfg, micro_batch=micro_batch, chunk=chunk)
+    return jax.jit(fn, donate_argnums=(0,))
