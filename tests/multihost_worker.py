@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     from tgpo_jax.sharding.distributed import DistributedConfig, initialize, process_batch_slice
 
     started = initialize(DistributedConfig(a.coordinator, a.num_processes, a.process_id))
+    assert initialize() is True  # idempotent: a second call does nothing
     assert started and jax.process_count() == a.num_processes and jax.process_index() == a.process_id
     mesh = build_mesh(MeshConfig.from_dict(MESH))
     rules = ShardingRules()

@@ -121,7 +121,7 @@ def train_step(graphdef, optimizer, state: TrainState, minibatch, rng, iteration
         # the loss is a sum of micro-batch means; report the diagnostics as means
         metrics.update({k: v / M for k, v in sums.items() if k in _MEAN_DIAGNOSTICS})
     metrics.update({"loss/total": sum(v for k, v in metrics.items() if k.startswith("loss/")),
-                    "actor/grad_norm": optax.global_norm(grads), "teacher/lambda": lam,
+                    "actor/grad_norm": optax.tree.norm(grads), "teacher/lambda": lam,
                     "teacher/masked_ids": jnp.sum((1.0 - minibatch.get("teacher_valid", 1.0)) * minibatch["mask"])})
     return TrainState(params, opt_state, state.step + 1), metrics
 

@@ -1,0 +1,189 @@
+"""Chunked log-probs, the score step and the jitted train step (CPU, tiny models)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tgpo_jax.models import Decoder, left_pad_positions
+from tgpo_jax.models.tiny import tiny_config
+from tgpo_jax.objectives.advantages import grpo_advantages
+from tgpo_jax.objectives.logprobs import student_stats
+from tgpo_jax.objectives.registry import ObjectiveConfig
+from tgpo_jax.rollout.sampler import Sampler
+from tgpo_jax.rollout.sampling import SamplingParams
+from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, init_sharded
+from tgpo_jax.train.score import score
+from tgpo_jax.train.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
+
+S_CFG = tiny_config("qwen2")
+T_CFG = tiny_config("llama", num_layers=3, vocab_size=576, valid_vocab_size=560)  # a bigger teacher vocab
+
+
+# ------------------------------------------------------------------------- chunked log-probs
+def _full_stats(h, head, y, ids):
+    z = jnp.einsum("bte,ev->btv", h, head)
+    logp = jax.nn.log_softmax(z, -1)
+    ent = -jnp.sum(jnp.exp(logp) * logp, -1)
+    return (jnp.take_along_axis(logp, y[..., None], -1)[..., 0], jnp.take_along_axis(logp, ids, -1), ent)
+
+
+def test_chunked_equals_unchunked_values_and_gradients():
+    rng = np.random.default_rng(0)
+    B, T, E, V, K = 2, 24, 16, 50, 3
+    h = jnp.asarray(rng.normal(size=(B, T, E)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(E, V)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    ids = jnp.asarray(rng.integers(0, V, (B, T, K)), jnp.int32)
+    w = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+
+    def scalar(stats):
+        return w[0] * stats[0].sum() + w[1] * stats[1].sum() + w[2] * stats[2].sum()
+
+    ref = _full_stats(h, head, y, ids)
+    for chunk in (4, 8, 24):
+        got = student_stats(h, head, y, ids, chunk=chunk)
+        for a, b in zip(got, ref):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        g_got = jax.grad(lambda h, hd: scalar(student_stats(h, hd, y, ids, chunk=chunk)), argnums=(0, 1))(h, head)
+        g_ref = jax.grad(lambda h, hd: scalar(_full_stats(h, hd, y, ids)), argnums=(0, 1))(h, head)
+        for a, b in zip(g_got, g_ref):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_chunked_path_never_builds_full_logits():
+    B, T, E, V = 2, 64, 8, 1000
+    h = jnp.ones((B, T, E))
+    head = jnp.ones((E, V))
+    y = jnp.zeros((B, T), jnp.int32)
+    ids = jnp.zeros((B, T, 0), jnp.int32)
+    f = jax.grad(lambda h, hd: student_stats(h, hd, y, ids, chunk=8).logp_BT.sum(), argnums=(0, 1))
+    hlo = jax.jit(f).lower(h, head).compile().as_text()
+    assert f"f32[{B},{T},{V}]" not in hlo and f"f32[{B},8,{V}]" in hlo
+
+
+# ------------------------------------------------------------------------- rollout fixtures
+@pytest.fixture(scope="module")
+def rollout():
+    student = Decoder(S_CFG, nnx.Rngs(0))
+    teacher = Decoder(T_CFG, nnx.Rngs(1))
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    r = Sampler(student, stop_ids=(7,)).sample(prompts, SamplingParams(max_new_tokens=16, n=4), jax.random.key(0))
+    batch = dict(prompt=jnp.asarray(r.prompt_tokens_BP), prompt_mask=jnp.asarray(r.prompt_mask_BP),
+                 tokens=jnp.asarray(r.tokens_BT), mask=jnp.asarray(r.mask_BT))
+    rewards = (r.tokens_BT[:, 0] % 3 == 0).astype(np.float32)
+    return student, teacher, batch, jnp.asarray(grpo_advantages(rewards, 4))
+
+
+def _full_logits(model, batch):
+    toks = jnp.concatenate([batch["prompt"], batch["tokens"]], 1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["mask"]], 1)
+    P, T = batch["prompt"].shape[1], batch["tokens"].shape[1]
+    return np.asarray(model(toks, left_pad_positions(mask), mask)[0][:, P - 1:P + T - 1])
+
+
+def test_score_step_matches_full_forward(rollout):
+    student, teacher, batch, _ = rollout
+    sg, ss = nnx.split(student)
+    tg, ts = nnx.split(teacher)
+    cfg = ObjectiveConfig(name="tgpo_fwd_topk", fwd_topk=5)
+    out, metrics = score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=cfg, chunk=8)
+    zs, zt = _full_logits(student, batch), _full_logits(teacher, batch)
+    y, m = np.asarray(batch["tokens"]), np.asarray(batch["mask"]).astype(bool)
+    lps = zs - np.log(np.exp(zs - zs.max(-1, keepdims=True)).sum(-1, keepdims=True)) - zs.max(-1, keepdims=True)
+    zt_valid = np.where(np.arange(zt.shape[-1]) < 560, zt, -np.inf)
+    lpt = zt_valid - np.log(np.exp(zt_valid - zt_valid.max(-1, keepdims=True)).sum(-1, keepdims=True)) - zt_valid.max(-1, keepdims=True)
+    old = np.take_along_axis(lps, y[..., None], -1)[..., 0]
+    tlp = np.take_along_axis(lpt, y[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(out["old_logp"])[m], old[m], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["teacher_logp"])[m], tlp[m], atol=1e-5)
+    argmax = zt_valid.argmax(-1)
+    in_vocab = argmax < S_CFG.vocab_size
+    assert (np.asarray(out["teacher_valid"]) == in_vocab).all()
+    assert np.array_equal(np.asarray(out["teacher_ids"])[in_vocab], argmax[in_vocab])
+    assert float(metrics["teacher/masked_ids"]) == (~in_vocab & m).sum()
+    np.testing.assert_allclose(float(metrics["gap/reverse_kl_k1"]), (old - tlp)[m].mean(), atol=1e-5)
+    np.testing.assert_allclose(float(metrics["gap/mismatch_ratio"]), (argmax != y)[m].mean(), atol=1e-6)
+    # teacher top-5 = the 5 largest teacher log-probs (ids beyond the student vocab dropped)
+    top5 = np.sort(lpt, -1)[..., ::-1][..., :5]
+    tk = np.asarray(out["teacher_topk_logp"])
+    kept = tk > -1e30
+    np.testing.assert_allclose(tk[kept], top5[kept], atol=1e-5)
+    # p_old(teacher id) for TGPO-Adv
+    out2, _ = score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=ObjectiveConfig(name="tgpo_adv"), chunk=8)
+    want = np.exp(np.take_along_axis(lps, np.asarray(out2["teacher_ids"])[..., None], -1)[..., 0]) * in_vocab
+    np.testing.assert_allclose(np.asarray(out2["old_p_teacher"])[m], want[m], atol=1e-6)
+
+
+def _minibatch(rollout, name="tgpo_reg", **kw):
+    student, teacher, batch, adv = rollout
+    cfg = ObjectiveConfig(name=name, **kw)
+    sg, ss = nnx.split(student)
+    tg, ts = nnx.split(teacher)
+    scored, _ = score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=cfg, chunk=8)
+    return cfg, dict(batch, **scored, adv_B=adv, offpolicy_B=jnp.arange(16) % 4 == 0)
+
+
+def test_train_step_lowers_the_loss(rollout):
+    cfg, mb = _minibatch(rollout, lambda_0=0.5)
+    opt = make_optimizer(OptimizerConfig(lr=3e-3))
+    graphdef, state = init_train_state(Decoder(S_CFG, nnx.Rngs(0)), opt)
+    step = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=4, chunk=8)
+    losses = []
+    for _ in range(5):
+        state, met = step(state, mb, jax.random.key(0), 1)
+        losses.append(float(met["loss/total"]))
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert int(state.step) == 5
+    assert float(met["teacher/lambda"]) == pytest.approx(0.5)
+    assert 0 < float(met["actor/grad_norm"]) and float(met["actor/ratio_min"]) <= 1 <= float(met["actor/ratio_max"])
+
+
+def test_microbatch_sum_and_token_mean_differ_as_specified(rollout):
+    """token_mean: one global mean over the mini-batch's valid tokens. microbatch_sum: each
+    micro-batch's own token mean, SUMMED over micro-batches (the authors' behaviour)."""
+    results = {}
+    for agg in ("token_mean", "microbatch_sum"):
+        cfg, mb = _minibatch(rollout, loss_agg=agg)
+        opt = make_optimizer(OptimizerConfig(lr=0.0, weight_decay=0.0))
+        graphdef, state = init_train_state(Decoder(S_CFG, nnx.Rngs(0)), opt)
+        _, met = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=4, chunk=8)(state, mb, jax.random.key(0), 1)
+        results[agg] = met
+    mask = np.asarray(mb["mask"]).astype(np.float64).reshape(4, 4, -1)
+    ce_tok = results["token_mean"]["loss/ce_teacher"]
+    ce_mb = results["microbatch_sum"]["loss/ce_teacher"]
+    # Recompute both from per-token values, with no model in the loop: the CE term is
+    # lam * -log pi(teacher id), and before any update pi == pi_old, whose probability of the
+    # teacher id the tgpo_adv scoring returns.
+    cfg, mb = _minibatch(rollout, name="tgpo_adv")
+    p = np.asarray(mb["old_p_teacher"]).reshape(4, 4, -1)
+    valid = np.asarray(mb["teacher_valid"]).reshape(4, 4, -1)
+    ce_BT = -0.002 * np.log(np.where(valid > 0, p, 1.0)) * valid
+    want_tok = (ce_BT * mask).sum() / mask.sum()
+    want_mb = sum((ce_BT[i] * mask[i]).sum() / mask[i].sum() for i in range(4))
+    np.testing.assert_allclose(float(ce_tok), want_tok, rtol=1e-5)
+    np.testing.assert_allclose(float(ce_mb), want_mb, rtol=1e-5)
+    # micro-batches hold different token counts here, so the two aggregations really differ
+    assert len(set(mask.sum((1, 2)).tolist())) > 1
+    assert abs(want_mb - 4 * want_tok) > 1e-6
+
+
+def test_sharded_train_step_equals_single_device(rollout):
+    cfg, mb = _minibatch(rollout, lambda_0=0.5)
+    opt = make_optimizer(OptimizerConfig(lr=1e-3))
+    mesh = build_mesh(MeshConfig.from_dict({"data": 2, "fsdp": 2, "tensor": 2}))
+    results = []
+    for model in (Decoder(S_CFG, nnx.Rngs(0)), init_sharded(S_CFG, mesh, ShardingRules(), seed=0)):
+        graphdef, state = init_train_state(model, opt)
+        step = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=4, chunk=8)
+        for _ in range(2):
+            state, met = step(state, mb, jax.random.key(0), 1)
+        results.append((state, met))
+    (s1, m1), (s2, m2) = results
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+    for k in m1:
+        np.testing.assert_allclose(float(m1[k]), float(m2[k]), atol=1e-5, rtol=1e-5, err_msg=k)
+    leaf = jax.tree.leaves(s2.params)[0]
+    assert len(leaf.sharding.device_set) == 8
