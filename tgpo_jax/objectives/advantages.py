@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,8 @@ def teacher_coef(iteration, lambda_0: float, decay: float, lambda_min: float):
     s = jnp.asarray(iteration, jnp.float32)
     lam = jnp.maximum(lambda_0 - (s - 1.0) * decay, lambda_min)
     if decay > 0:
-        s_floor = round((lambda_0 - lambda_min) / decay) + 1
+        # first s with lambda_0 - (s-1)*decay <= lambda_min; the tolerance absorbs float64 noise
+        # in ratios that are whole numbers (0.002 / 1e-5 = 199.99999999999997)
+        s_floor = math.ceil((lambda_0 - lambda_min) / decay - 1e-9) + 1
         lam = jnp.where(s >= s_floor, lambda_min, lam)
     return lam
