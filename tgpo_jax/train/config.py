@@ -1,0 +1,152 @@
+"""The full, serialisable training config: one typed dataclass tree, validated before anything
+is loaded or compiled. `load_train_config(path, overrides)` is the only entry point the CLI uses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
+from tgpo_jax.objectives.registry import ObjectiveConfig
+from tgpo_jax.train.step import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelsConfig:
+    student: str = ""  # local HF directory
+    teacher: str | None = None  # local HF directory; required by teacher objectives
+    tokenizer: str | None = None  # default: the student's directory
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    teacher_param_dtype: str | None = None
+    teacher_dtype: str | None = None
+    allow_tokenizer_mismatch: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingSection:
+    mesh: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    student_rules: dict = dataclasses.field(default_factory=dict)
+    teacher_rules: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    prompts_per_iteration: int = 128
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 8192
+    prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    iterations: int = 300
+    mini_batches: int = 2  # optimizer steps per iteration (one epoch over the rollout batch)
+    micro_batch: int = 8  # sequences per gradient-accumulation step
+    logprob_chunk: int = 256
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardsConfig:
+    think_format: bool = True
+    timeout_s: float = 5.0
+    workers: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 20  # iterations; 0 = never
+    k: int = 1
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+    data: dict = dataclasses.field(default_factory=dict)  # a data section for the eval set
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 50  # iterations; 0 = never
+    keep: int = 3
+    keep_best: int = 1  # also keep the best checkpoints by eval score
+    resume: bool = True
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    models: ModelsConfig = ModelsConfig()
+    sharding: ShardingSection = ShardingSection()
+    rollout: RolloutConfig = RolloutConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainSection = TrainSection()
+    data: dict = dataclasses.field(default_factory=dict)
+    rewards: RewardsConfig = RewardsConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def rollout_batch(self) -> int:
+        return self.rollout.prompts_per_iteration * self.rollout.n
+
+    @property
+    def mini_batch(self) -> int:
+        return self.rollout_batch // self.train.mini_batches
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Cross-field checks; every problem is named, all at once."""
+    p = []
+    if not cfg.models.student:
+        p.append("models.student: a local HF model directory is required")
+    obj = cfg.objective.objective
+    if obj.needs_teacher and not cfg.models.teacher:
+        p.append(f"objective {cfg.objective.name!r} needs a teacher: set models.teacher")
+    group_adv = cfg.objective.name not in ("rkl", "rkl_centered", "rkl_reg_k1", "rkl_reg_k2", "rkl_reg_k3", "rkl_reg_dist")
+    if group_adv and cfg.rollout.n < 2:
+        p.append(f"rollout.n={cfg.rollout.n}: objective {cfg.objective.name!r} uses GRPO group advantages, "
+                 "which need a group size >= 2")
+    for name in ("prompts_per_iteration", "n", "max_new_tokens"):
+        if getattr(cfg.rollout, name) < 1:
+            p.append(f"rollout.{name} must be >= 1")
+    if cfg.train.mini_batches < 1 or cfg.rollout_batch % cfg.train.mini_batches:
+        p.append(f"train.mini_batches={cfg.train.mini_batches} does not divide the rollout batch "
+                 f"of {cfg.rollout_batch} (= prompts_per_iteration x n)")
+    elif cfg.train.micro_batch < 1 or cfg.mini_batch % cfg.train.micro_batch:
+        p.append(f"train.micro_batch={cfg.train.micro_batch} does not divide the mini-batch of {cfg.mini_batch} sequences")
+    if cfg.rollout.max_new_tokens % min(cfg.train.logprob_chunk, cfg.rollout.max_new_tokens):
+        p.append(f"train.logprob_chunk={cfg.train.logprob_chunk} must divide rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
+    if cfg.train.iterations < 1:
+        p.append("train.iterations must be >= 1")
+    if cfg.objective.name == "luffy" and not cfg.data.get("solution_column"):
+        p.append("objective 'luffy' needs off-policy traces: set data.solution_column")
+    if p:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(p))
+    return cfg
+
+
+def load_train_config(path_or_dict: str | dict, overrides: list[str] | None = None) -> TrainConfig:
+    d = load_yaml(path_or_dict) if isinstance(path_or_dict, str) else dict(path_or_dict)
+    d = apply_overrides(d, overrides or [])
+    return validate(from_dict(TrainConfig, d))
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    from tgpo_jax.configtree import to_dict
+
+    return to_dict(cfg)

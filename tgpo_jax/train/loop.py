@@ -1,0 +1,95 @@
+"""`tgpo-jax train`: build everything from a validated TrainConfig, resume, iterate, evaluate,
+checkpoint, log. Orchestration only: the math lives in objectives/, the jitted steps in train/."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tgpo_jax.configtree import to_dict
+from tgpo_jax.rollout.sampling import SamplingParams
+from tgpo_jax.train.checkpoint import RunCheckpoints, abstract_of
+from tgpo_jax.train.config import TrainConfig
+from tgpo_jax.train.iteration import run_iteration
+from tgpo_jax.train.metrics import MetricsWriter, plot_curves
+from tgpo_jax.train.setup import RunParts, build_run
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops, the last good checkpoint is kept."""
+
+
+def _sampling(cfg: TrainConfig) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                          n=r.n, stop_ids=r.stop_ids)
+
+
+def _resume(parts: RunParts, ckpt: RunCheckpoints, cfg: TrainConfig):
+    """(start iteration, train state) from the latest loadable checkpoint, if resuming."""
+    if not cfg.checkpoint.resume:
+        return 1, parts.train_state
+    found = ckpt.restore_latest(abstract_of(parts.train_state))
+    if found is None:
+        return 1, parts.train_state
+    iteration, state, meta = found
+    parts.data.set_state(meta["data_state"])
+    print(f"[train] resumed from iteration {iteration} (optimizer step {int(state.step)})")
+    return iteration + 1, state
+
+
+def _check_finite(metrics: dict, iteration: int, last_saved: int | None) -> None:
+    loss = metrics.get("loss/total", 0.0)
+    if not math.isfinite(loss):
+        where = f"iteration {last_saved}" if last_saved else "none saved yet"
+        raise TrainingDiverged(f"non-finite loss ({loss}) at iteration {iteration}; stopping. "
+                               f"The last good checkpoint is kept ({where}).")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs (or resumes) the configured training; returns the final metrics record."""
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+    parts = build_run(cfg)
+    ckpt = RunCheckpoints(cfg.run_dir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
+                          async_save=cfg.checkpoint.async_save)
+    start, state = _resume(parts, ckpt, cfg)
+    writer = MetricsWriter(cfg.run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
+                           progress=cfg.logging.progress, total_iterations=cfg.train.iterations,
+                           initial_iteration=start - 1)
+    key = jax.random.key(cfg.train.seed)
+    sampling = _sampling(cfg)
+    last_saved, metrics = (start - 1 if start > 1 else None), {}
+    try:
+        for it in range(start, cfg.train.iterations + 1):
+            examples = parts.data.next_batch()
+            state, metrics = run_iteration(parts.models, state, examples, it, key, sampling=sampling,
+                                           obj_cfg=cfg.objective, reward_fn=parts.reward_fn,
+                                           mini_batches=cfg.train.mini_batches, chunk=cfg.train.logprob_chunk,
+                                           luffy=cfg.objective.name == "luffy")
+            _check_finite(metrics, it, last_saved)
+            score = None
+            if cfg.eval.every and (it % cfg.eval.every == 0 or it == cfg.train.iterations):
+                t0 = time.perf_counter()
+                eval_metrics = parts.evaluate(state.params, it)
+                metrics.update(eval_metrics, **{"perf/eval_s": time.perf_counter() - t0})
+                score = eval_metrics.get("eval/score")
+            writer.write(it, int(state.step), metrics)
+            if cfg.checkpoint.every and (it % cfg.checkpoint.every == 0 or it == cfg.train.iterations):
+                ckpt.save(it, state, {"iteration": it, "optimizer_step": int(state.step), "seed": cfg.train.seed,
+                                      "data_state": parts.data.get_state()}, eval_score=score)
+                last_saved = it
+    finally:
+        ckpt.close()
+        writer.close()
+        parts.close()
+    if cfg.logging.plot and os.path.exists(writer.path):
+        plot_curves(writer.path, os.path.join(cfg.run_dir, "curves.png"))
+    return metrics
