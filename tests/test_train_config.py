@@ -1,0 +1,72 @@
+"""Training config validation: every error is named before anything is built."""
+
+import pytest
+
+from tgpo_jax.configtree import ConfigError
+from tgpo_jax.train.config import TrainConfig, load_train_config
+
+BASE = {"models": {"student": "s", "teacher": "t"}, "rollout": {"prompts_per_iteration": 4, "n": 4, "max_new_tokens": 32},
+        "train": {"mini_batches": 2, "micro_batch": 4, "logprob_chunk": 16}}
+
+
+def _load(**patch):
+    import copy
+
+    d = copy.deepcopy(BASE)
+    for k, v in patch.items():
+        d.setdefault(k, {}).update(v) if isinstance(v, dict) else d.__setitem__(k, v)
+    return load_train_config(d)
+
+
+def test_valid_config_and_defaults():
+    cfg = _load()
+    assert isinstance(cfg, TrainConfig) and cfg.rollout_batch == 16 and cfg.mini_batch == 8
+    assert cfg.objective.name == "tgpo_reg" and cfg.optimizer.lr == 1e-6 and cfg.train.mini_batches == 2
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown key 'temprature' in rollout; valid keys: prompts_per_iteration, n, temperature"):
+        _load(rollout={"temprature": 0.5})
+    with pytest.raises(ConfigError, match=r"unknown key 'optimiser' in config; valid keys: run_dir, models"):
+        _load(optimiser={})
+
+
+def test_wrong_types_are_named():
+    with pytest.raises(ConfigError, match=r"rollout.n: expected int, got str 'eight'"):
+        _load(rollout={"n": "eight"})
+    with pytest.raises(ConfigError, match=r"optimizer.lr: expected float, got str"):
+        _load(optimizer={"lr": "fast"})
+    with pytest.raises(ConfigError, match=r"checkpoint.resume: expected bool"):
+        _load(checkpoint={"resume": 3})
+
+
+def test_inconsistent_values_are_named():
+    with pytest.raises(ConfigError, match=r"train.micro_batch=3 does not divide the mini-batch of 8 sequences"):
+        _load(train={"micro_batch": 3})
+    with pytest.raises(ConfigError, match=r"train.mini_batches=3 does not divide the rollout batch of 16"):
+        _load(train={"mini_batches": 3})
+    with pytest.raises(ConfigError, match=r"rollout.n=1: objective 'grpo' uses GRPO group advantages"):
+        _load(rollout={"n": 1, "prompts_per_iteration": 16}, objective={"name": "grpo"})
+    with pytest.raises(ConfigError, match=r"objective 'tgpo_reg' needs a teacher: set models.teacher"):
+        _load(models={"student": "s", "teacher": None})
+    with pytest.raises(ConfigError, match=r"objective 'luffy' needs off-policy traces"):
+        _load(objective={"name": "luffy"})
+    with pytest.raises(ConfigError, match=r"unknown objective 'ppo'; accepted: tgpo_reg \| tgpo_adv"):
+        _load(objective={"name": "ppo"})
+
+
+def test_rkl_allows_group_size_one_and_overrides_apply():
+    cfg = load_train_config(BASE, ["objective.name=rkl", "rollout.n=1", "rollout.prompts_per_iteration=16",
+                                   "optimizer.lr=3e-4"])
+    assert cfg.objective.name == "rkl" and cfg.rollout.n == 1 and cfg.optimizer.lr == 3e-4
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_train_config(BASE, ["objective.name"])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_train_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_train_config(str(bad))
