@@ -86,6 +86,24 @@ def cmd_estimate(args) -> int:
     return 3 if est.fits is False else 0
 
 
+def cmd_bench_sampler(args) -> int:
+    from tgpo_jax.bench.sampler_bench import main as bench_sampler_main
+
+    return bench_sampler_main(args)
+
+
+def cmd_bench_train_step(args) -> int:
+    from tgpo_jax.bench.train_step_bench import main as bench_train_step_main
+
+    return bench_train_step_main(args)
+
+
+def cmd_eval(args) -> int:
+    from tgpo_jax.eval.cli import main as eval_main
+
+    return eval_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tgpo-jax", description="Teacher-Guided Policy Optimization in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="estimate YAML (see configs/estimate_example.yaml)")
     s.add_argument("--device-memory-gb", type=float, default=None, help="per-device memory in GiB (overrides the config)")
     s.set_defaults(fn=cmd_estimate)
+
+    s = sub.add_parser("eval", help="avg@k accuracy of a HF checkpoint on eval files (JSON + Markdown report)")
+    from tgpo_jax.eval.cli import add_arguments as _eval_args
+
+    _eval_args(s)
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("bench", help="benchmarks (bench sampler: our sampler vs transformers generate)")
+    bench = s.add_subparsers(dest="bench_command", required=True)
+    s = bench.add_parser("sampler", help="tokens/s of the jitted sampler vs transformers generate, same weights")
+    from tgpo_jax.bench.sampler_bench import add_arguments as _bench_sampler_args
+
+    _bench_sampler_args(s)
+    s.set_defaults(fn=cmd_bench_sampler)
+    s = bench.add_parser("train-step", help="tokens/s + peak memory of the TGPO-Reg train step vs PyTorch full logits")
+    from tgpo_jax.bench.train_step_bench import add_arguments as _bench_train_step_args
+
+    _bench_train_step_args(s)
+    s.set_defaults(fn=cmd_bench_train_step)
     return p
 
 

@@ -1,0 +1,88 @@
+"""The typed data configuration (the `data:` section of a run config)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+# A system prompt in the spirit of the paper's: reasoning inside <think> ... </think>, final answer
+# in \boxed{}. Override it with `system_prompt` to match a particular checkpoint's training prompt.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. The user asks a math question and you solve it. First think through "
+    "the reasoning process step by step inside <think> </think> tags, then give a concise solution with "
+    "the final answer in \\boxed{}."
+)
+TEMPLATES = ("chat", "plain")
+DEFAULT_PLAIN_TEMPLATE = "{system}User: {problem}\nAssistant: "
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where prompts come from and how they are rendered, shuffled, sharded and batched.
+
+    Sources (exactly one): `files` (jsonl / json / parquet) or `rg_tasks` (reasoning-gym task names).
+    Columns: `problem_column`, `answer_column` (required; a dotted path such as "reward_model.ground_truth"
+    reads nested fields), `data_source_column` (optional: absent -> the file's stem), `solution_column`
+    (optional off-policy solution for LUFFY; when set, the column is required).
+    Rendering: `template` "chat" (the tokenizer's chat template) or "plain" (`plain_template` with
+    {system} and {problem}, for base models without one); `think_suffix` appends "<think>\\n".
+    `max_prompt_len`: longer prompts are dropped and counted, never truncated.
+    Batching: `batch_size` prompts per step, GLOBAL (each process gets batch_size / process_count).
+    `num_epochs` None repeats forever.
+    """
+
+    files: tuple[str, ...] = ()
+    problem_column: str = "problem"
+    answer_column: str = "answer"
+    data_source_column: str = "data_source"
+    solution_column: str | None = None
+    rg_tasks: tuple[str, ...] = ()
+    rg_size: int = 1000
+    rg_seed: int = 0
+    rg_difficulty: int | None = None
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    template: str = "chat"
+    plain_template: str = DEFAULT_PLAIN_TEMPLATE
+    think_suffix: bool = True
+    max_prompt_len: int = 1024
+    batch_size: int = 128
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None
+    drop_remainder: bool = True
+
+    def __post_init__(self):
+        for name in ("files", "rg_tasks"):  # accept a single string or a list
+            v = getattr(self, name)
+            object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
+        self._validate()
+
+    def _validate(self) -> None:
+        problems = []
+        if bool(self.files) == bool(self.rg_tasks):
+            problems.append("give exactly one source: `files` (jsonl/parquet) or `rg_tasks` (reasoning-gym)")
+        if self.template not in TEMPLATES:
+            problems.append(f"template={self.template!r}; accepted: {', '.join(TEMPLATES)}")
+        if self.max_prompt_len < 1 or self.batch_size < 1 or self.rg_size < 1:
+            problems.append("max_prompt_len, batch_size and rg_size must be >= 1")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            problems.append(f"num_epochs={self.num_epochs} must be >= 1 or None (repeat forever)")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed={self.seed} must be in [0, 2**32)")
+        if problems:
+            raise ValueError("bad data config: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
+        """Builds from a config mapping; an unknown key raises, listing the valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown data config key(s) {unknown}; valid keys: {', '.join(valid)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+__all__ = ["DataConfig", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_PLAIN_TEMPLATE", "TEMPLATES"]

@@ -1,0 +1,93 @@
+"""A PolicyFn backed by a real model and the rollout Sampler, and the `tgpo-jax eval` driver."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from tgpo_jax.eval.evaluator import EVAL_REWARD, EvalItem, EvalReport, Generation, PolicyFn, evaluate
+
+if TYPE_CHECKING:
+    from tgpo_jax.data.sources import LoadStats
+
+
+def stop_ids_for(tokenizer, model_cfg) -> tuple[int, ...]:
+    """EOS ids of the tokenizer and config, plus ChatML's <|im_end|> when the vocabulary has it."""
+    from tgpo_jax.rollout.text import eos_ids_of
+
+    ids = set(eos_ids_of(tokenizer, model_cfg))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end >= 0:
+        ids.add(im_end)
+    return tuple(sorted(ids))
+
+
+def sampler_policy(model, tokenizer, *, max_new_tokens: int, temperature: float = 0.6, top_p: float = 1.0,
+                   seed: int = 0, pad_to: int | None = None) -> PolicyFn:
+    """PolicyFn sampling n responses per item with the jitted Sampler. `pad_to` pads every call to that
+    many prompts (repeats of the last one, outputs dropped) so all chunks share one compiled shape."""
+    import jax
+
+    from tgpo_jax.rollout.sampler import Sampler
+    from tgpo_jax.rollout.sampling import SamplingParams
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sampler = Sampler(model, stop_ids=stop_ids_for(tokenizer, model.cfg), pad_id=pad_id)
+    calls = [0]
+
+    def policy(items: Sequence[EvalItem], n: int) -> list[list[Generation]]:
+        prompts = [it.prompt_ids for it in items]
+        if any(p is None for p in prompts):
+            raise ValueError("sampler_policy needs rendered prompt_ids on every EvalItem")
+        if pad_to and len(prompts) < pad_to:
+            prompts = prompts + [prompts[-1]] * (pad_to - len(prompts))
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n)
+        out = sampler.sample(prompts, params, jax.random.fold_in(jax.random.key(seed), calls[0]))
+        calls[0] += 1
+        return [[_generation(tokenizer, out, i * n + j) for j in range(n)] for i in range(len(items))]
+
+    return policy
+
+
+def _generation(tokenizer, out, row: int) -> Generation:
+    length = int(out.lengths_B[row])
+    text = tokenizer.decode(out.tokens_BT[row, :length].tolist(), skip_special_tokens=True)
+    return Generation(text=text, num_tokens=length, truncated=bool(out.finish_B[row] == 1))
+
+
+def load_eval_items(files: Sequence[str], tokenizer, **data_overrides) -> tuple[list[EvalItem], "LoadStats"]:
+    """Eval items of jsonl/parquet files (data_source column, else the file stem) rendered with the
+    tokenizer; returns (items, LoadStats: rows skipped for a missing answer, prompts dropped as too long)."""
+    from tgpo_jax.data import DataConfig, build_prompt_set
+
+    cfg = DataConfig(files=tuple(files), shuffle=False, **data_overrides)
+    ps = build_prompt_set(cfg, tokenizer)
+    items = [EvalItem(r["problem"], r["answer"], r["data_source"], r["index"], r["prompt_ids"]) for r in ps.records]
+    return items, ps.stats
+
+
+def run_eval(model_dir: str, files: Sequence[str], *, k: int = 1, k_per_source: Mapping[str, int] | None = None,
+             max_new_tokens: int = 8192, temperature: float = 0.6, top_p: float = 1.0, batch_size: int = 64,
+             seed: int = 0, timeout_s: float = 10.0, num_workers: int = 0, think_format: bool = True,
+             **data_overrides) -> EvalReport:
+    """Loads a HF checkpoint directory and evaluates it on `files` (see `evaluate`)."""
+    from tgpo_jax.models.hf_import import load_model, load_tokenizer
+    from tgpo_jax.rewards import RewardFn
+
+    tokenizer = load_tokenizer(model_dir)
+    items, stats = load_eval_items(files, tokenizer, think_suffix=think_format, **data_overrides)
+    model = load_model(model_dir)
+    policy = sampler_policy(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            seed=seed, pad_to=batch_size)
+    reward_cfg = dataclasses.replace(EVAL_REWARD, think_format=think_format, timeout_s=timeout_s,
+                                     num_workers=num_workers)
+    with RewardFn(reward_cfg) as reward:
+        report = evaluate(policy, items, k, k_per_source=k_per_source, reward_fn=reward, batch_size=batch_size,
+                          dropped_prompts=stats.dropped_too_long)
+    report.meta = {"model": model_dir, "files": list(files), "temperature": temperature, "top_p": top_p,
+                   "max_new_tokens": max_new_tokens, "seed": seed, "think_format": think_format,
+                   "data_stats": dataclasses.asdict(stats)}
+    return report
+
+
+__all__ = ["sampler_policy", "stop_ids_for", "load_eval_items", "run_eval"]
