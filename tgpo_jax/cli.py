@@ -104,6 +104,24 @@ def cmd_eval(args) -> int:
     return eval_main(args)
 
 
+def cmd_train(args) -> int:
+    from tgpo_jax.train.config import load_train_config
+    from tgpo_jax.train.loop import train
+
+    cfg = load_train_config(args.config, args.overrides)
+    final = train(cfg)
+    print(json.dumps({k: v for k, v in final.items() if k.startswith(("reward/", "eval/", "loss/total"))}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tgpo_jax.train.export import export_run
+
+    out, iteration = export_run(args.checkpoint, args.to_hf, dtype=args.dtype)
+    print(f"wrote {out} (student at iteration {iteration})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tgpo-jax", description="Teacher-Guided Policy Optimization in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-chat", action="store_true", help="feed the raw prompt, no chat template")
     s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("train", help="TGPO (or a baseline) training run from a YAML config")
+    s.add_argument("--config", required=True)
+    s.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("export", help="a run's latest student checkpoint as a HF directory")
+    s.add_argument("--checkpoint", required=True, help="run directory (or its checkpoints/ folder)")
+    s.add_argument("--to-hf", required=True)
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("demo", help="make a tiny random checkpoint offline, convert it and sample from it")
     s.add_argument("--out", default="runs/demo/tiny-model")

@@ -121,6 +121,8 @@ def build_tiny_tokenizer(out_dir: str | None = None, vocab_size: int = 512) -> P
         tokenizer_object=_train_bpe(vocab_size),
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
+        # explicit, so that every AutoTokenizer class (picked from the model's config.json) agrees
+        unk_token=EOS_TOKEN,
         extra_special_tokens=[IM_START, IM_END],
         model_max_length=32768,
         clean_up_tokenization_spaces=False,

@@ -11,16 +11,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from tgpo_jax.data import DataConfig, build_prompt_set, make_data_iterator
+from tgpo_jax.eval.evaluator import EVAL_REWARD, EvalItem, Generation, evaluate
 from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.hf_export import flat_params
 from tgpo_jax.models.hf_import import load_tokenizer, model_from_flat
 from tgpo_jax.models.vocab import align_vocab, check_tokenizers_agree
+from tgpo_jax.rewards import RewardConfig, RewardFn
 from tgpo_jax.rollout.sampler import Sampler
+from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
 from tgpo_jax.sharding.distributed import initialize
 from tgpo_jax.sharding.rules import ActivationSharding, param_shardings
 from tgpo_jax.train.config import TrainConfig
-from tgpo_jax.train.iteration import Models
+from tgpo_jax.train.iteration import Example, Models
 from tgpo_jax.train.step import init_train_state, make_optimizer, make_train_step
 
 
@@ -98,3 +102,80 @@ def build_model_parts(cfg: TrainConfig):
                     batch_putter(mesh, ShardingRules.from_dict(cfg.sharding.student_rules)),
                     lambda ids: tokenizer.decode(list(map(int, ids)), skip_special_tokens=False))
     return models, train_state, tokenizer
+
+
+class PromptStream:
+    """The data iterator as the iteration needs it: `next_batch()` -> list[Example]."""
+
+    def __init__(self, iterator, tokenizer):
+        self.it, self.tokenizer = iterator, tokenizer
+
+    def next_batch(self) -> list[Example]:
+        b = next(self.it)
+        enc = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else None  # noqa: E731
+        return [Example(p, a, s, enc(sol)) for p, a, s, sol in zip(b.prompt_ids, b.answers, b.data_sources, b.solutions)]
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state) -> None:
+        self.it.set_state(state)
+
+
+def build_data(cfg: TrainConfig, tokenizer) -> PromptStream:
+    """Fails before any model is loaded when the dataset is empty after filtering."""
+    data_cfg = DataConfig.from_dict({**cfg.data, "batch_size": cfg.rollout.prompts_per_iteration})
+    prompt_set = build_prompt_set(data_cfg, tokenizer)
+    print(f"[data] {prompt_set.stats.summary()}")
+    return PromptStream(make_data_iterator(data_cfg, tokenizer, prompt_set=prompt_set), tokenizer)
+
+
+def build_evaluator(cfg: TrainConfig, models: Models, tokenizer):
+    """evaluate(params, iteration) -> {'eval/score', 'eval/<source>/accuracy', ...} (empty if no eval set)."""
+    if not cfg.eval.data:
+        return lambda params, iteration: {}
+    data_cfg = DataConfig.from_dict({**cfg.data, **cfg.eval.data, "shuffle": False})
+    records = build_prompt_set(data_cfg, tokenizer).records
+    items = [EvalItem(r["problem"], r["answer"], r["data_source"], r["index"], r["prompt_ids"]) for r in records]
+    params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                            max_new_tokens=cfg.eval.max_new_tokens, n=cfg.eval.k)
+    reward = RewardFn(dataclasses.replace(EVAL_REWARD, think_format=cfg.rewards.think_format,
+                                          timeout_s=cfg.rewards.timeout_s, num_workers=cfg.rewards.workers))
+
+    def policy_for(iteration):
+        def policy(batch, n):
+            out = models.sampler.sample([it.prompt_ids for it in batch], dataclasses.replace(params, n=n),
+                                        jax.random.fold_in(jax.random.key(cfg.train.seed + 1), iteration))
+            return [[Generation(text=tokenizer.decode(out.tokens_BT[i * n + j, :out.lengths_B[i * n + j]].tolist(),
+                                                      skip_special_tokens=True),
+                                num_tokens=int(out.lengths_B[i * n + j]), truncated=bool(out.finish_B[i * n + j] == 1))
+                     for j in range(n)] for i in range(len(batch))]
+
+        return policy
+
+    def run(train_params, iteration):
+        models.sampler.state = train_params
+        rep = evaluate(policy_for(iteration), items, cfg.eval.k, reward_fn=reward, batch_size=len(items))
+        out = {"eval/score": rep.mean_accuracy}
+        for src, s in rep.sources.items():
+            out[f"eval/{src}/accuracy"] = s.accuracy
+            out[f"eval/{src}/length_mean"] = s.mean_length
+        return out
+
+    run.close = reward.close
+    return run
+
+
+def build_run(cfg: TrainConfig) -> RunParts:
+    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student)
+    data = build_data(cfg, tokenizer)
+    models, train_state, tokenizer = build_model_parts(cfg)
+    reward_fn = RewardFn(RewardConfig(think_format=cfg.rewards.think_format, timeout_s=cfg.rewards.timeout_s,
+                                      num_workers=cfg.rewards.workers))
+    evaluate_fn = build_evaluator(cfg, models, tokenizer)
+
+    def close():
+        reward_fn.close()
+        getattr(evaluate_fn, "close", lambda: None)()
+
+    return RunParts(models, train_state, tokenizer, data, reward_fn, evaluate_fn, close)
