@@ -97,7 +97,7 @@ def build_model_parts(cfg: TrainConfig):
     sampler = Sampler(student, stop_ids=sorted(stop_ids), pad_id=tokenizer.pad_token_id or 0,
                       prompt_buckets=cfg.rollout.prompt_buckets)
     step = make_train_step(s_graphdef, optimizer, obj_cfg=cfg.objective, micro_batch=cfg.train.micro_batch,
-                           chunk=cfg.train.logprob_chunk)
+                           chunk=cfg.train.logprob_chunk, state=train_state)
     models = Models(s_graphdef, t_graphdef, t_state, sampler, step,
                     batch_putter(mesh, ShardingRules.from_dict(cfg.sharding.student_rules)),
                     lambda ids: tokenizer.decode(list(map(int, ids)), skip_special_tokens=False))

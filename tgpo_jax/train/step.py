@@ -51,8 +51,15 @@ class TrainState:
 
 def init_train_state(model, optimizer: optax.GradientTransformation) -> tuple[Any, TrainState]:
     graphdef, params = nnx.split(model)
-    opt_state = jax.jit(optimizer.init)(params)
-    return graphdef, TrainState(params, opt_state, jnp.zeros((), jnp.int32))
+    state = TrainState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
+    sharding = jax.tree.leaves(params)[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        # Counters (step, Adam's count) must sit on the params' mesh, replicated: a checkpoint
+        # restores them committed where they were, and jit rejects mixed device sets.
+        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+                             else jax.device_put(x, replicated), state)
+    return graphdef, state
 
 
 def _micro_loss(params, graphdef, mb, denom, lam, obj_cfg: ObjectiveConfig, chunk: int):
@@ -140,7 +147,23 @@ def _accumulate(acc, stats):
             else acc[k] + v for k, v in stats.items()}
 
 
-def make_train_step(graphdef, optimizer, *, obj_cfg: ObjectiveConfig, micro_batch: int, chunk: int = 256):
-    """The jitted step: (state, minibatch, rng, iteration) -> (state, metrics); state donated."""
+def pinned_out_shardings(state: TrainState):
+    """The new state keeps exactly the shardings of the state it replaces (so a run resumed from a
+    checkpoint, which restores into these shardings, runs the very same program), metrics
+    replicated. None when the state is not on a mesh."""
+    sh = jax.tree.map(lambda x: x.sharding, state)
+    leaf = jax.tree.leaves(sh)[0]
+    if not isinstance(leaf, jax.sharding.NamedSharding):
+        return None
+    return sh, jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec())
+
+
+def make_train_step(graphdef, optimizer, *, obj_cfg: ObjectiveConfig, micro_batch: int, chunk: int = 256,
+                    state: TrainState | None = None):
+    """The jitted step: (state, minibatch, rng, iteration) -> (state, metrics); state donated.
+    Pass the initial `state` to pin the output shardings to its own."""
     fn = functools.partial(train_step, graphdef, optimizer, obj_cfg=obj_cfg, micro_batch=micro_batch, chunk=chunk)
-    return jax.jit(fn, donate_argnums=(0,))
+    out = pinned_out_shardings(state) if state is not None else None
+    if out is None:
+        return jax.jit(fn, donate_argnums=(0,))
+    return jax.jit(fn, donate_argnums=(0,), out_shardings=out)
