@@ -122,6 +122,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from tgpo_jax.train.sft import load_sft_config, sft
+
+    out = sft(load_sft_config(args.config, args.overrides))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tgpo-jax", description="Teacher-Guided Policy Optimization in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sft", help="supervised fine-tuning on (prompt, solution) pairs; exports a HF directory")
+    s.add_argument("--config", required=True)
+    s.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    s.set_defaults(fn=cmd_sft)
 
     s = sub.add_parser("export", help="a run's latest student checkpoint as a HF directory")
     s.add_argument("--checkpoint", required=True, help="run directory (or its checkpoints/ folder)")
