@@ -15,7 +15,7 @@ from flax import nnx
 
 from tgpo_jax.models import layers as L
 from tgpo_jax.models.config import ModelConfig
-from tgpo_jax.models.kv_cache import KVCache, write_layer
+from tgpo_jax.models.kv_cache import KVCache, write_slots
 from tgpo_jax.models.params import initializer, layer_param_specs, param_specs
 
 
@@ -85,12 +85,15 @@ class Decoder(nnx.Module):
         else:
             slot_mask, allowed = cache.allowed_BTS(mask_BT)
 
-            def body(x, xs):
-                lp, k_BSKD, v_BSKD = xs
-                x, kv = _layer(cfg, sh, lp, x, cos, sin, allowed, (k_BSKD, v_BSKD), cache.index)
-                return x, kv
+            # The whole cache rides in the scan carry: each layer writes its new slots in place.
+            def body(carry, xs):
+                x, k_all, v_all = carry
+                lp, layer = xs
+                x, (k_all, v_all) = _layer(cfg, sh, lp, x, cos, sin, allowed, (k_all, v_all, layer), cache.index)
+                return (x, k_all, v_all), None
 
-            x_BTE, (k, v) = jax.lax.scan(body, x_BTE, (layer_params, cache.k_LBSKD, cache.v_LBSKD))
+            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            (x_BTE, k, v), _ = jax.lax.scan(body, (x_BTE, cache.k_LBKSD, cache.v_LBKSD), (layer_params, layer_ids))
             cache = KVCache(k, v, slot_mask, cache.index + tokens_BT.shape[1])
         return L.rms_norm(x_BTE, self.final_norm[...], cfg.rms_norm_eps), cache
 
@@ -136,8 +139,11 @@ def _layer(cfg: ModelConfig, sh, p: dict[str, jax.Array], x_BTE, cos, sin, allow
     k = _constrain(sh, k, ("batch", "seq", "act_kv_heads", None))
     v = _constrain(sh, v, ("batch", "seq", "act_kv_heads", None))
     if kv is not None:
-        k_all, v_all = write_layer(kv[0], k, index), write_layer(kv[1], v, index)
-        attn = L.attention(q, k_all, v_all, allowed_BTS)
+        k_all, v_all, layer = kv
+        k_all, v_all = write_slots(k_all, layer, k, index), write_slots(v_all, layer, v, index)
+        k_layer = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+        v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+        attn = L.attention(q, k_layer, v_layer, allowed_BTS, kv_layout="bksd")
         kv = (k_all, v_all)
     else:
         attn = L.attention(q, k, v, allowed_BTS)

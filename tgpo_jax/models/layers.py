@@ -61,18 +61,19 @@ def apply_rope(x_BTHD: jax.Array, cos_BTD: jax.Array, sin_BTD: jax.Array) -> jax
     return x_BTHD * cos_BTD[:, :, None, :] + rotated * sin_BTD[:, :, None, :]
 
 
-def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array) -> jax.Array:
+def attention(q_BTHD: jax.Array, k: jax.Array, v: jax.Array, allowed_BTS: jax.Array, kv_layout: str = "bskd") -> jax.Array:
     """Grouped-query softmax attention. q has H heads, k/v have K heads (H % K == 0); query head h
     reads kv head h // (H / K). allowed[b, t, s] says whether query t may attend key slot s.
+    k/v are [B, S, K, D] (kv_layout "bskd") or [B, K, S, D] ("bksd", the KV cache's layout).
     Returns [B, T, H, D] in q's dtype; scores and softmax in fp32."""
     B, T, H, D = q_BTHD.shape
-    K = k_BSKD.shape[2]
+    K = k.shape[2] if kv_layout == "bskd" else k.shape[1]
     q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q_BTKGD, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(D))
     scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, D).astype(q_BTHD.dtype)
 
 

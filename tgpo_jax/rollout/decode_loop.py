@@ -42,12 +42,12 @@ def _constrain_cache(model, x, axes):
 def _prefill(model, prompt_PT, mask_PT, cache: KVCache, n: int):
     """Runs the prompts once and fills slots [0, T) of the (donated) big cache for all n copies."""
     P, T = prompt_PT.shape
-    small = KVCache.init(model.cfg, P, T, dtype=cache.k_LBSKD.dtype)
+    small = KVCache.init(model.cfg, P, T, dtype=cache.k_LBKSD.dtype)
     logits_PTV, small = model(prompt_PT, left_pad_positions(mask_PT), mask_PT, small)
     rep = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
-    k = cache.k_LBSKD.at[:, :, :T].set(rep(small.k_LBSKD, 1))
-    v = cache.v_LBSKD.at[:, :, :T].set(rep(small.v_LBSKD, 1))
-    axes = (None, "batch", "cache_seq", "act_kv_heads", None)
+    k = jax.lax.dynamic_update_slice(cache.k_LBKSD, rep(small.k_LBKSD, 1), (0, 0, 0, 0, 0))
+    v = jax.lax.dynamic_update_slice(cache.v_LBKSD, rep(small.v_LBKSD, 1), (0, 0, 0, 0, 0))
+    axes = (None, "batch", "act_kv_heads", "cache_seq", None)
     k, v = _constrain_cache(model, k, axes), _constrain_cache(model, v, axes)
     slot_mask = jnp.zeros(cache.mask_BS.shape, bool).at[:, :T].set(rep(mask_PT.astype(bool), 0))
     big = KVCache(k, v, slot_mask, jnp.asarray(T, jnp.int32))
@@ -62,35 +62,30 @@ def rollout_fn(graphdef, state, cache, prompt_PT, mask_PT, key, *, params: Sampl
     next_pos_B = jnp.repeat(left_pad_positions(mask_PT)[:, -1] + 1, n)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
 
+    def emit(c, t, tok, logp):
+        """Records step t's token for the rows still running."""
+        live = ~c["done"]
+        hit = live & jnp.isin(tok, stops)
+        return dict(c, tok=tok, tokens=c["tokens"].at[:, t].set(jnp.where(live, tok, 0)),
+                    mask=c["mask"].at[:, t].set(live.astype(jnp.int32)),
+                    logp=c["logp"].at[:, t].set(jnp.where(live, logp, 0.0)),
+                    stopped=c["stopped"] | hit, done=c["done"] | hit)
+
     def cond(c):
         return (c["t"] < T_new) & ~jnp.all(c["done"])
 
     def body(c):
+        # forward the previous token, then draw token t: the last draw needs no extra forward
         t = c["t"]
-        tok, logp = select(c["logits"], jax.random.fold_in(key, t), params)
-        live = ~c["done"]
-        hit = live & jnp.isin(tok, stops)
-        out = dict(c)
-        out["tokens"] = c["tokens"].at[:, t].set(jnp.where(live, tok, 0))
-        out["mask"] = c["mask"].at[:, t].set(live.astype(jnp.int32))
-        out["logp"] = c["logp"].at[:, t].set(jnp.where(live, logp, 0.0))
-        out["stopped"] = c["stopped"] | hit
-        out["done"] = c["done"] | hit
-        # The last step needs no forward: its logits would never be used.
-        logits, out["cache"] = jax.lax.cond(
-            t + 1 < T_new,
-            lambda: _decode_step(model, tok, next_pos_B + t, c["cache"]),
-            lambda: (c["logits"], c["cache"]),
-        )
-        out["logits"], out["t"] = logits, t + 1
-        return out
+        logits, cache_t = _decode_step(model, c["tok"], next_pos_B + t - 1, c["cache"])
+        tok, logp = select(logits, jax.random.fold_in(key, t), params)
+        return dict(emit(c, t, tok, logp), cache=cache_t, t=t + 1)
 
-    init = dict(
-        t=jnp.zeros((), jnp.int32), logits=logits_BV, cache=cache, done=jnp.zeros((B,), bool),
-        stopped=jnp.zeros((B,), bool), tokens=jnp.zeros((B, T_new), jnp.int32),
-        mask=jnp.zeros((B, T_new), jnp.int32), logp=jnp.zeros((B, T_new), jnp.float32),
-    )
-    c = jax.lax.while_loop(cond, body, init)
+    zeros = jnp.zeros((B, T_new), jnp.int32)
+    init = dict(t=jnp.ones((), jnp.int32), cache=cache, tok=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
+                stopped=jnp.zeros((B,), bool), tokens=zeros, mask=zeros, logp=jnp.zeros((B, T_new), jnp.float32))
+    tok0, logp0 = select(logits_BV, jax.random.fold_in(key, 0), params)
+    c = jax.lax.while_loop(cond, body, emit(init, 0, tok0, logp0))
     finish = jnp.where(c["stopped"], FINISH_STOP, FINISH_LENGTH).astype(jnp.int32)
     return c["cache"], (c["tokens"], c["mask"], c["logp"], c["mask"].sum(-1), finish)
 

@@ -109,8 +109,8 @@ class Sampler:
         if self.sharding is None:
             return cache
         mesh, rules = self.sharding.mesh, self.sharding.rules
-        kv = NamedSharding(mesh, _divisible_spec(rules, (None, "batch", "cache_seq", "act_kv_heads", None), cache.k_LBSKD.shape, mesh))
-        return KVCache(jax.device_put(cache.k_LBSKD, kv), jax.device_put(cache.v_LBSKD, kv),
+        kv = NamedSharding(mesh, _divisible_spec(rules, (None, "batch", "act_kv_heads", "cache_seq", None), cache.k_LBKSD.shape, mesh))
+        return KVCache(jax.device_put(cache.k_LBKSD, kv), jax.device_put(cache.v_LBKSD, kv),
                        jax.device_put(cache.mask_BS, NamedSharding(mesh, rules.spec(("batch", None)))),
                        jax.device_put(cache.index, NamedSharding(mesh, PartitionSpec())))
 

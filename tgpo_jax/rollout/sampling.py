@@ -67,9 +67,36 @@ def _nucleus(x_BV: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(x_BV < threshold, NEG_INF, x_BV)
 
 
+def _last_positive(x_BN: jax.Array) -> jax.Array:
+    """Index of the last entry > 0 in each row."""
+    n = x_BN.shape[-1]
+    return n - 1 - jnp.argmax((x_BN > 0)[:, ::-1], axis=-1)
+
+
+def inverse_cdf_sample(logp_BV: jax.Array, u_B: jax.Array, block: int = 1024) -> jax.Array:
+    """Draws one token per row from exp(logp) with one uniform u per row, by inverting the CDF in
+    two levels (blocks of the vocabulary, then tokens within the chosen block) so that fp32
+    cumulative sums stay short. One uniform per row instead of a Gumbel per vocabulary entry."""
+    B, V = logp_BV.shape
+    nb = -(-V // block)
+    probs = jnp.exp(jnp.pad(logp_BV, ((0, 0), (0, nb * block - V)), constant_values=-jnp.inf))
+    probs_BNK = probs.reshape(B, nb, block)
+    mass_BN = probs_BNK.sum(-1)
+    cdf_BN = jnp.cumsum(mass_BN, -1)
+    target_B = u_B * cdf_BN[:, -1]
+    bi = jnp.minimum(jnp.sum(cdf_BN < target_B[:, None], -1), _last_positive(mass_BN))
+    within_BK = jnp.take_along_axis(probs_BNK, bi[:, None, None], 1)[:, 0]
+    rem_B = target_B - (jnp.take_along_axis(cdf_BN, bi[:, None], 1)[:, 0] - jnp.take_along_axis(mass_BN, bi[:, None], 1)[:, 0])
+    wi = jnp.minimum(jnp.sum(jnp.cumsum(within_BK, -1) < rem_B[:, None], -1), _last_positive(within_BK))
+    return (bi * block + wi).astype(jnp.int32)
+
+
 def select(logits_BV: jax.Array, key: jax.Array, p: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """(token [B], its log-prob under the processed distribution [B])."""
     x = processed_logits(logits_BV, p)
     logp_BV = jax.nn.log_softmax(x, -1)
-    tok = jnp.argmax(x, -1) if p.greedy else jax.random.categorical(key, x, axis=-1)
-    return tok.astype(jnp.int32), jnp.take_along_axis(logp_BV, tok[:, None], -1)[:, 0]
+    if p.greedy:
+        tok = jnp.argmax(x, -1).astype(jnp.int32)
+    else:
+        tok = inverse_cdf_sample(logp_BV, jax.random.uniform(key, (x.shape[0],)))
+    return tok, jnp.take_along_axis(logp_BV, tok[:, None], -1)[:, 0]
