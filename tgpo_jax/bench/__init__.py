@@ -1,0 +1,1 @@
+"""Benchmarks (`tgpo-jax bench ...`)."""
