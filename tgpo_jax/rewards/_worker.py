@@ -53,7 +53,11 @@ def worker_main(conn, memory_limit_bytes: int | None = None) -> None:
     _limit_memory(memory_limit_bytes)
     from tgpo_jax.rewards.scorers import score_one
 
-    import math_verify  # noqa: F401  (warm the import before announcing readiness)
+    # Warm the heavy imports before announcing readiness: the pool's per-item clock starts at
+    # hand-off, and a first item that paid a multi-second import would time out (and so would the
+    # next one, in the replacement worker).
+    import math_verify  # noqa: F401
+    import reasoning_gym  # noqa: F401
 
     conn.send(("ready", os.getpid()))
     while True:
