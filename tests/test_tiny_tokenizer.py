@@ -42,7 +42,9 @@ def test_vocabulary_and_special_tokens(tok):
     assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [n - 3, n - 2, n - 1]
     assert tok.eos_token == tok.pad_token == "<|endoftext|>"
     assert tok.eos_token_id == tok.pad_token_id == n - 3
-    assert tok.bos_token is None and tok.unk_token is None
+    # unk is explicit (= <|endoftext|>, as Qwen2Tokenizer sets it), so that every tokenizer class
+    # AutoTokenizer may pick from a model's config.json reports the same special tokens
+    assert tok.bos_token is None and tok.unk_token == "<|endoftext|>"
     assert tok.encode("hi", add_special_tokens=True) == tok.encode("hi", add_special_tokens=False)  # no BOS
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)
     assert ids[0] == n - 2 and ids[-1] == n - 1 and tok.decode(ids[1:-1]) == "user\nhi"
@@ -109,3 +111,16 @@ def test_deterministic_files(tmp_path):
     assert "tokenizer.json" in a and "tokenizer_config.json" in a
     assert _read_all(tmp_path / "b") == a
     assert _read_all(tmp_path / "c") == a
+
+
+def test_same_special_tokens_whatever_the_model_family(tmp_path):
+    """AutoTokenizer picks its class from the directory's config.json (qwen2 vs llama); the tiny
+    tokenizer must report identical special tokens under both, or student/teacher checks fail."""
+    from tgpo_jax.models.hf_import import load_tokenizer
+    from tgpo_jax.models.tiny import make_tiny_checkpoint
+    from tgpo_jax.models.vocab import check_tokenizers_agree
+
+    a = load_tokenizer(make_tiny_checkpoint(str(tmp_path / "q"), arch="qwen2"))
+    b = load_tokenizer(make_tiny_checkpoint(str(tmp_path / "l"), arch="llama"))
+    assert (a.unk_token, a.eos_token, a.pad_token) == (b.unk_token, b.eos_token, b.pad_token)
+    assert check_tokenizers_agree(a, b).ok
