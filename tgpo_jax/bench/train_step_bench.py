@@ -79,6 +79,7 @@ class Settings:
     # any other load on the cores makes every torch op wait out descheduled spinners (measured 20-40x
     # slower steps at load average 5 on 2 cores); XLA's thread pool blocks instead of spinning.
     peer_omp_wait: str = "passive"
+    peer_threads: int | None = None  # torch intra-op threads; None: os.cpu_count()
     old_logp: str = "model"
     lambda_0: float = 0.002
     lambda_decay: float = 1e-5
@@ -145,8 +146,8 @@ def model_flops(cfg, s: Settings) -> dict:
 
         body      = 6 * N_layers * B * (P + T)      N_layers = all decoder-layer weights
         lm_head   = 6 * E * V * B * T               logits only at the T response positions
-        attention = 12 * layers * H * D * (P + T)^2 * B   QK^T and PV over the full (unmasked-causal)
-                                                        score matrix, which is what the step computes
+        attention = 12 * layers * H * D * (P + T)^2 * B   QK^T and PV over the whole score matrix
+                                                        (our attention does not skip the causal half)
     """
     E, V = cfg.hidden_size, cfg.vocab_size
     n_embed = V * E * (1 if cfg.tie_word_embeddings else 2)
@@ -334,7 +335,7 @@ def prepare_peer(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(s.peer_threads or os.cpu_count() or 1)
     torch.manual_seed(s.seed)
     hf_logging.disable_progress_bar()
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(work, "model"), dtype=torch.float32)
@@ -390,6 +391,7 @@ def _serve(role: str, s: Settings, work: str) -> dict:
     load on a shared machine hits both sides alike."""
     one_step, info = PREPARE[role](s, work)
     finish = info.pop("_finish", None)
+    prepare_peak = _hwm() or 0  # resetting VmHWM also resets what ru_maxrss reports: keep this peak
     step_hwm = _reset_hwm()  # peak RSS of the steps alone: VmHWM reset after preparation / compile
     times, cpu, losses = [], [], []
     print("READY", flush=True)
@@ -407,7 +409,8 @@ def _serve(role: str, s: Settings, work: str) -> dict:
     w = s.warmup
     info.update(warmup_s=times[0] if w else None, runs_s=times[w:], median_s=statistics.median(times[w:]),
                 cpu_median_s=statistics.median(cpu[w:]), first_loss=losses[0], last_loss=losses[-1],
-                peak_bytes=_peak_rss(), step_peak_bytes=_hwm() if step_hwm else None, load_avg=os.getloadavg()[0])
+                peak_bytes=max(_peak_rss(), prepare_peak), step_peak_bytes=_hwm() if step_hwm else None,
+                load_avg=os.getloadavg()[0])
     if finish:
         finish(info)
     return info
@@ -519,7 +522,8 @@ def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
     emit(f"bench train-step: model={s.model} ({cfg.architecture}, V={cfg.vocab_size}, {n_params / 1e6:.2f}M params) "
          f"dtype={s.dtype} params={s.param_dtype}; TGPO-Reg lambda_0={s.lambda_0}, AdamW lr={s.lr}")
     emit(f"  B={s.batch} P={s.prompt_len} T={s.response_len} micro_batch={s.micro_batch} chunk={s.chunk} "
-         f"repeats={s.repeats} (median after compile + {s.warmup} warm-up step(s)); tokens/step = B*(P+T) = {s.tokens:,}")
+         f"repeats={s.repeats} (median after compile + {s.warmup} warm-up step(s)); "
+         f"tokens/step = B*(P+T) = {s.tokens:,}")
     with tempfile.TemporaryDirectory(prefix="tgpo-bench-step-") as work:
         settings_path = os.path.join(work, "settings.json")
         with open(settings_path, "w") as f:
@@ -534,8 +538,8 @@ def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
     peer_tps = s.tokens / peer["median_s"] if peer else None
     gib = 1024**3
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-    rows = [("ours (jax, jit step)", f"{ours['compile_s']:.2f}", fmt(ours["warmup_s"], ".2f"), f"{ours['median_s']:.3f}",
-             f"{ours_tps:,.0f}", f"{ours['peak_bytes'] / gib:.2f}")]
+    rows = [("ours (jax, jit step)", f"{ours['compile_s']:.2f}", fmt(ours["warmup_s"], ".2f"),
+             f"{ours['median_s']:.3f}", f"{ours_tps:,.0f}", f"{ours['peak_bytes'] / gib:.2f}")]
     if peer:
         rows.append((f"peer (torch {peer['threads']} thr, full logits)", "-", fmt(peer["warmup_s"], ".2f"),
                      f"{peer['median_s']:.3f}", f"{peer_tps:,.0f}", f"{peer['peak_bytes'] / gib:.2f}"))
@@ -607,6 +611,7 @@ def add_arguments(p) -> None:
                    help="old_logp of the mini-batch: the model's own log-probs (default) or zeros")
     p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer (accelerators, memory runs)")
     p.add_argument("--peer-grad-ckpt", action="store_true", help="gradient checkpointing in the peer")
+    p.add_argument("--peer-threads", type=int, default=None, help="torch threads of the peer (default: all cores)")
     p.add_argument("--peer-omp-wait", choices=["passive", "active"], default="passive",
                    help="OMP_WAIT_POLICY of the peer (default passive: spinning threads collapse under any other load)")
     p.add_argument("--quick", action="store_true", help="demo model, small batch: well under a minute on CPU")
@@ -623,8 +628,9 @@ def settings_from_args(args) -> Settings:
     model = args.model or "demo"
     base = QUICK_DEFAULTS if args.quick and model == "demo" else MODEL_DEFAULTS[model]
     pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
-    return Settings(model=model, **pick, warmup=args.warmup, dtype=args.dtype, param_dtype=args.param_dtype, peer=not args.no_peer,
-                    peer_grad_ckpt=args.peer_grad_ckpt, peer_omp_wait=args.peer_omp_wait, old_logp=args.old_logp, lambda_0=args.lambda_0, lr=args.lr,
+    return Settings(model=model, **pick, warmup=args.warmup, dtype=args.dtype, param_dtype=args.param_dtype,
+                    peer=not args.no_peer, peer_grad_ckpt=args.peer_grad_ckpt, peer_omp_wait=args.peer_omp_wait,
+                    peer_threads=args.peer_threads, old_logp=args.old_logp, lambda_0=args.lambda_0, lr=args.lr,
                     seed=args.seed, peak_tflops=args.peak_tflops)
 
 
