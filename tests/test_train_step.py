@@ -70,8 +70,12 @@ def rollout():
     teacher = Decoder(T_CFG, nnx.Rngs(1))
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
     r = Sampler(student, stop_ids=(7,)).sample(prompts, SamplingParams(max_new_tokens=16, n=4), jax.random.key(0))
+    # Rows of different lengths whatever was sampled (as stop tokens would give): row i keeps its
+    # first 16 - (i % 5) * 3 tokens.
+    keep = 16 - (np.arange(16) % 5) * 3
+    mask = (np.arange(16)[None] < keep[:, None]).astype(np.int32) * r.mask_BT
     batch = dict(prompt=jnp.asarray(r.prompt_tokens_BP), prompt_mask=jnp.asarray(r.prompt_mask_BP),
-                 tokens=jnp.asarray(r.tokens_BT), mask=jnp.asarray(r.mask_BT))
+                 tokens=jnp.asarray(r.tokens_BT * mask), mask=jnp.asarray(mask))
     rewards = (r.tokens_BT[:, 0] % 3 == 0).astype(np.float32)
     return student, teacher, batch, jnp.asarray(grpo_advantages(rewards, 4))
 
