@@ -266,7 +266,7 @@ def variant(tok, edit, **special_tokens) -> PreTrainedTokenizerFast:
 
 def wrap(backend: Tokenizer, **special_tokens) -> PreTrainedTokenizerFast:
     """backend with the tiny tokenizer's special tokens unless overridden."""
-    kwargs = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+    kwargs = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
                   extra_special_tokens=["<|im_start|>", "<|im_end|>"])
     return PreTrainedTokenizerFast(tokenizer_object=backend, **(kwargs | special_tokens))
 
