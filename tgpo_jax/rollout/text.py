@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from tgpo_jax.data.prompts import left_pad
 from tgpo_jax.models.hf_import import load_model, load_tokenizer
 from tgpo_jax.rollout.generate import generate
 
@@ -17,16 +18,6 @@ def render_prompts(tokenizer, prompts: list[str], *, chat: bool) -> list[list[in
             for p in prompts
         ]
     return [tokenizer(p)["input_ids"] for p in prompts]
-
-
-def left_pad(ids: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    T = max(map(len, ids))
-    tokens = np.full((len(ids), T), pad_id, np.int32)
-    mask = np.zeros((len(ids), T), np.int32)
-    for b, row in enumerate(ids):
-        tokens[b, T - len(row):] = row
-        mask[b, T - len(row):] = 1
-    return tokens, mask
 
 
 def eos_ids_of(tokenizer, cfg) -> tuple[int, ...]:
