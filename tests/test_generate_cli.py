@@ -1,4 +1,4 @@
-"""The minimal jitted generator against transformers' generate, and the CLI demo path."""
+"""The minimal jitted generator against transformers' generate, and the CLI sample path."""
 
 import jax
 import numpy as np
@@ -39,12 +39,13 @@ def test_generation_stops_at_eos_and_masks_after(tmp_path):
         assert int(out.lengths_B[b]) == n
 
 
-def test_demo_command_converts_and_samples(tmp_path, capsys):
-    rc = main(["demo", "--out", str(tmp_path / "tiny"), "--max-new-tokens", "6", "--arch", "qwen3"])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "response (" in out and (tmp_path / "tiny" / "model.safetensors").exists()
-    assert main(["sample", "--model", str(tmp_path / "tiny"), "--prompt", "1+1", "--max-new-tokens", "3"]) == 0
+def test_tiny_checkpoint_samples_through_cli(tmp_path, capsys):
+    from tgpo_jax.models.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(str(tmp_path / "tiny"), arch="qwen3", seed=0)
+    assert (tmp_path / "tiny" / "model.safetensors").exists()
+    assert main(["sample", "--model", path, "--prompt", "1+1", "--max-new-tokens", "3"]) == 0
+    assert "response (" in capsys.readouterr().out
 
 
 def test_cli_reports_bad_model_dir(capsys):

@@ -58,17 +58,9 @@ def cmd_sample(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from tgpo_jax.models.tiny import make_tiny_checkpoint
-    from tgpo_jax.rollout.text import run_sample
+    from tgpo_jax.demo import run_demo
 
-    t0 = time.time()
-    path = make_tiny_checkpoint(args.out, arch=args.arch, seed=args.seed)
-    print(f"[demo] wrote a tiny random {args.arch} checkpoint (HF safetensors + tokenizer) to {path}")
-    prompts = args.prompt or ["What is 12 + 7?", "Compute 3 * 4."]
-    for line in run_sample(path, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           seed=args.seed, chat=True):
-        print(line)
-    print(f"[demo] done in {time.time() - t0:.1f}s (random weights: the text is noise, the path is real)")
+    run_demo(args.out, quick=args.quick, config_path=args.config, overrides=args.overrides)
     return 0
 
 
@@ -170,13 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("demo", help="make a tiny random checkpoint offline, convert it and sample from it")
-    s.add_argument("--out", default="runs/demo/tiny-model")
-    s.add_argument("--arch", default="qwen2", choices=["qwen2", "qwen3", "llama"])
-    s.add_argument("--prompt", action="append")
-    s.add_argument("--max-new-tokens", type=int, default=24)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("demo", help="the embedded default: SFT a tiny teacher and a weaker student (different "
+                                    "reasoning style) on reasoning-gym arithmetic, then TGPO-Reg; CPU, offline, minutes")
+    s.add_argument("--out", default="runs/demo", help="output directory (SFT models there are cached across runs)")
+    s.add_argument("--quick", action="store_true", help="a much shorter smoke version (tests)")
+    s.add_argument("--config", default=None, help="TGPO stage config (default: configs/demo.yaml)")
+    s.add_argument("overrides", nargs="*", help="key.path=value overrides of the TGPO stage config")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("estimate", help="per-device memory of student + teacher on a target mesh (exit 3: does not fit)")
