@@ -1,0 +1,263 @@
+"""Presets for the paper's runs (TGPO_SPEC section 6) on named Cloud TPU hardware.
+
+A preset file (configs/presets/<name>.yaml) names a student and a teacher by their bundled
+config.json (configs/hf_configs/<model>/config.json), a `train` mapping (a TrainConfig, merged over
+the file named by `base`), and per-hardware settings: dotted TrainConfig keys (mesh, batch) for each
+entry of HARDWARE, or `unsupported: <reason>` where the pair cannot fit.
+
+`render(preset, hardware)` gives the TrainConfig dict of one (preset, hardware) pair; `check(...)`
+is what CI runs: the rendered config validates, both models build abstractly (jax.eval_shape, no
+weights) from the bundled config.json files, and the memory estimator says the pair fits the named
+hardware (with HEADROOM), or, for an `unsupported` entry, that it does not.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import yaml
+
+from tgpo_jax.configtree import ConfigError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESET_DIR = os.path.join(REPO_ROOT, "configs", "presets")
+HF_CONFIG_DIR = os.path.join(REPO_ROOT, "configs", "hf_configs")
+# The estimator does not count XLA temporaries, fragmentation or the runtime's reserve: a preset
+# must fit in this fraction of each device's HBM.
+HEADROOM = 0.90
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """One Cloud TPU slice shape. `devices` = JAX devices (one per chip on v4 / v5e / v5p)."""
+
+    name: str
+    accelerator_type: str  # gcloud --accelerator-type
+    runtime_version: str  # gcloud --version
+    devices: int
+    hosts: int
+    hbm_gib: float  # per device
+    zone: str  # a zone that offers it (override with --zone)
+
+
+HARDWARE: dict[str, Hardware] = {h.name: h for h in (
+    Hardware("v4-8", "v4-8", "tpu-ubuntu2204-base", 4, 1, 32.0, "us-central2-b"),
+    Hardware("v5e-8", "v5litepod-8", "v2-alpha-tpuv5-lite", 8, 1, 16.0, "us-west4-a"),
+    Hardware("v5p-8", "v5p-8", "v2-alpha-tpuv5", 4, 1, 95.0, "us-east5-a"),
+    Hardware("v4-32", "v4-32", "tpu-ubuntu2204-base", 16, 4, 32.0, "us-central2-b"),
+)}
+
+
+def hardware(name: str) -> Hardware:
+    if name not in HARDWARE:
+        raise ConfigError(f"unknown hardware {name!r}; accepted: {', '.join(HARDWARE)}")
+    return HARDWARE[name]
+
+
+# ------------------------------------------------------------------------------------------ loading
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    path: str
+    student: str  # a directory name under HF_CONFIG_DIR
+    teacher: str | None
+    student_context: dict  # config.json fields the student's checkpoint is patched with
+    train: dict
+    hardware: dict  # hardware name -> {dotted key: value} | {"unsupported": reason}
+    notes: str = ""
+
+
+PRESET_KEYS = ("base", "student", "teacher", "student_context", "train", "hardware", "notes")
+
+
+def preset_path(name_or_path: str) -> str:
+    """A path as given, else configs/presets/<name>.yaml."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    p = os.path.join(PRESET_DIR, name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
+    if not os.path.isfile(p):
+        raise ConfigError(f"preset {name_or_path!r} not found; available: {', '.join(list_presets())}")
+    return p
+
+
+def list_presets() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml") and not f.startswith("_"))
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return d
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_preset(name_or_path: str) -> Preset:
+    path = preset_path(name_or_path)
+    d = _read_yaml(path)
+    unknown = sorted(set(d) - set(PRESET_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(PRESET_KEYS)}")
+    train = d.get("train") or {}
+    if d.get("base"):
+        base = _read_yaml(os.path.join(os.path.dirname(path), d["base"]))
+        train = deep_merge(base.get("train", base), train)
+    for key in ("student", "hardware"):
+        if not d.get(key):
+            raise ConfigError(f"{path}: missing key {key!r}")
+    hw = d["hardware"]
+    if not isinstance(hw, dict):
+        raise ConfigError(f"{path}: hardware must map hardware names to settings")
+    for name, entry in hw.items():
+        hardware(name)
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: hardware.{name} must be a mapping of dotted config keys, or unsupported: reason")
+    name = os.path.basename(path)[:-5]
+    return Preset(name, path, d["student"], d.get("teacher"), dict(d.get("student_context") or {}), train, hw,
+                  d.get("notes", ""))
+
+
+# ------------------------------------------------------------------------------------------ render
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    node = d
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"setting {key!r}: {p!r} is not a section")
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def unsupported_reason(preset: Preset, hw_name: str) -> str | None:
+    entry = preset.hardware.get(hw_name)
+    if entry is None:
+        raise ConfigError(f"preset {preset.name} has no settings for {hw_name!r}; it has: {', '.join(preset.hardware)}")
+    return entry.get("unsupported")
+
+
+def render(preset: Preset | str, hw_name: str, *, allow_unsupported: bool = False) -> dict:
+    """The TrainConfig dict of `preset` on `hw_name` (before CLI overrides)."""
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    hardware(hw_name)
+    reason = unsupported_reason(preset, hw_name)
+    if reason and not allow_unsupported:
+        raise ConfigError(f"preset {preset.name} does not fit {hw_name}: {reason}")
+    out = copy.deepcopy(preset.train)
+    for key, value in preset.hardware[hw_name].items():
+        if key != "unsupported":
+            set_dotted(out, key, value)
+    out.setdefault("run_dir", f"runs/{preset.name}-{hw_name}")
+    return out
+
+
+def bundled_hf_config(name: str, patch: dict | None = None) -> dict:
+    path = os.path.join(HF_CONFIG_DIR, name, "config.json")
+    if not os.path.isfile(path):
+        have = sorted(os.listdir(HF_CONFIG_DIR))
+        raise ConfigError(f"no bundled config.json for {name!r} ({path}); bundled: {', '.join(have)}")
+    with open(path) as f:
+        return {**json.load(f), **(patch or {})}
+
+
+# ------------------------------------------------------------------------------------------ checks
+def estimate_config(preset: Preset, train_cfg, hw: Hardware):
+    """The memory estimator's view of a rendered TrainConfig on `hw`. The train step keeps params,
+    gradients and AdamW moments in the student's param_dtype (no separate master copy)."""
+    from tgpo_jax.sharding import estimate as est
+
+    m, t = train_cfg.models, train_cfg
+    student = est.ModelEntry(hf=bundled_hf_config(preset.student, preset.student_context), param_dtype=m.param_dtype,
+                             dtype=m.dtype, rules=t.sharding.student_rules, trainable=True)
+    teacher = None
+    if preset.teacher:
+        teacher = est.ModelEntry(hf=bundled_hf_config(preset.teacher), param_dtype=m.teacher_param_dtype or m.param_dtype,
+                                 dtype=m.teacher_dtype or m.dtype, rules=t.sharding.teacher_rules, trainable=False)
+    batch = est.BatchConfig(rollout_batch=t.rollout_batch, micro_batch=t.train.micro_batch,
+                            prompt_len=int(t.data.get("max_prompt_len", 1024)), response_len=t.rollout.max_new_tokens,
+                            logits_chunk=t.train.logprob_chunk)
+    opt = est.OptimizerConfig(state_dtype=m.param_dtype, master_dtype=None, grad_dtype=m.param_dtype)
+    return est.EstimateConfig(mesh=dict(t.sharding.mesh), num_devices=hw.devices, student=student, teacher=teacher,
+                              device_memory_gb=hw.hbm_gib * HEADROOM, batch=batch, optimizer=opt, remat="full",
+                              attention="materialized")
+
+
+def abstract_param_count(hf: dict, param_dtype: str, dtype: str) -> int:
+    """Builds the decoder with jax.eval_shape (no memory) and counts its parameters."""
+    from flax import nnx
+
+    from tgpo_jax.models.config import ModelConfig
+    from tgpo_jax.models.decoder import abstract_model
+
+    model = abstract_model(ModelConfig.from_hf_dict(hf, param_dtype=param_dtype, dtype=dtype))
+    leaves = [v for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    return sum(math.prod(getattr(v, "value", v).shape) for v in leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    preset: str
+    hardware: str
+    supported: bool
+    fits: bool
+    peak_gib: float
+    usable_gib: float
+    params: dict[str, int]  # role -> parameter count (abstract build)
+    report: str
+
+    @property
+    def ok(self) -> bool:
+        """Supported entries must fit; `unsupported` ones must really not fit."""
+        return self.fits == self.supported
+
+    def line(self) -> str:
+        status = ("fits" if self.fits else "DOES NOT FIT") + ("" if self.supported else " (marked unsupported)")
+        flag = "ok " if self.ok else "BAD"
+        return f"{flag} {self.preset:<48} {self.hardware:<6} {self.peak_gib:7.2f} / {self.usable_gib:6.2f} GiB  {status}"
+
+
+def check(preset: Preset | str, hw_name: str) -> CheckResult:
+    """Parses + validates the rendered config, builds both models abstractly, runs the estimator."""
+    from tgpo_jax.sharding.estimate import estimate
+    from tgpo_jax.train.config import load_train_config
+
+    preset = load_preset(preset) if isinstance(preset, str) else preset
+    hw = hardware(hw_name)
+    supported = unsupported_reason(preset, hw_name) is None
+    cfg = load_train_config(render(preset, hw_name, allow_unsupported=True))
+    if cfg.rollout.prompts_per_iteration % hw.hosts:
+        raise ConfigError(f"{preset.name} on {hw_name}: rollout.prompts_per_iteration={cfg.rollout.prompts_per_iteration} "
+                          f"is not divisible by the {hw.hosts} hosts (each host loads an equal share)")
+    ecfg = estimate_config(preset, cfg, hw)
+    params = {"student": abstract_param_count(ecfg.student.hf, ecfg.student.param_dtype, ecfg.student.dtype)}
+    if ecfg.teacher is not None:
+        params["teacher"] = abstract_param_count(ecfg.teacher.hf, ecfg.teacher.param_dtype, ecfg.teacher.dtype)
+    est = estimate(ecfg)
+    for role, n in params.items():
+        if est.models[role].n_params != n:
+            raise AssertionError(f"{role}: estimator counts {est.models[role].n_params} params, abstract build {n}")
+    return CheckResult(preset.name, hw_name, supported, bool(est.fits), est.peak_bytes / 1024**3,
+                       ecfg.device_memory_gb, params, est.report())
+
+
+def check_all(names: list[str] | None = None, hardware_names: list[str] | None = None) -> list[CheckResult]:
+    out = []
+    for name in names or list_presets():
+        p = load_preset(name)
+        for hw in hardware_names or list(p.hardware):
+            out.append(check(p, hw))
+    return out
