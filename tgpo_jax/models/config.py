@@ -1,5 +1,5 @@
-"""ModelConfig: one typed description of a dense decoder (Qwen2 / Qwen3 / Llama), read from and
-written to Hugging Face config.json dictionaries."""
+"""ModelConfig: one typed description of a decoder (dense Qwen2 / Qwen3 / Llama, or the Qwen3-MoE
+mixture-of-experts variant), read from and written to Hugging Face config.json dictionaries."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
-_MODEL_TYPES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen3MoeForCausalLM")
+_MODEL_TYPES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
+                "Qwen3MoeForCausalLM": "qwen3_moe"}
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+# How the experts' SwiGLU is dispatched (see layers.moe_mlp): "auto" picks "ragged" (lax.ragged_dot,
+# a grouped matmul kernel) on GPU / TPU and "blocks" (sorted blocks in a loop) elsewhere; "dense"
+# runs every expert on every token (a reference for tests only, never a default).
+MOE_IMPLS = ("auto", "ragged", "blocks", "dense")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -57,6 +63,17 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Mixture of experts (Qwen3-MoE). num_experts = 0: a dense model. Layer i is sparse iff
+    # num_experts > 0, i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0; other layers
+    # keep a dense SwiGLU of intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    moe_impl: str = "auto"  # runtime choice, not an HF field (see MOE_IMPLS)
+    moe_block_size: int = 64  # rows per block of the "blocks" dispatch
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -74,6 +91,52 @@ class ModelConfig:
             raise ModelConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.valid_vocab_size is not None and not 0 < self.valid_vocab_size <= self.vocab_size:
             raise ModelConfigError(f"valid_vocab_size={self.valid_vocab_size} must be in [1, {self.vocab_size}]")
+        self._check_moe()
+
+    def _check_moe(self):
+        is_moe_arch = self.architecture in MOE_ARCHITECTURES
+        if not is_moe_arch and self.num_experts:
+            raise ModelConfigError(f"num_experts={self.num_experts} given for dense architecture {self.architecture}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ModelConfigError(f"moe_impl={self.moe_impl!r}; accepted: {', '.join(MOE_IMPLS)}")
+        if self.moe_block_size < 1:
+            raise ModelConfigError(f"moe_block_size={self.moe_block_size} must be positive")
+        if not is_moe_arch or self.num_experts == 0:
+            return
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ModelConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
+        if self.moe_intermediate_size < 1:
+            raise ModelConfigError(f"moe_intermediate_size={self.moe_intermediate_size} must be positive")
+        if self.decoder_sparse_step < 1:
+            raise ModelConfigError(f"decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ModelConfigError(f"mlp_only_layers {bad} are not layer indices in [0, {self.num_layers})")
+
+    @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """Per layer: True where the MLP is a mixture of experts (transformers' Qwen3MoeDecoderLayer rule)."""
+        return tuple(
+            self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+            for i in range(self.num_layers)
+        )
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        return tuple(i for i, s in enumerate(self.sparse_layers) if s)
+
+    @property
+    def dense_mlp_layer_ids(self) -> tuple[int, ...]:
+        """Layers with a dense SwiGLU in a MoE architecture (empty for dense architectures, whose
+        MLP weights live in the main layer stack)."""
+        if self.architecture not in MOE_ARCHITECTURES:
+            return ()
+        return tuple(i for i, s in enumerate(self.sparse_layers) if not s)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.architecture in MOE_ARCHITECTURES
 
     @property
     def model_type(self) -> str:
@@ -103,6 +166,7 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hidden // n_heads
         theta, scaling = _rope_of(hf)
         attention_bias = bool(hf.get("attention_bias", False))
+        moe = _moe_of(hf) if arch in MOE_ARCHITECTURES else {}
         return cls(
             architecture=arch,
             vocab_size=int(hf["vocab_size"]),
@@ -119,13 +183,14 @@ class ModelConfig:
             # Qwen2 always has q/k/v biases and no o_proj bias; Llama / Qwen3 follow attention_bias.
             qkv_bias=True if arch == "Qwen2ForCausalLM" else attention_bias,
             o_bias=False if arch == "Qwen2ForCausalLM" else attention_bias,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             param_dtype=param_dtype,
             dtype=dtype,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=tuple(e) if isinstance(e := hf.get("eos_token_id"), list) else e,
             pad_token_id=hf.get("pad_token_id"),
+            **moe,
         )
 
     @classmethod
@@ -166,8 +231,13 @@ class ModelConfig:
             hf["attention_bias"] = self.qkv_bias
         if self.architecture == "LlamaForCausalLM":
             hf["mlp_bias"] = False
-        if self.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        if self.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
             hf["use_sliding_window"] = False
+        if self.is_moe:
+            hf.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                      moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                      decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers),
+                      output_router_logits=False)
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self, k) is not None:
                 v = getattr(self, k)
@@ -186,6 +256,21 @@ def _architecture_of(hf: dict[str, Any]) -> str:
     found = archs or [hf.get("model_type")]
     raise ModelConfigError(
         f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _moe_of(hf: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-MoE fields; transformers 5 writes `num_local_experts`, released checkpoints `num_experts`."""
+    n = hf.get("num_experts", hf.get("num_local_experts"))
+    if n is None:
+        raise ModelConfigError("Qwen3MoeForCausalLM config.json lacks num_experts (or num_local_experts)")
+    return dict(
+        num_experts=int(n),
+        num_experts_per_tok=int(hf.get("num_experts_per_tok", 8)),
+        moe_intermediate_size=int(hf.get("moe_intermediate_size", 768)),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
+        mlp_only_layers=tuple(int(i) for i in (hf.get("mlp_only_layers") or ())),
     )
 
 

@@ -1,4 +1,4 @@
-"""The dense decoder (Qwen2 / Qwen3 / Llama) as a flax.nnx module.
+"""The decoder (dense Qwen2 / Qwen3 / Llama, and Qwen3-MoE) as a flax.nnx module.
 
 The module is a parameter container whose layer parameters are stacked on a leading [layers] axis;
 the forward pass scans one compiled layer body over them (compile time does not grow with depth).
@@ -7,6 +7,7 @@ At a jit boundary split it with `nnx.split(model)` and merge inside (see `apply`
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ from flax import nnx
 from tgpo_jax.models import layers as L
 from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.kv_cache import KVCache, write_slots
+from tgpo_jax.models.moe import moe_block
 from tgpo_jax.models.params import initializer, layer_param_specs, param_specs
 
 
@@ -31,10 +33,11 @@ def _make_params(owner: nnx.Module, specs, prefix: str, cfg: ModelConfig, rngs: 
 
 
 class StackedLayers(nnx.Module):
-    """All decoder layers' parameters, each with a leading [layers] axis."""
+    """Stacked layer parameters with a leading [layers] axis: every layer ('layers.'), or a MoE
+    model's sparse ('moe.') or dense ('dense_mlp.') MLPs."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        _make_params(self, param_specs(cfg), "layers.", cfg, rngs)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, prefix: str = "layers."):
+        _make_params(self, param_specs(cfg), prefix, cfg, rngs)
 
 
 class Decoder(nnx.Module):
@@ -48,6 +51,10 @@ class Decoder(nnx.Module):
         specs = param_specs(cfg)
         _make_params(self, specs, "", cfg, rngs)
         self.layers = StackedLayers(cfg, rngs)
+        if cfg.moe_layer_ids:
+            self.moe = StackedLayers(cfg, rngs, "moe.")
+        if cfg.dense_mlp_layer_ids:
+            self.dense_mlp = StackedLayers(cfg, rngs, "dense_mlp.")
 
     # ------------------------------------------------------------------ forward
     def __call__(self, tokens_BT, positions_BT, mask_BT, cache: KVCache | None = None):
@@ -70,13 +77,14 @@ class Decoder(nnx.Module):
         table_VE = _constrain(sh, self.embed[...].astype(cfg.jnp_dtype), ("vocab", None))
         x_BTE = _constrain(sh, table_VE[tokens_BT], ("batch", "seq", "act_embed"))
         cos, sin = L.rope_cos_sin(positions_BT, L.rope_inv_freq(cfg), cfg.jnp_dtype)
-        layer_params = {k: v[...] for k, v in nnx.to_pure_dict(nnx.state(self.layers, nnx.Param)).items()}
+        layer_params, stacks = self._scan_params()
+        layer_fn = functools.partial(_layer, stacks=stacks)
         if cache is None:
             T = tokens_BT.shape[1]
             allowed = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & mask_BT.astype(bool)[:, None, :]
 
             def body(x, lp):
-                x, _ = _layer(cfg, sh, lp, x, cos, sin, allowed, None, None)
+                x, _ = layer_fn(cfg, sh, lp, x, cos, sin, allowed, None, None)
                 return x, None
 
             if remat:
@@ -89,13 +97,36 @@ class Decoder(nnx.Module):
             def body(carry, xs):
                 x, k_all, v_all = carry
                 lp, layer = xs
-                x, (k_all, v_all) = _layer(cfg, sh, lp, x, cos, sin, allowed, (k_all, v_all, layer), cache.index)
+                x, (k_all, v_all) = layer_fn(cfg, sh, lp, x, cos, sin, allowed, (k_all, v_all, layer), cache.index)
                 return (x, k_all, v_all), None
 
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
             (x_BTE, k, v), _ = jax.lax.scan(body, (x_BTE, cache.k_LBKSD, cache.v_LBKSD), (layer_params, layer_ids))
             cache = KVCache(k, v, slot_mask, cache.index + tokens_BT.shape[1])
         return L.rms_norm(x_BTE, self.final_norm[...], cfg.rms_norm_eps), cache
+
+    def _scan_params(self):
+        """(per-layer xs for the scan, stacks indexed inside the body). A dense architecture's
+        MLP weights are in the layer stack. A MoE model whose layers are all sparse (or all dense)
+        scans its MLP stack alongside; a mix carries, per layer, (is_sparse, index in the sparse
+        stack, index in the dense stack) and picks the branch with lax.cond."""
+        cfg = self.cfg
+
+        def pure(module):
+            return {k: v[...] for k, v in nnx.to_pure_dict(nnx.state(module, nnx.Param)).items()}
+
+        xs = pure(self.layers)
+        if not cfg.is_moe:
+            return xs, {}
+        sparse, n = cfg.sparse_layers, cfg.num_layers
+        if all(sparse):
+            return {**xs, "moe": pure(self.moe)}, {}
+        if not any(sparse):
+            return {**xs, "dense_mlp": pure(self.dense_mlp)}, {}
+        moe_idx = jnp.asarray([sum(sparse[:i]) for i in range(n)], jnp.int32)
+        dense_idx = jnp.asarray([i - sum(sparse[:i]) for i in range(n)], jnp.int32)
+        xs["mlp_select"] = (jnp.asarray(sparse), moe_idx, dense_idx)
+        return xs, {"moe": pure(self.moe), "dense_mlp": pure(self.dense_mlp)}
 
     def logits(self, h_BTE: jax.Array) -> jax.Array:
         """fp32 logits [..., V]; rows at or beyond cfg.valid_vocab_size get a large negative value."""
@@ -121,10 +152,35 @@ def _constrain(sharding, x, logical_axes):
     return x if sharding is None else sharding.constrain(x, logical_axes)
 
 
-def _layer(cfg: ModelConfig, sh, p: dict[str, jax.Array], x_BTE, cos, sin, allowed_BTS, kv, index):
-    """One pre-norm decoder layer: x + attn(norm(x)); then x + swiglu(norm(x))."""
+_MLP_KEYS = ("moe", "dense_mlp", "mlp_select")  # MoE models' per-layer MLP entries (see _scan_params)
+
+
+def _dense_mlp(cfg: ModelConfig, sh, w: dict, h_BTE):
+    return L.swiglu(h_BTE, w["gate_kernel"], w["up_kernel"], w["down_kernel"],
+                    constrain_hidden=lambda a: _constrain(sh, a, ("batch", "seq", "act_mlp")))
+
+
+def _mlp(cfg: ModelConfig, sh, p: dict, h_BTE, stacks: dict):
+    """The layer's MLP: dense SwiGLU, or the mixture of experts (see `Decoder._scan_params`)."""
     dt = cfg.jnp_dtype
-    w = {k: v.astype(dt) for k, v in p.items()}
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(dt), tree)  # noqa: E731
+    if not cfg.is_moe:  # p: the layer's weights, already cast
+        return _dense_mlp(cfg, sh, p, h_BTE)
+    if "moe" in p:
+        return moe_block(cfg, sh, cast(p["moe"]), h_BTE)
+    if "dense_mlp" in p:
+        return _dense_mlp(cfg, sh, cast(p["dense_mlp"]), h_BTE)
+    is_sparse, i_moe, i_dense = p["mlp_select"]
+    pick = lambda stack, i: cast(jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), stack))  # noqa: E731
+    return jax.lax.cond(is_sparse,
+                        lambda h: moe_block(cfg, sh, pick(stacks["moe"], i_moe), h),
+                        lambda h: _dense_mlp(cfg, sh, pick(stacks["dense_mlp"], i_dense), h), h_BTE)
+
+
+def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, index, stacks=None):
+    """One pre-norm decoder layer: x + attn(norm(x)); then x + mlp(norm(x)) (SwiGLU or MoE)."""
+    dt = cfg.jnp_dtype
+    w = {k: v.astype(dt) for k, v in p.items() if k not in _MLP_KEYS}
     h = L.rms_norm(x_BTE, w["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("bte,ehd->bthd", h, w["q_kernel"])
     k = jnp.einsum("bte,ehd->bthd", h, w["k_kernel"])
@@ -152,8 +208,7 @@ def _layer(cfg: ModelConfig, sh, p: dict[str, jax.Array], x_BTE, cos, sin, allow
         out = out + w["o_bias"]
     x_BTE = _constrain(sh, x_BTE + out, ("batch", "seq", "act_embed"))
     h = L.rms_norm(x_BTE, w["mlp_norm"], cfg.rms_norm_eps)
-    mlp = L.swiglu(h, w["gate_kernel"], w["up_kernel"], w["down_kernel"],
-                   constrain_hidden=lambda a: _constrain(sh, a, ("batch", "seq", "act_mlp")))
+    mlp = _mlp(cfg, sh, p if cfg.is_moe else w, h, stacks or {})
     x_BTE = _constrain(sh, x_BTE + mlp, ("batch", "seq", "act_embed"))
     return x_BTE, kv
 

@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.hf_import import INDEX_FILE, SINGLE_FILE
-from tgpo_jax.models.hf_rules import active_rules, to_hf
+from tgpo_jax.models.hf_rules import active_rules, stack_entries, to_hf
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _TORCH_DTYPE_NAMES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -42,11 +42,8 @@ def _hf_tensors(cfg: ModelConfig, flat: dict[str, jax.Array], np_dtype):
     """Yields (hf name, numpy array), one parameter on host at a time."""
     for rule in active_rules(cfg):
         host = np.asarray(jax.device_get(flat[rule.ours])).astype(np_dtype)
-        if rule.stacked:
-            for i in range(cfg.num_layers):
-                yield rule.hf.format(i=i), np.ascontiguousarray(to_hf(rule, host[i]))
-        else:
-            yield rule.hf, np.ascontiguousarray(to_hf(rule, host))
+        for idx, name in stack_entries(cfg, rule):
+            yield name, np.ascontiguousarray(to_hf(rule, host[idx]))
         del host
 
 

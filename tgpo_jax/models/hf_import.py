@@ -1,4 +1,5 @@
-"""Load a local Hugging Face checkpoint directory (config.json + safetensors) into a Decoder.
+"""Load a local Hugging Face checkpoint directory (config.json + safetensors, one file or the
+sharded index layout; dense or Qwen3-MoE with one tensor per expert) into a Decoder.
 
 Everything is validated from the safetensors headers before a byte of weight data is read, so bad
 input fails with a clear message and nothing is half-built. Tensors are then streamed one at a
@@ -10,6 +11,7 @@ holds more than one stacked parameter.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from typing import Any, Mapping
@@ -97,22 +99,27 @@ def validate_checkpoint(cfg: ModelConfig, files: Mapping[str, str]) -> dict[str,
 
 
 def _param_reader(cfg: ModelConfig, handles, files, expected, path: str):
-    """A function index -> numpy block of our parameter `path` (index = tuple of slices)."""
+    """A function index -> numpy block of our parameter `path` (index = tuple of slices). A
+    stacked parameter reads only the HF tensors its block covers (its layers and, for experts, its
+    experts), so an expert-sharded device never receives other shards' experts."""
     spec = param_specs(cfg)[path]
-    names = sorted((n for n, (r, _, _) in expected.items() if r.ours == path), key=lambda n: expected[n][1] or 0)
-    rule = expected[names[0]][0]
+    by_idx = {idx: n for n, (r, idx, _) in expected.items() if r.ours == path}
+    rule = next(r for r, _, _ in expected.values() if r.ours == path)
     np_dtype = _NP_DTYPES[cfg.param_dtype]
+    k = rule.stack_dims
+    inner = spec.shape[k:]
 
-    def read(name, our_shape):
-        return to_ours(rule, handles[files[name]].get_tensor(name), our_shape).astype(np_dtype)
+    def read(name):
+        return to_ours(rule, handles[files[name]].get_tensor(name), inner).astype(np_dtype)
 
-    if not rule.stacked:
-        return lambda index: read(names[0], spec.shape)[index]
+    if k == 0:
+        return lambda index: read(by_idx[()])[index]
 
     def read_stacked(index):
-        layer_slice, rest = index[0], tuple(index[1:])
-        layers = range(cfg.num_layers)[layer_slice]
-        return np.stack([read(names[i], spec.shape[1:])[rest] for i in layers])
+        index = tuple(index) + (slice(None),) * (len(spec.shape) - len(index))
+        ranges = [range(spec.shape[d])[index[d]] for d in range(k)]
+        blocks = [read(by_idx[combo])[index[k:]] for combo in itertools.product(*ranges)]
+        return np.stack(blocks).reshape(*(len(r) for r in ranges), *blocks[0].shape)
 
     return read_stacked
 

@@ -1,18 +1,20 @@
 """The name/layout table between Hugging Face checkpoints and this project's parameters.
 
 Each rule maps one of our parameter paths (see params.py) to an HF tensor name (with `{i}` for the
-layer index of stacked parameters) and a layout transform. HF linear weights are [out, in]; ours
+layer index of stacked parameters, and `{x}` for the expert index of a MoE layer's per-expert
+weights, which HF stores one tensor per expert) and a layout transform. HF linear weights are [out, in]; ours
 are [in, out] with attention heads split out ([embed, heads, head_dim] / [heads, head_dim, embed]).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
 from tgpo_jax.models.config import ModelConfig
-from tgpo_jax.models.params import param_specs
+from tgpo_jax.models.params import param_specs, stack_layer_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +26,11 @@ class Rule:
     @property
     def stacked(self) -> bool:
         return "{i}" in self.hf
+
+    @property
+    def stack_dims(self) -> int:
+        """Leading dims of our parameter that index HF tensors: [layers] and, per expert, [experts]."""
+        return int(self.stacked) + int("{x}" in self.hf)
 
 
 _ATTN = "model.layers.{i}.self_attn."
@@ -47,6 +54,14 @@ RULES = (
     Rule("layers.gate_kernel", _MLP + "gate_proj.weight", "transpose"),
     Rule("layers.up_kernel", _MLP + "up_proj.weight", "transpose"),
     Rule("layers.down_kernel", _MLP + "down_proj.weight", "transpose"),
+    # Qwen3-MoE: router [X, E] and one [out, in] tensor per expert; dense layers of a MoE model.
+    Rule("moe.router_kernel", _MLP + "gate.weight", "transpose"),
+    Rule("moe.gate_kernel", _MLP + "experts.{x}.gate_proj.weight", "transpose"),
+    Rule("moe.up_kernel", _MLP + "experts.{x}.up_proj.weight", "transpose"),
+    Rule("moe.down_kernel", _MLP + "experts.{x}.down_proj.weight", "transpose"),
+    Rule("dense_mlp.gate_kernel", _MLP + "gate_proj.weight", "transpose"),
+    Rule("dense_mlp.up_kernel", _MLP + "up_proj.weight", "transpose"),
+    Rule("dense_mlp.down_kernel", _MLP + "down_proj.weight", "transpose"),
 )
 
 # Buffers some checkpoints carry that hold nothing we need (RoPE tables are recomputed).
@@ -99,15 +114,24 @@ def to_hf(rule: Rule, x: np.ndarray) -> np.ndarray:
     raise ValueError(rule.layout)
 
 
-def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[Rule, int | None, tuple[int, ...]]]:
-    """Every HF tensor name the config implies -> (rule, layer index or None, HF shape)."""
+def stack_entries(cfg: ModelConfig, rule: Rule) -> list[tuple[tuple[int, ...], str]]:
+    """(index into our parameter's leading stack dims, HF tensor name) for every HF tensor of a
+    rule; a non-stacked rule gives [((), name)]. Stack entry j of 'moe.*' is HF layer
+    cfg.moe_layer_ids[j] (likewise 'dense_mlp.*'), and expert x is `{x}`."""
+    if not rule.stacked:
+        return [((), rule.hf)]
+    layers = stack_layer_ids(cfg, rule.ours.split(".")[0])
+    experts = range(cfg.num_experts) if rule.stack_dims == 2 else [None]
+    return [((j, x) if x is not None else (j,), rule.hf.format(i=layer, x=x))
+            for (j, layer), x in itertools.product(enumerate(layers), experts)]
+
+
+def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[Rule, tuple[int, ...], tuple[int, ...]]]:
+    """Every HF tensor name the config implies -> (rule, stack index (() if not stacked), HF shape)."""
     specs = param_specs(cfg)
     out = {}
     for rule in active_rules(cfg):
-        shape = specs[rule.ours].shape
-        if rule.stacked:
-            for i in range(cfg.num_layers):
-                out[rule.hf.format(i=i)] = (rule, i, hf_shape(rule, shape[1:]))
-        else:
-            out[rule.hf] = (rule, None, hf_shape(rule, shape))
+        inner = specs[rule.ours].shape[rule.stack_dims:]
+        for idx, name in stack_entries(cfg, rule):
+            out[name] = (rule, idx, hf_shape(rule, inner))
     return out

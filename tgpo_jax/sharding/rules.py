@@ -18,11 +18,13 @@ from tgpo_jax.sharding.mesh import ShardingConfigError
 
 MeshAxes = Union[None, str, tuple[str, ...]]
 
-PARAM_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers")
+PARAM_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "expert", "moe_mlp", "router")
 ACTIVATION_AXES = ("batch", "seq", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab", "cache_seq")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
 # FSDP over `fsdp` (and `data` for activations' batch), tensor parallelism over heads / MLP / vocab.
+# Experts are not split by default (`expert: null`); EXPERT_PARALLEL_RULES split them over an
+# `expert` mesh axis.
 DEFAULT_RULES: dict[str, MeshAxes] = {
     "vocab": "tensor",
     "embed": "fsdp",
@@ -31,6 +33,12 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "head_dim": None,
     "mlp": "tensor",
     "layers": None,
+    # Mixture of experts: map `expert` to a mesh axis (e.g. an `expert` axis, or `fsdp`) for expert
+    # parallelism; the MoE block then runs under shard_map over it (models/moe.py). `router` is the
+    # router's expert dim (small, replicated).
+    "expert": None,
+    "moe_mlp": "tensor",
+    "router": None,
     "batch": ("data", "fsdp"),
     "seq": None,
     "act_embed": None,
@@ -40,6 +48,9 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "act_vocab": "tensor",
     "cache_seq": None,
 }
+
+
+EXPERT_PARALLEL_RULES: dict[str, MeshAxes] = {"expert": "expert"}
 
 
 @dataclasses.dataclass(frozen=True)
