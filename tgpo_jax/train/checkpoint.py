@@ -6,31 +6,33 @@ the iteration counter, the RNG seed and the data-iterator state, saved asynchron
 Orbax writes each step to a temporary directory and renames it when complete, so a crash or a
 full disk mid-save leaves the previous checkpoints intact. On restore, a latest checkpoint that
 fails to load (corrupt, incomplete) is skipped with a warning and the one before it is used.
+`run_dir` may be a gs:// URL: it is passed to Orbax as is (Orbax and tensorstore write to GCS).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from tgpo_jax import paths
+
 log = logging.getLogger(__name__)
 
 
 class RunCheckpoints:
     def __init__(self, run_dir: str, *, keep: int = 3, keep_best: int = 1, async_save: bool = True):
-        self.root = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+        self.root = paths.abspath(paths.join(run_dir, "checkpoints"))
         opts = dict(enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
-        self.latest = ocp.CheckpointManager(os.path.join(self.root, "latest"),
+        self.latest = ocp.CheckpointManager(paths.join(self.root, "latest"),
                                             options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
         self.best = None
         if keep_best > 0:
             self.best = ocp.CheckpointManager(
-                os.path.join(self.root, "best"),
+                paths.join(self.root, "best"),
                 options=ocp.CheckpointManagerOptions(max_to_keep=keep_best, best_fn=lambda m: m["eval/score"],
                                                      best_mode="max", keep_checkpoints_without_metrics=False, **opts))
 

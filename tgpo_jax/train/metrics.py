@@ -1,13 +1,17 @@
 """Metrics sinks: JSONL, TensorBoard event files, a progress bar and a PNG of the main curves.
 
-Every record carries both counters: `iteration` (one rollout batch) and `optimizer_step`."""
+Every record carries both counters: `iteration` (one rollout batch) and `optimizer_step`.
+The run directory may be a gs:// (or s3://) URL: files then go through `tgpo_jax.paths` (etils.epath),
+and TensorBoard event files through an epath-backed tensorboardX writer (`register_tensorboard_scheme`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from typing import Any
+
+from tgpo_jax import paths
 
 MAIN_CURVES = ("reward/mean", "eval/score", "loss/total", "gap/reverse_kl_k1", "gap/mismatch_ratio",
                "response/length_mean", "actor/entropy", "teacher/lambda")
@@ -23,15 +27,18 @@ def _scalar(v) -> float:
 class MetricsWriter:
     def __init__(self, run_dir: str, *, jsonl: bool = True, tensorboard: bool = True, progress: bool = True,
                  total_iterations: int = 0, initial_iteration: int = 0):
-        os.makedirs(run_dir, exist_ok=True)
+        paths.makedirs(run_dir)
         self.run_dir = run_dir
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self._jsonl = open(self.path, "a") if jsonl else None
+        self.path = paths.join(run_dir, "metrics.jsonl")
+        self._jsonl = paths.open_append(self.path) if jsonl else None
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            tb_dir = paths.join(run_dir, "tensorboard")
+            if paths.is_remote(tb_dir):
+                register_tensorboard_scheme(paths.scheme(tb_dir))
+            self._tb = SummaryWriter(tb_dir)
         self._bar = None
         if progress:
             from tqdm import tqdm
@@ -65,8 +72,7 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def plot_curves(jsonl_path: str, out_png: str, keys=MAIN_CURVES) -> str | None:
@@ -93,6 +99,40 @@ def plot_curves(jsonl_path: str, out_png: str, keys=MAIN_CURVES) -> str | None:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    paths.write_bytes(out_png, buf.getvalue())
     return out_png
+
+
+class _EpathEventFile:
+    """A tensorboardX record file on an object store: buffered, rewritten whole on each flush."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = path, io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        paths.write_bytes(self.path, self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathEventFactory:
+    def open(self, path: str) -> _EpathEventFile:
+        return _EpathEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        paths.makedirs(path)
+
+
+def register_tensorboard_scheme(scheme: str) -> None:
+    """Routes tensorboardX event files under `scheme`:// through etils.epath (gcsfs for gs://),
+    instead of tensorboardX's own GCS writer, which needs google-cloud-storage."""
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory(scheme, _EpathEventFactory())
