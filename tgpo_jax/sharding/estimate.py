@@ -327,15 +327,34 @@ def _act_dims(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> dict[str, i
     return dict(B=B, T=Tl, Tk=T, E=E, H=H, K=K, F=F, D=c.head_dim)
 
 
-def layer_working_set(d: Mapping[str, int], a: int, attention: str) -> int:
+def moe_working_set(c: ModelConfig, d: Mapping[str, int], a: int) -> int:
+    """A sparse layer's MLP intermediates (models/moe.py, the grouped-matmul path), with
+    N = B*T local tokens, k experts per token, A = N*k assignments, X experts, M expert width:
+      W_moe = N*X*4 + A*8 + A*(2E + 3M)*a: fp32 router probs [N, X]; the routing weight and id of
+      each assignment (8 bytes); in the compute dtype a, the expert-sorted token copy and its
+      output [A, E] (2E) and gate, up and silu(gate)*up [A, M] (3M).
+    Every local assignment is counted, also under expert parallelism (each expert shard sorts all
+    of its tokens' assignments, the other shards' ones masked)."""
+    N = d["B"] * d["T"]
+    A = N * c.num_experts_per_tok
+    return N * c.num_experts * 4 + A * 8 + A * (2 * d["E"] + 3 * c.moe_intermediate_size) * a
+
+
+def layer_working_set(d: Mapping[str, int], a: int, attention: str, moe: int | None = None,
+                      dense_mlp: bool = True) -> int:
     """One decoder layer's forward intermediates, W = a*B*T*(2E + 2H*D + 2K*D + 3F) + A:
     2E the two RMSNorm outputs, 2H*D q and the attention output, 2K*D k and v, 3F gate, up and
     silu(gate)*up; A the attention scores with Tk = the full key length:
       materialized: A = B*H*T*Tk*(4 + a)  (fp32 scores + probs in the compute dtype, layers.attention)
-      flash:        A = B*H*T*4           (a blockwise kernel keeps only the fp32 logsumexp per query)"""
+      flash:        A = B*H*T*4           (a blockwise kernel keeps only the fp32 logsumexp per query)
+    For a mixture-of-experts model the MLP term is max(moe_working_set, a*B*T*3F if the model also
+    has dense layers (mlp_only_layers / decoder_sparse_step) else 0): the larger layer kind counts."""
     B, T, E, H, K, F, D = (d[k] for k in "BTEHKFD")
     attn = B * H * T * d["Tk"] * (4 + a) if attention == "materialized" else B * H * T * 4
-    return a * B * T * (2 * E + 2 * H * D + 2 * K * D + 3 * F) + attn
+    mlp = a * B * T * 3 * F if dense_mlp else 0
+    if moe is not None:
+        mlp = max(moe, mlp)
+    return a * B * T * (2 * E + 2 * H * D + 2 * K * D) + mlp + attn
 
 
 def activation_bytes(m: _Model, cfg: EstimateConfig, sizes, notes: list[str]) -> int:
@@ -348,7 +367,8 @@ def activation_bytes(m: _Model, cfg: EstimateConfig, sizes, notes: list[str]) ->
     d = _act_dims(m, cfg.batch, sizes, notes)
     a = DTYPE_BYTES[m.cfg.dtype]
     r = d["B"] * d["T"] * d["E"] * a
-    w = layer_working_set(d, a, cfg.attention)
+    moe = moe_working_set(m.cfg, d, a) if m.cfg.moe_layer_ids else None
+    w = layer_working_set(d, a, cfg.attention, moe, dense_mlp=not m.cfg.is_moe or bool(m.cfg.dense_mlp_layer_ids))
     L = m.cfg.num_layers
     if not m.entry.trainable:
         return r + w
