@@ -122,6 +122,18 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from tgpo_jax.sweep import main as sweep_main
+
+    return sweep_main(args)
+
+
+def cmd_preset(args) -> int:
+    from tgpo_jax.presets import main as preset_main
+
+    return preset_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tgpo-jax", description="Teacher-Guided Policy Optimization in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="estimate YAML (see configs/estimate_example.yaml)")
     s.add_argument("--device-memory-gb", type=float, default=None, help="per-device memory in GiB (overrides the config)")
     s.set_defaults(fn=cmd_estimate)
+
+    s = sub.add_parser("sweep", help="a grid / list of config overrides -> named runs: run locally one after another, "
+                                     "or print TPU launch commands (--tpu); --dry-run prints the plan; writes a summary")
+    from tgpo_jax.sweep import add_arguments as _sweep_args
+
+    _sweep_args(s)
+    s.set_defaults(fn=cmd_sweep)
+
+    s = sub.add_parser("preset", help="presets for the paper's runs on TPU hardware: list | check | show | train")
+    from tgpo_jax.presets import add_arguments as _preset_args
+
+    _preset_args(s)
+    s.set_defaults(fn=cmd_preset)
 
     s = sub.add_parser("eval", help="avg@k accuracy of a HF checkpoint on eval files (JSON + Markdown report)")
     from tgpo_jax.eval.cli import add_arguments as _eval_args

@@ -261,3 +261,48 @@ def check_all(names: list[str] | None = None, hardware_names: list[str] | None =
         for hw in hardware_names or list(p.hardware):
             out.append(check(p, hw))
     return out
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="preset_command", required=True)
+    sub.add_parser("list", help="the presets and their hardware entries")
+    s = sub.add_parser("check", help="validate presets: config, abstract model build, memory estimate (exit 1 on a problem)")
+    s.add_argument("names", nargs="*", help="preset names (default: all)")
+    s.add_argument("--hardware", action="append", default=None, choices=list(HARDWARE))
+    s.add_argument("--verbose", action="store_true", help="print the full estimate report of each entry")
+    for name, help_ in (("show", "print the rendered TrainConfig YAML of a preset on a hardware"),
+                        ("train", "train a preset on a hardware (what launch/tpu.sh runs on every worker)")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("name", help="preset name (tgpo-jax preset list) or a preset YAML path")
+        s.add_argument("hardware", help=f"one of: {', '.join(HARDWARE)}")
+        s.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
+
+
+def main(args) -> int:
+    cmd = args.preset_command
+    if cmd == "list":
+        for n in list_presets():
+            p = load_preset(n)
+            hw = ", ".join(h + ("" if unsupported_reason(p, h) is None else " (unsupported)") for h in p.hardware)
+            print(f"{n:<48} {hw}")
+        return 0
+    if cmd == "check":
+        results = check_all(args.names or None, args.hardware)
+        for r in results:
+            print(r.line())
+            if args.verbose:
+                print("    " + r.report.replace("\n", "\n    "))
+        return 0 if all(r.ok for r in results) else 1
+    from tgpo_jax.configtree import apply_overrides, to_dict
+    from tgpo_jax.train.config import load_train_config
+
+    cfg = load_train_config(apply_overrides(render(args.name, args.hardware), args.overrides))
+    if cmd == "show":
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from tgpo_jax.train.loop import train
+
+    final = train(cfg)
+    print(json.dumps({k: v for k, v in final.items() if k.startswith(("reward/", "eval/", "loss/total"))}))
+    return 0
