@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tgpo_jax.models.kv_cache import KVCache
 from tgpo_jax.rollout.decode_loop import Rollout, rollout_fn
 from tgpo_jax.rollout.sampling import SamplingParams
+from tgpo_jax.sharding.distributed import global_to_host, put_global
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -71,7 +72,7 @@ class Sampler:
         if self.sharding is None:
             return jnp.asarray(x)
         spec = self.sharding.rules.spec(("batch",) + (None,) * (x.ndim - 1))
-        return jax.device_put(x, NamedSharding(self.sharding.mesh, spec))
+        return put_global(x, NamedSharding(self.sharding.mesh, spec))
 
     def _pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -105,14 +106,15 @@ class Sampler:
         return key, self._compiled[key]
 
     def _new_cache(self, B: int, S: int) -> KVCache:
-        cache = KVCache.init(self.cfg, B, S)
         if self.sharding is None:
-            return cache
+            return KVCache.init(self.cfg, B, S)
         mesh, rules = self.sharding.mesh, self.sharding.rules
-        kv = NamedSharding(mesh, _divisible_spec(rules, (None, "batch", "act_kv_heads", "cache_seq", None), cache.k_LBKSD.shape, mesh))
-        return KVCache(jax.device_put(cache.k_LBKSD, kv), jax.device_put(cache.v_LBKSD, kv),
-                       jax.device_put(cache.mask_BS, NamedSharding(mesh, rules.spec(("batch", None)))),
-                       jax.device_put(cache.index, NamedSharding(mesh, PartitionSpec())))
+        shapes = jax.eval_shape(lambda: KVCache.init(self.cfg, B, S))
+        kv = NamedSharding(mesh, _divisible_spec(rules, (None, "batch", "act_kv_heads", "cache_seq", None),
+                                                 shapes.k_LBKSD.shape, mesh))
+        shardings = KVCache(kv, kv, NamedSharding(mesh, rules.spec(("batch", None))), NamedSharding(mesh, PartitionSpec()))
+        # Created in place by a jit (no host or single-device copy first): works when the mesh spans processes.
+        return jax.jit(lambda: KVCache.init(self.cfg, B, S), out_shardings=shardings)()
 
     def sample(self, prompts: Sequence[Sequence[int]], params: SamplingParams, key: jax.Array) -> Rollout:
         """n responses for each prompt (token id lists); rows ordered prompt-major."""
@@ -121,7 +123,7 @@ class Sampler:
         cache, out = exe(self.state, self._caches.pop(ck), self._put(tokens), self._put(mask), key)
         self._caches[ck] = cache
         keep = len(prompts) * params.n
-        t, m, lp, ln, fin = (np.asarray(jax.device_get(x))[:keep] for x in out)
+        t, m, lp, ln, fin = (global_to_host(x)[:keep] for x in out)  # collective when multi-process
         rep = lambda x: np.repeat(x, params.n, axis=0)[:keep]  # noqa: E731
         return Rollout(t, m, lp, ln, fin, rep(tokens), rep(mask))
 

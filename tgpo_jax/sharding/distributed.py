@@ -149,6 +149,16 @@ def host_local_to_global(local_BX: np.ndarray, mesh: Mesh, spec: PartitionSpec) 
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local_BX)
 
 
+def put_global(x, sharding: NamedSharding) -> jax.Array:
+    """A global array from host data that every process holds in full and identically (a batch
+    all processes drew from the same seeded pipeline, a counter): each process places just the
+    shards its own devices hold. Single-process it is a plain sharded device_put."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_process_local_data(sharding, x, x.shape)
+
+
 def global_to_host(x: jax.Array) -> np.ndarray:
     """The whole of `x` as numpy on every process (an all-gather across processes when `x` is
     not fully addressable; a plain device-to-host copy otherwise). Collective: all processes call it."""
@@ -187,5 +197,5 @@ def process_batch_slice(global_batch: int, mesh: Mesh | None = None, spec: Parti
 
 __all__ = [
     "DistributedConfig", "DistributedConfigError", "ENV_VARS", "TPU_ENV_VARS", "initialize", "plan",
-    "resolve_config", "is_cloud_tpu_env", "host_local_to_global", "global_to_host", "process_batch_slice",
+    "resolve_config", "is_cloud_tpu_env", "host_local_to_global", "put_global", "global_to_host", "process_batch_slice",
 ]

@@ -14,6 +14,7 @@ from flax import nnx
 
 from tgpo_jax.configtree import to_dict
 from tgpo_jax.rollout.sampling import SamplingParams
+from tgpo_jax.sharding.distributed import initialize
 from tgpo_jax.train.checkpoint import RunCheckpoints, abstract_of
 from tgpo_jax.train.config import TrainConfig
 from tgpo_jax.train.iteration import run_iteration
@@ -53,16 +54,23 @@ def _check_finite(metrics: dict, iteration: int, last_saved: int | None) -> None
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Runs (or resumes) the configured training; returns the final metrics record."""
+    """Runs (or resumes) the configured training; returns the final metrics record.
+
+    Multi-process (multi-host): every process runs this same loop on the same global batches;
+    only process 0 writes the config, metrics and plots (Orbax coordinates the checkpoint)."""
+    initialize()  # before anything touches the JAX backend
+    primary = jax.process_index() == 0
     os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
+    if primary:
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
     parts = build_run(cfg)
     ckpt = RunCheckpoints(cfg.run_dir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
                           async_save=cfg.checkpoint.async_save)
     start, state = _resume(parts, ckpt, cfg)
-    writer = MetricsWriter(cfg.run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
-                           progress=cfg.logging.progress, total_iterations=cfg.train.iterations,
+    log = cfg.logging
+    writer = MetricsWriter(cfg.run_dir, jsonl=log.jsonl and primary, tensorboard=log.tensorboard and primary,
+                           progress=log.progress and primary, total_iterations=cfg.train.iterations,
                            initial_iteration=start - 1)
     key = jax.random.key(cfg.train.seed)
     sampling = _sampling(cfg)
@@ -90,6 +98,6 @@ def train(cfg: TrainConfig) -> dict:
         ckpt.close()
         writer.close()
         parts.close()
-    if cfg.logging.plot and os.path.exists(writer.path):
+    if primary and cfg.logging.plot and os.path.exists(writer.path):
         plot_curves(writer.path, os.path.join(cfg.run_dir, "curves.png"))
     return metrics

@@ -21,7 +21,7 @@ from tgpo_jax.rewards import RewardConfig, RewardFn
 from tgpo_jax.rollout.sampler import Sampler
 from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
-from tgpo_jax.sharding.distributed import initialize
+from tgpo_jax.sharding.distributed import initialize, put_global
 from tgpo_jax.sharding.rules import ActivationSharding, param_shardings
 from tgpo_jax.train.config import TrainConfig
 from tgpo_jax.train.iteration import Example, Models
@@ -73,14 +73,17 @@ def build_models(cfg: TrainConfig):
 
 
 def batch_putter(mesh, rules: ShardingRules):
-    """Host arrays with a leading batch axis -> global device arrays sharded over the batch axes."""
+    """Host arrays with a leading batch axis -> global device arrays sharded over the batch axes.
+
+    Multi-process: every process holds the same whole batch (same seeded data pipeline, same
+    rollouts gathered back) and places only its own devices' rows."""
 
     def put(arrays: dict) -> dict:
         out = {}
         for k, v in arrays.items():
             v = np.asarray(v)
             spec = rules.spec(("batch",) + (None,) * (v.ndim - 1))
-            out[k] = jax.device_put(v, NamedSharding(mesh, spec))
+            out[k] = put_global(v, NamedSharding(mesh, spec))
         return out
 
     return put
@@ -127,7 +130,10 @@ def build_data(cfg: TrainConfig, tokenizer) -> PromptStream:
     data_cfg = DataConfig.from_dict({**cfg.data, "batch_size": cfg.rollout.prompts_per_iteration})
     prompt_set = build_prompt_set(data_cfg, tokenizer)
     print(f"[data] {prompt_set.stats.summary()}")
-    return PromptStream(make_data_iterator(data_cfg, tokenizer, prompt_set=prompt_set), tokenizer)
+    # Every process draws the whole global batch, in the single-process order: the rollouts are
+    # gathered to every host anyway, and a multi-host run then reproduces a single-host one.
+    it = make_data_iterator(data_cfg, tokenizer, prompt_set=prompt_set, process_index=0, process_count=1)
+    return PromptStream(it, tokenizer)
 
 
 def build_evaluator(cfg: TrainConfig, models: Models, tokenizer):

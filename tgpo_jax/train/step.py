@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -20,6 +21,7 @@ from tgpo_jax.objectives.advantages import teacher_coef
 from tgpo_jax.objectives.logprobs import student_stats
 from tgpo_jax.objectives.losses import aggregate
 from tgpo_jax.objectives.registry import ObjectiveConfig
+from tgpo_jax.sharding.distributed import put_global
 from tgpo_jax.train.score import response_hidden
 
 
@@ -58,7 +60,7 @@ def init_train_state(model, optimizer: optax.GradientTransformation) -> tuple[An
         # restores them committed where they were, and jit rejects mixed device sets.
         replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
         state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-                             else jax.device_put(x, replicated), state)
+                             else put_global(np.asarray(x), replicated), state)
     return graphdef, state
 
 
