@@ -306,3 +306,25 @@ def main(args) -> int:
     final = train(cfg)
     print(json.dumps({k: v for k, v in final.items() if k.startswith(("reward/", "eval/", "loss/total"))}))
     return 0
+
+
+# ------------------------------------------------------------------------------------------ workers
+def preset_models(name: str) -> list[str]:
+    """The model directory names a preset needs on the workers (student first)."""
+    p = load_preset(name)
+    return [p.student] + ([p.teacher] if p.teacher else [])
+
+
+def patch_student_config(name: str, root: str = ".") -> str:
+    """Writes the preset's student_context into the student checkpoint's config.json (the path in
+    train.models.student, relative to `root`); returns a one-line description."""
+    p = load_preset(name)
+    path = os.path.join(root, p.train["models"]["student"], "config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    hf.update(p.student_context)
+    if "rope_parameters" in hf and "rope_theta" in p.student_context:
+        hf["rope_parameters"] = {**hf["rope_parameters"], "rope_theta": p.student_context["rope_theta"]}
+    with open(path, "w") as f:
+        json.dump(hf, f, indent=2)
+    return f"{path}: set {json.dumps(p.student_context, sort_keys=True)}"
