@@ -205,7 +205,7 @@ def abstract_param_count(hf: dict, param_dtype: str, dtype: str) -> int:
 
     model = abstract_model(ModelConfig.from_hf_dict(hf, param_dtype=param_dtype, dtype=dtype))
     leaves = [v for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-    return sum(math.prod(getattr(v, "value", v).shape) for v in leaves)
+    return sum(math.prod(v.shape) for v in leaves)
 
 
 @dataclasses.dataclass(frozen=True)
