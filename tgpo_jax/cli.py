@@ -128,6 +128,13 @@ def cmd_sweep(args) -> int:
     return sweep_main(args)
 
 
+def cmd_experiment(args) -> int:
+    from tgpo_jax.experiments.divergence import load_experiment_config, run_experiment
+
+    run_experiment(load_experiment_config(args.config, quick=args.quick, out_dir=args.out))
+    return 0
+
+
 def cmd_preset(args) -> int:
     from tgpo_jax.presets import main as preset_main
 
@@ -199,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _preset_args(s)
     s.set_defaults(fn=cmd_preset)
+
+    s = sub.add_parser("experiment", help="experiments: divergence (TGPO vs RKL vs KDRL vs GRPO across a ladder "
+                                          "of teachers of growing divergence; report.md + PNGs)")
+    exp = s.add_subparsers(dest="experiment", required=True)
+    s = exp.add_parser("divergence", help="the paper's central claim in miniature, on CPU")
+    s.add_argument("--config", default="configs/experiment_divergence.yaml")
+    s.add_argument("--quick", action="store_true", help="the config's `quick` section: one seed, fewer iterations")
+    s.add_argument("--out", default=None, help="output directory (overrides out_dir; cells and SFT models are cached)")
+    s.set_defaults(fn=cmd_experiment)
 
     s = sub.add_parser("eval", help="avg@k accuracy of a HF checkpoint on eval files (JSON + Markdown report)")
     from tgpo_jax.eval.cli import add_arguments as _eval_args
