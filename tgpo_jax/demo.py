@@ -46,9 +46,10 @@ class TaskSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SFTSpec:
-    """A tiny model made by `make_tiny_checkpoint` and fine-tuned by `sft` on one solution style."""
+    """A tiny model made by `make_tiny_checkpoint` and fine-tuned by `sft` on a mix of the two
+    solution styles: a seeded `style_b_frac` of the training problems in style B, the rest in A."""
 
-    style: str  # "teacher" (style A) or "student" (style B): the jsonl column <style>_solution
+    style_b_frac: float  # 0: style A only; 1: style B only
     arch: str = "qwen2"
     seed: int = 0
     hidden_size: int = 128
@@ -67,8 +68,10 @@ class SFTSpec:
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
     task: TaskSpec = TaskSpec()
-    teacher: SFTSpec = SFTSpec(style="teacher", hidden_size=128, intermediate_size=384, head_dim=32, steps=500)
-    student: SFTSpec = SFTSpec(style="student", seed=1, hidden_size=64, intermediate_size=192, head_dim=16,
+    # The teacher writes style A but has read some style B: like a strong real teacher, its argmax on
+    # a style-B prefix is a sensible (correct) continuation, while its own solutions differ in style.
+    teacher: SFTSpec = SFTSpec(style_b_frac=0.2, hidden_size=128, intermediate_size=384, head_dim=32, steps=500)
+    student: SFTSpec = SFTSpec(style_b_frac=1.0, seed=1, hidden_size=64, intermediate_size=192, head_dim=16,
                                steps=400)
     eval_items: int | None = None  # None: the whole held-out set
     train_overrides: tuple[str, ...] = ()  # key=value overrides of configs/demo.yaml
@@ -179,6 +182,19 @@ def make_task_data(out_dir: str, task: TaskSpec) -> tuple[str, str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ SFT
+def write_style_mix(train_path: str, out_path: str, style_b_frac: float, seed: int) -> str:
+    """The train file with one `solution` column: style B for a seeded `style_b_frac` of the rows."""
+    if not 0.0 <= style_b_frac <= 1.0:
+        raise ValueError(f"style_b_frac must be in [0, 1]; got {style_b_frac}")
+    rng = random.Random(seed)
+    with open(train_path) as f, open(out_path, "w") as g:
+        for line in f:
+            row = json.loads(line)
+            style = "student" if rng.random() < style_b_frac else "teacher"
+            g.write(json.dumps({**row, "solution": row[f"{style}_solution"]}) + "\n")
+    return out_path
+
+
 def sft_model(out_dir: str, name: str, spec: SFTSpec, train_path: str, data_section: dict,
               log=print) -> tuple[str, bool]:
     """(HF directory, reused?) of the model fine-tuned by `spec`; reused when its key matches."""
@@ -195,13 +211,14 @@ def sft_model(out_dir: str, name: str, spec: SFTSpec, train_path: str, data_sect
     _fresh_dir(root)
     model_kw = {k: getattr(spec, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
                                                 "num_kv_heads", "head_dim")}
+    sft_data = write_style_mix(train_path, os.path.join(root, "sft_data.jsonl"), spec.style_b_frac, spec.seed)
     init = make_tiny_checkpoint(os.path.join(root, "init"), arch=spec.arch, seed=spec.seed, **model_kw)
     cfg = load_sft_config({
         "run_dir": os.path.join(root, "sft"), "model": init, "out_dir": hf_dir, "steps": spec.steps,
         "batch_size": spec.batch_size, "micro_batch": spec.batch_size, "max_solution_len": spec.max_solution_len,
         "logprob_chunk": 16, "log_every": max(1, spec.steps // 10), "progress": False,
         "optimizer": {"lr": spec.lr, "weight_decay": 0.0, "warmup_steps": spec.warmup_steps},
-        "data": {**data_section, "files": [train_path], "solution_column": f"{spec.style}_solution"},
+        "data": {**data_section, "files": [sft_data], "solution_column": "solution"},
     })
     t0 = time.perf_counter()
     sft(cfg)
@@ -301,7 +318,7 @@ def summary_table(s: dict) -> str:
     rows = [
         "| held-out accuracy (temperature 0.6)        |        |",
         "|--------------------------------------------|-------:|",
-        f"| teacher (SFT, style A)                     | {_pct(s['teacher_accuracy'])} |",
+        f"| teacher (SFT, style A + {s['teacher_style_b_pct']:>2.0f}% B)             | {_pct(s['teacher_accuracy'])} |",
         f"| student before TGPO (SFT, style B)         | {_pct(s['student_accuracy_before'])} |",
         f"| student after TGPO-Reg ({s['iterations']} iterations)     | {_pct(s['student_accuracy_after'])} |",
         "",
@@ -379,7 +396,7 @@ def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, config_path: st
     curves = os.path.join(cfg.run_dir, "curves.png")
     records = _records(os.path.join(cfg.run_dir, "metrics.jsonl"))
     summary = summarize(records, teacher_acc, student_acc, curves if os.path.exists(curves) else None, times)
-    summary.update(quick=quick, cached_sft={"teacher": t_cached, "student": s_cached}, teacher=teacher,
+    summary.update(teacher_style_b_pct=100 * settings.teacher.style_b_frac, quick=quick, cached_sft={"teacher": t_cached, "student": s_cached}, teacher=teacher,
                    student=student, run_dir=cfg.run_dir)
     table = summary_table(summary)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
