@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
+from tgpo_jax import paths
 from tgpo_jax.configtree import to_dict
 from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.sharding.distributed import initialize
@@ -60,10 +60,9 @@ def train(cfg: TrainConfig) -> dict:
     only process 0 writes the config, metrics and plots (Orbax coordinates the checkpoint)."""
     initialize()  # before anything touches the JAX backend
     primary = jax.process_index() == 0
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    paths.makedirs(cfg.run_dir)  # run_dir may be a gs:// URL
     if primary:
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
+        paths.write_text(paths.join(cfg.run_dir, "config.json"), json.dumps(to_dict(cfg), indent=2))
     parts = build_run(cfg)
     ckpt = RunCheckpoints(cfg.run_dir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
                           async_save=cfg.checkpoint.async_save)
@@ -98,6 +97,6 @@ def train(cfg: TrainConfig) -> dict:
         ckpt.close()
         writer.close()
         parts.close()
-    if primary and cfg.logging.plot and os.path.exists(writer.path):
-        plot_curves(writer.path, os.path.join(cfg.run_dir, "curves.png"))
+    if primary and cfg.logging.plot and paths.exists(writer.path):
+        plot_curves(writer.path, paths.join(cfg.run_dir, "curves.png"))
     return metrics
