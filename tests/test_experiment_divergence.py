@@ -123,3 +123,16 @@ def test_quick_end_to_end_then_cached(tmp_path, capsys):
     assert main(["experiment", "divergence", "--config", path, "--quick"]) == 0
     log = capsys.readouterr().out
     assert log.count("(cached)") == 5 and log.count("cached SFT model") == 3
+
+
+def test_overrides_and_variant_keep_cells_and_report_apart(tmp_path):
+    cfg = load_experiment_config("configs/experiment_divergence.yaml", out_dir=str(tmp_path), overrides=[
+        "variant=lam002", "methods=[tgpo_reg]", "seeds=[0]",
+        "method_overrides.tgpo_reg=[objective.lambda_0=0.002, objective.lambda_decay=0.0]"])
+    assert cfg.methods == ("tgpo_reg",) and cfg.seeds == (0,) and cfg.report_dir == str(tmp_path / "variants" / "lam002")
+    cell = cells(cfg)[0]
+    d = cell_train_dict(cfg, cell, "/s", "/t", "/tr.jsonl", "/ho.jsonl")
+    assert d["run_dir"] == str(tmp_path / "cells" / f"{cell.name}__lam002")
+    assert load_train_config(d).objective.schedule() == (0.002, 0.0, 0.0)
+    with pytest.raises(ConfigError, match="valid keys"):
+        load_experiment_config("configs/experiment_divergence.yaml", overrides=["variantt=x"])

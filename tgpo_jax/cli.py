@@ -131,7 +131,7 @@ def cmd_sweep(args) -> int:
 def cmd_experiment(args) -> int:
     from tgpo_jax.experiments.divergence import load_experiment_config, run_experiment
 
-    run_experiment(load_experiment_config(args.config, quick=args.quick, out_dir=args.out))
+    run_experiment(load_experiment_config(args.config, quick=args.quick, out_dir=args.out, overrides=args.overrides))
     return 0
 
 
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="configs/experiment_divergence.yaml")
     s.add_argument("--quick", action="store_true", help="the config's `quick` section: one seed, fewer iterations")
     s.add_argument("--out", default=None, help="output directory (overrides out_dir; cells and SFT models are cached)")
+    s.add_argument("overrides", nargs="*", help="key.path=value overrides of the experiment config, e.g. "
+                                                "variant=lam002 'methods=[tgpo_reg]' 'seeds=[0]'")
     s.set_defaults(fn=cmd_experiment)
 
     s = sub.add_parser("eval", help="avg@k accuracy of a HF checkpoint on eval files (JSON + Markdown report)")

@@ -47,6 +47,13 @@ class ExperimentConfig:
     train_overrides: tuple[str, ...] = ()  # key=value on the base config, for every cell
     method_overrides: dict = dataclasses.field(default_factory=dict)  # method -> [key=value, ...]
     quick: dict = dataclasses.field(default_factory=dict)  # merged over this config by --quick
+    # A named variant (e.g. another lambda) reuses the data and SFT models of out_dir but keeps its
+    # own cells (cells/<cell>__<variant>) and report (variants/<variant>/).
+    variant: str = ""
+
+    @property
+    def report_dir(self) -> str:
+        return os.path.join(self.out_dir, "variants", self.variant) if self.variant else self.out_dir
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -56,13 +63,16 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def load_experiment_config(path: str, *, quick: bool = False, out_dir: str | None = None) -> ExperimentConfig:
-    """The typed config (unknown keys -> error listing the valid ones), checked before any work."""
+def load_experiment_config(path: str, *, quick: bool = False, out_dir: str | None = None,
+                           overrides=()) -> ExperimentConfig:
+    """The typed config (unknown keys -> error listing the valid ones), checked before any work.
+    `overrides`: key.path=value strings applied last (after the quick section)."""
     from tgpo_jax.objectives.registry import OBJECTIVES
 
     d = load_yaml(path) or {}
     if quick:
         d = _merge(d, d.get("quick") or {})
+    d = apply_overrides(d, list(overrides))
     if out_dir:
         d["out_dir"] = out_dir
     cfg = from_dict(ExperimentConfig, d)
@@ -109,7 +119,7 @@ def cells(cfg: ExperimentConfig) -> list[Cell]:
 def cell_train_dict(cfg: ExperimentConfig, cell: Cell, student: str, teacher: str | None, train_path: str,
                     heldout_path: str) -> dict:
     d = load_yaml(cfg.base_config or DEFAULT_CONFIG)
-    d["run_dir"] = os.path.join(cfg.out_dir, "cells", cell.name)
+    d["run_dir"] = os.path.join(cfg.out_dir, "cells", cell.name + (f"__{cfg.variant}" if cfg.variant else ""))
     d.setdefault("models", {}).update(student=student, teacher=teacher or "")
     d.setdefault("data", {})["files"] = [train_path]
     d.setdefault("eval", {}).setdefault("data", {})["files"] = [heldout_path]
@@ -194,9 +204,9 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     """Runs (or resumes) every cell, then writes report.md, results.json and the PNGs."""
     from tgpo_jax.experiments.report import write_report
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    os.makedirs(cfg.report_dir, exist_ok=True)
     enable_compile_cache(os.path.join(cfg.out_dir, "jax_cache"))
-    with open(os.path.join(cfg.out_dir, "experiment_config.json"), "w") as f:
+    with open(os.path.join(cfg.report_dir, "experiment_config.json"), "w") as f:
         json.dump(to_dict(cfg), f, indent=2)
     t0 = time.perf_counter()
     train_path, heldout_path, student, teachers = prepare_models(cfg, log)

@@ -138,15 +138,15 @@ def plot_training_curves(agg: dict, teacher_names: list[str], methods: list[str]
 
 
 def write_report(cfg, results: list[dict], times: dict, baseline: dict | None = None, log=print) -> dict:
-    """report.md + results.json + accuracy_vs_divergence.png + training_curves.png under cfg.out_dir."""
+    """report.md + results.json + accuracy_vs_divergence.png + training_curves.png under cfg.report_dir."""
     names = [t.name for t in cfg.teachers]
     agg = aggregate(results, names, list(cfg.methods))
     order = sorted(names, key=lambda t: agg["divergence"][t].get("gap/reverse_kl_k1", math.inf))
     pngs = {"accuracy_vs_divergence": plot_accuracy_vs_divergence(
-                agg, order, list(cfg.methods), os.path.join(cfg.out_dir, "accuracy_vs_divergence.png"),
+                agg, order, list(cfg.methods), os.path.join(cfg.report_dir, "accuracy_vs_divergence.png"),
                 baseline["student"] if baseline else None),
             "training_curves": plot_training_curves(agg, order, list(cfg.methods),
-                                                    os.path.join(cfg.out_dir, "training_curves.png"))}
+                                                    os.path.join(cfg.report_dir, "training_curves.png"))}
     table = markdown_table(agg, order, list(cfg.methods), baseline)
     lines = [
         "# Divergence experiment: final held-out accuracy (%), mean ± std over seeds",
@@ -160,14 +160,14 @@ def write_report(cfg, results: list[dict], times: dict, baseline: dict | None = 
         f"![accuracy vs divergence]({os.path.basename(pngs['accuracy_vs_divergence'])})",
         f"![training curves]({os.path.basename(pngs['training_curves'])})",
     ]
-    with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
+    with open(os.path.join(cfg.report_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     out = {"teachers_by_divergence": order, "times": times, "baseline": baseline,
            **{k: agg[k] for k in ("divergence", "accuracy", "curves")}, "pngs": pngs}
-    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+    with open(os.path.join(cfg.report_dir, "results.json"), "w") as f:
         json.dump(out, f, indent=2)
     log("\n" + table)
-    log(f"[divergence] report: {os.path.join(cfg.out_dir, 'report.md')}")
+    log(f"[divergence] report: {os.path.join(cfg.report_dir, 'report.md')}")
     return out
 
 
