@@ -130,8 +130,10 @@ def train_step(graphdef, optimizer, state: TrainState, minibatch, rng, iteration
         # the loss is a sum of micro-batch means; report the diagnostics as means
         metrics.update({k: v / M for k, v in sums.items() if k in _MEAN_DIAGNOSTICS})
     metrics.update({"loss/total": sum(v for k, v in metrics.items() if k.startswith("loss/")),
-                    "actor/grad_norm": optax.tree.norm(grads), "teacher/lambda": lam,
+                    "actor/grad_norm": optax.tree.norm(grads),
                     "teacher/masked_ids": jnp.sum((1.0 - minibatch.get("teacher_valid", 1.0)) * minibatch["mask"])})
+    if obj_cfg.objective.lambda_defaults != (0.0, 0.0):  # only objectives with a teacher coefficient
+        metrics["teacher/lambda"] = lam
     return TrainState(params, opt_state, state.step + 1), metrics
 
 
