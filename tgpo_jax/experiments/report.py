@@ -89,18 +89,21 @@ def plot_accuracy_vs_divergence(agg: dict, teacher_names: list[str], methods: li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [agg["divergence"][t].get("gap/reverse_kl_k1", math.nan) for t in teacher_names]
+    # Teachers at evenly spaced positions in order of divergence (the measured gaps can differ by
+    # orders of magnitude), each labelled with its gap.
+    gaps = [agg["divergence"][t].get("gap/reverse_kl_k1", math.nan) for t in teacher_names]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for m in methods:
-        pts = [(x, *agg["accuracy"][m][t][:2]) for x, t in zip(xs, teacher_names) if t in agg["accuracy"].get(m, {})]
+        pts = [(i, *agg["accuracy"][m][t][:2]) for i, t in enumerate(teacher_names) if t in agg["accuracy"].get(m, {})]
         if not pts:
             continue
-        x, y, e = zip(*sorted(pts))
+        x, y, e = zip(*pts)
         ax.errorbar(x, [100 * v for v in y], yerr=[100 * v for v in e], marker="o", capsize=3,
                     ls="--" if m == "grpo" else "-", label=m)
     if student_acc is not None:
         ax.axhline(100 * student_acc, color="gray", lw=0.8, ls=":", label="student before RL")
-    ax.set_xlabel("teacher-student divergence: gap/reverse_kl_k1 at iteration 1")
+    ax.set_xticks(range(len(teacher_names)), [f"{t}\n{g:.3g}" for t, g in zip(teacher_names, gaps)], fontsize=8)
+    ax.set_xlabel("teacher, and its divergence from the student (gap/reverse_kl_k1 at iteration 1)")
     ax.set_ylabel("final held-out accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -110,7 +113,8 @@ def plot_accuracy_vs_divergence(agg: dict, teacher_names: list[str], methods: li
     return out_png
 
 
-def plot_training_curves(agg: dict, teacher_names: list[str], methods: list[str], out_png: str) -> str:
+def plot_training_curves(agg: dict, teacher_names: list[str], methods: list[str], out_png: str,
+                         student_acc: float | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,6 +124,8 @@ def plot_training_curves(agg: dict, teacher_names: list[str], methods: list[str]
     for j, t in enumerate(teacher_names):
         for m in methods:
             c, ln = agg["curves"][m][t], agg["lengths"][m][t]
+            if c and student_acc is not None:  # iteration 0: the SFT student every run starts from
+                c = {0: student_acc, **c}
             if c:
                 axes[0, j].plot(list(c), [100 * v for v in c.values()], marker="o", ms=3, label=m)
             if ln:
@@ -146,7 +152,8 @@ def write_report(cfg, results: list[dict], times: dict, baseline: dict | None = 
                 agg, order, list(cfg.methods), os.path.join(cfg.report_dir, "accuracy_vs_divergence.png"),
                 baseline["student"] if baseline else None),
             "training_curves": plot_training_curves(agg, order, list(cfg.methods),
-                                                    os.path.join(cfg.report_dir, "training_curves.png"))}
+                                                    os.path.join(cfg.report_dir, "training_curves.png"),
+                                                    baseline["student"] if baseline else None)}
     table = markdown_table(agg, order, list(cfg.methods), baseline)
     lines = [
         "# Divergence experiment: final held-out accuracy (%), mean ± std over seeds",
