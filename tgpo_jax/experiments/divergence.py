@@ -211,7 +211,8 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     t0 = time.perf_counter()
     train_path, heldout_path, student, teachers = prepare_models(cfg, log)
     todo = cells(cfg)
-    baseline = sft_accuracies(cfg, todo[0], student, teachers, train_path, heldout_path)
+    # The eval settings come from the base config; a teacher-free cell reads them without a teacher.
+    baseline = sft_accuracies(cfg, Cell("grpo", None, cfg.seeds[0]), student, teachers, train_path, heldout_path)
     log(f"[divergence] held-out accuracy before RL: student {100 * baseline['student']:.1f}%, teachers "
         + ", ".join(f"{t} {100 * a:.1f}%" for t, a in baseline["teachers"].items()))
     t_models = time.perf_counter() - t0
