@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 
 def _offline_env():
@@ -144,7 +143,14 @@ def cmd_preset(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tgpo-jax", description="Teacher-Guided Policy Optimization in JAX")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_model_commands(sub)
+    _add_run_commands(sub)
+    _add_tool_commands(sub)
+    return p
 
+
+def _add_model_commands(sub) -> None:
+    """info, convert, sample: HF checkpoints in and out."""
     s = sub.add_parser("info", help="print a HF checkpoint's parsed config and parameter count")
     s.add_argument("--model", required=True, help="local HF model directory")
     s.set_defaults(fn=cmd_info)
@@ -165,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-chat", action="store_true", help="feed the raw prompt, no chat template")
     s.set_defaults(fn=cmd_sample)
 
+
+def _add_run_commands(sub) -> None:
+    """train, sft, export, demo: training runs and their outputs."""
     s = sub.add_parser("train", help="TGPO (or a baseline) training run from a YAML config")
     s.add_argument("--config", required=True)
     s.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
@@ -189,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key.path=value overrides of the TGPO stage config")
     s.set_defaults(fn=cmd_demo)
 
+
+def _add_tool_commands(sub) -> None:
+    """estimate, sweep, preset, experiment, eval, bench."""
     s = sub.add_parser("estimate", help="per-device memory of student + teacher on a target mesh (exit 3: does not fit)")
     s.add_argument("--config", required=True, help="estimate YAML (see configs/estimate_example.yaml)")
     s.add_argument("--device-memory-gb", type=float, default=None, help="per-device memory in GiB (overrides the config)")
@@ -236,7 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     _bench_train_step_args(s)
     s.set_defaults(fn=cmd_bench_train_step)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,12 +2,14 @@
 
   1. data     reasoning-gym `chain_sum` problems (one-digit additions of 2-3 terms), written to jsonl
               with two solution styles and split into a train set and a disjoint held-out set;
-  2. teacher  a tiny Qwen2 (fresh byte-level BPE tokenizer, random init) fine-tuned with `sft` on
-              style A, left-to-right partial sums:   "2 + 2 = 4\\n4 + 9 = 13\\n</think>\\n\\boxed{13}";
-  3. student  a smaller Qwen2 fine-tuned for fewer steps on style B, right-to-left in words:
-              "From the right: 9 + 2 is 11, 11 + 2 is 13.\\n</think>\\n\\boxed{13}"
-              (a different reasoning style: the teacher's argmax disagrees with most student tokens,
-              the large-divergence setting of the paper), so it is clearly weaker than the teacher;
+  2. teacher  a tiny Qwen2 (fresh byte-level BPE tokenizer, random init) fine-tuned with `sft`
+              mostly (80%) on style A, left-to-right partial sums: "2 + 2 = 4\\n4 + 9 = 13\\n</think>
+              \\n\\boxed{13}", and on style B for the rest: it writes A, and can read B;
+  3. student  a smaller Qwen2 fine-tuned for fewer steps on style B only, right-to-left in words:
+              "From the right: 9 + 2 is 11, 11 + 2 is 13.\\n</think>\\n\\boxed{13}" (a different
+              reasoning style from the teacher's), clearly weaker than the teacher. A teacher that
+              has never seen style B is the `very_different` rung of `tgpo-jax experiment divergence`
+              (its argmax at a style-B prefix is often no sensible token; see docs/experiments.md);
   4. TGPO-Reg `train` with configs/demo.yaml (student = 3., teacher = 2.), held-out accuracy at
               temperature 0.6 every few iterations, then a summary table and the curves PNG.
 
@@ -338,7 +340,6 @@ def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, config_path: st
              overrides=(), log=print) -> dict:
     """Runs the whole demo; returns the summary (also written to <out>/summary.json and summary.md)."""
     from tgpo_jax.train.config import load_train_config
-    from tgpo_jax.train.loop import train
 
     settings = QUICK if quick else FULL
     config_path = config_path or DEFAULT_CONFIG
@@ -377,27 +378,39 @@ def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, config_path: st
     log(f"[demo] held-out accuracy: teacher {_pct(teacher_acc)}, student {_pct(student_acc)} "
         f"(k={cfg.eval.k}, temperature {cfg.eval.temperature})")
 
-    lam0, decay, lam_min = cfg.objective.schedule()
+    times["tgpo"] = run_tgpo_stage(cfg, out_dir, log)
+    times["total"] = time.perf_counter() - t_all
+    curves = os.path.join(cfg.run_dir, "curves.png")
+    summary = summarize(_records(os.path.join(cfg.run_dir, "metrics.jsonl")), teacher_acc, student_acc,
+                        curves if os.path.exists(curves) else None, times)
+    summary.update(teacher_style_b_pct=100 * settings.teacher.style_b_frac, quick=quick,
+                   cached_sft={"teacher": t_cached, "student": s_cached}, teacher=teacher, student=student,
+                   run_dir=cfg.run_dir)
+    write_summary(out_dir, summary, log)
+    return summary
+
+
+def run_tgpo_stage(cfg, out_dir: str, log=print) -> float:
+    """The TGPO-Reg `train` run of the demo (its config saved as <out>/train_config.yaml); seconds."""
+    import yaml
+
+    from tgpo_jax.train.config import config_dict
+    from tgpo_jax.train.loop import train
+
+    lam0, decay, _ = cfg.objective.schedule()
     log(f"[demo] TGPO-Reg: {cfg.train.iterations} iterations x {cfg.rollout.prompts_per_iteration} prompts x "
         f"{cfg.rollout.n} samples, lr {cfg.optimizer.lr:g}, lambda_0 {lam0:g} (decay {decay:g}/iteration), "
         f"held-out eval every {cfg.eval.every} -> {cfg.run_dir}")
     _fresh_dir(cfg.run_dir)
-    import yaml
-
-    from tgpo_jax.train.config import config_dict
-
     with open(os.path.join(out_dir, "train_config.yaml"), "w") as f:
         yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
     t0 = time.perf_counter()
     train(cfg)
-    times["tgpo"] = time.perf_counter() - t0
-    times["total"] = time.perf_counter() - t_all
+    return time.perf_counter() - t0
 
-    curves = os.path.join(cfg.run_dir, "curves.png")
-    records = _records(os.path.join(cfg.run_dir, "metrics.jsonl"))
-    summary = summarize(records, teacher_acc, student_acc, curves if os.path.exists(curves) else None, times)
-    summary.update(teacher_style_b_pct=100 * settings.teacher.style_b_frac, quick=quick, cached_sft={"teacher": t_cached, "student": s_cached}, teacher=teacher,
-                   student=student, run_dir=cfg.run_dir)
+
+def write_summary(out_dir: str, summary: dict, log=print) -> None:
+    """<out>/summary.json, <out>/summary.md, and the table on the console."""
     table = summary_table(summary)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -405,10 +418,9 @@ def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, config_path: st
         f.write(table + "\n")
     log("")
     log(table)
-    log(f"[demo] done in {times['total']:.0f}s (data {times['data']:.0f}s, SFT {times['sft']:.0f}s"
-        f"{' cached' if t_cached and s_cached else ''}, SFT evals {times['eval_sft']:.0f}s, "
-        f"TGPO {times['tgpo']:.0f}s); summary: {os.path.join(out_dir, 'summary.md')}")
-    return summary
+    t, cached = summary["times_s"], all(summary["cached_sft"].values())
+    log(f"[demo] done in {t['total']:.0f}s (data {t['data']:.0f}s, SFT {t['sft']:.0f}s{' cached' if cached else ''}, "
+        f"SFT evals {t['eval_sft']:.0f}s, TGPO {t['tgpo']:.0f}s); summary: {os.path.join(out_dir, 'summary.md')}")
 
 
 __all__ = ["run_demo", "DemoSettings", "SFTSpec", "TaskSpec", "FULL", "QUICK", "style_a", "style_b",
