@@ -86,6 +86,7 @@ class Settings:
     lr: float = 1e-6
     seed: int = 0
     peak_tflops: float | None = None  # None: DEFAULT_PEAK_TFLOPS on accelerators, no MFU on CPU
+    attn_query_block: int = 0  # ours: ModelConfig.attn_query_block (0: full-score attention)
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -131,7 +132,8 @@ def model_config(s: Settings):
             max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=True,
         )
     return cfg.replace(param_dtype=s.param_dtype, dtype=s.dtype, eos_token_id=None, bos_token_id=None,
-                       pad_token_id=None, max_position_embeddings=max(cfg.max_position_embeddings, s.seq_len))
+                       pad_token_id=None, max_position_embeddings=max(cfg.max_position_embeddings, s.seq_len),
+                       attn_query_block=s.attn_query_block)
 
 
 def param_count(cfg) -> int:
@@ -562,7 +564,7 @@ def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
         model=s.model, vocab_size=cfg.vocab_size, params=n_params,
         batch=s.batch, prompt_len=s.prompt_len, response_len=s.response_len, micro_batch=s.micro_batch,
         chunk=s.chunk, repeats=s.repeats, warmup=s.warmup, dtype=s.dtype, param_dtype=s.param_dtype,
-        old_logp=s.old_logp, tokens_per_step=s.tokens,
+        old_logp=s.old_logp, attn_query_block=s.attn_query_block, tokens_per_step=s.tokens,
         cpu_time_ratio=peer["cpu_median_s"] / ours["cpu_median_s"] if peer else None,
         ours_compile_s=ours["compile_s"], ours_warmup_s=ours["warmup_s"], ours_median_s=ours["median_s"],
         ours_runs_s=ours["runs_s"], ours_cpu_median_s=ours["cpu_median_s"], ours_load_avg=ours["load_avg"],
@@ -621,6 +623,8 @@ def add_arguments(p) -> None:
                    help=f"peak for the MFU (default {DEFAULT_PEAK_TFLOPS:.0f}, H100/H200 bf16 dense, on accelerators; "
                         "no MFU on CPU unless given)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attn-query-block", type=int, default=0,
+                   help="our causal attention in query blocks of this many rows (0: full scores)")
     p.add_argument("--json-out", default=None, help="also write the result JSON to this file")
 
 
@@ -631,7 +635,7 @@ def settings_from_args(args) -> Settings:
     return Settings(model=model, **pick, warmup=args.warmup, dtype=args.dtype, param_dtype=args.param_dtype,
                     peer=not args.no_peer, peer_grad_ckpt=args.peer_grad_ckpt, peer_omp_wait=args.peer_omp_wait,
                     peer_threads=args.peer_threads, old_logp=args.old_logp, lambda_0=args.lambda_0, lr=args.lr,
-                    seed=args.seed, peak_tflops=args.peak_tflops)
+                    seed=args.seed, peak_tflops=args.peak_tflops, attn_query_block=args.attn_query_block)
 
 
 def main(args) -> int:

@@ -74,6 +74,9 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()
     moe_impl: str = "auto"  # runtime choice, not an HF field (see MOE_IMPLS)
     moe_block_size: int = 64  # rows per block of the "blocks" dispatch
+    # Runtime, not an HF field: > 0 computes cache-free causal self-attention (training, scoring)
+    # in query blocks of this many rows, each reading only the keys up to its last row (exact).
+    attn_query_block: int = 0
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -99,6 +102,8 @@ class ModelConfig:
             raise ModelConfigError(f"num_experts={self.num_experts} given for dense architecture {self.architecture}")
         if self.moe_impl not in MOE_IMPLS:
             raise ModelConfigError(f"moe_impl={self.moe_impl!r}; accepted: {', '.join(MOE_IMPLS)}")
+        if self.attn_query_block < 0:
+            raise ModelConfigError(f"attn_query_block={self.attn_query_block} must be >= 0 (0: off)")
         if self.moe_block_size < 1:
             raise ModelConfigError(f"moe_block_size={self.moe_block_size} must be positive")
         if not is_moe_arch or self.num_experts == 0:

@@ -80,6 +80,20 @@ def attention(q_BTHD: jax.Array, k: jax.Array, v: jax.Array, allowed_BTS: jax.Ar
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BTHD.dtype)
 
 
+def causal_blocked_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array,
+                             block: int) -> jax.Array:
+    """`attention` for causal self-attention over the same positions (S == T, no KV cache), in
+    query blocks of `block` rows: the block [t0, t1) reads keys [0, t1) only. Exact, because a
+    causal mask hides keys s >= t1 from every query of the block; it skips the upper triangle of
+    the scores (about half their FLOPs at many blocks) and holds one block's scores at a time."""
+    T = q_BTHD.shape[1]
+    if k_BSKD.shape[1] != T:
+        raise ValueError(f"causal_blocked_attention needs as many keys as queries; got {k_BSKD.shape[1]} vs {T}")
+    outs = [attention(q_BTHD[:, t0:t0 + block], k_BSKD[:, :t0 + block], v_BSKD[:, :t0 + block],
+                      allowed_BTS[:, t0:t0 + block, :t0 + block]) for t0 in range(0, T, block)]
+    return jnp.concatenate(outs, axis=1)
+
+
 def swiglu(x_BTE, gate_EF, up_EF, down_FE, constrain_hidden=lambda a: a) -> jax.Array:
     """down( silu(x @ gate) * (x @ up) ); `constrain_hidden` pins the [B, T, F] sharding."""
     g = jnp.einsum("bte,ef->btf", x_BTE, gate_EF)
