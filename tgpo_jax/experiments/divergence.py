@@ -202,7 +202,7 @@ def enable_compile_cache(path: str) -> None:
 
 def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     """Runs (or resumes) every cell, then writes report.md, results.json and the PNGs."""
-    from tgpo_jax.experiments.report import write_report
+    from tgpo_jax.experiments.report import final_accuracy, write_report
 
     os.makedirs(cfg.report_dir, exist_ok=True)
     enable_compile_cache(os.path.join(cfg.out_dir, "jax_cache"))
@@ -220,10 +220,9 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     for i, cell in enumerate(todo, 1):
         d = cell_train_dict(cfg, cell, student, teachers.get(cell.teacher), train_path, heldout_path)
         r = run_cell(cfg, cell, d, log)
-        final = next((x["eval/score"] for x in reversed(r["records"]) if "eval/score" in x), None)
+        final, took = final_accuracy(r["records"]), "cached" if r.get("cached") else f"{r['seconds']:.0f}s"
         log(f"[divergence] {i}/{len(todo)} {cell.name}: final held-out accuracy "
-            f"{'n/a' if final is None else f'{100 * final:.1f}%'} "
-            f"({'cached' if r.get('cached') else f'{r[chr(115) + chr(101) + chr(99) + chr(111) + chr(110) + chr(100) + chr(115)]:.0f}s'})")
+            f"{'n/a' if final is None else f'{100 * final:.1f}%'} ({took})")
         results.append(r)
     times = {"models_s": t_models, "total_s": time.perf_counter() - t0}
     return write_report(cfg, results, times, baseline, log)

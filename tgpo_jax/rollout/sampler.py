@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tgpo_jax.models.kv_cache import KVCache
 from tgpo_jax.rollout.decode_loop import Rollout, rollout_fn
 from tgpo_jax.rollout.sampling import SamplingParams
-from tgpo_jax.sharding.distributed import global_to_host, put_global
+from tgpo_jax.sharding.distributed import global_to_host, put_batch
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -71,8 +71,7 @@ class Sampler:
     def _put(self, x: np.ndarray) -> jax.Array:
         if self.sharding is None:
             return jnp.asarray(x)
-        spec = self.sharding.rules.spec(("batch",) + (None,) * (x.ndim - 1))
-        return put_global(x, NamedSharding(self.sharding.mesh, spec))
+        return put_batch(x, self.sharding.mesh, self.sharding.rules)
 
     def _pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         if not prompts or any(len(p) == 0 for p in prompts):

@@ -159,6 +159,12 @@ def put_global(x, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, x, x.shape)
 
 
+def put_batch(x, mesh: Mesh, rules) -> jax.Array:
+    """`put_global` of host data with a leading batch axis, sharded as `rules` map "batch"."""
+    x = np.asarray(x)
+    return put_global(x, NamedSharding(mesh, rules.spec(("batch",) + (None,) * (x.ndim - 1))))
+
+
 def global_to_host(x: jax.Array) -> np.ndarray:
     """The whole of `x` as numpy on every process (an all-gather across processes when `x` is
     not fully addressable; a plain device-to-host copy otherwise). Collective: all processes call it."""
@@ -197,5 +203,5 @@ def process_batch_slice(global_batch: int, mesh: Mesh | None = None, spec: Parti
 
 __all__ = [
     "DistributedConfig", "DistributedConfigError", "ENV_VARS", "TPU_ENV_VARS", "initialize", "plan",
-    "resolve_config", "is_cloud_tpu_env", "host_local_to_global", "put_global", "global_to_host", "process_batch_slice",
+    "resolve_config", "is_cloud_tpu_env", "host_local_to_global", "put_global", "put_batch", "global_to_host", "process_batch_slice",
 ]

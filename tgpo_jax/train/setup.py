@@ -7,9 +7,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from tgpo_jax.data import DataConfig, build_prompt_set, make_data_iterator
 from tgpo_jax.eval.evaluator import EVAL_REWARD, EvalItem, Generation, evaluate
@@ -21,7 +19,7 @@ from tgpo_jax.rewards import RewardConfig, RewardFn
 from tgpo_jax.rollout.sampler import Sampler
 from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
-from tgpo_jax.sharding.distributed import initialize, put_global
+from tgpo_jax.sharding.distributed import initialize, put_batch
 from tgpo_jax.sharding.rules import ActivationSharding, param_shardings
 from tgpo_jax.train.config import TrainConfig
 from tgpo_jax.train.iteration import Example, Models
@@ -78,15 +76,7 @@ def batch_putter(mesh, rules: ShardingRules):
     Multi-process: every process holds the same whole batch (same seeded data pipeline, same
     rollouts gathered back) and places only its own devices' rows."""
 
-    def put(arrays: dict) -> dict:
-        out = {}
-        for k, v in arrays.items():
-            v = np.asarray(v)
-            spec = rules.spec(("batch",) + (None,) * (v.ndim - 1))
-            out[k] = put_global(v, NamedSharding(mesh, spec))
-        return out
-
-    return put
+    return lambda arrays: {k: put_batch(v, mesh, rules) for k, v in arrays.items()}
 
 
 def build_model_parts(cfg: TrainConfig):
