@@ -87,6 +87,7 @@ class Settings:
     seed: int = 0
     peak_tflops: float | None = None  # None: DEFAULT_PEAK_TFLOPS on accelerators, no MFU on CPU
     attn_query_block: int = 0  # ours: ModelConfig.attn_query_block (0: full-score attention)
+    attn_impl: str = "einsum"  # ours: ModelConfig.attn_impl
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -133,7 +134,8 @@ def model_config(s: Settings):
         )
     return cfg.replace(param_dtype=s.param_dtype, dtype=s.dtype, eos_token_id=None, bos_token_id=None,
                        pad_token_id=None, max_position_embeddings=max(cfg.max_position_embeddings, s.seq_len),
-                       attn_query_block=s.attn_query_block)
+                       attn_query_block=s.attn_query_block,
+                       attn_impl=s.attn_impl)
 
 
 def param_count(cfg) -> int:
@@ -564,7 +566,7 @@ def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
         model=s.model, vocab_size=cfg.vocab_size, params=n_params,
         batch=s.batch, prompt_len=s.prompt_len, response_len=s.response_len, micro_batch=s.micro_batch,
         chunk=s.chunk, repeats=s.repeats, warmup=s.warmup, dtype=s.dtype, param_dtype=s.param_dtype,
-        old_logp=s.old_logp, attn_query_block=s.attn_query_block, tokens_per_step=s.tokens,
+        old_logp=s.old_logp, attn_query_block=s.attn_query_block, attn_impl=s.attn_impl, tokens_per_step=s.tokens,
         cpu_time_ratio=peer["cpu_median_s"] / ours["cpu_median_s"] if peer else None,
         ours_compile_s=ours["compile_s"], ours_warmup_s=ours["warmup_s"], ours_median_s=ours["median_s"],
         ours_runs_s=ours["runs_s"], ours_cpu_median_s=ours["cpu_median_s"], ours_load_avg=ours["load_avg"],
@@ -625,6 +627,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-query-block", type=int, default=0,
                    help="our causal attention in query blocks of this many rows (0: full scores)")
+    p.add_argument("--attn-impl", choices=["einsum", "sdpa", "cudnn"], default="einsum",
+                   help="our cache-free attention kernel (ModelConfig.attn_impl; cudnn: GPU only)")
     p.add_argument("--json-out", default=None, help="also write the result JSON to this file")
 
 
@@ -635,7 +639,8 @@ def settings_from_args(args) -> Settings:
     return Settings(model=model, **pick, warmup=args.warmup, dtype=args.dtype, param_dtype=args.param_dtype,
                     peer=not args.no_peer, peer_grad_ckpt=args.peer_grad_ckpt, peer_omp_wait=args.peer_omp_wait,
                     peer_threads=args.peer_threads, old_logp=args.old_logp, lambda_0=args.lambda_0, lr=args.lr,
-                    seed=args.seed, peak_tflops=args.peak_tflops, attn_query_block=args.attn_query_block)
+                    seed=args.seed, peak_tflops=args.peak_tflops, attn_query_block=args.attn_query_block,
+                    attn_impl=args.attn_impl)
 
 
 def main(args) -> int:

@@ -17,6 +17,7 @@ MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 # How the experts' SwiGLU is dispatched (see layers.moe_mlp): "auto" picks "ragged" (lax.ragged_dot,
 # a grouped matmul kernel) on GPU / TPU and "blocks" (sorted blocks in a loop) elsewhere; "dense"
 # runs every expert on every token (a reference for tests only, never a default).
+ATTN_IMPLS = ("einsum", "sdpa", "cudnn")
 MOE_IMPLS = ("auto", "ragged", "blocks", "dense")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -77,6 +78,10 @@ class ModelConfig:
     # Runtime, not an HF field: > 0 computes cache-free causal self-attention (training, scoring)
     # in query blocks of this many rows, each reading only the keys up to its last row (exact).
     attn_query_block: int = 0
+    # Runtime, not an HF field: the cache-free attention kernel. "einsum": ours (fp32 scores);
+    # "sdpa": jax.nn.dot_product_attention, backend's choice (cuDNN flash attention on GPU where it
+    # applies, else XLA); "cudnn": that, cuDNN forced (GPU only, bf16/fp16).
+    attn_impl: str = "einsum"
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -102,6 +107,8 @@ class ModelConfig:
             raise ModelConfigError(f"num_experts={self.num_experts} given for dense architecture {self.architecture}")
         if self.moe_impl not in MOE_IMPLS:
             raise ModelConfigError(f"moe_impl={self.moe_impl!r}; accepted: {', '.join(MOE_IMPLS)}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ModelConfigError(f"attn_impl={self.attn_impl!r}; accepted: {', '.join(ATTN_IMPLS)}")
         if self.attn_query_block < 0:
             raise ModelConfigError(f"attn_query_block={self.attn_query_block} must be >= 0 (0: off)")
         if self.moe_block_size < 1:

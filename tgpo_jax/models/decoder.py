@@ -201,7 +201,9 @@ def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, inde
         v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
         attn = L.attention(q, k_layer, v_layer, allowed_BTS, kv_layout="bksd")
         kv = (k_all, v_all)
-    elif 0 < cfg.attn_query_block < q.shape[1]:  # cache-free path: `allowed` is causal
+    elif cfg.attn_impl != "einsum":  # cache-free path: `allowed` is causal
+        attn = L.sdpa_attention(q, k, v, allowed_BTS, None if cfg.attn_impl == "sdpa" else cfg.attn_impl)
+    elif 0 < cfg.attn_query_block < q.shape[1]:
         attn = L.causal_blocked_attention(q, k, v, allowed_BTS, cfg.attn_query_block)
     else:
         attn = L.attention(q, k, v, allowed_BTS)

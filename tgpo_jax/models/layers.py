@@ -94,6 +94,16 @@ def causal_blocked_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.A
     return jnp.concatenate(outs, axis=1)
 
 
+def sdpa_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array,
+                   implementation: str | None = None) -> jax.Array:
+    """`attention` for cache-free causal self-attention through `jax.nn.dot_product_attention`
+    (grouped-query heads as `attention`). `is_causal` lets a fused kernel (cuDNN flash attention on
+    GPU) skip the upper triangle; `allowed` still masks left padding. implementation None: the
+    backend's choice; "xla" or "cudnn" to force one."""
+    return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=allowed_BTS[:, None, :, :], is_causal=True,
+                                        implementation=implementation)
+
+
 def swiglu(x_BTE, gate_EF, up_EF, down_FE, constrain_hidden=lambda a: a) -> jax.Array:
     """down( silu(x @ gate) * (x @ up) ); `constrain_hidden` pins the [B, T, F] sharding."""
     g = jnp.einsum("bte,ef->btf", x_BTE, gate_EF)

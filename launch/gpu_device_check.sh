@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One prepared device run (H200): environment smoke test, then the sampler and train-step GPU
+# benchmarks (launch/gpu_bench_sampler.sh, launch/gpu_bench_train_step.sh; the train step with our
+# einsum attention and with cuDNN flash attention). Each part has its own time limit so that one
+# slow or failing part leaves the others' results. Everything lands under $OUT (default /tmp/out).
+# Flax: the machine's own if our smoke test passes with it, else the wheel carried in .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+T_SAMPLER="${T_SAMPLER:-200}" T_TRAIN="${T_TRAIN:-170}"
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/device.log"; }
+
+smoke() {
+  timeout 120 python3 - <<'PY'
+import jax, jax.numpy as jnp, flax
+from flax import nnx
+from tgpo_jax.models.decoder import Decoder, left_pad_positions
+from tgpo_jax.models.tiny import tiny_config
+print("jax", jax.__version__, "flax", flax.__version__, jax.devices())
+cfg = tiny_config("qwen2").replace(dtype="bfloat16")
+tok = jnp.ones((2, 8), jnp.int32); mask = jnp.ones((2, 8), jnp.int32)
+h, _ = Decoder(cfg, nnx.Rngs(0))(tok, left_pad_positions(mask), mask)
+print("smoke forward ok", h.shape, h.dtype)
+PY
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; } 2>&1 | tee -a "$OUT/device.log"
+log "smoke (machine flax)"
+if ! smoke 2>&1 | tee -a "$OUT/device.log"; then
+  log "smoke failed with the machine's flax; installing .whl/"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+  smoke 2>&1 | tee -a "$OUT/device.log" || { log "smoke failed twice: stop"; exit 1; }
+fi
+
+log "sampler"
+OUT= timeout "$T_SAMPLER" bash launch/gpu_bench_sampler.sh ${SAMPLER_ARGS:-} > "$OUT/sampler.log" 2>&1; log "sampler rc=$?"
+tail -n 12 "$OUT/sampler.log" | cut -c1-2000
+
+log "train step, attn einsum"
+OUT= timeout "$T_TRAIN" bash launch/gpu_bench_train_step.sh ${TRAIN_ARGS:-} > "$OUT/train_einsum.log" 2>&1; log "rc=$?"
+tail -n 8 "$OUT/train_einsum.log" | cut -c1-2500
+
+log "train step, attn cudnn"
+OUT= timeout "$T_TRAIN" bash launch/gpu_bench_train_step.sh --attn-impl cudnn ${TRAIN_ARGS:-} > "$OUT/train_cudnn.log" 2>&1; log "rc=$?"
+tail -n 8 "$OUT/train_cudnn.log" | cut -c1-2500
+log "done"
