@@ -57,18 +57,20 @@ class Decoder(nnx.Module):
             self.dense_mlp = StackedLayers(cfg, rngs, "dense_mlp.")
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, tokens_BT, positions_BT, mask_BT, cache: KVCache | None = None):
+    def __call__(self, tokens_BT, positions_BT, mask_BT, cache: KVCache | None = None, layers: list | None = None):
         """Logits [B, T, V] (fp32) and the updated cache (None when no cache was given)."""
-        h_BTE, cache = self.hidden_states(tokens_BT, positions_BT, mask_BT, cache)
+        h_BTE, cache = self.hidden_states(tokens_BT, positions_BT, mask_BT, cache, layers=layers)
         return self.logits(h_BTE), cache
 
-    def hidden_states(self, tokens_BT, positions_BT, mask_BT, cache: KVCache | None = None, remat: bool = False):
+    def hidden_states(self, tokens_BT, positions_BT, mask_BT, cache: KVCache | None = None, remat: bool = False,
+                      layers: list | None = None):
         """Final-norm hidden states [B, T, E] in the compute dtype.
 
         tokens/positions/mask are [B, T]; mask is 1 for real tokens (0 for left padding). Without a
         cache, token t attends to real tokens s <= t of the same row. With a cache, the tokens are
         written at slots [cache.index, cache.index + T) and attend to every earlier real slot.
         remat=True recomputes each layer's activations in the backward pass (training memory).
+        layers: `layer_list()[0]`, sliced once outside a decode loop (else sliced here, per call).
         """
         cfg = self.cfg
         sh = self.sharding
@@ -91,19 +93,19 @@ class Decoder(nnx.Module):
                 body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
             x_BTE, _ = jax.lax.scan(body, x_BTE, layer_params)
         else:
+            # Layers unrolled over per-layer cache buffers (see kv_cache.py): each layer writes its
+            # new slots in place and reads its own buffer directly.
             slot_mask, allowed = cache.allowed_BTS(mask_BT)
-
-            # The whole cache rides in the scan carry: each layer writes its new slots in place.
-            def body(carry, xs):
-                x, k_all, v_all = carry
-                lp, layer = xs
-                x, (k_all, v_all) = layer_fn(cfg, sh, lp, x, cos, sin, allowed, (k_all, v_all, layer), cache.index)
-                return (x, k_all, v_all), None
-
-            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x_BTE, k, v), _ = jax.lax.scan(body, (x_BTE, cache.k_LBKSD, cache.v_LBKSD), (layer_params, layer_ids))
-            cache = KVCache(k, v, slot_mask, cache.index + tokens_BT.shape[1])
+            ks, vs = list(cache.k), list(cache.v)
+            for i, lp in enumerate(layers if layers is not None else self.layer_list()[0]):
+                x_BTE, (ks[i], vs[i]) = layer_fn(cfg, sh, lp, x_BTE, cos, sin, allowed, (ks[i], vs[i]), cache.index)
+            cache = KVCache(tuple(ks), tuple(vs), slot_mask, cache.index + tokens_BT.shape[1])
         return L.rms_norm(x_BTE, self.final_norm[...], cfg.rms_norm_eps), cache
+
+    def layer_list(self) -> tuple[list[dict], dict]:
+        """(one parameter dict per layer, sliced from the stacks; the stacks a MoE mix indexes)."""
+        xs, stacks = self._scan_params()
+        return [jax.tree.map(lambda a, i=i: a[i], xs) for i in range(self.cfg.num_layers)], stacks
 
     def _scan_params(self):
         """(per-layer xs for the scan, stacks indexed inside the body). A dense architecture's
@@ -195,12 +197,9 @@ def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, inde
     k = _constrain(sh, k, ("batch", "seq", "act_kv_heads", None))
     v = _constrain(sh, v, ("batch", "seq", "act_kv_heads", None))
     if kv is not None:
-        k_all, v_all, layer = kv
-        k_all, v_all = write_slots(k_all, layer, k, index), write_slots(v_all, layer, v, index)
-        k_layer = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
-        v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-        attn = L.attention(q, k_layer, v_layer, allowed_BTS, kv_layout="bksd")
-        kv = (k_all, v_all)
+        k_c, v_c = write_slots(kv[0], k, index), write_slots(kv[1], v, index)
+        attn = L.attention(q, k_c, v_c, allowed_BTS, kv_layout="bksd")
+        kv = (k_c, v_c)
     elif cfg.attn_impl != "einsum":  # cache-free path: `allowed` is causal
         attn = L.sdpa_attention(q, k, v, allowed_BTS, None if cfg.attn_impl == "sdpa" else cfg.attn_impl)
     elif 0 < cfg.attn_query_block < q.shape[1]:

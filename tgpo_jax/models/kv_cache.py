@@ -2,9 +2,9 @@
 
 Slots are shared by the whole batch: a left-padded batch writes its prompt into slots [0, P) (pad
 slots are marked invalid in `mask_BS`) and each decode step writes one slot at `index`.
-Layout [layers, batch, kv_heads, slots, head_dim]: the attention contraction reads each head's
-slots contiguously, and the forward carries the whole cache through its layer scan, updating one
-slot of one layer in place (no per-layer copies).
+One buffer per layer, each [batch, kv_heads, slots, head_dim]: the attention contraction reads each
+head's slots contiguously, a step writes one slot of each buffer in place, and no step slices a
+layer out of a stacked cache (which XLA materialises as a copy per layer and step).
 """
 
 from __future__ import annotations
@@ -18,25 +18,25 @@ from tgpo_jax.models.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-    k_LBKSD: jax.Array
-    v_LBKSD: jax.Array
+    k: tuple  # per layer: [B, K, S, D]
+    v: tuple
     mask_BS: jax.Array  # bool: slot holds a real (non-pad) token
     index: jax.Array  # int32 scalar: the next slot to write
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or cfg.jnp_dtype
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         return cls(
-            k_LBKSD=jnp.zeros(shape, dtype),
-            v_LBKSD=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             mask_BS=jnp.zeros((batch, max_len), bool),
             index=jnp.zeros((), jnp.int32),
         )
 
     @property
     def max_len(self) -> int:
-        return self.k_LBKSD.shape[3]
+        return self.k[0].shape[2]
 
     def allowed_BTS(self, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Writes the new tokens' validity into the slot mask and returns (new slot mask,
@@ -49,7 +49,7 @@ class KVCache:
         return mask_BS, causal_TS[None] & mask_BS[:, None, :]
 
 
-def write_slots(k_LBKSD: jax.Array, layer: jax.Array, new_k_BTKD: jax.Array, index: jax.Array) -> jax.Array:
+def write_slots(k_BKSD: jax.Array, new_k_BTKD: jax.Array, index: jax.Array) -> jax.Array:
     """Writes T new keys of one layer at slots [index, index + T), in place."""
-    new = jnp.swapaxes(new_k_BTKD, 1, 2)[None].astype(k_LBKSD.dtype)  # [1, B, K, T, D]
-    return jax.lax.dynamic_update_slice(k_LBKSD, new, (layer, 0, 0, index, 0))
+    new = jnp.swapaxes(new_k_BTKD, 1, 2).astype(k_BKSD.dtype)  # [B, K, T, D]
+    return jax.lax.dynamic_update_slice(k_BKSD, new, (0, 0, index, 0))

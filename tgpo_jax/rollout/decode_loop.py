@@ -42,22 +42,23 @@ def _constrain_cache(model, x, axes):
 def _prefill(model, prompt_PT, mask_PT, cache: KVCache, n: int):
     """Runs the prompts once and fills slots [0, T) of the (donated) big cache for all n copies."""
     P, T = prompt_PT.shape
-    small = KVCache.init(model.cfg, P, T, dtype=cache.k_LBKSD.dtype)
+    small = KVCache.init(model.cfg, P, T, dtype=cache.k[0].dtype)
     logits_PTV, small = model(prompt_PT, left_pad_positions(mask_PT), mask_PT, small)
-    rep = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
-    k = jax.lax.dynamic_update_slice(cache.k_LBKSD, rep(small.k_LBKSD, 1), (0, 0, 0, 0, 0))
-    v = jax.lax.dynamic_update_slice(cache.v_LBKSD, rep(small.v_LBKSD, 1), (0, 0, 0, 0, 0))
-    axes = (None, "batch", "act_kv_heads", "cache_seq", None)
-    k, v = _constrain_cache(model, k, axes), _constrain_cache(model, v, axes)
-    slot_mask = jnp.zeros(cache.mask_BS.shape, bool).at[:, :T].set(rep(mask_PT.astype(bool), 0))
+    rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+    axes = ("batch", "act_kv_heads", "cache_seq", None)
+    fill = lambda big_l, small_l: _constrain_cache(  # noqa: E731
+        model, jax.lax.dynamic_update_slice(big_l, rep(small_l), (0, 0, 0, 0)), axes)
+    k, v = tuple(map(fill, cache.k, small.k)), tuple(map(fill, cache.v, small.v))
+    slot_mask = jnp.zeros(cache.mask_BS.shape, bool).at[:, :T].set(rep(mask_PT.astype(bool)))
     big = KVCache(k, v, slot_mask, jnp.asarray(T, jnp.int32))
-    return rep(logits_PTV[:, -1], 0), big
+    return rep(logits_PTV[:, -1]), big
 
 
 def rollout_fn(graphdef, state, cache, prompt_PT, mask_PT, key, *, params: SamplingParams, stop_ids: tuple[int, ...]):
     model = nnx.merge(graphdef, state)
     n, T_new = params.n, params.max_new_tokens
     logits_BV, cache = _prefill(model, prompt_PT, mask_PT, cache, n)
+    layers = model.layer_list()[0]  # sliced once here, not in every decode step
     B = logits_BV.shape[0]
     next_pos_B = jnp.repeat(left_pad_positions(mask_PT)[:, -1] + 1, n)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
@@ -77,7 +78,7 @@ def rollout_fn(graphdef, state, cache, prompt_PT, mask_PT, key, *, params: Sampl
     def body(c):
         # forward the previous token, then draw token t: the last draw needs no extra forward
         t = c["t"]
-        logits, cache_t = _decode_step(model, c["tok"], next_pos_B + t - 1, c["cache"])
+        logits, cache_t = _decode_step(model, layers, c["tok"], next_pos_B + t - 1, c["cache"])
         tok, logp = select(logits, jax.random.fold_in(key, t), params)
         return dict(emit(c, t, tok, logp), cache=cache_t, t=t + 1)
 
@@ -90,6 +91,6 @@ def rollout_fn(graphdef, state, cache, prompt_PT, mask_PT, key, *, params: Sampl
     return c["cache"], (c["tokens"], c["mask"], c["logp"], c["mask"].sum(-1), finish)
 
 
-def _decode_step(model, tok_B, pos_B, cache):
-    logits, cache = model(tok_B[:, None], pos_B[:, None], jnp.ones((tok_B.shape[0], 1), jnp.int32), cache)
+def _decode_step(model, layers, tok_B, pos_B, cache):
+    logits, cache = model(tok_B[:, None], pos_B[:, None], jnp.ones((tok_B.shape[0], 1), jnp.int32), cache, layers)
     return logits[:, -1], cache

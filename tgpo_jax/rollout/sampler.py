@@ -109,9 +109,10 @@ class Sampler:
             return KVCache.init(self.cfg, B, S)
         mesh, rules = self.sharding.mesh, self.sharding.rules
         shapes = jax.eval_shape(lambda: KVCache.init(self.cfg, B, S))
-        kv = NamedSharding(mesh, _divisible_spec(rules, (None, "batch", "act_kv_heads", "cache_seq", None),
-                                                 shapes.k_LBKSD.shape, mesh))
-        shardings = KVCache(kv, kv, NamedSharding(mesh, rules.spec(("batch", None))), NamedSharding(mesh, PartitionSpec()))
+        kv = NamedSharding(mesh, _divisible_spec(rules, ("batch", "act_kv_heads", "cache_seq", None),
+                                                 shapes.k[0].shape, mesh))
+        per_layer = (kv,) * self.cfg.num_layers
+        shardings = KVCache(per_layer, per_layer, NamedSharding(mesh, rules.spec(("batch", None))), NamedSharding(mesh, PartitionSpec()))
         # Created in place by a jit (no host or single-device copy first): works when the mesh spans processes.
         return jax.jit(lambda: KVCache.init(self.cfg, B, S), out_shardings=shardings)()
 
