@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
+from tgpo_jax.models.config import ATTN_IMPLS
 from tgpo_jax.objectives.registry import ObjectiveConfig
 from tgpo_jax.train.step import OptimizerConfig
 
@@ -21,6 +22,12 @@ class ModelsConfig:
     teacher_param_dtype: str | None = None
     teacher_dtype: str | None = None
     allow_tokenizer_mismatch: bool = False
+    # Runtime kernels of both models' cache-free forward (training, scoring); see ModelConfig.
+    attn_impl: str = "einsum"  # einsum | sdpa | cudnn (cuDNN flash attention, GPU only)
+    attn_query_block: int = 0  # > 0: causal attention in query blocks of this many rows (CPU: 32-64 pays)
+
+    def model_overrides(self) -> dict:
+        return {"attn_impl": self.attn_impl, "attn_query_block": self.attn_query_block}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +121,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     p = []
     if not cfg.models.student:
         p.append("models.student: a local HF model directory is required")
+    if cfg.models.attn_impl not in ATTN_IMPLS:
+        p.append(f"models.attn_impl={cfg.models.attn_impl!r}; accepted: {', '.join(ATTN_IMPLS)}")
+    if cfg.models.attn_query_block < 0:
+        p.append(f"models.attn_query_block={cfg.models.attn_query_block} must be >= 0 (0: off)")
     obj = cfg.objective.objective
     if obj.needs_teacher and not cfg.models.teacher:
         p.append(f"objective {cfg.objective.name!r} needs a teacher: set models.teacher")

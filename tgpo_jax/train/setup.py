@@ -37,8 +37,9 @@ class RunParts:
     close: Callable[[], None]
 
 
-def _load(path, mesh, rules_dict, param_dtype, dtype):
-    return load_sharded(path, mesh, ShardingRules.from_dict(rules_dict), param_dtype=param_dtype, dtype=dtype)
+def _load(path, mesh, rules_dict, param_dtype, dtype, overrides):
+    return load_sharded(path, mesh, ShardingRules.from_dict(rules_dict), param_dtype=param_dtype, dtype=dtype,
+                        cfg_overrides=overrides)
 
 
 def _teacher_on_student_vocab(teacher, student_cfg: ModelConfig, tokenizer_len: int, mesh, rules: ShardingRules):
@@ -58,13 +59,13 @@ def build_models(cfg: TrainConfig):
     initialize()
     mesh = build_mesh(MeshConfig.from_dict(cfg.sharding.mesh))
     m = cfg.models
-    student = _load(m.student, mesh, cfg.sharding.student_rules, m.param_dtype, m.dtype)
+    student = _load(m.student, mesh, cfg.sharding.student_rules, m.param_dtype, m.dtype, m.model_overrides())
     tokenizer = load_tokenizer(m.tokenizer or m.student)
     teacher = None
     if cfg.objective.objective.needs_teacher:
         check_tokenizers_agree(tokenizer, load_tokenizer(m.teacher), allow_mismatch=m.allow_tokenizer_mismatch)
         teacher = _load(m.teacher, mesh, cfg.sharding.teacher_rules, m.teacher_param_dtype or m.param_dtype,
-                        m.teacher_dtype or m.dtype)
+                        m.teacher_dtype or m.dtype, m.model_overrides())
         teacher = _teacher_on_student_vocab(teacher, student.cfg, len(tokenizer), mesh,
                                             ShardingRules.from_dict(cfg.sharding.teacher_rules))
     return mesh, student, teacher, tokenizer
