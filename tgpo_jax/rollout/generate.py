@@ -42,6 +42,7 @@ def _generate(graphdef, state, prompt_BP, prompt_mask_BP, key, *, max_new_tokens
     cache = KVCache.init(model.cfg, B, P + max_new_tokens)
     pos_BP = left_pad_positions(prompt_mask_BP)
     logits, cache = model(prompt_BP, pos_BP, prompt_mask_BP, cache)
+    layers = model.layer_list()[0]  # sliced once, not in every decode step
     next_pos_B = pos_BP[:, -1] + 1
     eos = jnp.asarray(eos_ids, jnp.int32)
 
@@ -58,7 +59,7 @@ def _generate(graphdef, state, prompt_BP, prompt_mask_BP, key, *, max_new_tokens
         out_mask = out_mask.at[:, t].set(live_B.astype(jnp.int32))
         out_logp = out_logp.at[:, t].set(jnp.where(live_B, logp_B, 0.0))
         done_B = done_B | jnp.isin(tok_B, eos)
-        logits, cache = model(tok_B[:, None], (next_pos_B + t)[:, None], jnp.ones((B, 1), jnp.int32), cache)
+        logits, cache = model(tok_B[:, None], (next_pos_B + t)[:, None], jnp.ones((B, 1), jnp.int32), cache, layers)
         return t + 1, logits[:, -1], cache, done_B, out_tokens, out_mask, out_logp, key
 
     init = (
