@@ -1,8 +1,10 @@
 """The decoder (dense Qwen2 / Qwen3 / Llama, and Qwen3-MoE) as a flax.nnx module.
 
 The module is a parameter container whose layer parameters are stacked on a leading [layers] axis;
-the forward pass scans one compiled layer body over them (compile time does not grow with depth).
-At a jit boundary split it with `nnx.split(model)` and merge inside (see `apply`).
+the cache-free forward (training, scoring) scans one compiled layer body over them (compile time
+does not grow with depth). The KV-cache forward (prefill, decode) unrolls the layers over one
+cache buffer per layer, so that a decode step copies no layer's cache or weights; its compile
+time grows with depth. At a jit boundary split it with `nnx.split(model)` and merge inside (see `apply`).
 """
 
 from __future__ import annotations
