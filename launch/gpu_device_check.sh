@@ -35,6 +35,32 @@ if ! smoke 2>&1 | tee -a "$OUT/device.log"; then
   smoke 2>&1 | tee -a "$OUT/device.log" || { log "smoke failed twice: stop"; exit 1; }
 fi
 
+log "cudnn attention vs ours (bf16 decoder hidden states and gradients, left padding)"
+timeout 90 python3 - <<'PY' 2>&1 | tee -a "$OUT/device.log"
+import dataclasses, jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from tgpo_jax.models.decoder import Decoder, left_pad_positions
+from tgpo_jax.models.tiny import tiny_config
+cfg = dataclasses.replace(tiny_config("qwen2"), dtype="bfloat16", head_dim=64)
+tok = jax.random.randint(jax.random.key(0), (4, 256), 1, cfg.vocab_size)
+mask = jnp.ones((4, 256), jnp.int32).at[1, :37].set(0)
+pos = left_pad_positions(mask)
+valid = np.asarray(mask, bool)
+out = {}
+for impl in ("einsum", "cudnn"):
+    m = Decoder(dataclasses.replace(cfg, attn_impl=impl), nnx.Rngs(0))
+    gd, st = nnx.split(m)
+    def loss(st):
+        h, _ = nnx.merge(gd, st).hidden_states(tok, pos, mask)
+        return jnp.sum(jnp.where(mask[..., None] > 0, h.astype(jnp.float32), 0.0) ** 2), h
+    (l, h), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(st)
+    out[impl] = (np.asarray(h.astype(jnp.float32))[valid], float(l), jax.tree.leaves(g))
+dh = np.abs(out["einsum"][0] - out["cudnn"][0]).max()
+gnorm = lambda gs: float(jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in gs)))
+print(f"cudnn vs einsum: max |dh| {dh:.3e} (|h| max {np.abs(out['einsum'][0]).max():.2f}), "
+      f"loss {out['einsum'][1]:.4f} vs {out['cudnn'][1]:.4f}, grad norm {gnorm(out['einsum'][2]):.4f} vs {gnorm(out['cudnn'][2]):.4f}")
+PY
+
 log "sampler"
 OUT= timeout "$T_SAMPLER" bash launch/gpu_bench_sampler.sh ${SAMPLER_ARGS:-} > "$OUT/sampler.log" 2>&1; log "sampler rc=$?"
 tail -n 12 "$OUT/sampler.log" | cut -c1-2000
