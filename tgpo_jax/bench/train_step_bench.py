@@ -261,9 +261,11 @@ def worker_setup(s: Settings, work: str) -> dict:
     from tgpo_jax.objectives.logprobs import student_old_stats
     from tgpo_jax.train.score import response_hidden
 
+    out = {}
+    if not s.peer and s.old_logp != "model":
+        return out  # nothing to export or score: no model to build (1.5B: ~1 min of host init)
     cfg = model_config(s)
     model = init_model(cfg, s.seed)
-    out = {}
     if s.peer:
         from tgpo_jax.models.hf_export import save_hf
 
