@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# One prepared device run (H200): environment smoke test, then the sampler and train-step GPU
-# benchmarks (launch/gpu_bench_sampler.sh, launch/gpu_bench_train_step.sh; the train step with our
-# einsum attention and with cuDNN flash attention). Each part has its own time limit so that one
-# slow or failing part leaves the others' results. Everything lands under $OUT (default /tmp/out).
-# Flax: the machine's own if our smoke test passes with it, else the wheel carried in .whl/.
+# The prepared device runs (H200), as two calls that each fit the 600 s command limit:
+#   bash launch/gpu_device_check.sh sampler   # smoke test, cuDNN-vs-ours attention check, sampler bench
+#   bash launch/gpu_device_check.sh train     # smoke test, train-step bench: einsum, then cuDNN attention
+# (`all` runs both in one go, for machines without that limit). The benchmarks are
+# launch/gpu_bench_sampler.sh and launch/gpu_bench_train_step.sh. Each part has its own time limit
+# so that one slow or failing part leaves the others' results; logs land under $OUT (default
+# /tmp/out). Flax: the machine's own if our smoke test passes with it, else the wheel in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
-T_SAMPLER="${T_SAMPLER:-200}" T_TRAIN="${T_TRAIN:-170}"
+PART="${1:-all}"
+case "$PART" in all|sampler|train) ;; *) echo "usage: $0 [all|sampler|train]" >&2; exit 2;; esac
+T_SAMPLER="${T_SAMPLER:-330}" T_TRAIN="${T_TRAIN:-240}"
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/device.log"; }
 
 smoke() {
@@ -35,6 +39,7 @@ if ! smoke 2>&1 | tee -a "$OUT/device.log"; then
   smoke 2>&1 | tee -a "$OUT/device.log" || { log "smoke failed twice: stop"; exit 1; }
 fi
 
+if [ "$PART" != train ]; then
 log "cudnn attention vs ours (bf16 decoder hidden states and gradients, left padding)"
 timeout 90 python3 - <<'PY' 2>&1 | tee -a "$OUT/device.log"
 import dataclasses, jax, jax.numpy as jnp, numpy as np
@@ -64,7 +69,9 @@ PY
 log "sampler"
 OUT= timeout "$T_SAMPLER" bash launch/gpu_bench_sampler.sh ${SAMPLER_ARGS:-} > "$OUT/sampler.log" 2>&1; log "sampler rc=$?"
 tail -n 12 "$OUT/sampler.log" | cut -c1-2000
+fi
 
+if [ "$PART" != sampler ]; then
 log "train step, attn einsum"
 OUT= timeout "$T_TRAIN" bash launch/gpu_bench_train_step.sh ${TRAIN_ARGS:-} > "$OUT/train_einsum.log" 2>&1; log "rc=$?"
 tail -n 8 "$OUT/train_einsum.log" | cut -c1-2500
@@ -72,4 +79,5 @@ tail -n 8 "$OUT/train_einsum.log" | cut -c1-2500
 log "train step, attn cudnn"
 OUT= timeout "$T_TRAIN" bash launch/gpu_bench_train_step.sh --attn-impl cudnn ${TRAIN_ARGS:-} > "$OUT/train_cudnn.log" 2>&1; log "rc=$?"
 tail -n 8 "$OUT/train_cudnn.log" | cut -c1-2500
+fi
 log "done"
