@@ -58,4 +58,24 @@ def test_decoder_hidden_states_equal_and_cache_path_unchanged():
 
 def test_negative_block_rejected():
     with pytest.raises(ModelConfigError, match="attn_query_block"):
-        dataclasses.replace(tiny_config("qwen2"), attn_query_block=-1)
+        dataclasses.replace(tiny_config("qwen2"), attn_query_block=-2)
+
+
+def test_auto_query_block_choice():
+    # explicit settings are kept; auto blocks only on CPU, and never more than 16 blocks
+    assert L.auto_query_block(0, 320, "cpu") == 0 and L.auto_query_block(64, 320, "gpu") == 64
+    assert L.auto_query_block(-1, 320, "gpu") == 0 and L.auto_query_block(-1, 320, "tpu") == 0
+    assert L.auto_query_block(-1, 64, "cpu") == 0
+    assert L.auto_query_block(-1, 112, "cpu") == 32 and L.auto_query_block(-1, 320, "cpu") == 32
+    assert L.auto_query_block(-1, 4160, "cpu") == 260
+
+
+def test_auto_decoder_equals_full_scores():
+    cfg = tiny_config("qwen2")
+    tokens = jax.random.randint(jax.random.key(3), (2, 100), 1, cfg.vocab_size)
+    mask = jnp.ones((2, 100), jnp.int32).at[1, :9].set(0)
+    pos = left_pad_positions(mask)
+    h0, _ = Decoder(cfg, nnx.Rngs(0))(tokens, pos, mask)
+    h1, _ = Decoder(dataclasses.replace(cfg, attn_query_block=-1), nnx.Rngs(0))(tokens, pos, mask)
+    valid = np.asarray(mask, bool)
+    assert np.abs(np.asarray(h0 - h1))[valid].max() <= 1e-5

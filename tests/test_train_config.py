@@ -75,13 +75,14 @@ def test_config_file_errors(tmp_path):
 def test_attention_kernel_options_are_validated_and_reach_both_models(tmp_path):
     with pytest.raises(ConfigError, match=r"models.attn_impl='flash'; accepted: einsum, sdpa, cudnn"):
         _load(models={"attn_impl": "flash"})
-    with pytest.raises(ConfigError, match=r"models.attn_query_block=-2 must be >= 0"):
+    with pytest.raises(ConfigError, match=r"models.attn_query_block=-2 must be >= 0 \(0: off\) or -1 \(auto\)"):
         _load(models={"attn_query_block": -2})
 
     from tests.train_e2e_helpers import tiny_models
     from tgpo_jax.train import setup
 
     student, teacher = tiny_models(str(tmp_path))
+    assert _load(models={"student": student, "teacher": teacher}).models.attn_query_block == -1  # auto
     cfg = _load(models={"student": student, "teacher": teacher, "attn_impl": "sdpa", "attn_query_block": 8})
     _, s, t, _ = setup.build_models(cfg)
     for m in (s, t):

@@ -18,6 +18,7 @@ MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 # a grouped matmul kernel) on GPU / TPU and "blocks" (sorted blocks in a loop) elsewhere; "dense"
 # runs every expert on every token (a reference for tests only, never a default).
 ATTN_IMPLS = ("einsum", "sdpa", "cudnn")
+AUTO_QUERY_BLOCK = -1
 MOE_IMPLS = ("auto", "ragged", "blocks", "dense")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -77,6 +78,7 @@ class ModelConfig:
     moe_block_size: int = 64  # rows per block of the "blocks" dispatch
     # Runtime, not an HF field: > 0 computes cache-free causal self-attention (training, scoring)
     # in query blocks of this many rows, each reading only the keys up to its last row (exact).
+    # -1 (AUTO_QUERY_BLOCK): chosen per sequence length and backend (layers.auto_query_block).
     attn_query_block: int = 0
     # Runtime, not an HF field: the cache-free attention kernel. "einsum": ours (fp32 scores);
     # "sdpa": jax.nn.dot_product_attention, backend's choice (cuDNN flash attention on GPU where it
@@ -109,8 +111,8 @@ class ModelConfig:
             raise ModelConfigError(f"moe_impl={self.moe_impl!r}; accepted: {', '.join(MOE_IMPLS)}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ModelConfigError(f"attn_impl={self.attn_impl!r}; accepted: {', '.join(ATTN_IMPLS)}")
-        if self.attn_query_block < 0:
-            raise ModelConfigError(f"attn_query_block={self.attn_query_block} must be >= 0 (0: off)")
+        if self.attn_query_block < AUTO_QUERY_BLOCK:
+            raise ModelConfigError(f"attn_query_block={self.attn_query_block} must be >= 0 (0: off) or -1 (auto)")
         if self.moe_block_size < 1:
             raise ModelConfigError(f"moe_block_size={self.moe_block_size} must be positive")
         if not is_moe_arch or self.num_experts == 0:

@@ -204,8 +204,8 @@ def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, inde
         kv = (k_c, v_c)
     elif cfg.attn_impl != "einsum":  # cache-free path: `allowed` is causal
         attn = L.sdpa_attention(q, k, v, allowed_BTS, None if cfg.attn_impl == "sdpa" else cfg.attn_impl)
-    elif 0 < cfg.attn_query_block < q.shape[1]:
-        attn = L.causal_blocked_attention(q, k, v, allowed_BTS, cfg.attn_query_block)
+    elif 0 < (block := L.auto_query_block(cfg.attn_query_block, q.shape[1])) < q.shape[1]:
+        attn = L.causal_blocked_attention(q, k, v, allowed_BTS, block)
     else:
         attn = L.attention(q, k, v, allowed_BTS)
     out = jnp.einsum("bthd,hde->bte", attn, w["o_kernel"])

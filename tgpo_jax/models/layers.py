@@ -80,6 +80,19 @@ def attention(q_BTHD: jax.Array, k: jax.Array, v: jax.Array, allowed_BTS: jax.Ar
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BTHD.dtype)
 
 
+def auto_query_block(setting: int, T: int, backend: str | None = None) -> int:
+    """The query block `causal_blocked_attention` uses for T positions (0: full scores). `setting`
+    >= 0 is taken as is; -1 (auto) picks blocks only on the CPU backend, where skipping the upper
+    triangle measured 1.1-1.45x faster train steps at 112-320 positions: blocks of 32 rows, or
+    T / 16 for long sequences (at most 16 blocks: the blocks are unrolled at trace time). XLA:GPU /
+    TPU get full scores (use attn_impl="cudnn" on GPUs)."""
+    if setting >= 0:
+        return setting
+    if (backend or jax.default_backend()) != "cpu" or T < 96:
+        return 0
+    return max(32, -(-T // 16))
+
+
 def causal_blocked_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array,
                              block: int) -> jax.Array:
     """`attention` for causal self-attention over the same positions (S == T, no KV cache), in
