@@ -30,6 +30,7 @@ def test_quick_no_peer_reports_json(capsys, tmp_path):
     for k in ("ours_tokens_per_s", "compile_s", "ours_median_s"):
         assert isinstance(r[k], float) and r[k] > 0 and math.isfinite(r[k]), k
     assert r["ours_decode_tokens_per_s"] is None  # --quick skips the prefill-alone timing
+    assert r["compiles"] == 1  # one executable for the warm-up and every timed call
     assert r["peer_tokens_per_s"] is None and r["ratio"] is None
     assert "roofline_fraction" not in r  # CPU without --hbm-gbps: no roofline
     assert json.loads(out_file.read_text()) == r
@@ -47,6 +48,7 @@ def test_with_transformers_peer_and_roofline(capsys):
               "roofline_tokens_per_s"):
         assert isinstance(r[k], float) and r[k] > 0, k
     assert r["ratio"] == pytest.approx(r["ours_tokens_per_s"] / r["peer_tokens_per_s"])
+    assert r["compiles"] == 2  # the full call and the prefill-only split, each compiled once
 
 
 def test_model_shapes_and_roofline_formula():

@@ -144,7 +144,7 @@ def bench_ours(model, prompts, s: BenchSettings, decode_split: bool = True) -> d
         raise RuntimeError(f"our sampler did not produce exactly {s.new_tokens} tokens per row")
     runs = [timed(params, jax.random.key(s.seed + 1 + i))[0] for i in range(s.repeats)]
     result = dict(compile_s=compile_s, warmup_s=warmup_s, runs_s=runs, median_s=statistics.median(runs),
-                  prefill_compile_s=None, prefill_median_s=None)
+                  prefill_compile_s=None, prefill_median_s=None, compiles=sampler.stats.compiles)
     if not decode_split:
         return result
     # Prefill alone (max_new_tokens=1: prefill + one token draw, no decode forward): the decode-only
@@ -153,7 +153,8 @@ def bench_ours(model, prompts, s: BenchSettings, decode_split: bool = True) -> d
     timed(pre, jax.random.key(s.seed))
     prefill_compile_s = sampler.stats.compile_s - compile_s
     prefill_runs = [timed(pre, jax.random.key(s.seed + 1 + i))[0] for i in range(s.repeats)]
-    return dict(result, prefill_compile_s=prefill_compile_s, prefill_median_s=statistics.median(prefill_runs))
+    return dict(result, prefill_compile_s=prefill_compile_s, prefill_median_s=statistics.median(prefill_runs),
+                compiles=sampler.stats.compiles)
 
 
 # ---------------------------------------------------------------------- peer (transformers, PyTorch CPU)
@@ -249,6 +250,7 @@ def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
         dtype=s.dtype,
         peer_dtype="float32" if peer else None,
         compile_s=ours["compile_s"],
+        compiles=ours["compiles"],  # executables compiled over all calls: 1, or 2 with the prefill-only split
         ours_warmup_s=ours["warmup_s"],
         ours_median_s=ours["median_s"],
         ours_runs_s=ours["runs_s"],
