@@ -82,7 +82,8 @@ class ModelConfig:
     attn_query_block: int = 0
     # Runtime, not an HF field: the cache-free attention kernel. "einsum": ours (fp32 scores);
     # "sdpa": jax.nn.dot_product_attention, backend's choice (cuDNN flash attention on GPU where it
-    # applies, else XLA); "cudnn": that, cuDNN forced (GPU only, bf16/fp16).
+    # applies, else XLA); "cudnn": that, cuDNN forced (GPU only, bf16/fp16). attn_query_block
+    # applies to "einsum" only.
     attn_impl: str = "einsum"
 
     def __post_init__(self):

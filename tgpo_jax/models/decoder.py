@@ -72,7 +72,7 @@ class Decoder(nnx.Module):
         cache, token t attends to real tokens s <= t of the same row. With a cache, the tokens are
         written at slots [cache.index, cache.index + T) and attend to every earlier real slot.
         remat=True recomputes each layer's activations in the backward pass (training memory).
-        layers: `layer_list()[0]`, sliced once outside a decode loop (else sliced here, per call).
+        layers: `layer_list()`, sliced once outside a decode loop (else sliced here, per call).
         """
         cfg = self.cfg
         sh = self.sharding
@@ -99,15 +99,15 @@ class Decoder(nnx.Module):
             # new slots in place and reads its own buffer directly.
             slot_mask, allowed = cache.allowed_BTS(mask_BT)
             ks, vs = list(cache.k), list(cache.v)
-            for i, lp in enumerate(layers if layers is not None else self.layer_list()[0]):
+            for i, lp in enumerate(layers if layers is not None else _per_layer(layer_params, cfg.num_layers)):
                 x_BTE, (ks[i], vs[i]) = layer_fn(cfg, sh, lp, x_BTE, cos, sin, allowed, (ks[i], vs[i]), cache.index)
             cache = KVCache(tuple(ks), tuple(vs), slot_mask, cache.index + tokens_BT.shape[1])
         return L.rms_norm(x_BTE, self.final_norm[...], cfg.rms_norm_eps), cache
 
-    def layer_list(self) -> tuple[list[dict], dict]:
-        """(one parameter dict per layer, sliced from the stacks; the stacks a MoE mix indexes)."""
-        xs, stacks = self._scan_params()
-        return [jax.tree.map(lambda a, i=i: a[i], xs) for i in range(self.cfg.num_layers)], stacks
+    def layer_list(self) -> list[dict]:
+        """One parameter dict per layer, sliced from the stacks (a MoE mix's shared stacks are
+        indexed inside the layer, as in the scan)."""
+        return _per_layer(self._scan_params()[0], self.cfg.num_layers)
 
     def _scan_params(self):
         """(per-layer xs for the scan, stacks indexed inside the body). A dense architecture's
@@ -150,6 +150,10 @@ def mask_padded_vocab(logits_V: jax.Array, cfg: ModelConfig) -> jax.Array:
         return logits_V
     valid = jnp.arange(logits_V.shape[-1]) < cfg.valid_vocab_size
     return jnp.where(valid, logits_V, L.MASK_VALUE)
+
+
+def _per_layer(xs: dict, num_layers: int) -> list[dict]:
+    return [jax.tree.map(lambda a, i=i: a[i], xs) for i in range(num_layers)]
 
 
 def _constrain(sharding, x, logical_axes):

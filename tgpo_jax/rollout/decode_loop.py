@@ -58,7 +58,7 @@ def rollout_fn(graphdef, state, cache, prompt_PT, mask_PT, key, *, params: Sampl
     model = nnx.merge(graphdef, state)
     n, T_new = params.n, params.max_new_tokens
     logits_BV, cache = _prefill(model, prompt_PT, mask_PT, cache, n)
-    layers = model.layer_list()[0]  # sliced once here, not in every decode step
+    layers = model.layer_list()  # sliced once here, not in every decode step
     B = logits_BV.shape[0]
     next_pos_B = jnp.repeat(left_pad_positions(mask_PT)[:, -1] + 1, n)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
