@@ -1,0 +1,102 @@
+"""The cache-free attention kernels equal our full-score einsum attention (`layers.attention`):
+values and gradients at the layer, and the whole decoder's hidden states, with GQA and left
+padding. Query-blocked (ModelConfig.attn_query_block, fixed or auto) and
+jax.nn.dot_product_attention (attn_impl="sdpa"; on CPU the backend's choice is XLA; "cudnn" is
+GPU-only and is exercised by `launch/gpu_device_check.sh`)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tgpo_jax.models import layers as L
+from tgpo_jax.models.config import ModelConfigError
+from tgpo_jax.models.decoder import Decoder, left_pad_positions
+from tgpo_jax.models.tiny import tiny_config
+
+
+def _causal_allowed(mask_BT):
+    T = mask_BT.shape[1]
+    return (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & mask_BT.astype(bool)[:, None, :]
+
+
+def _assert_layer_equal(kernel, B, T, H, K, D):
+    """kernel(q, k, v, allowed) against `L.attention`: values on real query rows within 1e-6,
+    gradients of a padding-masked weighted sum within 1e-5. Row 1 is left-padded by 3."""
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (B, T, H, D))
+    k = jax.random.normal(kk, (B, T, K, D))
+    v = jax.random.normal(kv, (B, T, K, D))
+    mask = np.ones((B, T), np.int32)
+    mask[1, :3] = 0
+    allowed = _causal_allowed(jnp.asarray(mask))
+    # Pad query rows see no key at all: their (unused) output is arbitrary in both; compare real rows.
+    real = mask.astype(bool)
+    ref = L.attention(q, k, v, allowed)
+    got = kernel(q, k, v, allowed)
+    assert np.abs(np.asarray(ref - got))[real].max() <= 1e-6
+
+    w = jax.random.normal(jax.random.key(1), ref.shape) * jnp.asarray(mask)[:, :, None, None]
+    g_ref = jax.grad(lambda *a: jnp.sum(L.attention(*a, allowed) * w), argnums=(0, 1, 2))(q, k, v)
+    g_got = jax.grad(lambda *a: jnp.sum(kernel(*a, allowed) * w), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_ref, g_got):
+        assert np.abs(np.asarray(a - b)).max() <= 1e-5
+
+
+def _assert_decoder_equal(B, T, pad, seed, **cfg_changes):
+    """The tiny decoder's hidden states with `cfg_changes` equal the default's (1e-5, real tokens);
+    the last row is left-padded by `pad`."""
+    cfg = tiny_config("qwen2")
+    tokens = jax.random.randint(jax.random.key(seed), (B, T), 1, cfg.vocab_size)
+    mask = jnp.ones((B, T), jnp.int32).at[B - 1, :pad].set(0)
+    pos = left_pad_positions(mask)
+    h0, _ = Decoder(cfg, nnx.Rngs(0))(tokens, pos, mask)
+    h1, _ = Decoder(dataclasses.replace(cfg, **cfg_changes), nnx.Rngs(0))(tokens, pos, mask)
+    valid = np.asarray(mask, bool)
+    assert np.abs(np.asarray(h0 - h1))[valid].max() <= 1e-5
+
+
+# ---------------------------------------------------------------- query-blocked attention
+@pytest.mark.parametrize("T, block", [(13, 4), (12, 6), (7, 1)])
+def test_blocked_layer_values_and_gradients(T, block):
+    _assert_layer_equal(lambda q, k, v, a: L.causal_blocked_attention(q, k, v, a, block), 2, T, 4, 2, 8)
+
+
+def test_blocked_decoder_hidden_states_equal():
+    _assert_decoder_equal(3, 11, 4, seed=2, attn_query_block=3)
+
+
+def test_negative_block_rejected():
+    with pytest.raises(ModelConfigError, match="attn_query_block"):
+        dataclasses.replace(tiny_config("qwen2"), attn_query_block=-2)
+
+
+def test_auto_query_block_choice():
+    # explicit settings are kept; auto blocks only on CPU, and never more than 16 blocks
+    assert L.auto_query_block(0, 320, "cpu") == 0 and L.auto_query_block(64, 320, "gpu") == 64
+    assert L.auto_query_block(-1, 320, "gpu") == 0 and L.auto_query_block(-1, 320, "tpu") == 0
+    assert L.auto_query_block(-1, 64, "cpu") == 0
+    assert L.auto_query_block(-1, 112, "cpu") == 32 and L.auto_query_block(-1, 320, "cpu") == 32
+    assert L.auto_query_block(-1, 4160, "cpu") == 260
+
+
+def test_auto_decoder_equals_full_scores():
+    _assert_decoder_equal(2, 100, 9, seed=3, attn_query_block=-1)
+
+
+# ---------------------------------------------------------------- jax.nn.dot_product_attention
+@pytest.mark.parametrize("H, K", [(4, 2), (4, 4), (6, 1)])
+def test_sdpa_layer_values_and_gradients(H, K):
+    _assert_layer_equal(lambda q, k, v, a: L.sdpa_attention(q, k, v, a, "xla"), 2, 9, H, K, 8)
+
+
+def test_sdpa_decoder_hidden_states_equal():
+    _assert_decoder_equal(3, 11, 4, seed=2, attn_impl="sdpa")
+
+
+def test_unknown_impl_rejected():
+    with pytest.raises(ModelConfigError, match="attn_impl='flash'.*einsum, sdpa, cudnn"):
+        dataclasses.replace(tiny_config("qwen2"), attn_impl="flash")
