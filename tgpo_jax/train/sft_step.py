@@ -12,7 +12,7 @@ from flax import nnx
 
 from tgpo_jax.objectives.logprobs import student_stats
 from tgpo_jax.train.score import response_hidden
-from tgpo_jax.train.step import TrainState
+from tgpo_jax.train.step import TrainState, split_micro_batches
 
 
 def _sft_micro_loss(params, graphdef, mb, denom, chunk: int):
@@ -28,11 +28,7 @@ def _sft_micro_loss(params, graphdef, mb, denom, chunk: int):
 
 
 def sft_step(graphdef, optimizer, state: TrainState, minibatch, *, micro_batch: int, chunk: int):
-    B = minibatch["mask"].shape[0]
-    if B % micro_batch:
-        raise ValueError(f"micro_batch={micro_batch} does not divide the batch of {B} sequences")
-    M = B // micro_batch
-    mb_M = jax.tree.map(lambda x: x.reshape(M, micro_batch, *x.shape[1:]), minibatch)
+    mb_M = split_micro_batches(minibatch, micro_batch)  # strided: see its docstring
     denom = jnp.maximum(minibatch["mask"].sum().astype(jnp.float32), 1.0)
     grad_fn = jax.value_and_grad(_sft_micro_loss)
 
