@@ -118,6 +118,14 @@ def test_chat_rendering_has_system_prompt_and_think_suffix(tok):
     assert tok.decode(ids) == text and ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
     assert not PromptRenderer(tok, think_suffix=False).render("x").endswith(THINK_PREFIX)
 
+    class ThinkingTemplate:  # a template that opens the thought itself (Qwen3 / R1 style): no second one
+        chat_template = "stub"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]" + THINK_PREFIX
+
+    assert PromptRenderer(ThinkingTemplate(), system_prompt="S").render("q") == "[system]S[user]q[assistant]<think>\n"
+
 
 def test_plain_template_for_base_models(tok):
     r = PromptRenderer(tok, system_prompt="Be brief.", template="plain")
@@ -212,7 +220,9 @@ def test_finite_epochs_end(jsonl, tok):
 def test_reasoning_gym_prompts_are_deterministic_and_rendered(tok):
     cfg = DataConfig(rg_tasks=("chain_sum",), rg_size=6, rg_seed=5, rg_difficulty=2, batch_size=2)
     a, b = build_prompt_set(cfg, tok), build_prompt_set(cfg, tok)
-    assert [r["problem"] for r in a.records] == [r["problem"] for r in b.records]
+    assert [r["problem"] for r in a.records] == [r["problem"] for r in b.records] and len(a.records) == 6
+    other_seed = build_prompt_set(DataConfig(rg_tasks=("chain_sum",), rg_size=6, rg_seed=6, rg_difficulty=2), tok)
+    assert [r["problem"] for r in other_seed.records] != [r["problem"] for r in a.records]
     rec = a.records[0]
     assert rec["data_source"] == "chain_sum" and rec["answer"]["reasoning_gym"] == "chain_sum"
     assert rec["answer"]["config"]["max_terms"] == 4  # curriculum level 2: terms in [2, 4]
@@ -221,3 +231,19 @@ def test_reasoning_gym_prompts_are_deterministic_and_rendered(tok):
     assert len(batch) == 2
     with pytest.raises(ValueError, match="unknown reasoning-gym task 'nope'; available: "):
         build_prompt_set(DataConfig(rg_tasks=("nope",)), tok)
+
+
+def test_train_stops_on_an_empty_dataset_before_any_model_is_loaded(tmp_path, tok, capsys):
+    """The student directory holds a tokenizer and no weights: the data error must come first."""
+    from tgpo_jax.cli import main
+
+    tok.save_pretrained(str(tmp_path / "student"))
+    data = _write_jsonl(tmp_path / "e.jsonl", [{"problem": "p", "answer": ""}, {"problem": "", "answer": "1"}])
+    cfg = {"run_dir": str(tmp_path / "run"), "models": {"student": str(tmp_path / "student")},
+           "objective": {"name": "grpo"}, "data": {"files": [data]}, "rewards": {"workers": 1}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err
+    assert "tgpo-jax train: error: no prompt left after filtering (2 rows read, 1 without a problem and 1 " \
+           "without an answer skipped" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

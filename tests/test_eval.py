@@ -104,6 +104,7 @@ def test_eval_command_on_a_tiny_checkpoint(tmp_path, capsys):
     assert "| toy | 3 | 2 |" in capsys.readouterr().out
     saved = json.load(open(tmp_path / "out" / "eval.json"))
     assert saved["meta"]["data_stats"]["skipped_no_answer"] == 1 and saved["meta"]["temperature"] == 0.6
+    assert saved["meta"]["top_p"] == 1.0
     toy = saved["sources"]["toy"]
     assert 1 <= toy["mean_length"] <= 6 and 0.0 <= toy["truncation_rate"] <= 1.0
     bad = main(["eval", "--model", model, "--data", str(tmp_path / "missing.jsonl")])

@@ -9,7 +9,9 @@ import time
 import pytest
 
 from tgpo_jax.data import DataConfig, load_rg_records
-from tgpo_jax.rewards import RewardFn, VerifierPool, boxed_equal, last_boxed, math_score, normalize_answer, score_one
+from tgpo_jax.rewards import (RewardFn, VerifierPool, boxed_equal, last_boxed, math_score, normalize_answer, rg_score,
+                              score_one)
+from tgpo_jax.rewards.sandbox import check_sympy_code, literal_eval
 
 # (response, ground truth, reward with think format, reward without think format)
 MATH_CASES = [
@@ -89,6 +91,7 @@ ADVERSARIAL = {
     "100 kB nested braces": "<think>x</think> \\boxed{" + "{" * 50_000 + "}" * 50_000 + "}",
     "100 kB unclosed braces": "<think>x</think> \\boxed{" + "{" * 100_000,
     "deep fractions": "<think>x</think> \\boxed{" + "\\frac{1}{" * 2000 + "2" + "}" * 2000 + "}",
+    "lone surrogates": "<think>x</think> \\boxed{\udcff\ud800} " * 2000,  # str that is not valid UTF-8
 }
 
 
@@ -149,3 +152,86 @@ def test_reasoning_gym_answers_score_one_and_wrong_ones_zero(reward):
     n = len(recs)
     assert scores[:n].tolist() == [1.0] * n
     assert scores[n:].tolist() == [0.0] * (2 * n)
+
+
+def test_rg_payload_rebuilds_nested_config_dataclasses():
+    """arc_agi's board_format_opts travels as a dict: rebuilt, the oracle answers score 1 (with the
+    dict passed through, the scorer's board parser failed and every answer scored 0)."""
+    recs, _ = load_rg_records(DataConfig(rg_tasks=("arc_agi",), rg_size=2, rg_seed=0))
+    assert isinstance(recs[0]["answer"]["config"]["board_format_opts"], dict)
+    for r in recs:
+        assert rg_score(f"<think>x</think> <answer>{r['answer']['entry']['answer']}</answer>", r["answer"]) == 1.0
+
+
+# ------------------------------------------------------------------------------------------ no code execution
+def test_literal_eval_accepts_literals_and_arithmetic_only():
+    assert literal_eval("[1, 'a', (2.5, None), {'k': -1}]") == [1, "a", (2.5, None), {"k": -1}]
+    assert literal_eval(" (0x3a << 2) & 7 ^ 9 // 2 ") == (0x3a << 2) & 7 ^ 9 // 2
+    for bad in ("__import__('os')", "().__class__", "[c for c in 'ab']", "(lambda: 1)()", "f'{1}'", "open",
+                "x[0]", "1 +", 3):
+        with pytest.raises(ValueError):
+            literal_eval(bad)
+
+
+def _sympy_code(s, local_dict=None):
+    """(code, local_dict, global_dict) as sympy's parse_expr builds them, unguarded."""
+    import builtins
+    import types
+
+    from sympy import Max, Min
+    from sympy.parsing.sympy_parser import standard_transformations, stringify_expr
+
+    g = {}
+    exec("from sympy import *", g)  # noqa: S102 -- test text, the namespace parse_expr uses
+    g.update({k: v for k, v in vars(builtins).items() if isinstance(v, types.BuiltinFunctionType)})
+    g.update(max=Max, min=Min)
+    local_dict = dict(local_dict or {})
+    return stringify_expr(s, local_dict, g, standard_transformations), local_dict, g
+
+
+def test_sympy_guard_allows_math_and_rejects_code():
+    from sympy import Symbol
+
+    for ok in ("x**2/2 + C", "sqrt(2)*sin(x) + exp(-x) - log(3)", "(1 + 2) * 3 * 4", "f(x) + pi", "[1, 2.5]",
+               "Abs(-3) >= 2"):
+        check_sympy_code(*_sympy_code(ok, {"x": Symbol("x")}))
+    for bad in ("__import__('os').system('true')", "sympify('1')", "lambdify(x, 'x')", "Symbol('x').name",
+                "open('f')", "exec('1')", "Integer(1, evaluate=False)", "(lambda: 1)()", "x[0]"):
+        with pytest.raises(ValueError):
+            check_sympy_code(*_sympy_code(bad))
+
+
+# reasoning-gym tasks whose score_answer passes the answer to eval (the first four) or to sympy's
+# parse_expr (the rest): run through the workers, none of these answers may execute.
+EVAL_SCORER_TASKS = ("spiral_matrix", "binary_matrix", "n_queens", "string_insertion", "countdown", "puzzle24",
+                     "polynomial_multiplication", "simple_integration")
+INJECTIONS = ("__import__('os').system('touch {m}')",
+              "Add(\"__import__('os').system('touch {m}')\")",  # a string a sympy constructor would sympify
+              "Symbol('x').__class__.__init__.__globals__['__builtins__']['open']('{m}', 'w')",
+              "[open('{m}', 'w')]")
+
+
+def test_model_output_never_runs_as_code(reward, tmp_path):
+    texts, answers, expect = [], [], []
+    for task in EVAL_SCORER_TASKS:
+        rec = load_rg_records(DataConfig(rg_tasks=(task,), rg_size=1, rg_seed=0))[0][0]
+        texts += [f"<think>x</think> <answer>{rec['answer']['entry']['answer']}</answer>",
+                  "<think>x</think> <answer>(((</answer>"]  # the oracle answer; junk
+        expect += [("one", task), ("junk", task)]
+        for j, attack in enumerate(INJECTIONS):
+            texts.append("<think>x</think> <answer>" + attack.format(m=tmp_path / f"{task}-{j}") + "</answer>")
+            expect.append(("as junk", task))
+        answers += [rec["answer"]] * (2 + len(INJECTIONS))
+    for j, attack in enumerate(INJECTIONS[:2]):  # math-verify (sympy parse_expr inside) and the boxed grader
+        for form in ("<think>x</think> \\boxed{%s}", "<think>x</think> The answer is %s"):
+            texts.append(form % attack.format(m=tmp_path / f"math-{j}-{len(texts)}"))
+            answers.append("0")
+            expect.append(("zero", "math"))
+    res = reward.submit_detailed(texts, answers).result(timeout=120)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing ran
+    junk = {}
+    for (kind, task), s, failed in zip(expect, res.scores.tolist(), res.failed.tolist()):
+        assert not failed, task
+        if kind == "junk":
+            junk[task] = s
+        assert s == {"one": 1.0, "zero": 0.0, "junk": s, "as junk": junk.get(task)}[kind], (kind, task, s)

@@ -59,6 +59,9 @@ def worker_main(conn, memory_limit_bytes: int | None = None) -> None:
     import math_verify  # noqa: F401
     import reasoning_gym  # noqa: F401
 
+    from tgpo_jax.rewards import sandbox
+
+    sandbox.install()  # scorers that eval / sympify the answer: literals and sympy math only
     conn.send(("ready", os.getpid()))
     while True:
         try:

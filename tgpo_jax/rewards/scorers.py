@@ -2,7 +2,10 @@
 
 They are run by `VerifierPool` workers (in each worker's main thread, under a hard per-item
 timeout); call them directly only on trusted text. Model output is treated as data: it is scanned,
-parsed by math-verify / reasoning-gym scorers, never passed to eval or exec by this code.
+parsed by math-verify / reasoning-gym scorers, never passed to eval or exec by this code. Some
+reasoning-gym scorers (and sympy's parse_expr, which math-verify and others call) do `eval` the
+answer: in the workers, `tgpo_jax.rewards.sandbox.install()` restricts that to literals and sympy
+math (see there), so direct in-process calls are for trusted text only.
 
 An `answer` is either a ground-truth string (math: math-verify, optionally OR the boxed grader) or
 a reasoning-gym payload `{"reasoning_gym": task, "config": {...}, "entry": {...}}` (the task's own
@@ -94,8 +97,28 @@ def _rg_dataset(task: str, config: Mapping[str, Any]):
         if task not in DATASETS:
             raise ValueError(f"unknown reasoning-gym task {task!r}")
         dataset_cls, config_cls = DATASETS[task]
-        _RG_DATASETS[key] = dataset_cls(config=config_cls(**dict(config)))
+        _RG_DATASETS[key] = dataset_cls(config=_rg_config(config_cls, config))
+        from tgpo_jax.rewards import sandbox
+
+        if sandbox.installed():  # a task may import more reasoning_gym modules on first use
+            sandbox.install()
     return _RG_DATASETS[key]
+
+
+def _rg_config(config_cls, config: Mapping[str, Any]):
+    """The task config back from its `dataclasses.asdict` form: fields typed as a dataclass (arc_agi's
+    and rearc's board_format_opts) are rebuilt from their dicts, else the task's board parser fails on
+    the dict and every answer, the right one included, scores 0."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+    kwargs = dict(config)
+    for f in dataclasses.fields(config_cls):
+        hint = hints.get(f.name)
+        if dataclasses.is_dataclass(hint) and isinstance(kwargs.get(f.name), Mapping):
+            kwargs[f.name] = hint(**kwargs[f.name])
+    return config_cls(**kwargs)
 
 
 def rg_score(text: str, payload: Mapping[str, Any], *, think_format: bool = True) -> float:
