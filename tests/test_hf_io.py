@@ -103,6 +103,132 @@ def test_loads_straight_into_given_shardings(qwen2_dir):
         assert np.array_equal(np.asarray(sharded[k]), np.asarray(plain[k])), k
 
 
+def test_transformers_sharded_checkpoint_loads(tmp_path):
+    """A sharded checkpoint written by transformers itself (not by our exporter) loads with parity."""
+    hf = make_hf_model("qwen3", None)
+    hf.save_pretrained(str(tmp_path / "m"), max_shard_size="40KB")
+    files = os.listdir(tmp_path / "m")
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 2
+    tokens, mask = left_padded_batch(TINY["vocab_size"])
+    diff = np.abs(_logits(load_model(str(tmp_path / "m")), tokens, mask) - hf_logits(hf, tokens, mask))
+    assert diff[mask.astype(bool)].max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3"])
+def test_legacy_top_level_rope_fields(kind, tmp_path):
+    """Older config.json files keep RoPE as top-level rope_theta (+ rope_scaling with 'type'), not
+    rope_parameters: both layouts give the logits transformers computes from that same file."""
+    import transformers
+
+    d = str(tmp_path / kind)
+    make_hf_model(kind, d)
+    path = os.path.join(d, "config.json")
+    cfg = json.load(open(path))
+    params = cfg.pop("rope_parameters")
+    if kind == "qwen2":
+        cfg["rope_theta"] = 50.0  # far from every default: ignoring it changes the logits
+    else:
+        cfg["rope_theta"] = params.pop("rope_theta")
+        params["type"] = params.pop("rope_type")  # the oldest spelling
+        cfg["rope_scaling"] = params
+    json.dump(cfg, open(path, "w"))
+    ours = load_model(d)
+    assert ours.cfg.rope_theta == cfg["rope_theta"]
+    assert ours.cfg.rope_scaling.rope_type == ("llama3" if kind == "llama3" else "default")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype="float32").eval()
+    assert hf.config.rope_parameters["rope_theta"] == cfg["rope_theta"]
+    tokens, mask = left_padded_batch(TINY["vocab_size"])
+    diff = np.abs(_logits(ours, tokens, mask) - hf_logits(hf, tokens, mask))
+    assert diff[mask.astype(bool)].max() <= 1e-4
+
+
+class _SpyHandle:
+    """A safetensors handle that records every get_tensor call."""
+
+    def __init__(self, handle, reads):
+        self._h, self._reads = handle, reads
+
+    def __enter__(self):
+        self._h.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._h.__exit__(*exc)
+
+    def get_tensor(self, name):
+        self._reads.append(name)
+        return self._h.get_tensor(name)
+
+    def __getattr__(self, k):
+        return getattr(self._h, k)
+
+
+def test_import_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """Loading never holds a second copy of the checkpoint: each parameter is built by one callback
+    that reads only its own HF tensors, once, and needs on top of its result at most one HF tensor
+    of host memory (numpy allocations, measured with tracemalloc). With shardings, a device's
+    callback reads only the layers of its own shard."""
+    import tracemalloc
+
+
+    from tgpo_jax.models import hf_import
+    from tgpo_jax.models.config import ModelConfig
+    from tgpo_jax.models.hf_rules import expected_hf_tensors
+    from tgpo_jax.models.params import param_specs
+
+    cfg = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=512, hidden_size=128, intermediate_size=512,
+                      num_layers=8, num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True)
+    rng = np.random.default_rng(0)
+    tensors = {n: rng.standard_normal(shape).astype(np.float32) for n, (_, _, shape) in expected_hf_tensors(cfg).items()}
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_file(tensors, str(d / "model.safetensors"))
+    json.dump(cfg.to_hf_dict(), open(d / "config.json", "w"))
+    sizes = {n: t.nbytes for n, t in tensors.items()}
+    del tensors
+
+    reads, calls = [], []
+    real_open, real_make = hf_import._open, jax.make_array_from_callback
+    monkeypatch.setattr(hf_import, "_open", lambda f: _SpyHandle(real_open(f), reads))
+
+    def make_array(shape, sharding, callback):
+        def measured(index):
+            n_before = len(reads)
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            out = callback(index)
+            extra = tracemalloc.get_traced_memory()[1] - before - out.nbytes
+            calls.append((shape, index, reads[n_before:], extra))
+            return out
+        return real_make(shape, sharding, measured)
+
+    monkeypatch.setattr(hf_import.jax, "make_array_from_callback", make_array)
+    tracemalloc.start()
+    try:
+        flat = hf_import.load_params(str(d), cfg)
+    finally:
+        tracemalloc.stop()
+    assert len(calls) == len(param_specs(cfg)) == len(flat)  # one callback per parameter (one device)
+    assert sorted(reads) == sorted(sizes)  # every HF tensor read exactly once
+    for shape, _, names, extra in calls:
+        assert names, shape
+        assert extra <= max(sizes[n] for n in names) + 64 * 1024, (shape, names[0], extra)
+
+    # Sharded: layers over 4 devices -> each device's callback reads only its own 2 layers.
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    reads.clear()
+    calls.clear()
+    sharded = hf_import.load_params(str(d), cfg, {"layers.gate_kernel": NamedSharding(mesh, P("fsdp", None, "tensor"))})
+    gate = [c for c in calls if c[2][0].endswith("gate_proj.weight")]
+    assert len(gate) == 8
+    for _, index, names, _ in gate:
+        own = range(8)[index[0]]
+        assert len(own) == 2
+        assert names == [f"model.layers.{i}.mlp.gate_proj.weight" for i in own]
+    assert np.array_equal(np.asarray(sharded["layers.gate_kernel"]), np.asarray(flat["layers.gate_kernel"]))
+
+
 # ------------------------------------------------------------------------------- bad input
 def test_missing_directory():
     with pytest.raises(FileNotFoundError, match="model directory not found"):

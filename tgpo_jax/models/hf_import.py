@@ -110,16 +110,23 @@ def _param_reader(cfg: ModelConfig, handles, files, expected, path: str):
     inner = spec.shape[k:]
 
     def read(name):
-        return to_ours(rule, handles[files[name]].get_tensor(name), inner).astype(np_dtype)
+        # copy=False: a file already in the param dtype is not copied a second time (get_tensor
+        # returns a fresh array).
+        return to_ours(rule, handles[files[name]].get_tensor(name), inner).astype(np_dtype, copy=False)
 
     if k == 0:
         return lambda index: read(by_idx[()])[index]
 
     def read_stacked(index):
+        """The block `index` of a stacked parameter, filled one HF tensor at a time into one
+        preallocated array: the host holds the block plus a single HF tensor, never a list of
+        per-layer copies next to their stacked result."""
         index = tuple(index) + (slice(None),) * (len(spec.shape) - len(index))
         ranges = [range(spec.shape[d])[index[d]] for d in range(k)]
-        blocks = [read(by_idx[combo])[index[k:]] for combo in itertools.product(*ranges)]
-        return np.stack(blocks).reshape(*(len(r) for r in ranges), *blocks[0].shape)
+        out = np.empty([len(range(n)[s]) for n, s in zip(spec.shape, index)], np_dtype)
+        for pos, combo in zip(itertools.product(*(range(len(r)) for r in ranges)), itertools.product(*ranges)):
+            out[pos] = read(by_idx[combo])[index[k:]]
+        return out
 
     return read_stacked
 
