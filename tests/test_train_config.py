@@ -77,13 +77,16 @@ def test_attention_kernel_options_are_validated_and_reach_both_models(tmp_path):
         _load(models={"attn_impl": "flash"})
     with pytest.raises(ConfigError, match=r"models.attn_query_block=-2 must be >= 0 \(0: off\) or -1 \(auto\)"):
         _load(models={"attn_query_block": -2})
+    with pytest.raises(ConfigError, match=r"models.cache_layers='stacked'; accepted: auto, unroll, scan"):
+        _load(models={"cache_layers": "stacked"})
 
     from tests.train_e2e_helpers import tiny_models
     from tgpo_jax.train import setup
 
     student, teacher = tiny_models(str(tmp_path))
     assert _load(models={"student": student, "teacher": teacher}).models.attn_query_block == -1  # auto
-    cfg = _load(models={"student": student, "teacher": teacher, "attn_impl": "sdpa", "attn_query_block": 8})
+    cfg = _load(models={"student": student, "teacher": teacher, "attn_impl": "sdpa", "attn_query_block": 8,
+                        "cache_layers": "scan"})
     _, s, t, _ = setup.build_models(cfg)
     for m in (s, t):
-        assert (m.cfg.attn_impl, m.cfg.attn_query_block) == ("sdpa", 8)
+        assert (m.cfg.attn_impl, m.cfg.attn_query_block, m.cfg.cache_layers) == ("sdpa", 8, "scan")

@@ -47,8 +47,13 @@ class BenchSettings:
     seed: int = 0
     decode_split: bool = True  # also time prefill alone, for the decode-only rate (one more compile)
     peer_threads: int | None = None  # torch intra-op threads; None: os.cpu_count()
+    cache_layers: str = "auto"  # ours: ModelConfig.cache_layers (unroll | scan | auto)
 
     def __post_init__(self):
+        from tgpo_jax.models.config import CACHE_LAYERS
+
+        if self.cache_layers not in CACHE_LAYERS:
+            raise ValueError(f"cache_layers={self.cache_layers!r}; accepted: {', '.join(CACHE_LAYERS)}")
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; accepted: {', '.join(MODELS)}")
         if min(self.prompts, self.n, self.prompt_len, self.new_tokens, self.repeats) < 1:
@@ -202,8 +207,9 @@ def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
     from flax import nnx
 
     from tgpo_jax.models.decoder import Decoder
+    from tgpo_jax.models.kv_cache import scans_cache
 
-    cfg = model_config(s.model, s.dtype)
+    cfg = model_config(s.model, s.dtype).replace(cache_layers=s.cache_layers)
     dev = jax.devices()[0]
     emit(f"bench sampler: model={s.model} ({cfg.architecture}, {param_count(cfg) / 1e6:.1f}M params) "
          f"dtype={s.dtype} device={dev.platform} ({dev.device_kind})")
@@ -248,6 +254,7 @@ def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
         new_tokens=s.new_tokens,
         prompt_len=s.prompt_len,
         dtype=s.dtype,
+        cache_layers="scan" if scans_cache(cfg) else "unroll",
         peer_dtype="float32" if peer else None,
         compile_s=ours["compile_s"],
         compiles=ours["compiles"],  # executables compiled over all calls: 1, or 2 with the prefill-only split
@@ -291,6 +298,9 @@ def add_arguments(p) -> None:
                         "always on when a roofline is computed)")
     p.add_argument("--peer-threads", type=int, default=None,
                    help="torch threads for the transformers peer (default os.cpu_count())")
+    p.add_argument("--cache-layers", choices=["auto", "unroll", "scan"], default="auto",
+                   help="KV-cache layout (ModelConfig.cache_layers): unroll = per-layer buffers, layers unrolled; "
+                        "scan = one stacked cache, one layer body (compile time flat in depth); auto = unroll on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="also write the result JSON to this file")
 
@@ -300,7 +310,7 @@ def settings_from_args(args) -> BenchSettings:
     pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
     split = args.decode_split if args.decode_split is not None else not args.quick
     return BenchSettings(**pick, dtype=args.dtype, peer=not args.no_peer, hbm_gbps=args.hbm_gbps, seed=args.seed,
-                         decode_split=split, peer_threads=args.peer_threads)
+                         decode_split=split, peer_threads=args.peer_threads, cache_layers=args.cache_layers)
 
 
 def main(args) -> int:

@@ -20,6 +20,7 @@ MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 ATTN_IMPLS = ("einsum", "sdpa", "cudnn")
 AUTO_QUERY_BLOCK = -1
 MOE_IMPLS = ("auto", "ragged", "blocks", "dense")
+CACHE_LAYERS = ("auto", "unroll", "scan")  # see ModelConfig.cache_layers
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -85,6 +86,12 @@ class ModelConfig:
     # applies, else XLA); "cudnn": that, cuDNN forced (GPU only, bf16/fp16). attn_query_block
     # applies to "einsum" only.
     attn_impl: str = "einsum"
+    # Runtime, not an HF field: how the KV-cache path (prefill, decode) runs the layers. "unroll":
+    # one cache buffer per layer, layers unrolled (no per-step copy of a layer's cache or weights;
+    # compile time grows with depth). "scan": one stacked [L, B, K, S, D] cache, one compiled layer
+    # body scanned over the layers (compile time independent of depth). "auto": unroll on CPU
+    # (measured faster there), scan on accelerators.
+    cache_layers: str = "auto"
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -112,6 +119,8 @@ class ModelConfig:
             raise ModelConfigError(f"moe_impl={self.moe_impl!r}; accepted: {', '.join(MOE_IMPLS)}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ModelConfigError(f"attn_impl={self.attn_impl!r}; accepted: {', '.join(ATTN_IMPLS)}")
+        if self.cache_layers not in CACHE_LAYERS:
+            raise ModelConfigError(f"cache_layers={self.cache_layers!r}; accepted: {', '.join(CACHE_LAYERS)}")
         if self.attn_query_block < AUTO_QUERY_BLOCK:
             raise ModelConfigError(f"attn_query_block={self.attn_query_block} must be >= 0 (0: off) or -1 (auto)")
         if self.moe_block_size < 1:

@@ -2,9 +2,9 @@
 
 The module is a parameter container whose layer parameters are stacked on a leading [layers] axis;
 the cache-free forward (training, scoring) scans one compiled layer body over them (compile time
-does not grow with depth). The KV-cache forward (prefill, decode) unrolls the layers over one
-cache buffer per layer, so that a decode step copies no layer's cache or weights; its compile
-time grows with depth. At a jit boundary split it with `nnx.split(model)` and merge inside (see `apply`).
+does not grow with depth). The KV-cache forward (prefill, decode) scans too over a stacked cache,
+or unrolls the layers over one cache buffer per layer so that a decode step copies no layer's
+cache or weights (compile time grows with depth): `ModelConfig.cache_layers`, see kv_cache.py. At a jit boundary split it with `nnx.split(model)` and merge inside (see `apply`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flax import nnx
 
 from tgpo_jax.models import layers as L
 from tgpo_jax.models.config import ModelConfig
-from tgpo_jax.models.kv_cache import KVCache, write_slots
+from tgpo_jax.models.kv_cache import KVCache, write_layer_slots, write_slots
 from tgpo_jax.models.moe import moe_block
 from tgpo_jax.models.params import initializer, layer_param_specs, param_specs
 
@@ -72,7 +72,8 @@ class Decoder(nnx.Module):
         cache, token t attends to real tokens s <= t of the same row. With a cache, the tokens are
         written at slots [cache.index, cache.index + T) and attend to every earlier real slot.
         remat=True recomputes each layer's activations in the backward pass (training memory).
-        layers: `layer_list()`, sliced once outside a decode loop (else sliced here, per call).
+        layers: `layer_list()`, sliced once outside a decode loop (else sliced here, per call); used
+        with a per-layer cache only (a stacked cache scans the stacked parameters).
         """
         cfg = self.cfg
         sh = self.sharding
@@ -82,26 +83,16 @@ class Decoder(nnx.Module):
         x_BTE = _constrain(sh, table_VE[tokens_BT], ("batch", "seq", "act_embed"))
         cos, sin = L.rope_cos_sin(positions_BT, L.rope_inv_freq(cfg), cfg.jnp_dtype)
         layer_params, stacks = self._scan_params()
-        layer_fn = functools.partial(_layer, stacks=stacks)
+        run = functools.partial(_run_layers, cfg, sh, functools.partial(_layer, stacks=stacks), layer_params,
+                                cos=cos, sin=sin)
         if cache is None:
             T = tokens_BT.shape[1]
             allowed = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & mask_BT.astype(bool)[:, None, :]
-
-            def body(x, lp):
-                x, _ = layer_fn(cfg, sh, lp, x, cos, sin, allowed, None, None)
-                return x, None
-
-            if remat:
-                body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-            x_BTE, _ = jax.lax.scan(body, x_BTE, layer_params)
+            x_BTE, _ = run(x_BTE, allowed, None, remat=remat)
         else:
-            # Layers unrolled over per-layer cache buffers (see kv_cache.py): each layer writes its
-            # new slots in place and reads its own buffer directly.
             slot_mask, allowed = cache.allowed_BTS(mask_BT)
-            ks, vs = list(cache.k), list(cache.v)
-            for i, lp in enumerate(layers if layers is not None else _per_layer(layer_params, cfg.num_layers)):
-                x_BTE, (ks[i], vs[i]) = layer_fn(cfg, sh, lp, x_BTE, cos, sin, allowed, (ks[i], vs[i]), cache.index)
-            cache = KVCache(tuple(ks), tuple(vs), slot_mask, cache.index + tokens_BT.shape[1])
+            x_BTE, (k, v) = run(x_BTE, allowed, cache, layers=layers)
+            cache = KVCache(k, v, slot_mask, cache.index + tokens_BT.shape[1])
         return L.rms_norm(x_BTE, self.final_norm[...], cfg.rms_norm_eps), cache
 
     def layer_list(self) -> list[dict]:
@@ -160,6 +151,43 @@ def _constrain(sharding, x, logical_axes):
     return x if sharding is None else sharding.constrain(x, logical_axes)
 
 
+def _run_layers(cfg: ModelConfig, sh, layer_fn, layer_params, x_BTE, allowed, cache: KVCache | None, *, cos, sin,
+                remat: bool = False, layers: list | None = None):
+    """Every layer over x: a scan of one compiled body over the stacked parameters (no cache, or a
+    stacked cache carried and written in place), or unrolled over per-layer cache buffers (each
+    layer writes its new slots in place and reads its own buffer directly). Returns (x, (k, v))."""
+    if cache is not None and not cache.stacked:
+        ks, vs = list(cache.k), list(cache.v)
+        for i, lp in enumerate(layers if layers is not None else _per_layer(layer_params, cfg.num_layers)):
+            x_BTE, (ks[i], vs[i]) = layer_fn(cfg, sh, lp, x_BTE, cos, sin, allowed, (ks[i], vs[i]), cache.index)
+        return x_BTE, (tuple(ks), tuple(vs))
+    index = None if cache is None else cache.index
+
+    def body(carry, xs):
+        x, kv = carry
+        lp, layer = xs
+        x, kv = layer_fn(cfg, sh, lp, x, cos, sin, allowed, None if kv is None else (*kv, layer), index)
+        return (x, None if kv is None else kv[:2]), None
+
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    kv0 = None if cache is None else (cache.k, cache.v)
+    (x_BTE, kv), _ = jax.lax.scan(body, (x_BTE, kv0), (layer_params, jnp.arange(cfg.num_layers)))
+    return x_BTE, kv
+
+
+def _cache_kv(kv: tuple, k_BTKD, v_BTKD, index):
+    """Writes the new keys / values into the cache entry `kv`: a layer's own buffers (k, v), or
+    the stacked buffers and the layer's index (k_all, v_all, layer). Returns (keys, values to
+    attend over, the updated entry)."""
+    if len(kv) == 2:
+        k_c, v_c = write_slots(kv[0], k_BTKD, index), write_slots(kv[1], v_BTKD, index)
+        return k_c, v_c, (k_c, v_c)
+    k_all, k_c = write_layer_slots(kv[0], k_BTKD, kv[2], index)
+    v_all, v_c = write_layer_slots(kv[1], v_BTKD, kv[2], index)
+    return k_c, v_c, (k_all, v_all, kv[2])
+
+
 _MLP_KEYS = ("moe", "dense_mlp", "mlp_select")  # MoE models' per-layer MLP entries (see _scan_params)
 
 
@@ -203,9 +231,8 @@ def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, inde
     k = _constrain(sh, k, ("batch", "seq", "act_kv_heads", None))
     v = _constrain(sh, v, ("batch", "seq", "act_kv_heads", None))
     if kv is not None:
-        k_c, v_c = write_slots(kv[0], k, index), write_slots(kv[1], v, index)
+        k_c, v_c, kv = _cache_kv(kv, k, v, index)
         attn = L.attention(q, k_c, v_c, allowed_BTS, kv_layout="bksd")
-        kv = (k_c, v_c)
     elif cfg.attn_impl != "einsum":  # cache-free path: `allowed` is causal
         attn = L.sdpa_attention(q, k, v, allowed_BTS, None if cfg.attn_impl == "sdpa" else cfg.attn_impl)
     elif 0 < (block := L.auto_query_block(cfg.attn_query_block, q.shape[1])) < q.shape[1]:

@@ -2,9 +2,12 @@
 
 Slots are shared by the whole batch: a left-padded batch writes its prompt into slots [0, P) (pad
 slots are marked invalid in `mask_BS`) and each decode step writes one slot at `index`.
-One buffer per layer, each [batch, kv_heads, slots, head_dim]: the attention contraction reads each
-head's slots contiguously, a step writes one slot of each buffer in place, and no step slices a
-layer out of a stacked cache (which XLA materialises as a copy per layer and step).
+Two layouts (`ModelConfig.cache_layers`):
+- per layer ("unroll"): `k`, `v` are tuples of [batch, kv_heads, slots, head_dim] buffers. A step
+  writes one slot of each buffer in place and no step slices a layer out of a stacked cache
+  (which XLA:CPU materialises as a copy per layer and step); the layers are unrolled.
+- stacked ("scan"): `k`, `v` are single [layers, batch, kv_heads, slots, head_dim] arrays that
+  the layer scan carries, writing each step's slot in place; one compiled layer body.
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ import jax.numpy as jnp
 from tgpo_jax.models.config import ModelConfig
 
 
+def scans_cache(cfg: ModelConfig) -> bool:
+    """True when the KV-cache path scans a stacked cache (`cache_layers`: "scan", or "auto" off CPU)."""
+    if cfg.cache_layers == "auto":
+        return jax.default_backend() != "cpu"
+    return cfg.cache_layers == "scan"
+
+
 @flax.struct.dataclass
 class KVCache:
-    k: tuple  # per layer: [B, K, S, D]
-    v: tuple
+    k: tuple | jax.Array  # per layer [B, K, S, D], or stacked [L, B, K, S, D]
+    v: tuple | jax.Array
     mask_BS: jax.Array  # bool: slot holds a real (non-pad) token
     index: jax.Array  # int32 scalar: the next slot to write
 
@@ -27,16 +37,25 @@ class KVCache:
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or cfg.jnp_dtype
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        return cls(
-            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            mask_BS=jnp.zeros((batch, max_len), bool),
-            index=jnp.zeros((), jnp.int32),
-        )
+        if scans_cache(cfg):
+            k = jnp.zeros((cfg.num_layers, *shape), dtype)
+            v = jnp.zeros((cfg.num_layers, *shape), dtype)
+        else:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=k, v=v, mask_BS=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, tuple)
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.mask_BS.shape[1]
+
+    @property
+    def dtype(self):
+        return jax.tree.leaves(self.k)[0].dtype
 
     def allowed_BTS(self, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Writes the new tokens' validity into the slot mask and returns (new slot mask,
@@ -53,3 +72,11 @@ def write_slots(k_BKSD: jax.Array, new_k_BTKD: jax.Array, index: jax.Array) -> j
     """Writes T new keys of one layer at slots [index, index + T), in place."""
     new = jnp.swapaxes(new_k_BTKD, 1, 2).astype(k_BKSD.dtype)  # [B, K, T, D]
     return jax.lax.dynamic_update_slice(k_BKSD, new, (0, 0, index, 0))
+
+
+def write_layer_slots(k_LBKSD: jax.Array, new_k_BTKD: jax.Array, layer: jax.Array, index: jax.Array):
+    """Writes T new keys of layer `layer` into a stacked cache in place; returns (the stacked
+    cache, that layer's [B, K, S, D] buffer)."""
+    new = jnp.swapaxes(new_k_BTKD, 1, 2).astype(k_LBKSD.dtype)[None]  # [1, B, K, T, D]
+    k_LBKSD = jax.lax.dynamic_update_slice(k_LBKSD, new, (layer, 0, 0, index, 0))
+    return k_LBKSD, jax.lax.dynamic_index_in_dim(k_LBKSD, layer, 0, keepdims=False)

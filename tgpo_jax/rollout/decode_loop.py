@@ -42,13 +42,14 @@ def _constrain_cache(model, x, axes):
 def _prefill(model, prompt_PT, mask_PT, cache: KVCache, n: int):
     """Runs the prompts once and fills slots [0, T) of the (donated) big cache for all n copies."""
     P, T = prompt_PT.shape
-    small = KVCache.init(model.cfg, P, T, dtype=cache.k[0].dtype)
+    small = KVCache.init(model.cfg, P, T, dtype=cache.dtype)
     logits_PTV, small = model(prompt_PT, left_pad_positions(mask_PT), mask_PT, small)
+    lead = (None,) if cache.stacked else ()  # a stacked cache's [layers] axis
+    axes = (*lead, "batch", "act_kv_heads", "cache_seq", None)
+    fill = lambda big, part: _constrain_cache(  # noqa: E731
+        model, jax.lax.dynamic_update_slice(big, jnp.repeat(part, n, axis=len(lead)), (0,) * big.ndim), axes)
+    k, v = jax.tree.map(fill, cache.k, small.k), jax.tree.map(fill, cache.v, small.v)
     rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
-    axes = ("batch", "act_kv_heads", "cache_seq", None)
-    fill = lambda big_l, small_l: _constrain_cache(  # noqa: E731
-        model, jax.lax.dynamic_update_slice(big_l, rep(small_l), (0, 0, 0, 0)), axes)
-    k, v = tuple(map(fill, cache.k, small.k)), tuple(map(fill, cache.v, small.v))
     slot_mask = jnp.zeros(cache.mask_BS.shape, bool).at[:, :T].set(rep(mask_PT.astype(bool)))
     big = KVCache(k, v, slot_mask, jnp.asarray(T, jnp.int32))
     return rep(logits_PTV[:, -1]), big
@@ -58,7 +59,7 @@ def rollout_fn(graphdef, state, cache, prompt_PT, mask_PT, key, *, params: Sampl
     model = nnx.merge(graphdef, state)
     n, T_new = params.n, params.max_new_tokens
     logits_BV, cache = _prefill(model, prompt_PT, mask_PT, cache, n)
-    layers = model.layer_list()  # sliced once here, not in every decode step
+    layers = None if cache.stacked else model.layer_list()  # sliced once here, not in every decode step
     B = logits_BV.shape[0]
     next_pos_B = jnp.repeat(left_pad_positions(mask_PT)[:, -1] + 1, n)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)

@@ -42,7 +42,7 @@ def _generate(graphdef, state, prompt_BP, prompt_mask_BP, key, *, max_new_tokens
     cache = KVCache.init(model.cfg, B, P + max_new_tokens)
     pos_BP = left_pad_positions(prompt_mask_BP)
     logits, cache = model(prompt_BP, pos_BP, prompt_mask_BP, cache)
-    layers = model.layer_list()  # sliced once, not in every decode step
+    layers = None if cache.stacked else model.layer_list()  # sliced once, not in every decode step
     next_pos_B = pos_BP[:, -1] + 1
     eos = jnp.asarray(eos_ids, jnp.int32)
 

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
-from tgpo_jax.models.config import ATTN_IMPLS, AUTO_QUERY_BLOCK
+from tgpo_jax.models.config import ATTN_IMPLS, AUTO_QUERY_BLOCK, CACHE_LAYERS
 from tgpo_jax.objectives.registry import ObjectiveConfig
 from tgpo_jax.train.step import OptimizerConfig
 
@@ -25,9 +25,11 @@ class ModelsConfig:
     # Runtime kernels of both models' cache-free forward (training, scoring); see ModelConfig.
     attn_impl: str = "einsum"  # einsum | sdpa | cudnn (cuDNN flash attention, GPU only)
     attn_query_block: int = -1  # > 0: causal attention in query blocks of this many rows; 0: off; -1: auto (CPU only)
+    cache_layers: str = "auto"  # the sampler's KV cache: unroll | scan (compile time flat in depth) | auto
 
     def model_overrides(self) -> dict:
-        return {"attn_impl": self.attn_impl, "attn_query_block": self.attn_query_block}
+        return {"attn_impl": self.attn_impl, "attn_query_block": self.attn_query_block,
+                "cache_layers": self.cache_layers}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +125,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         p.append("models.student: a local HF model directory is required")
     if cfg.models.attn_impl not in ATTN_IMPLS:
         p.append(f"models.attn_impl={cfg.models.attn_impl!r}; accepted: {', '.join(ATTN_IMPLS)}")
+    if cfg.models.cache_layers not in CACHE_LAYERS:
+        p.append(f"models.cache_layers={cfg.models.cache_layers!r}; accepted: {', '.join(CACHE_LAYERS)}")
     if cfg.models.attn_query_block < AUTO_QUERY_BLOCK:
         p.append(f"models.attn_query_block={cfg.models.attn_query_block} must be >= 0 (0: off) or -1 (auto)")
     obj = cfg.objective.objective
