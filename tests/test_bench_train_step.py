@@ -42,8 +42,10 @@ def test_quick_no_peer_reports_json(capsys, tmp_path):
 def test_with_pytorch_peer_same_loss(capsys):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    assert main(["bench", "train-step", "--quick", *SMALL, "--peak-tflops", "1"]) == 0
+    # ours data-parallel over 2 host devices: the same loss as the single-process peer
+    assert main(["bench", "train-step", "--quick", *SMALL, "--peak-tflops", "1", "--devices", "2"]) == 0
     r = _last_json(capsys)
+    assert r["devices"] == 2
     _positive(r, "ours_tokens_per_s", "peer_tokens_per_s", "ratio", "ours_peak_bytes", "peer_peak_bytes", "mfu")
     assert r["ratio"] == pytest.approx(r["ours_tokens_per_s"] / r["peer_tokens_per_s"])
     # same weights, same batch, same loss: the first (pre-update) step's loss agrees
@@ -72,3 +74,5 @@ def test_bad_settings_are_rejected():
         Settings(batch=6, micro_batch=4)
     with pytest.raises(ValueError):
         Settings(response_len=100, chunk=64)
+    with pytest.raises(ValueError, match="devices=3 must be >= 1 and divide micro_batch=4"):
+        Settings(devices=3)

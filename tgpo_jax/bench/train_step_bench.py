@@ -88,6 +88,9 @@ class Settings:
     peak_tflops: float | None = None  # None: DEFAULT_PEAK_TFLOPS on accelerators, no MFU on CPU
     attn_query_block: int = 0  # ours: ModelConfig.attn_query_block (0: full-score attention)
     attn_impl: str = "einsum"  # ours: ModelConfig.attn_impl
+    # ours: data-parallel over this many devices (on CPU: host devices, e.g. one per core), the
+    # parameters replicated and the mini-batch split by rows; 1: a single device
+    devices: int = 1
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -98,6 +101,8 @@ class Settings:
             raise ValueError("warmup must be >= 0")
         if self.batch % self.micro_batch:
             raise ValueError(f"micro_batch={self.micro_batch} does not divide batch={self.batch}")
+        if self.devices < 1 or self.micro_batch % self.devices:
+            raise ValueError(f"devices={self.devices} must be >= 1 and divide micro_batch={self.micro_batch}")
         if self.response_len % min(self.chunk, self.response_len):
             raise ValueError(f"response_len={self.response_len} is not a multiple of chunk={self.chunk}")
         for name in ("dtype", "param_dtype"):
@@ -301,10 +306,14 @@ def prepare_ours(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
     from tgpo_jax.train.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
 
     cfg = model_config(s)
+    if s.devices > 1:
+        jax.config.update("jax_num_cpu_devices", s.devices)  # before the first backend use; CPU only
     dev = jax.devices()[0]
     opt = make_optimizer(OptimizerConfig(lr=s.lr))
     graphdef, state = init_train_state(init_model(cfg, s.seed), opt)
     mb = {k: jnp.asarray(v) for k, v in np.load(os.path.join(work, "minibatch.npz")).items()}
+    if s.devices > 1:
+        state, mb = _data_parallel(state, mb, s.devices)
     obj = ObjectiveConfig(name="tgpo_reg", lambda_0=s.lambda_0, lambda_decay=s.lambda_decay,
                           clip_eps_low=CLIP_EPS, clip_eps_high=CLIP_EPS, entropy_coef=ENTROPY_COEF)
     step = make_train_step(graphdef, opt, obj_cfg=obj, micro_batch=s.micro_batch, chunk=s.chunk)
@@ -333,6 +342,19 @@ def prepare_ours(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
 
     info["_finish"] = finish
     return one_step, info
+
+
+def _data_parallel(state, mb: dict, n: int):
+    """The state replicated and the mini-batch split by rows over a 1-D `data` mesh of n devices."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if len(jax.devices()) < n:
+        raise ValueError(f"devices={n}: only {len(jax.devices())} {jax.devices()[0].platform} devices here")
+    mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    return state, {k: jax.device_put(v, rows) for k, v in mb.items()}
 
 
 # ---------------------------------------------------------------------- peer (PyTorch + transformers)
@@ -568,7 +590,7 @@ def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
         model=s.model, vocab_size=cfg.vocab_size, params=n_params,
         batch=s.batch, prompt_len=s.prompt_len, response_len=s.response_len, micro_batch=s.micro_batch,
         chunk=s.chunk, repeats=s.repeats, warmup=s.warmup, dtype=s.dtype, param_dtype=s.param_dtype,
-        old_logp=s.old_logp, attn_query_block=s.attn_query_block, attn_impl=s.attn_impl, tokens_per_step=s.tokens,
+        old_logp=s.old_logp, attn_query_block=s.attn_query_block, attn_impl=s.attn_impl, devices=s.devices, tokens_per_step=s.tokens,
         cpu_time_ratio=peer["cpu_median_s"] / ours["cpu_median_s"] if peer else None,
         ours_compile_s=ours["compile_s"], ours_warmup_s=ours["warmup_s"], ours_median_s=ours["median_s"],
         ours_runs_s=ours["runs_s"], ours_cpu_median_s=ours["cpu_median_s"], ours_load_avg=ours["load_avg"],
@@ -631,6 +653,8 @@ def add_arguments(p) -> None:
                    help="our causal attention in query blocks of this many rows (0: full scores)")
     p.add_argument("--attn-impl", choices=["einsum", "sdpa", "cudnn"], default="einsum",
                    help="our cache-free attention kernel (ModelConfig.attn_impl; cudnn: GPU only)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="ours data-parallel over this many devices (CPU: host devices, e.g. one per core; default 1)")
     p.add_argument("--json-out", default=None, help="also write the result JSON to this file")
 
 
@@ -642,7 +666,7 @@ def settings_from_args(args) -> Settings:
                     peer=not args.no_peer, peer_grad_ckpt=args.peer_grad_ckpt, peer_omp_wait=args.peer_omp_wait,
                     peer_threads=args.peer_threads, old_logp=args.old_logp, lambda_0=args.lambda_0, lr=args.lr,
                     seed=args.seed, peak_tflops=args.peak_tflops, attn_query_block=args.attn_query_block,
-                    attn_impl=args.attn_impl)
+                    attn_impl=args.attn_impl, devices=args.devices)
 
 
 def main(args) -> int:
