@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-MESH = {"data": 2, "fsdp": 2, "tensor": 2}
+MESH = {"data": 2, "fsdp": -1, "tensor": 2}  # -1: the rest of the devices of all processes (2 here)
 BATCH, SEQ = 8, 12
 
 
