@@ -26,9 +26,15 @@ def _run_two(config_path: str) -> list[tuple[int, str]]:
     coord = f"127.0.0.1:{_free_port()}"
     procs = []
     for i in range(2):
-        env = dict(_worker_env(), TGPO_COORDINATOR_ADDRESS=coord, TGPO_NUM_PROCESSES="2", TGPO_PROCESS_ID=str(i),
-                   WORKER_LOCAL_DEVICES="4")
-        procs.append(subprocess.Popen([sys.executable, WORKER, config_path], cwd=REPO, env=env,
+        # process 0 is told by the environment, process 1 by its config (sharding.distributed)
+        env = dict(_worker_env(), WORKER_LOCAL_DEVICES="4")
+        args = []
+        if i == 0:
+            env.update(TGPO_COORDINATOR_ADDRESS=coord, TGPO_NUM_PROCESSES="2", TGPO_PROCESS_ID="0")
+        else:
+            args = [f"sharding.distributed.coordinator_address={coord}", "sharding.distributed.num_processes=2",
+                    "sharding.distributed.process_id=1"]
+        procs.append(subprocess.Popen([sys.executable, WORKER, config_path, *args], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         return [(p.wait(timeout=TIMEOUT_S), p.stdout.read()) for p in procs]

@@ -90,3 +90,19 @@ def test_attention_kernel_options_are_validated_and_reach_both_models(tmp_path):
     _, s, t, _ = setup.build_models(cfg)
     for m in (s, t):
         assert (m.cfg.attn_impl, m.cfg.attn_query_block, m.cfg.cache_layers) == ("sdpa", 8, "scan")
+
+
+def test_distributed_settings_come_from_the_config_and_are_checked(monkeypatch):
+    for var in ("TGPO_COORDINATOR_ADDRESS", "TGPO_NUM_PROCESSES", "TGPO_PROCESS_ID", "JAX_COORDINATOR_ADDRESS",
+                "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    dist = {"coordinator_address": "10.0.0.2:8476", "num_processes": 4, "process_id": 3}
+    cfg = _load(sharding={"distributed": dist})
+    assert (cfg.sharding.distributed.coordinator_address, cfg.sharding.distributed.num_processes,
+            cfg.sharding.distributed.process_id) == ("10.0.0.2:8476", 4, 3)
+    with pytest.raises(ConfigError, match=r"sharding.distributed: process_id must be in \[0, num_processes=4\); got 4"):
+        _load(sharding={"distributed": dict(dist, process_id=4)})
+    with pytest.raises(ConfigError, match=r"sharding.distributed: incomplete multi-process settings: missing num_processes"):
+        _load(sharding={"distributed": {"coordinator_address": "10.0.0.2:8476", "process_id": 0}})
+    with pytest.raises(ConfigError, match=r"coordinator_addres"):  # unknown key: the valid ones are listed
+        _load(sharding={"distributed": {"coordinator_addres": "x:1"}})

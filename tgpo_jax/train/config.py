@@ -8,6 +8,7 @@ from typing import Any
 
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
 from tgpo_jax.models.config import ATTN_IMPLS, AUTO_QUERY_BLOCK, CACHE_LAYERS
+from tgpo_jax.sharding.distributed import DistributedConfig, DistributedConfigError, plan
 from tgpo_jax.objectives.registry import ObjectiveConfig
 from tgpo_jax.train.step import OptimizerConfig
 
@@ -37,6 +38,10 @@ class ShardingSection:
     mesh: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
     student_rules: dict = dataclasses.field(default_factory=dict)
     teacher_rules: dict = dataclasses.field(default_factory=dict)
+    # Multi-process start-up: coordinator_address ("host:port" of process 0), num_processes and
+    # process_id together, or none (single process; on a Cloud TPU VM JAX detects them). Unset
+    # fields are read from the environment (TGPO_COORDINATOR_ADDRESS, TGPO_NUM_PROCESSES, ...).
+    distributed: DistributedConfig = DistributedConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +130,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         p.append("models.student: a local HF model directory is required")
     if cfg.models.attn_impl not in ATTN_IMPLS:
         p.append(f"models.attn_impl={cfg.models.attn_impl!r}; accepted: {', '.join(ATTN_IMPLS)}")
+    try:
+        plan(cfg.sharding.distributed)
+    except DistributedConfigError as e:
+        p.append(f"sharding.distributed: {e}")
     if cfg.models.cache_layers not in CACHE_LAYERS:
         p.append(f"models.cache_layers={cfg.models.cache_layers!r}; accepted: {', '.join(CACHE_LAYERS)}")
     if cfg.models.attn_query_block < AUTO_QUERY_BLOCK:

@@ -58,7 +58,7 @@ def train(cfg: TrainConfig) -> dict:
 
     Multi-process (multi-host): every process runs this same loop on the same global batches;
     only process 0 writes the config, metrics and plots (Orbax coordinates the checkpoint)."""
-    initialize()  # before anything touches the JAX backend
+    initialize(cfg.sharding.distributed)  # before anything touches the JAX backend
     primary = jax.process_index() == 0
     paths.makedirs(cfg.run_dir)  # run_dir may be a gs:// URL
     if primary:

@@ -56,7 +56,7 @@ def _teacher_on_student_vocab(teacher, student_cfg: ModelConfig, tokenizer_len: 
 
 def build_models(cfg: TrainConfig):
     """(mesh, student, teacher or None, tokenizer)."""
-    initialize()
+    initialize(cfg.sharding.distributed)
     mesh = build_mesh(MeshConfig.from_dict(cfg.sharding.mesh))
     m = cfg.models
     student = _load(m.student, mesh, cfg.sharding.student_rules, m.param_dtype, m.dtype, m.model_overrides())
