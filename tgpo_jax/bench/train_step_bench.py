@@ -86,7 +86,9 @@ class Settings:
     lr: float = 1e-6
     seed: int = 0
     peak_tflops: float | None = None  # None: DEFAULT_PEAK_TFLOPS on accelerators, no MFU on CPU
-    attn_query_block: int = 0  # ours: ModelConfig.attn_query_block (0: full-score attention)
+    # ours: ModelConfig.attn_query_block; -1 (auto, the train config's default): query blocks on CPU
+    # at T >= 96, full scores otherwise; 0: full scores
+    attn_query_block: int = -1
     attn_impl: str = "einsum"  # ours: ModelConfig.attn_impl
     # ours: data-parallel over this many devices (on CPU: host devices, e.g. one per core), the
     # parameters replicated and the mini-batch split by rows; 1: a single device
@@ -649,8 +651,9 @@ def add_arguments(p) -> None:
                    help=f"peak for the MFU (default {DEFAULT_PEAK_TFLOPS:.0f}, H100/H200 bf16 dense, on accelerators; "
                         "no MFU on CPU unless given)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attn-query-block", type=int, default=0,
-                   help="our causal attention in query blocks of this many rows (0: full scores)")
+    p.add_argument("--attn-query-block", type=int, default=-1,
+                   help="our causal attention in query blocks of this many rows (0: full scores; "
+                        "-1: auto, the train config's default)")
     p.add_argument("--attn-impl", choices=["einsum", "sdpa", "cudnn"], default="einsum",
                    help="our cache-free attention kernel (ModelConfig.attn_impl; cudnn: GPU only)")
     p.add_argument("--devices", type=int, default=1,
