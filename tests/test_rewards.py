@@ -167,6 +167,10 @@ def test_rg_payload_rebuilds_nested_config_dataclasses():
 def test_literal_eval_accepts_literals_and_arithmetic_only():
     assert literal_eval("[1, 'a', (2.5, None), {'k': -1}]") == [1, "a", (2.5, None), {"k": -1}]
     assert literal_eval(" (0x3a << 2) & 7 ^ 9 // 2 ") == (0x3a << 2) & 7 ^ 9 // 2
+    # evaluated by walking the AST; Python's own eval of these trusted test strings is the reference
+    for text in ("-2 ** 2", "1 < 2 < 3", "3 > 2 > 5", "[1, 2] * 2 + [3]", "{1, 2} | {3}", "0 or [] or 'x'",
+                 "1 and 0 and 2", "not 0", "'a' in 'abc'", "7 % 3 - 5 / 2", "~5 >> 1", "(1,) != (1, 2)"):
+        assert literal_eval(text) == eval(text), text  # noqa: S307 -- test text, not model output
     for bad in ("__import__('os')", "().__class__", "[c for c in 'ab']", "(lambda: 1)()", "f'{1}'", "open",
                 "x[0]", "1 +", 3):
         with pytest.raises(ValueError):

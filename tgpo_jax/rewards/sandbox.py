@@ -23,6 +23,7 @@ memory cap handle it.
 from __future__ import annotations
 
 import ast
+import operator
 import sys
 import types
 
@@ -43,15 +44,56 @@ def _parse(source, what: str) -> ast.Expression:
         raise ValueError(f"{what}: not a Python expression ({type(e).__name__})") from None
 
 
+_BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow, ast.LShift: operator.lshift,
+        ast.RShift: operator.rshift, ast.BitOr: operator.or_, ast.BitXor: operator.xor, ast.BitAnd: operator.and_,
+        ast.MatMult: operator.matmul}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg, ast.Not: operator.not_, ast.Invert: operator.invert}
+_CMP = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt,
+        ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not,
+        ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
+
+
+def _value(node):
+    """Evaluates a checked literal / arithmetic node by walking it: no eval, no name lookup."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        items = [_value(e) for e in node.elts]
+        return {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)](items)
+    if isinstance(node, ast.Dict):
+        return {_value(k): _value(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.UnaryOp):
+        return _UNARY[type(node.op)](_value(node.operand))
+    if isinstance(node, ast.BinOp):
+        return _BIN[type(node.op)](_value(node.left), _value(node.right))
+    if isinstance(node, ast.BoolOp):  # Python's value semantics, short-circuiting
+        for v in node.values[:-1]:
+            x = _value(v)
+            if bool(x) != isinstance(node.op, ast.And):
+                return x
+        return _value(node.values[-1])
+    if isinstance(node, ast.Compare):
+        left = _value(node.left)
+        for op, right_node in zip(node.ops, node.comparators):
+            right = _value(right_node)
+            if not _CMP[type(op)](left, right):
+                return False
+            left = right
+        return True
+    raise ValueError(f"literal_eval: {type(node).__name__} is not allowed")
+
+
 def literal_eval(source, globals=None, locals=None):  # noqa: A002 -- the signature of builtins.eval
-    """`eval` restricted to literals and arithmetic on them (what the scorers use it for: "[1, 2]",
-    "['a', 'b']", "3 + 4 // 2", "(0x3a << 2) & 7"). Anything with a name, call, attribute, subscript,
-    comprehension, lambda or f-string raises ValueError before any evaluation."""
+    """`eval`'s place in the scorers, restricted to literals and arithmetic on them (what they use
+    it for: "[1, 2]", "['a', 'b']", "3 + 4 // 2", "(0x3a << 2) & 7"). The text is parsed to an AST
+    and evaluated by walking it (never handed to eval): anything with a name, call, attribute,
+    subscript, comprehension, lambda or f-string raises ValueError before any evaluation."""
     tree = _parse(source, "literal_eval")
     for node in ast.walk(tree):
         if not isinstance(node, _LITERAL_NODES):
             raise ValueError(f"literal_eval: {type(node).__name__} is not allowed")
-    return eval(compile(tree, "<answer>", "eval"), {"__builtins__": {}}, {})  # noqa: S307 -- checked above
+    return _value(tree.body)
 
 
 def _sympy_math_object(obj) -> bool:
