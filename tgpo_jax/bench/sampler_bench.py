@@ -202,6 +202,23 @@ def bench_peer(model, prompts, s: BenchSettings) -> dict:
 
 
 # ---------------------------------------------------------------------- driver
+def _table(ours: dict, peer: dict | None, tokens: int, decode_tps: float | None, emit: Callable[[str], None]) -> None:
+    ours_tps = tokens / ours["median_s"]
+    peer_tps = tokens / peer["median_s"] if peer else None
+    rows = [("ours (jax Sampler)", f"{ours['compile_s']:.2f}", f"{ours['warmup_s']:.2f}", f"{ours['median_s']:.3f}",
+             f"{ours_tps:,.0f}")]
+    if peer:
+        rows.append((f"peer (transformers, torch {peer['threads']} thr)", "-", f"{peer['warmup_s']:.2f}",
+                     f"{peer['median_s']:.3f}", f"{peer_tps:,.0f}"))
+    head = ("implementation", "compile_s", "warmup_s", "median_s", "tokens/s")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    for r in [head] + rows:
+        emit("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if ours["prefill_median_s"] is not None:
+        emit(f"  ours: prefill alone {ours['prefill_median_s']:.3f}s (compile {ours['prefill_compile_s']:.2f}s); "
+             f"decode {'-' if decode_tps is None else f'{decode_tps:,.0f}'} tokens/s")
+
+
 def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
     import jax
     from flax import nnx
@@ -230,18 +247,7 @@ def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
     peer = bench_peer(model, prompts, s) if s.peer else None
     peer_tps = tokens / peer["median_s"] if peer else None
 
-    rows = [("ours (jax Sampler)", f"{ours['compile_s']:.2f}", f"{ours['warmup_s']:.2f}", f"{ours['median_s']:.3f}",
-             f"{ours_tps:,.0f}")]
-    if peer:
-        rows.append((f"peer (transformers, torch {peer['threads']} thr)", "-", f"{peer['warmup_s']:.2f}",
-                     f"{peer['median_s']:.3f}", f"{peer_tps:,.0f}"))
-    head = ("implementation", "compile_s", "warmup_s", "median_s", "tokens/s")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    for r in [head] + rows:
-        emit("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    if ours["prefill_median_s"] is not None:
-        emit(f"  ours: prefill alone {ours['prefill_median_s']:.3f}s (compile {ours['prefill_compile_s']:.2f}s); "
-             f"decode {'-' if decode_tps is None else f'{decode_tps:,.0f}'} tokens/s")
+    _table(ours, peer, tokens, decode_tps, emit)
 
     result = dict(
         ours_tokens_per_s=ours_tps,

@@ -546,14 +546,8 @@ def _run_lockstep(s: Settings, roles: list[str], settings_path: str, work: str, 
 
 
 # ---------------------------------------------------------------------- driver
-def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
-    cfg = model_config(s)
-    n_params = param_count(cfg)
-    emit(f"bench train-step: model={s.model} ({cfg.architecture}, V={cfg.vocab_size}, {n_params / 1e6:.2f}M params) "
-         f"dtype={s.dtype} params={s.param_dtype}; TGPO-Reg lambda_0={s.lambda_0}, AdamW lr={s.lr}")
-    emit(f"  B={s.batch} P={s.prompt_len} T={s.response_len} micro_batch={s.micro_batch} chunk={s.chunk} "
-         f"repeats={s.repeats} (median after compile + {s.warmup} warm-up step(s)); "
-         f"tokens/step = B*(P+T) = {s.tokens:,}")
+def _measure(s: Settings, cfg, emit: Callable[[str], None]) -> tuple[dict, dict | None]:
+    """Runs the setup and the lock-step workers in a scratch directory; (ours, peer or None)."""
     with tempfile.TemporaryDirectory(prefix="tgpo-bench-step-") as work:
         settings_path = os.path.join(work, "settings.json")
         with open(settings_path, "w") as f:
@@ -562,26 +556,27 @@ def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
         if s.peer or s.old_logp == "model":
             _run_setup(settings_path, work, emit)
         res = _run_lockstep(s, ["ours", "peer"] if s.peer else ["ours"], settings_path, work, emit)
-        ours, peer = res["ours"], res.get("peer")
+    return res["ours"], res.get("peer")
 
-    ours_tps = s.tokens / ours["median_s"]
-    peer_tps = s.tokens / peer["median_s"] if peer else None
+
+def _table(s: Settings, ours: dict, peer: dict | None, emit: Callable[[str], None]) -> None:
     gib = 1024**3
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     rows = [("ours (jax, jit step)", f"{ours['compile_s']:.2f}", fmt(ours["warmup_s"], ".2f"),
-             f"{ours['median_s']:.3f}", f"{ours_tps:,.0f}", f"{ours['peak_bytes'] / gib:.2f}")]
+             f"{ours['median_s']:.3f}", f"{s.tokens / ours['median_s']:,.0f}", f"{ours['peak_bytes'] / gib:.2f}")]
     if peer:
         rows.append((f"peer (torch {peer['threads']} thr, full logits)", "-", fmt(peer["warmup_s"], ".2f"),
-                     f"{peer['median_s']:.3f}", f"{peer_tps:,.0f}", f"{peer['peak_bytes'] / gib:.2f}"))
+                     f"{peer['median_s']:.3f}", f"{s.tokens / peer['median_s']:,.0f}", f"{peer['peak_bytes'] / gib:.2f}"))
     head = ("implementation", "compile_s", "warmup_s", "median_s", "tokens/s", "peak_GiB")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
         emit("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
-    fl = full_logits_bytes(cfg, s)
-    emit(f"  full-logits path (analytic, fp32): logits [B, P+T, V] = {fl['full_logits_tensor_bytes'] / 1e9:.2f} GB, "
-         f">= {fl['full_logits_lower_bound_bytes'] / 1e9:.2f} GB with log_softmax + gradient; per micro-batch of "
-         f"{s.micro_batch}: {fl['full_logits_micro_batch_lower_bound_bytes'] / 1e9:.2f} GB")
+
+def _result(s: Settings, cfg, ours: dict, peer: dict | None, fl: dict) -> dict:
+    """The JSON report: the required fields first, then settings and per-side details."""
+    ours_tps = s.tokens / ours["median_s"]
+    peer_tps = s.tokens / peer["median_s"] if peer else None
     pv = lambda k: peer[k] if peer else None  # noqa: E731
     result = dict(
         ours_tokens_per_s=ours_tps,
@@ -589,10 +584,11 @@ def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
         ratio=ours_tps / peer_tps if peer_tps else None,
         ours_peak_bytes=ours["peak_bytes"],
         peer_peak_bytes=pv("peak_bytes"),
-        model=s.model, vocab_size=cfg.vocab_size, params=n_params,
+        model=s.model, vocab_size=cfg.vocab_size, params=param_count(cfg),
         batch=s.batch, prompt_len=s.prompt_len, response_len=s.response_len, micro_batch=s.micro_batch,
         chunk=s.chunk, repeats=s.repeats, warmup=s.warmup, dtype=s.dtype, param_dtype=s.param_dtype,
-        old_logp=s.old_logp, attn_query_block=s.attn_query_block, attn_impl=s.attn_impl, devices=s.devices, tokens_per_step=s.tokens,
+        old_logp=s.old_logp, attn_query_block=s.attn_query_block, attn_impl=s.attn_impl, devices=s.devices,
+        tokens_per_step=s.tokens,
         cpu_time_ratio=peer["cpu_median_s"] / ours["cpu_median_s"] if peer else None,
         ours_compile_s=ours["compile_s"], ours_warmup_s=ours["warmup_s"], ours_median_s=ours["median_s"],
         ours_runs_s=ours["runs_s"], ours_cpu_median_s=ours["cpu_median_s"], ours_load_avg=ours["load_avg"],
@@ -610,6 +606,24 @@ def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
     )
     if "device_peak_bytes" in ours:
         result["ours_device_peak_bytes"] = ours["device_peak_bytes"]
+    return result
+
+
+def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
+    cfg = model_config(s)
+    emit(f"bench train-step: model={s.model} ({cfg.architecture}, V={cfg.vocab_size}, "
+         f"{param_count(cfg) / 1e6:.2f}M params) dtype={s.dtype} params={s.param_dtype}; TGPO-Reg "
+         f"lambda_0={s.lambda_0}, AdamW lr={s.lr}")
+    emit(f"  B={s.batch} P={s.prompt_len} T={s.response_len} micro_batch={s.micro_batch} chunk={s.chunk} "
+         f"repeats={s.repeats} (median after compile + {s.warmup} warm-up step(s)); "
+         f"tokens/step = B*(P+T) = {s.tokens:,}")
+    ours, peer = _measure(s, cfg, emit)
+    _table(s, ours, peer, emit)
+    fl = full_logits_bytes(cfg, s)
+    emit(f"  full-logits path (analytic, fp32): logits [B, P+T, V] = {fl['full_logits_tensor_bytes'] / 1e9:.2f} GB, "
+         f">= {fl['full_logits_lower_bound_bytes'] / 1e9:.2f} GB with log_softmax + gradient; per micro-batch of "
+         f"{s.micro_batch}: {fl['full_logits_micro_batch_lower_bound_bytes'] / 1e9:.2f} GB")
+    result = _result(s, cfg, ours, peer, fl)
     if peer:
         emit(f"  first-step loss: ours {ours['first_loss']:.6f}  peer {peer['first_loss']:.6f}  "
              f"(|diff| {result['first_loss_abs_diff']:.2e}; same weights, same batch)")
