@@ -4,7 +4,8 @@
 # Needs python3 with jax[cuda], flax, numpy, safetensors, ml_dtypes and transformers importable.
 # Prints the table and, as its last line, the JSON report; with $OUT set also writes
 # $OUT/bench_sampler_gpu.json (the JSON) and $OUT/bench_sampler_gpu.log (everything).
-# Extra arguments are passed on (e.g. --repeats 5, --hbm-gbps 3350 for an H100 SXM).
+# Extra arguments are passed on (e.g. --repeats 5, --hbm-gbps 3350 for an H100 SXM, --cache-layers unroll:
+# the KV cache is the stacked, scanned layout on accelerators by default; see ModelConfig.cache_layers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
