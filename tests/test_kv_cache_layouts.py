@@ -94,3 +94,14 @@ def test_scanned_cache_program_does_not_grow_with_depth():
 def test_bad_cache_layout_is_rejected():
     with pytest.raises(ModelConfigError, match=r"cache_layers='stack'; accepted: auto, unroll, scan"):
         tiny_config("qwen2", cache_layers="stack")
+
+
+def test_generate_gives_the_same_tokens_with_either_layout():
+    from tgpo_jax.rollout.generate import generate
+
+    cfg = tiny_config("llama", num_layers=3)
+    tokens, mask = _batch(cfg.vocab_size, n_new=0)
+    outs = [generate(_model(cfg, layout), tokens, mask, jax.random.key(2), max_new_tokens=8, temperature=0.7)
+            for layout in ("unroll", "scan")]
+    assert np.array_equal(np.asarray(outs[0].tokens_BT), np.asarray(outs[1].tokens_BT))
+    assert np.abs(np.asarray(outs[0].logp_BT) - np.asarray(outs[1].logp_BT)).max() <= 1e-5
