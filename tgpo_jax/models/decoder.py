@@ -127,7 +127,7 @@ class Decoder(nnx.Module):
         """fp32 logits [..., V]; rows at or beyond cfg.valid_vocab_size get a large negative value."""
         cfg = self.cfg
         head_EV = self.lm_head_EV()
-        logits = jnp.einsum("...e,ev->...v", h_BTE, head_EV.astype(h_BTE.dtype), preferred_element_type=jnp.float32)
+        logits = L.dense(h_BTE, head_EV.astype(h_BTE.dtype), preferred_element_type=jnp.float32)
         if logits.ndim == 3:
             logits = _constrain(self.sharding, logits, ("batch", "seq", "act_vocab"))
         return mask_padded_vocab(logits, cfg)
@@ -218,9 +218,7 @@ def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, inde
     dt = cfg.jnp_dtype
     w = {k: v.astype(dt) for k, v in p.items() if k not in _MLP_KEYS}
     h = L.rms_norm(x_BTE, w["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("bte,ehd->bthd", h, w["q_kernel"])
-    k = jnp.einsum("bte,ehd->bthd", h, w["k_kernel"])
-    v = jnp.einsum("bte,ehd->bthd", h, w["v_kernel"])
+    q, k, v = L.dense(h, w["q_kernel"]), L.dense(h, w["k_kernel"]), L.dense(h, w["v_kernel"])
     if cfg.qkv_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     if cfg.qk_norm:
@@ -239,7 +237,7 @@ def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, inde
         attn = L.causal_blocked_attention(q, k, v, allowed_BTS, block)
     else:
         attn = L.attention(q, k, v, allowed_BTS)
-    out = jnp.einsum("bthd,hde->bte", attn, w["o_kernel"])
+    out = L.dense(attn, w["o_kernel"], n_in=2)
     if cfg.o_bias:
         out = out + w["o_bias"]
     x_BTE = _constrain(sh, x_BTE + out, ("batch", "seq", "act_embed"))

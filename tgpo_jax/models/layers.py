@@ -117,8 +117,25 @@ def sdpa_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allo
                                         implementation=implementation)
 
 
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None) -> jax.Array:
+    """x [..., *in] @ w [*in, *out] -> [..., *out], where `in` is w's first n_in axes, as ONE 2-D
+    matmul of x flattened to [N, prod(in)] by w flattened to [prod(in), prod(out)].
+
+    Why not `einsum("bte,ehd->bthd")`: XLA:CPU lowers a contraction with several free batch-like
+    axes, above all its weight gradient (a contraction over b and t), to transposing copies and a
+    slower dot. Measured on the 2-core CPU, a SwiGLU over 3,584 x 64 -> 128, forward + backward:
+    10.4 ms as 3-D einsums, 3.8 ms as 2-D matmuls (torch: 5.7 ms)."""
+    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+    lead = x.shape[:x.ndim - n_in]
+    if x.shape[x.ndim - n_in:] != in_shape:
+        raise ValueError(f"dense: input axes {x.shape[x.ndim - n_in:]} do not match the weight's {in_shape}")
+    k, n = math.prod(in_shape), math.prod(out_shape)
+    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, n), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *out_shape)
+
+
 def swiglu(x_BTE, gate_EF, up_EF, down_FE, constrain_hidden=lambda a: a) -> jax.Array:
     """down( silu(x @ gate) * (x @ up) ); `constrain_hidden` pins the [B, T, F] sharding."""
-    g = jnp.einsum("bte,ef->btf", x_BTE, gate_EF)
-    u = jnp.einsum("bte,ef->btf", x_BTE, up_EF)
-    return jnp.einsum("btf,fe->bte", constrain_hidden(jax.nn.silu(g) * u), down_FE)
+    g = dense(x_BTE, gate_EF)
+    u = dense(x_BTE, up_EF)
+    return dense(constrain_hidden(jax.nn.silu(g) * u), down_FE)

@@ -14,12 +14,12 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tgpo_jax.models.layers import MASK_VALUE
+from tgpo_jax.models.layers import MASK_VALUE, dense
 
 
 def chunk_logits(h_BCE: jax.Array, head_EV: jax.Array, valid_vocab: int | None) -> jax.Array:
     """fp32 logits [B, C, V] for one chunk; ids >= valid_vocab get a large negative value."""
-    logits = jnp.einsum("bce,ev->bcv", h_BCE, head_EV.astype(h_BCE.dtype), preferred_element_type=jnp.float32)
+    logits = dense(h_BCE, head_EV.astype(h_BCE.dtype), preferred_element_type=jnp.float32)
     if valid_vocab is not None and valid_vocab < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, MASK_VALUE)
     return logits
