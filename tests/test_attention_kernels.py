@@ -100,3 +100,33 @@ def test_sdpa_decoder_hidden_states_equal():
 def test_unknown_impl_rejected():
     with pytest.raises(ModelConfigError, match="attn_impl='flash'.*einsum, sdpa, cudnn"):
         dataclasses.replace(tiny_config("qwen2"), attn_impl="flash")
+
+
+@pytest.mark.parametrize("block", [0, 8])
+def test_remat_policies_give_the_no_remat_gradients(block):
+    """Training's layer recomputation (keeping nothing, or each layer's attention output) changes
+    what is stored, never the values: parameter gradients equal those without recomputation."""
+    cfg = tiny_config("qwen3", num_layers=3, attn_query_block=block)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (3, 24)), jnp.int32)
+    mask = jnp.asarray(np.arange(24)[None] >= np.array([[0], [5], [11]]), jnp.int32)
+    weights = jnp.asarray(rng.normal(size=(3, 24, cfg.hidden_size)), jnp.float32)
+
+    def grads(policy, remat):
+        graphdef, state = nnx.split(Decoder(dataclasses.replace(cfg, remat_policy=policy), nnx.Rngs(0)))
+
+        def loss(state):
+            h, _ = nnx.merge(graphdef, state).hidden_states(tokens, left_pad_positions(mask), mask, remat=remat)
+            return jnp.sum(h * weights * mask[..., None])
+
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(state))
+
+    # Recomputation reorders fp32 sums (fusions differ), so gradients agree to fp32 rounding at
+    # their own scale (|g| up to ~100 here): 1e-6 of the largest entry per parameter.
+    ref = grads("nothing", False)
+    for policy in ("nothing", "attn_out", "auto"):
+        for a, b in zip(grads(policy, True), ref):
+            a, b = np.asarray(a), np.asarray(b)
+            assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max(), (policy, np.abs(a - b).max(), np.abs(b).max())
+    with pytest.raises(ModelConfigError, match=r"remat_policy='dots'; accepted: auto, nothing, attn_out"):
+        tiny_config("qwen2", remat_policy="dots")

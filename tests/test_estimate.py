@@ -71,6 +71,9 @@ def test_tiny_model_by_hand():
     w = 2 * 2 * 64 * (2 * 64 + 2 * 2 * 16 + 2 * 1 * 16 + 3 * 64) + 2 * 2 * 64 * 64 * (4 + 2)  # = 204800
     assert w == 204800
     assert s["activations"] == 2 * r + 2 * w  # remat full: L residuals + 2 working sets
+    o = 2 * 64 * 2 * 16 * 2  # one attention output [B, T, H / tensor, D] in bf16 = 8192
+    kept = estimate(load_estimate_config(tiny(remat="attn_out"))).models["student"].items["activations"]
+    assert kept == 2 * (r + o) + 2 * w  # remat attn_out: each layer's attention output kept too
     # Logits: B 2 x chunk 32 x V/tensor 128 x 4 bytes, x2 (forward + backward)
     assert s["logits"] == 2 * 32 * 128 * 4 * 2 == 65536
 
@@ -136,7 +139,7 @@ def test_cli_hf_config_path_and_no_memory(tmp_path, capsys):
     ({"batch__micro_batch": "eight"}, EstimateConfigError, "batch.micro_batch must be an integer; got str 'eight'"),
     ({"student__trainable": "yes"}, EstimateConfigError, "student.trainable must be a boolean; got str 'yes'"),
     ({"batch__micro_batch": 3}, EstimateConfigError, "batch.micro_batch=3 does not divide batch.rollout_batch=8"),
-    ({"remat": "some"}, EstimateConfigError, "remat='some'; accepted: full, none"),
+    ({"remat": "some"}, EstimateConfigError, "remat='some'; accepted: full, attn_out, none"),
     ({"student__dtype": "fp8"}, EstimateConfigError, "student.dtype='fp8'; accepted: float32, bfloat16, float16"),
     ({"num_devices": 8}, ShardingConfigError, "has 4 devices but 8 are available"),
     ({"mesh": {"data": 1, "fsdp": -1, "tensor": 3}}, ShardingConfigError, "the fixed axes (3 devices) do not divide the 4"),

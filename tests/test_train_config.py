@@ -79,6 +79,8 @@ def test_attention_kernel_options_are_validated_and_reach_both_models(tmp_path):
         _load(models={"attn_query_block": -2})
     with pytest.raises(ConfigError, match=r"models.cache_layers='stacked'; accepted: auto, unroll, scan"):
         _load(models={"cache_layers": "stacked"})
+    with pytest.raises(ConfigError, match=r"models.remat_policy='all'; accepted: auto, nothing, attn_out"):
+        _load(models={"remat_policy": "all"})
 
     from tests.train_e2e_helpers import tiny_models
     from tgpo_jax.train import setup
@@ -86,10 +88,11 @@ def test_attention_kernel_options_are_validated_and_reach_both_models(tmp_path):
     student, teacher = tiny_models(str(tmp_path))
     assert _load(models={"student": student, "teacher": teacher}).models.attn_query_block == -1  # auto
     cfg = _load(models={"student": student, "teacher": teacher, "attn_impl": "sdpa", "attn_query_block": 8,
-                        "cache_layers": "scan"})
+                        "cache_layers": "scan", "remat_policy": "nothing"})
     _, s, t, _ = setup.build_models(cfg)
     for m in (s, t):
-        assert (m.cfg.attn_impl, m.cfg.attn_query_block, m.cfg.cache_layers) == ("sdpa", 8, "scan")
+        assert (m.cfg.attn_impl, m.cfg.attn_query_block, m.cfg.cache_layers, m.cfg.remat_policy) == (
+            "sdpa", 8, "scan", "nothing")
 
 
 def test_distributed_settings_come_from_the_config_and_are_checked(monkeypatch):

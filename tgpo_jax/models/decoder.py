@@ -15,12 +15,30 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from tgpo_jax.models import layers as L
 from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.kv_cache import KVCache, write_layer_slots, write_slots
 from tgpo_jax.models.moe import moe_block
 from tgpo_jax.models.params import initializer, layer_param_specs, param_specs
+
+
+ATTN_OUT = "attn_out"  # checkpoint name of each layer's attention output
+
+
+def remat_policy(cfg: ModelConfig):
+    """The checkpoint policy of training's per-layer recomputation (ModelConfig.remat_policy).
+    Keeping the attention output lets the recomputation of a layer's activations skip the attention
+    forward (the score and probability-times-value matmuls); the attention backward recomputes the
+    probabilities either way. Measured on the 2-core CPU: 114 -> 100 ms train steps at the demo's
+    training shape, 130 -> 122 ms at 320 positions."""
+    name = cfg.remat_policy
+    if name == "auto":
+        name = "attn_out" if jax.default_backend() == "cpu" else "nothing"
+    if name == "attn_out":
+        return jax.checkpoint_policies.save_only_these_names(ATTN_OUT)
+    return jax.checkpoint_policies.nothing_saveable
 
 
 def _make_params(owner: nnx.Module, specs, prefix: str, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -170,7 +188,7 @@ def _run_layers(cfg: ModelConfig, sh, layer_fn, layer_params, x_BTE, allowed, ca
         return (x, None if kv is None else kv[:2]), None
 
     if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        body = jax.checkpoint(body, policy=remat_policy(cfg))
     kv0 = None if cache is None else (cache.k, cache.v)
     (x_BTE, kv), _ = jax.lax.scan(body, (x_BTE, kv0), (layer_params, jnp.arange(cfg.num_layers)))
     return x_BTE, kv
@@ -237,6 +255,7 @@ def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, inde
         attn = L.causal_blocked_attention(q, k, v, allowed_BTS, block)
     else:
         attn = L.attention(q, k, v, allowed_BTS)
+    attn = checkpoint_name(attn, ATTN_OUT)  # kept by remat_policy "attn_out"
     out = L.dense(attn, w["o_kernel"], n_in=2)
     if cfg.o_bias:
         out = out + w["o_bias"]

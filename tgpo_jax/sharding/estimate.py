@@ -53,7 +53,7 @@ from tgpo_jax.sharding.rules import ShardingRules
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-REMAT_MODES = ("full", "none")
+REMAT_MODES = ("full", "attn_out", "none")  # full / attn_out: ModelConfig.remat_policy nothing / attn_out
 ATTENTION_KINDS = ("materialized", "flash")
 
 
@@ -362,6 +362,7 @@ def activation_bytes(m: _Model, cfg: EstimateConfig, sizes, notes: list[str]) ->
     with r = B*T*E*a one residual [B, T, E] and W = layer_working_set:
       trainable, remat full: L*r + 2W      (the scan saves each layer's input; backward recomputes one
                                             layer and holds its intermediates' gradients, ~W)
+      trainable, remat attn_out: L*(r + o) + 2W, o = B*T*H*D*a (each layer's attention output kept too)
       trainable, remat none: L*(r + W) + W (every layer's intermediates saved + one layer's gradients)
       not trainable:         r + W         (no grad: the running residual and one layer)"""
     d = _act_dims(m, cfg.batch, sizes, notes)
@@ -372,7 +373,10 @@ def activation_bytes(m: _Model, cfg: EstimateConfig, sizes, notes: list[str]) ->
     L = m.cfg.num_layers
     if not m.entry.trainable:
         return r + w
-    return L * r + 2 * w if cfg.remat == "full" else L * (r + w) + w
+    if cfg.remat == "none":
+        return L * (r + w) + w
+    o = d["B"] * d["T"] * d["H"] * d["D"] * a if cfg.remat == "attn_out" else 0
+    return L * (r + o) + 2 * w
 
 
 def logits_bytes(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> int:

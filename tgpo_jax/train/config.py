@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
-from tgpo_jax.models.config import ATTN_IMPLS, AUTO_QUERY_BLOCK, CACHE_LAYERS
+from tgpo_jax.models.config import ATTN_IMPLS, AUTO_QUERY_BLOCK, CACHE_LAYERS, REMAT_POLICIES
 from tgpo_jax.sharding.distributed import DistributedConfig, DistributedConfigError, plan
 from tgpo_jax.objectives.registry import ObjectiveConfig
 from tgpo_jax.train.step import OptimizerConfig
@@ -27,10 +27,11 @@ class ModelsConfig:
     attn_impl: str = "einsum"  # einsum | sdpa | cudnn (cuDNN flash attention, GPU only)
     attn_query_block: int = -1  # > 0: causal attention in query blocks of this many rows; 0: off; -1: auto (CPU only)
     cache_layers: str = "auto"  # the sampler's KV cache: unroll | scan (compile time flat in depth) | auto
+    remat_policy: str = "auto"  # what the train step's layer recomputation keeps: nothing | attn_out | auto
 
     def model_overrides(self) -> dict:
         return {"attn_impl": self.attn_impl, "attn_query_block": self.attn_query_block,
-                "cache_layers": self.cache_layers}
+                "cache_layers": self.cache_layers, "remat_policy": self.remat_policy}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         plan(cfg.sharding.distributed)
     except DistributedConfigError as e:
         p.append(f"sharding.distributed: {e}")
+    if cfg.models.remat_policy not in REMAT_POLICIES:
+        p.append(f"models.remat_policy={cfg.models.remat_policy!r}; accepted: {', '.join(REMAT_POLICIES)}")
     if cfg.models.cache_layers not in CACHE_LAYERS:
         p.append(f"models.cache_layers={cfg.models.cache_layers!r}; accepted: {', '.join(CACHE_LAYERS)}")
     if cfg.models.attn_query_block < AUTO_QUERY_BLOCK:
