@@ -10,7 +10,6 @@ import time
 from typing import Any, Protocol, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tgpo_jax.objectives.advantages import grpo_advantages

@@ -8,8 +8,6 @@ import math
 import time
 
 import jax
-import numpy as np
-from flax import nnx
 
 from tgpo_jax import paths
 from tgpo_jax.configtree import to_dict
