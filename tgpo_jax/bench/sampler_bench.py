@@ -26,6 +26,8 @@ from typing import Callable
 
 import numpy as np
 
+from tgpo_jax.bench import emit_table
+
 MODELS = ("tiny", "smollm2-135m", "qwen2.5-1.5b")
 
 # Defaults of a full run and of --quick (explicit flags override either).
@@ -50,10 +52,10 @@ class BenchSettings:
     cache_layers: str = "auto"  # ours: ModelConfig.cache_layers (unroll | scan | auto)
 
     def __post_init__(self):
-        from tgpo_jax.models.config import CACHE_LAYERS
+        from tgpo_jax.models.config import runtime_option_problems
 
-        if self.cache_layers not in CACHE_LAYERS:
-            raise ValueError(f"cache_layers={self.cache_layers!r}; accepted: {', '.join(CACHE_LAYERS)}")
+        if problems := runtime_option_problems(cache_layers=self.cache_layers):
+            raise ValueError(problems[0])
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; accepted: {', '.join(MODELS)}")
         if min(self.prompts, self.n, self.prompt_len, self.new_tokens, self.repeats) < 1:
@@ -210,10 +212,7 @@ def _table(ours: dict, peer: dict | None, tokens: int, decode_tps: float | None,
     if peer:
         rows.append((f"peer (transformers, torch {peer['threads']} thr)", "-", f"{peer['warmup_s']:.2f}",
                      f"{peer['median_s']:.3f}", f"{peer_tps:,.0f}"))
-    head = ("implementation", "compile_s", "warmup_s", "median_s", "tokens/s")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    for r in [head] + rows:
-        emit("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    emit_table(("implementation", "compile_s", "warmup_s", "median_s", "tokens/s"), rows, emit)
     if ours["prefill_median_s"] is not None:
         emit(f"  ours: prefill alone {ours['prefill_median_s']:.3f}s (compile {ours['prefill_compile_s']:.2f}s); "
              f"decode {'-' if decode_tps is None else f'{decode_tps:,.0f}'} tokens/s")

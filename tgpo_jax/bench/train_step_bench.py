@@ -45,6 +45,8 @@ from typing import Callable
 
 import numpy as np
 
+from tgpo_jax.bench import emit_table
+
 MODELS = ("demo", "qwen-vocab-tiny", "qwen2.5-1.5b")
 QWEN_VOCAB = 151936
 
@@ -347,16 +349,16 @@ def prepare_ours(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
 
 
 def _data_parallel(state, mb: dict, n: int):
-    """The state replicated and the mini-batch split by rows over a 1-D `data` mesh of n devices."""
+    """The state replicated and the mini-batch split by rows over a data mesh of n devices."""
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    if len(jax.devices()) < n:
-        raise ValueError(f"devices={n}: only {len(jax.devices())} {jax.devices()[0].platform} devices here")
-    mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
+    from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh
+    from tgpo_jax.sharding.distributed import put_batch
+
+    mesh = build_mesh(MeshConfig.from_dict({"data": n, "fsdp": 1, "tensor": 1}), jax.devices()[:n])
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-    rows = NamedSharding(mesh, PartitionSpec("data"))
-    return state, {k: jax.device_put(v, rows) for k, v in mb.items()}
+    return state, {k: put_batch(np.asarray(v), mesh, ShardingRules()) for k, v in mb.items()}
 
 
 # ---------------------------------------------------------------------- peer (PyTorch + transformers)
@@ -567,10 +569,7 @@ def _table(s: Settings, ours: dict, peer: dict | None, emit: Callable[[str], Non
     if peer:
         rows.append((f"peer (torch {peer['threads']} thr, full logits)", "-", fmt(peer["warmup_s"], ".2f"),
                      f"{peer['median_s']:.3f}", f"{s.tokens / peer['median_s']:,.0f}", f"{peer['peak_bytes'] / gib:.2f}"))
-    head = ("implementation", "compile_s", "warmup_s", "median_s", "tokens/s", "peak_GiB")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    for r in [head] + rows:
-        emit("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    emit_table(("implementation", "compile_s", "warmup_s", "median_s", "tokens/s", "peak_GiB"), rows, emit)
 
 
 def _result(s: Settings, cfg, ours: dict, peer: dict | None, fl: dict) -> dict:

@@ -22,6 +22,19 @@ AUTO_QUERY_BLOCK = -1
 MOE_IMPLS = ("auto", "ragged", "blocks", "dense")
 CACHE_LAYERS = ("auto", "unroll", "scan")  # see ModelConfig.cache_layers
 REMAT_POLICIES = ("auto", "nothing", "attn_out")  # see ModelConfig.remat_policy
+def runtime_option_problems(**options) -> list[str]:
+    """What is wrong with the given runtime options (ModelConfig's non-HF fields attn_impl,
+    remat_policy, cache_layers, attn_query_block), one message each; the one check that a
+    ModelConfig, a train config's `models` section and the benchmarks share."""
+    choices = {"attn_impl": ATTN_IMPLS, "remat_policy": REMAT_POLICIES, "cache_layers": CACHE_LAYERS}
+    problems = [f"{k}={v!r}; accepted: {', '.join(choices[k])}" for k, v in options.items()
+                if k in choices and v not in choices[k]]
+    block = options.get("attn_query_block", 0)
+    if block < AUTO_QUERY_BLOCK:
+        problems.append(f"attn_query_block={block} must be >= 0 (0: off) or -1 (auto)")
+    return problems
+
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -123,14 +136,9 @@ class ModelConfig:
             raise ModelConfigError(f"num_experts={self.num_experts} given for dense architecture {self.architecture}")
         if self.moe_impl not in MOE_IMPLS:
             raise ModelConfigError(f"moe_impl={self.moe_impl!r}; accepted: {', '.join(MOE_IMPLS)}")
-        if self.attn_impl not in ATTN_IMPLS:
-            raise ModelConfigError(f"attn_impl={self.attn_impl!r}; accepted: {', '.join(ATTN_IMPLS)}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ModelConfigError(f"remat_policy={self.remat_policy!r}; accepted: {', '.join(REMAT_POLICIES)}")
-        if self.cache_layers not in CACHE_LAYERS:
-            raise ModelConfigError(f"cache_layers={self.cache_layers!r}; accepted: {', '.join(CACHE_LAYERS)}")
-        if self.attn_query_block < AUTO_QUERY_BLOCK:
-            raise ModelConfigError(f"attn_query_block={self.attn_query_block} must be >= 0 (0: off) or -1 (auto)")
+        if problems := runtime_option_problems(attn_impl=self.attn_impl, remat_policy=self.remat_policy,
+                                               cache_layers=self.cache_layers, attn_query_block=self.attn_query_block):
+            raise ModelConfigError(problems[0])
         if self.moe_block_size < 1:
             raise ModelConfigError(f"moe_block_size={self.moe_block_size} must be positive")
         if not is_moe_arch or self.num_experts == 0:

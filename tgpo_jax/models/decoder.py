@@ -4,7 +4,8 @@ The module is a parameter container whose layer parameters are stacked on a lead
 the cache-free forward (training, scoring) scans one compiled layer body over them (compile time
 does not grow with depth). The KV-cache forward (prefill, decode) scans too over a stacked cache,
 or unrolls the layers over one cache buffer per layer so that a decode step copies no layer's
-cache or weights (compile time grows with depth): `ModelConfig.cache_layers`, see kv_cache.py. At a jit boundary split it with `nnx.split(model)` and merge inside (see `apply`).
+cache or weights (compile time grows with depth): `ModelConfig.cache_layers`, see kv_cache.py.
+At a jit boundary split it with `nnx.split(model)` and merge inside (see `apply`).
 """
 
 from __future__ import annotations

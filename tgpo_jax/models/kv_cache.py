@@ -50,6 +50,11 @@ class KVCache:
         return not isinstance(self.k, tuple)
 
     @property
+    def kv_axes(self) -> tuple:
+        """Logical axes of each k / v array (a stacked cache leads with an unsharded [layers] axis)."""
+        return ((None,) if self.stacked else ()) + ("batch", "act_kv_heads", "cache_seq", None)
+
+    @property
     def max_len(self) -> int:
         return self.mask_BS.shape[1]
 

@@ -44,10 +44,10 @@ def _prefill(model, prompt_PT, mask_PT, cache: KVCache, n: int):
     P, T = prompt_PT.shape
     small = KVCache.init(model.cfg, P, T, dtype=cache.dtype)
     logits_PTV, small = model(prompt_PT, left_pad_positions(mask_PT), mask_PT, small)
-    lead = (None,) if cache.stacked else ()  # a stacked cache's [layers] axis
-    axes = (*lead, "batch", "act_kv_heads", "cache_seq", None)
+    axes = cache.kv_axes
     fill = lambda big, part: _constrain_cache(  # noqa: E731
-        model, jax.lax.dynamic_update_slice(big, jnp.repeat(part, n, axis=len(lead)), (0,) * big.ndim), axes)
+        model, jax.lax.dynamic_update_slice(big, jnp.repeat(part, n, axis=axes.index("batch")), (0,) * big.ndim),
+        axes)
     k, v = jax.tree.map(fill, cache.k, small.k), jax.tree.map(fill, cache.v, small.v)
     rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
     slot_mask = jnp.zeros(cache.mask_BS.shape, bool).at[:, :T].set(rep(mask_PT.astype(bool)))

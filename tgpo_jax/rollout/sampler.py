@@ -109,9 +109,7 @@ class Sampler:
             return KVCache.init(self.cfg, B, S)
         mesh, rules = self.sharding.mesh, self.sharding.rules
         shapes = jax.eval_shape(lambda: KVCache.init(self.cfg, B, S))
-        lead = (None,) if shapes.stacked else ()  # a stacked cache's [layers] axis
-        kv = jax.tree.map(lambda a: NamedSharding(mesh, _divisible_spec(
-            rules, (*lead, "batch", "act_kv_heads", "cache_seq", None), a.shape, mesh)), shapes.k)
+        kv = jax.tree.map(lambda a: NamedSharding(mesh, _divisible_spec(rules, shapes.kv_axes, a.shape, mesh)), shapes.k)
         shardings = KVCache(kv, kv, NamedSharding(mesh, rules.spec(("batch", None))), NamedSharding(mesh, PartitionSpec()))
         # Created in place by a jit (no host or single-device copy first): works when the mesh spans processes.
         return jax.jit(lambda: KVCache.init(self.cfg, B, S), out_shardings=shardings)()

@@ -310,7 +310,8 @@ def _local(m: _Model, sizes, logical: tuple, shape: tuple[int, ...], what: str, 
 
 def kv_cache_bytes(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> int:
     """L * 2 (k, v) * R_l * S * K_l * D * a: the sampler's cache for the whole rollout batch
-    (KVCache.init: L buffers of [B, K, S, D], or one [L, B, K, S, D], in the compute dtype), S = prompt_len + response_len."""
+    (KVCache.init: L buffers of [B, K, S, D], or one [L, B, K, S, D], in the compute dtype),
+    S = prompt_len + response_len."""
     c = m.cfg
     shape = (c.num_layers, b.rollout_batch, b.prompt_len + b.response_len, c.num_kv_heads, c.head_dim)
     local = _local(m, sizes, (None, "batch", "cache_seq", "act_kv_heads", None), shape, "kv cache", notes)

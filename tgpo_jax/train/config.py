@@ -7,9 +7,9 @@ import dataclasses
 from typing import Any
 
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
-from tgpo_jax.models.config import ATTN_IMPLS, AUTO_QUERY_BLOCK, CACHE_LAYERS, REMAT_POLICIES
-from tgpo_jax.sharding.distributed import DistributedConfig, DistributedConfigError, plan
+from tgpo_jax.models.config import runtime_option_problems
 from tgpo_jax.objectives.registry import ObjectiveConfig
+from tgpo_jax.sharding.distributed import DistributedConfig, DistributedConfigError, plan
 from tgpo_jax.train.step import OptimizerConfig
 
 
@@ -129,18 +129,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     p = []
     if not cfg.models.student:
         p.append("models.student: a local HF model directory is required")
-    if cfg.models.attn_impl not in ATTN_IMPLS:
-        p.append(f"models.attn_impl={cfg.models.attn_impl!r}; accepted: {', '.join(ATTN_IMPLS)}")
+    p += [f"models.{problem}" for problem in runtime_option_problems(**cfg.models.model_overrides())]
     try:
         plan(cfg.sharding.distributed)
     except DistributedConfigError as e:
         p.append(f"sharding.distributed: {e}")
-    if cfg.models.remat_policy not in REMAT_POLICIES:
-        p.append(f"models.remat_policy={cfg.models.remat_policy!r}; accepted: {', '.join(REMAT_POLICIES)}")
-    if cfg.models.cache_layers not in CACHE_LAYERS:
-        p.append(f"models.cache_layers={cfg.models.cache_layers!r}; accepted: {', '.join(CACHE_LAYERS)}")
-    if cfg.models.attn_query_block < AUTO_QUERY_BLOCK:
-        p.append(f"models.attn_query_block={cfg.models.attn_query_block} must be >= 0 (0: off) or -1 (auto)")
     obj = cfg.objective.objective
     if obj.needs_teacher and not cfg.models.teacher:
         p.append(f"objective {cfg.objective.name!r} needs a teacher: set models.teacher")
