@@ -19,13 +19,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tgpo_jax.models import layers as L
+from tgpo_jax.models.blocked_attention import ATTN_OUT, blocked_causal_attention
 from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.kv_cache import KVCache, write_layer_slots, write_slots
 from tgpo_jax.models.moe import moe_block
 from tgpo_jax.models.params import initializer, layer_param_specs, param_specs
 
-
-ATTN_OUT = "attn_out"  # checkpoint name of each layer's attention output
 
 
 def remat_policy(cfg: ModelConfig):
@@ -232,6 +231,22 @@ def _mlp(cfg: ModelConfig, sh, p: dict, h_BTE, stacks: dict):
                         lambda h: _dense_mlp(cfg, sh, pick(stacks["dense_mlp"], i_dense), h), h_BTE)
 
 
+def _attend(cfg: ModelConfig, q, k, v, allowed_BTS, kv, index):
+    """The layer's attention [B, T, H, D] and the updated cache entry: over the cache, or
+    cache-free (causal `allowed`) through the configured kernel. The output (or, for the
+    query-blocked kernel, its own residuals) carries the checkpoint name ATTN_OUT."""
+    if kv is not None:
+        k_c, v_c, kv = _cache_kv(kv, k, v, index)
+        attn = L.attention(q, k_c, v_c, allowed_BTS, kv_layout="bksd")
+    elif cfg.attn_impl != "einsum":
+        attn = L.sdpa_attention(q, k, v, allowed_BTS, None if cfg.attn_impl == "sdpa" else cfg.attn_impl)
+    elif 0 < (block := L.auto_query_block(cfg.attn_query_block, q.shape[1])) < q.shape[1]:
+        return blocked_causal_attention(q, k, v, allowed_BTS, block), kv
+    else:
+        attn = L.attention(q, k, v, allowed_BTS)
+    return checkpoint_name(attn, ATTN_OUT), kv
+
+
 def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, index, stacks=None):
     """One pre-norm decoder layer: x + attn(norm(x)); then x + mlp(norm(x)) (SwiGLU or MoE)."""
     dt = cfg.jnp_dtype
@@ -247,16 +262,7 @@ def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, inde
     q = _constrain(sh, q, ("batch", "seq", "act_heads", None))
     k = _constrain(sh, k, ("batch", "seq", "act_kv_heads", None))
     v = _constrain(sh, v, ("batch", "seq", "act_kv_heads", None))
-    if kv is not None:
-        k_c, v_c, kv = _cache_kv(kv, k, v, index)
-        attn = L.attention(q, k_c, v_c, allowed_BTS, kv_layout="bksd")
-    elif cfg.attn_impl != "einsum":  # cache-free path: `allowed` is causal
-        attn = L.sdpa_attention(q, k, v, allowed_BTS, None if cfg.attn_impl == "sdpa" else cfg.attn_impl)
-    elif 0 < (block := L.auto_query_block(cfg.attn_query_block, q.shape[1])) < q.shape[1]:
-        attn = L.causal_blocked_attention(q, k, v, allowed_BTS, block)
-    else:
-        attn = L.attention(q, k, v, allowed_BTS)
-    attn = checkpoint_name(attn, ATTN_OUT)  # kept by remat_policy "attn_out"
+    attn, kv = _attend(cfg, q, k, v, allowed_BTS, kv, index)
     out = L.dense(attn, w["o_kernel"], n_in=2)
     if cfg.o_bias:
         out = out + w["o_bias"]

@@ -81,9 +81,9 @@ def attention(q_BTHD: jax.Array, k: jax.Array, v: jax.Array, allowed_BTS: jax.Ar
 
 
 def auto_query_block(setting: int, T: int, backend: str | None = None) -> int:
-    """The query block `causal_blocked_attention` uses for T positions (0: full scores). `setting`
-    >= 0 is taken as is; -1 (auto) picks blocks only on the CPU backend, where skipping the upper
-    triangle measured 1.1-1.45x faster train steps at 112-320 positions: blocks of 32 rows, or
+    """The query block `blocked_attention.blocked_causal_attention` uses for T positions (0: full
+    scores). `setting` >= 0 is taken as is; -1 (auto) picks blocks only on the CPU backend, where
+    skipping the upper triangle measured 1.1-1.45x faster train steps at 112-320 positions: blocks of 32 rows, or
     T / 16 for long sequences (at most 16 blocks: the blocks are unrolled at trace time). XLA:GPU /
     TPU get full scores (use attn_impl="cudnn" on GPUs)."""
     if setting >= 0:
@@ -91,20 +91,6 @@ def auto_query_block(setting: int, T: int, backend: str | None = None) -> int:
     if (backend or jax.default_backend()) != "cpu" or T < 96:
         return 0
     return max(32, -(-T // 16))
-
-
-def causal_blocked_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array,
-                             block: int) -> jax.Array:
-    """`attention` for causal self-attention over the same positions (S == T, no KV cache), in
-    query blocks of `block` rows: the block [t0, t1) reads keys [0, t1) only. Exact, because a
-    causal mask hides keys s >= t1 from every query of the block; it skips the upper triangle of
-    the scores (about half their FLOPs at many blocks) and holds one block's scores at a time."""
-    T = q_BTHD.shape[1]
-    if k_BSKD.shape[1] != T:
-        raise ValueError(f"causal_blocked_attention needs as many keys as queries; got {k_BSKD.shape[1]} vs {T}")
-    outs = [attention(q_BTHD[:, t0:t0 + block], k_BSKD[:, :t0 + block], v_BSKD[:, :t0 + block],
-                      allowed_BTS[:, t0:t0 + block, :t0 + block]) for t0 in range(0, T, block)]
-    return jnp.concatenate(outs, axis=1)
 
 
 def sdpa_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array,

@@ -1,0 +1,136 @@
+"""Causal self-attention in query blocks with a hand-written backward pass (CPU training).
+
+The forward is `layers.attention` block by block: query rows [t0, t1) read keys [0, t1) only, so
+the upper triangle of the scores is skipped. The backward is written out rather than left to
+autodiff for two reasons, both measured on the 2-core CPU:
+
+- it keeps, per query row, the softmax's max m and 1 / sum(exp(s - m)), so the probabilities are
+  rebuilt with one fused exp pass (no max / sum passes over the scores), and it uses
+  D = rowsum(dO * O) instead of rowsum(dP * P);
+- it computes the scores transposed, [keys, query rows], so that every backward matmul is a
+  plain row-major product (dV = P^T dO, dK = dS^T Q, dQ^T = K^T dS^T). Autodiff of the forward's
+  [query rows, keys] layout made XLA:CPU copy (transpose) P and dS once per matmul.
+
+Shapes: q [B, T, H, D], k / v [B, T, K, D] (H % K == 0; query head h reads kv head h // (H / K)),
+allowed [B, T, T] (query t may attend key s); `allowed` must be causal (s <= t), as in a cache-free
+forward. The max, the 1 / sum and the output carry the checkpoint name ATTN_OUT, so that the
+decoder's "attn_out" remat policy keeps them and the backward recomputes no attention forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from tgpo_jax.models.layers import MASK_VALUE
+
+ATTN_OUT = "attn_out"  # checkpoint name of each layer's attention output (decoder.remat_policy)
+
+
+def _split_heads(x_BTHD, K: int):
+    """[B, T, H, D] -> [B, K, G, T, D] with G = H / K query heads per kv head."""
+    B, T, H, D = x_BTHD.shape
+    return x_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+
+
+def _merge_heads(x_BKGTD):
+    B, K, G, T, D = x_BKGTD.shape
+    return x_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
+
+
+def _blocks(T: int, block: int):
+    return [(t0, min(t0 + block, T)) for t0 in range(0, T, block)]
+
+
+def _allowed(key_mask_BS, t0: int, t1: int, transposed: bool):
+    """Which keys [0, t1) the queries [t0, t1) may read: s <= t and key s is real. Built from
+    iotas and the [B, S] key mask, so no [T, T] mask is read (nor transposed) in the fusions.
+    [B, 1, 1, t, s], or [B, 1, s, 1, t] when transposed."""
+    t = jnp.arange(t0, t1)
+    s = jnp.arange(t1)
+    key = key_mask_BS[:, :t1]
+    if transposed:
+        return ((s[:, None] <= t[None, :])[None] & key[:, :, None])[:, None, :, None, :]
+    return ((s[None, :] <= t[:, None])[None] & key[:, None, :])[:, None, None]
+
+
+def _forward(q_BKGTD, k_BKSD, v_BKSD, key_mask_BS, block: int):
+    """Per block: masked scores, softmax (m, 1 / l), output. Returns out [B, K, G, T, D] (fp32),
+    m and inv_l [B, K, G, T] (fp32)."""
+    scale = 1.0 / math.sqrt(q_BKGTD.shape[-1])
+    outs, ms, inv_ls = [], [], []
+    for t0, t1 in _blocks(q_BKGTD.shape[3], block):
+        s = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD[:, :, :, t0:t1], k_BKSD[:, :, :t1],
+                       preferred_element_type=jnp.float32) * scale
+        s = jnp.where(_allowed(key_mask_BS, t0, t1, False), s, MASK_VALUE)
+        m = jnp.max(s, axis=-1)
+        p = jnp.exp(s - m[..., None])
+        inv_l = 1.0 / jnp.sum(p, axis=-1)
+        o = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v_BKSD.dtype), v_BKSD[:, :, :t1],
+                       preferred_element_type=jnp.float32)
+        outs.append(o * inv_l[..., None])
+        ms.append(m)
+        inv_ls.append(inv_l)
+    return jnp.concatenate(outs, 3), jnp.concatenate(ms, 3), jnp.concatenate(inv_ls, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q_BKGTD, k_BKSD, v_BKSD, key_mask_BS, block: int):
+    return _forward(q_BKGTD, k_BKSD, v_BKSD, key_mask_BS, block)[0].astype(q_BKGTD.dtype)
+
+
+def _attention_fwd(q_BKGTD, k_BKSD, v_BKSD, key_mask_BS, block: int):
+    out, m, inv_l = _forward(q_BKGTD, k_BKSD, v_BKSD, key_mask_BS, block)
+    out = checkpoint_name(out.astype(q_BKGTD.dtype), ATTN_OUT)
+    m, inv_l = checkpoint_name(m, ATTN_OUT), checkpoint_name(inv_l, ATTN_OUT)
+    return out, (q_BKGTD, k_BKSD, v_BKSD, key_mask_BS, out, m, inv_l)
+
+
+def _attention_bwd(block: int, res, dout_BKGTD):
+    """Per query block [t0, t1), scores in the forward's [B, K, G, t, s] layout:
+        P = exp(S - m) / l,  dV^T += dO^T P,  dP = dO V^T,  dS = P (dP - D) / sqrt(d),
+        dK^T += Q^T dS,  dQ = dS K,  D = rowsum(dO * O).
+    dV and dK are accumulated transposed, [B, K, D, S]: every product is then a row-major matmul
+    of a big [t, s] operand by a small one, so XLA:CPU copies only the small [.., D] operands."""
+    q, k, v, key_mask_BS, out, m, inv_l = res
+    B, K, G, T, D = q.shape
+    dt = q.dtype
+    scale = 1.0 / math.sqrt(D)
+    delta = jnp.sum(dout_BKGTD.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    q_T = jnp.swapaxes(q, 3, 4)  # [B, K, G, D, T]
+    do_T = jnp.swapaxes(dout_BKGTD, 3, 4)
+    dk_T = jnp.zeros((B, K, D, T), jnp.float32)
+    dv_T = jnp.zeros((B, K, D, T), jnp.float32)
+    dqs = []
+    for t0, t1 in _blocks(T, block):
+        a = _allowed(key_mask_BS, t0, t1, False)
+        s = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, t0:t1], k[:, :, :t1], preferred_element_type=jnp.float32) * scale
+        p = jnp.exp(jnp.where(a, s, MASK_VALUE) - m[..., t0:t1, None]) * inv_l[..., t0:t1, None]
+        dv_T = dv_T.at[..., :t1].add(jnp.einsum("bkgdt,bkgts->bkds", do_T[..., t0:t1], p.astype(dt),
+                                                preferred_element_type=jnp.float32))
+        dp = jnp.einsum("bkgtd,bksd->bkgts", dout_BKGTD[:, :, :, t0:t1], v[:, :, :t1], preferred_element_type=jnp.float32)
+        ds = (jnp.where(a, p * (dp - delta[..., t0:t1, None]), 0.0) * scale).astype(dt)
+        dk_T = dk_T.at[..., :t1].add(jnp.einsum("bkgdt,bkgts->bkds", q_T[..., t0:t1], ds,
+                                                preferred_element_type=jnp.float32))
+        dqs.append(jnp.einsum("bkgts,bksd->bkgtd", ds, k[:, :, :t1], preferred_element_type=jnp.float32))
+    dq = jnp.concatenate(dqs, 3)
+    return dq.astype(dt), jnp.swapaxes(dk_T, 2, 3).astype(k.dtype), jnp.swapaxes(dv_T, 2, 3).astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def blocked_causal_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array,
+                             block: int) -> jax.Array:
+    """Grouped-query causal self-attention [B, T, H, D] in query blocks of `block` rows (see the
+    module docstring); values equal `layers.attention`'s, fully masked rows included."""
+    T, K = q_BTHD.shape[1], k_BSKD.shape[2]
+    if k_BSKD.shape[1] != T:
+        raise ValueError(f"blocked_causal_attention needs as many keys as queries; got {k_BSKD.shape[1]} vs {T}")
+    # `allowed` is causal, so its last row is the key mask (see _allowed)
+    out = _attention(_split_heads(q_BTHD, K), jnp.swapaxes(k_BSKD, 1, 2), jnp.swapaxes(v_BSKD, 1, 2),
+                     allowed_BTS[:, T - 1, :], block)
+    return _merge_heads(out)
