@@ -26,7 +26,7 @@ def _positive(r, *keys):
 def test_quick_no_peer_reports_json(capsys, tmp_path):
     out_file = tmp_path / "bench.json"
     assert main(["bench", "train-step", "--quick", "--no-peer", *SMALL, "--old-logp", "zeros",
-                 "--json-out", str(out_file)]) == 0
+                 "--turn-steps", "3", "--json-out", str(out_file)]) == 0
     r = _last_json(capsys)
     for k in ("ours_tokens_per_s", "peer_tokens_per_s", "ratio", "ours_peak_bytes", "peer_peak_bytes"):
         assert k in r, k
@@ -35,7 +35,7 @@ def test_quick_no_peer_reports_json(capsys, tmp_path):
     assert r["peer_tokens_per_s"] is None and r["ratio"] is None and r["peer_peak_bytes"] is None
     assert r["model"] == "demo" and r["batch"] == 4 and r["tokens_per_step"] == 4 * (8 + 16)
     assert r["device"] == "cpu" and "mfu" not in r  # CPU without --peak-tflops: no MFU
-    assert len(r["ours_runs_s"]) == 3
+    assert len(r["ours_runs_s"]) == 3 and r["turn_steps"] == 3  # 1 warm-up + 3 timed steps in turns of 3
     assert json.loads(out_file.read_text()) == r
 
 
@@ -76,3 +76,5 @@ def test_bad_settings_are_rejected():
         Settings(response_len=100, chunk=64)
     with pytest.raises(ValueError, match="devices=3 must be >= 1 and divide micro_batch=4"):
         Settings(devices=3)
+    with pytest.raises(ValueError, match="turn_steps=0 must be >= 1"):
+        Settings(turn_steps=0)

@@ -24,8 +24,10 @@ Each side runs in its own fresh subprocess so that peak memories do not mix; pea
 the mini-batch and, for ours, XLA's compilation); `*_step_peak_bytes` is the peak RSS while stepping
 only (VmHWM reset after the compile). The two processes are prepared one after the other and then
 stepped in lock-step (ours, peer, ours, peer, ...): a background load that changes over the run
-(a shared machine) falls on both sides alike. Per-step process CPU time is reported as well. The
-HF export and old_logp are made before, in a third subprocess.
+(a shared machine) falls on both sides alike. `--turn-steps N` lets each side run N steps per turn
+(ours x N, peer x N, ...): with N = 1 every step starts from caches the other process has just
+filled, which a training loop never sees. Per-step process CPU time is reported as well. The HF
+export and old_logp are made before, in a third subprocess.
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ class Settings:
     # ours: data-parallel over this many devices (on CPU: host devices, e.g. one per core), the
     # parameters replicated and the mini-batch split by rows; 1: a single device
     devices: int = 1
+    # steps each side runs per turn of the lock-step: 1 alternates every step (each step then starts
+    # with caches the other side's step has filled); N runs N steps back to back per turn, as a
+    # training loop does, while a drifting background load still falls on both sides alike
+    turn_steps: int = 1
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -103,6 +109,8 @@ class Settings:
             raise ValueError("batch, prompt_len, response_len, micro_batch, chunk and repeats must all be >= 1")
         if self.warmup < 0:
             raise ValueError("warmup must be >= 0")
+        if self.turn_steps < 1:
+            raise ValueError(f"turn_steps={self.turn_steps} must be >= 1")
         if self.batch % self.micro_batch:
             raise ValueError(f"micro_batch={self.micro_batch} does not divide batch={self.batch}")
         if self.devices < 1 or self.micro_batch % self.devices:
@@ -537,10 +545,14 @@ def _run_lockstep(s: Settings, roles: list[str], settings_path: str, work: str, 
             workers[role] = _Worker(role, settings_path, work, s)
             workers[role].expect("READY")
             emit(f"  [{role}] ready in {time.perf_counter() - t0:.1f}s (fresh process)")
-        for _ in range(s.warmup + s.repeats):
+        total, done = s.warmup + s.repeats, 0
+        while done < total:
+            n = min(s.turn_steps, total - done)
             for role in roles:
-                workers[role].send("STEP")
-                workers[role].expect("DONE")
+                for _ in range(n):
+                    workers[role].send("STEP")
+                    workers[role].expect("DONE")
+            done += n
         return {role: workers[role].result() for role in roles}
     finally:
         for w in workers.values():
@@ -587,6 +599,7 @@ def _result(s: Settings, cfg, ours: dict, peer: dict | None, fl: dict) -> dict:
         batch=s.batch, prompt_len=s.prompt_len, response_len=s.response_len, micro_batch=s.micro_batch,
         chunk=s.chunk, repeats=s.repeats, warmup=s.warmup, dtype=s.dtype, param_dtype=s.param_dtype,
         old_logp=s.old_logp, attn_query_block=s.attn_query_block, attn_impl=s.attn_impl, devices=s.devices,
+        turn_steps=s.turn_steps,
         tokens_per_step=s.tokens,
         cpu_time_ratio=peer["cpu_median_s"] / ours["cpu_median_s"] if peer else None,
         ours_compile_s=ours["compile_s"], ours_warmup_s=ours["warmup_s"], ours_median_s=ours["median_s"],
@@ -671,6 +684,8 @@ def add_arguments(p) -> None:
                    help="our cache-free attention kernel (ModelConfig.attn_impl; cudnn: GPU only)")
     p.add_argument("--devices", type=int, default=1,
                    help="ours data-parallel over this many devices (CPU: host devices, e.g. one per core; default 1)")
+    p.add_argument("--turn-steps", type=int, default=1,
+                   help="steps each side runs per lock-step turn (default 1: alternate every step)")
     p.add_argument("--json-out", default=None, help="also write the result JSON to this file")
 
 
@@ -682,7 +697,7 @@ def settings_from_args(args) -> Settings:
                     peer=not args.no_peer, peer_grad_ckpt=args.peer_grad_ckpt, peer_omp_wait=args.peer_omp_wait,
                     peer_threads=args.peer_threads, old_logp=args.old_logp, lambda_0=args.lambda_0, lr=args.lr,
                     seed=args.seed, peak_tflops=args.peak_tflops, attn_query_block=args.attn_query_block,
-                    attn_impl=args.attn_impl, devices=args.devices)
+                    attn_impl=args.attn_impl, devices=args.devices, turn_steps=args.turn_steps)
 
 
 def main(args) -> int:
