@@ -54,7 +54,7 @@ QWEN_VOCAB = 151936
 
 # Per-model defaults of a full run; --quick (the demo model only) uses QUICK_DEFAULTS. Flags override.
 MODEL_DEFAULTS = {
-    "demo": dict(batch=16, prompt_len=64, response_len=256, micro_batch=4, chunk=64, repeats=3),
+    "demo": dict(batch=16, prompt_len=64, response_len=256, micro_batch=4, chunk=64, repeats=10),
     "qwen-vocab-tiny": dict(batch=8, prompt_len=64, response_len=4096, micro_batch=1, chunk=256, repeats=3),
     "qwen2.5-1.5b": dict(batch=16, prompt_len=256, response_len=1792, micro_batch=4, chunk=256, repeats=3),
 }
@@ -656,7 +656,8 @@ def add_arguments(p) -> None:
     p.add_argument("--response-len", type=int, default=None, help="response positions T")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (both sides)")
     p.add_argument("--chunk", type=int, default=None, help="our log-prob chunk along T")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps after the warm-up (default 3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed steps after the warm-up (default 10 for the demo model, else 3)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps after the compile (default 1; 0 for long memory-only runs)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
