@@ -202,3 +202,26 @@ def test_remat_policies_give_the_no_remat_gradients(block):
             assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max(), (policy, np.abs(a - b).max(), np.abs(b).max())
     with pytest.raises(ModelConfigError, match=r"remat_policy='dots'; accepted: auto, nothing, attn_out"):
         tiny_config("qwen2", remat_policy="dots")
+
+
+def test_blocked_bf16_within_bf16_precision_of_fp32():
+    """bf16 inputs stay bf16 (output and gradients), and agree with the fp32 kernel to within 4
+    bf16 epsilons (4 * 2^-8) of the largest value: the kernel accumulates in fp32."""
+    B, T, H, K, D, block = 2, 12, 4, 2, 8, 4
+    q, k, v = (jax.random.normal(jax.random.key(i), s) for i, s in
+               enumerate([(B, T, H, D), (B, T, K, D), (B, T, K, D)]))
+    w = jax.random.normal(jax.random.key(9), (B, T, H, D))
+    mask = np.ones((B, T), np.int32)
+    mask[1, :3] = 0
+    allowed = _causal_allowed(jnp.asarray(mask))
+    tol = 4 * 2.0**-8
+
+    def close(a, ref):
+        return float(jnp.abs(a.astype(jnp.float32) - ref).max() / jnp.abs(ref).max()) <= tol
+
+    loss = lambda *a: jnp.sum(blocked_causal_attention(*a, allowed, block).astype(jnp.float32) * w)  # noqa: E731
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    out16, out32 = blocked_causal_attention(*bf, allowed, block), blocked_causal_attention(q, k, v, allowed, block)
+    assert out16.dtype == jnp.bfloat16 and close(out16, out32)
+    g16, g32 = jax.grad(loss, argnums=(0, 1, 2))(*bf), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    assert all(g.dtype == jnp.bfloat16 and close(g, r) for g, r in zip(g16, g32))
