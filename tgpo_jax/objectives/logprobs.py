@@ -53,7 +53,7 @@ def student_stats(h_BTE, head_EV, targets_BT, extra_ids_BTK, *, chunk: int, vali
     logits recomputed in the backward pass.
 
       logp_t = z_t[y_t] - logsumexp(z_t)
-      H_t    = logsumexp(z_t) - sum_v softmax(z_t)_v z_t[v]
+      H_t    = -sum_v p_v log p_v,   log p = z_t - logsumexp(z_t)
     """
 
     @jax.checkpoint
@@ -62,7 +62,10 @@ def student_stats(h_BTE, head_EV, targets_BT, extra_ids_BTK, *, chunk: int, vali
         lse = jax.nn.logsumexp(z, -1)
         logp_y = jnp.take_along_axis(z, y_BC[..., None], -1)[..., 0] - lse
         logp_ids = jnp.take_along_axis(z, ids_BCK, -1) - lse[..., None]
-        ent = lse - jnp.sum(jax.nn.softmax(z, -1) * z, -1)
+        # log-probs from the one logsumexp: no second max / sum pass over the vocabulary (a
+        # softmax would redo both)
+        logp = z - lse[..., None]
+        ent = -jnp.sum(jnp.exp(logp) * logp, -1)
         return StudentStats(logp_y, logp_ids, ent)
 
     return _map_chunks(one, chunk, h_BTE, targets_BT, extra_ids_BTK)
