@@ -7,9 +7,9 @@ autodiff for two reasons, both measured on the 2-core CPU:
 - it keeps, per query row, the softmax's max m and 1 / sum(exp(s - m)), so the probabilities are
   rebuilt with one fused exp pass (no max / sum passes over the scores), and it uses
   D = rowsum(dO * O) instead of rowsum(dP * P);
-- it computes the scores transposed, [keys, query rows], so that every backward matmul is a
-  plain row-major product (dV = P^T dO, dK = dS^T Q, dQ^T = K^T dS^T). Autodiff of the forward's
-  [query rows, keys] layout made XLA:CPU copy (transpose) P and dS once per matmul.
+- it accumulates dK and dV transposed ([B, K, D, S]: dV^T += dO^T P, dK^T += Q^T dS), so that every
+  backward matmul has its big [t, s] operand row-major. Autodiff made XLA:CPU copy (transpose) P
+  and dS for dV = P^T dO and dK = dS^T Q.
 
 Shapes: q [B, T, H, D], k / v [B, T, K, D] (H % K == 0; query head h reads kv head h // (H / K)),
 allowed [B, T, T] (query t may attend key s); `allowed` must be causal (s <= t), as in a cache-free
@@ -25,47 +25,34 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-from tgpo_jax.models.layers import MASK_VALUE
+
+from tgpo_jax.models.layers import MASK_VALUE, merge_heads, split_heads
 
 ATTN_OUT = "attn_out"  # checkpoint name of each layer's attention output (decoder.remat_policy)
-
-
-def _split_heads(x_BTHD, K: int):
-    """[B, T, H, D] -> [B, K, G, T, D] with G = H / K query heads per kv head."""
-    B, T, H, D = x_BTHD.shape
-    return x_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
-
-
-def _merge_heads(x_BKGTD):
-    B, K, G, T, D = x_BKGTD.shape
-    return x_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
 
 
 def _blocks(T: int, block: int):
     return [(t0, min(t0 + block, T)) for t0 in range(0, T, block)]
 
 
-def _allowed(key_mask_BS, t0: int, t1: int, transposed: bool):
-    """Which keys [0, t1) the queries [t0, t1) may read: s <= t and key s is real. Built from
-    iotas and the [B, S] key mask, so no [T, T] mask is read (nor transposed) in the fusions.
-    [B, 1, 1, t, s], or [B, 1, s, 1, t] when transposed."""
-    t = jnp.arange(t0, t1)
-    s = jnp.arange(t1)
-    key = key_mask_BS[:, :t1]
-    if transposed:
-        return ((s[:, None] <= t[None, :])[None] & key[:, :, None])[:, None, :, None, :]
-    return ((s[None, :] <= t[:, None])[None] & key[:, None, :])[:, None, None]
+def _masked_scores(q_BKGTD, k_BKSD, key_mask_BS, t0: int, t1: int):
+    """fp32 scores of queries [t0, t1) against keys [0, t1), scaled, MASK_VALUE where not allowed,
+    [B, K, G, t, s]; and the allowed mask [B, 1, 1, t, s] (s <= t and key s real). The mask is
+    built from iotas and the [B, S] key mask, so no [T, T] mask is read in the fusions."""
+    scale = 1.0 / math.sqrt(q_BKGTD.shape[-1])
+    s = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD[:, :, :, t0:t1], k_BKSD[:, :, :t1],
+                   preferred_element_type=jnp.float32) * scale
+    t_pos, s_pos = jnp.arange(t0, t1), jnp.arange(t1)
+    allowed = ((s_pos[None, :] <= t_pos[:, None])[None] & key_mask_BS[:, None, :t1])[:, None, None]
+    return jnp.where(allowed, s, MASK_VALUE), allowed
 
 
 def _forward(q_BKGTD, k_BKSD, v_BKSD, key_mask_BS, block: int):
     """Per block: masked scores, softmax (m, 1 / l), output. Returns out [B, K, G, T, D] (fp32),
     m and inv_l [B, K, G, T] (fp32)."""
-    scale = 1.0 / math.sqrt(q_BKGTD.shape[-1])
     outs, ms, inv_ls = [], [], []
     for t0, t1 in _blocks(q_BKGTD.shape[3], block):
-        s = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD[:, :, :, t0:t1], k_BKSD[:, :, :t1],
-                       preferred_element_type=jnp.float32) * scale
-        s = jnp.where(_allowed(key_mask_BS, t0, t1, False), s, MASK_VALUE)
+        s, _ = _masked_scores(q_BKGTD, k_BKSD, key_mask_BS, t0, t1)
         m = jnp.max(s, axis=-1)
         p = jnp.exp(s - m[..., None])
         inv_l = 1.0 / jnp.sum(p, axis=-1)
@@ -106,9 +93,8 @@ def _attention_bwd(block: int, res, dout_BKGTD):
     dv_T = jnp.zeros((B, K, D, T), jnp.float32)
     dqs = []
     for t0, t1 in _blocks(T, block):
-        a = _allowed(key_mask_BS, t0, t1, False)
-        s = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, t0:t1], k[:, :, :t1], preferred_element_type=jnp.float32) * scale
-        p = jnp.exp(jnp.where(a, s, MASK_VALUE) - m[..., t0:t1, None]) * inv_l[..., t0:t1, None]
+        s, a = _masked_scores(q, k, key_mask_BS, t0, t1)
+        p = jnp.exp(s - m[..., t0:t1, None]) * inv_l[..., t0:t1, None]
         dv_T = dv_T.at[..., :t1].add(jnp.einsum("bkgdt,bkgts->bkds", do_T[..., t0:t1], p.astype(dt),
                                                 preferred_element_type=jnp.float32))
         dp = jnp.einsum("bkgtd,bksd->bkgts", dout_BKGTD[:, :, :, t0:t1], v[:, :, :t1], preferred_element_type=jnp.float32)
@@ -130,7 +116,7 @@ def blocked_causal_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.A
     T, K = q_BTHD.shape[1], k_BSKD.shape[2]
     if k_BSKD.shape[1] != T:
         raise ValueError(f"blocked_causal_attention needs as many keys as queries; got {k_BSKD.shape[1]} vs {T}")
-    # `allowed` is causal, so its last row is the key mask (see _allowed)
-    out = _attention(_split_heads(q_BTHD, K), jnp.swapaxes(k_BSKD, 1, 2), jnp.swapaxes(v_BSKD, 1, 2),
+    # `allowed` is causal, so its last row is the key mask (see _masked_scores)
+    out = _attention(split_heads(q_BTHD, K), jnp.swapaxes(k_BSKD, 1, 2), jnp.swapaxes(v_BSKD, 1, 2),
                      allowed_BTS[:, T - 1, :], block)
-    return _merge_heads(out)
+    return merge_heads(out)

@@ -66,26 +66,37 @@ def attention(q_BTHD: jax.Array, k: jax.Array, v: jax.Array, allowed_BTS: jax.Ar
     reads kv head h // (H / K). allowed[b, t, s] says whether query t may attend key slot s.
     k/v are [B, S, K, D] (kv_layout "bskd") or [B, K, S, D] ("bksd", the KV cache's layout).
     Returns [B, T, H, D] in q's dtype; scores and softmax in fp32."""
-    B, T, H, D = q_BTHD.shape
+    D = q_BTHD.shape[-1]
     # Heads-first operands: both contractions become plain batched matmuls, and XLA does not
     # transpose the [.., T, S] score tensors in the backward pass (measured -25% step time on CPU).
     k_BKSD, v_BKSD = (k, v) if kv_layout == "bksd" else (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
-    K = k_BKSD.shape[1]
-    q_BKGTD = q_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+    q_BKGTD = split_heads(q_BTHD, k_BKSD.shape[1])
     scores = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(D))
     scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v_BKSD, preferred_element_type=jnp.float32)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BTHD.dtype)
+    return merge_heads(out).astype(q_BTHD.dtype)
+
+
+def split_heads(q_BTHD: jax.Array, K: int) -> jax.Array:
+    """[B, T, H, D] -> [B, K, G, T, D]: query heads grouped by the kv head they read (G = H / K)."""
+    B, T, H, D = q_BTHD.shape
+    return q_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+
+
+def merge_heads(x_BKGTD: jax.Array) -> jax.Array:
+    """The inverse of `split_heads`: [B, K, G, T, D] -> [B, T, K * G, D]."""
+    B, K, G, T, D = x_BKGTD.shape
+    return x_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
 
 
 def auto_query_block(setting: int, T: int, backend: str | None = None) -> int:
     """The query block `blocked_attention.blocked_causal_attention` uses for T positions (0: full
     scores). `setting` >= 0 is taken as is; -1 (auto) picks blocks only on the CPU backend, where
-    skipping the upper triangle measured 1.1-1.45x faster train steps at 112-320 positions: blocks of 32 rows, or
-    T / 16 for long sequences (at most 16 blocks: the blocks are unrolled at trace time). XLA:GPU /
-    TPU get full scores (use attn_impl="cudnn" on GPUs)."""
+    skipping the upper triangle measured 1.1-1.45x faster train steps at 112-320 positions: blocks
+    of 32 rows, or T / 16 for long sequences (at most 16 blocks: the blocks are unrolled at trace
+    time). XLA:GPU / TPU get full scores (use attn_impl="cudnn" on GPUs)."""
     if setting >= 0:
         return setting
     if (backend or jax.default_backend()) != "cpu" or T < 96:
