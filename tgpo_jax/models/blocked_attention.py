@@ -40,11 +40,17 @@ def _masked_scores(q_BKGTD, k_BKSD, key_mask_BS, t0: int, t1: int):
     [B, K, G, t, s]; and the allowed mask [B, 1, 1, t, s] (s <= t and key s real). The mask is
     built from iotas and the [B, S] key mask, so no [T, T] mask is read in the fusions."""
     scale = 1.0 / math.sqrt(q_BKGTD.shape[-1])
-    s = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD[:, :, :, t0:t1], k_BKSD[:, :, :t1],
-                   preferred_element_type=jnp.float32) * scale
+    # The mask and the fill value depend on nothing the decoder's layer loop changes, so XLA:CPU
+    # hoisted them out of the loop as materialised [B, K, G, t, s] arrays (the fill a broadcast
+    # constant) that every select then read back from memory. Passed through a barrier together
+    # with the query block, they are loop-variant and stay fused into the select (measured 2-3%
+    # faster train steps at the demo's training shape).
+    q_block, key_mask_BS, fill = jax.lax.optimization_barrier(
+        (q_BKGTD[:, :, :, t0:t1], key_mask_BS, jnp.asarray(MASK_VALUE, jnp.float32)))
+    s = jnp.einsum("bkgtd,bksd->bkgts", q_block, k_BKSD[:, :, :t1], preferred_element_type=jnp.float32) * scale
     t_pos, s_pos = jnp.arange(t0, t1), jnp.arange(t1)
     allowed = ((s_pos[None, :] <= t_pos[:, None])[None] & key_mask_BS[:, None, :t1])[:, None, None]
-    return jnp.where(allowed, s, MASK_VALUE), allowed
+    return jnp.where(allowed, s, fill), allowed
 
 
 def _forward(q_BKGTD, k_BKSD, v_BKSD, key_mask_BS, block: int):
