@@ -225,3 +225,45 @@ def test_blocked_bf16_within_bf16_precision_of_fp32():
     assert out16.dtype == jnp.bfloat16 and close(out16, out32)
     g16, g32 = jax.grad(loss, argnums=(0, 1, 2))(*bf), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     assert all(g.dtype == jnp.bfloat16 and close(g, r) for g, r in zip(g16, g32))
+
+
+def test_blocked_mask_is_not_hoisted_out_of_the_layer_loop(monkeypatch):
+    """XLA:CPU's loop-invariant code motion hoisted the causal mask and the MASK_VALUE fill out of
+    the decoder's layer scan as materialised score-sized arrays (a pred mask and a broadcast f32
+    constant per query block) that every layer's select read back from memory. In the compiled
+    train step, no top-level fusion may produce such an array. Control: the same scores without
+    the barrier in `_masked_scores` do produce them."""
+    import re
+
+    from tgpo_jax.bench import train_step_bench as tb
+    from tgpo_jax.models import blocked_attention as BA
+    from tgpo_jax.objectives.registry import ObjectiveConfig
+    from tgpo_jax.train.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
+
+    s = tb.Settings(model="demo", batch=8, prompt_len=32, response_len=64, micro_batch=4, chunk=16, peer=False,
+                    old_logp="zeros")
+    cfg = tb.model_config(s)
+    assert L.auto_query_block(cfg.attn_query_block, s.seq_len) == 32  # the blocked kernel is in use
+    mb = {k: jnp.asarray(v) for k, v in tb.make_minibatch(s, cfg.vocab_size).items()}
+    opt = make_optimizer(OptimizerConfig())
+    B, K, G = s.micro_batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+    # a top-level (unfused) fusion producing a [B, K, G, t, s] pred, or a broadcast f32 of that shape
+    hoisted = re.compile(rf"%(\S+) = (pred\[{B},{K},{G},\d+,\d+\]\S* fusion|f32\[{B},{K},{G},\d+,\d+\]\S* fusion"
+                         rf"\(%constant)")
+
+    def score_sized_constants():
+        gd, state = init_train_state(tb.init_model(cfg, 0), opt)
+        step = make_train_step(gd, opt, obj_cfg=ObjectiveConfig(name="tgpo_reg"), micro_batch=s.micro_batch,
+                               chunk=s.chunk)
+        return hoisted.findall(step.lower(state, mb, jax.random.key(0), 1).compile().as_text())
+
+    assert score_sized_constants() == []
+
+    def untied(q, k, key_mask, t0, t1):  # _masked_scores without the barrier
+        sc = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, t0:t1], k[:, :, :t1], preferred_element_type=jnp.float32)
+        causal = jnp.arange(t1)[None, :] <= jnp.arange(t0, t1)[:, None]
+        allowed = (causal[None] & key_mask[:, None, :t1])[:, None, None]
+        return jnp.where(allowed, sc / np.sqrt(q.shape[-1]), L.MASK_VALUE), allowed
+
+    monkeypatch.setattr(BA, "_masked_scores", untied)
+    assert score_sized_constants(), "control: the unbarriered mask is no longer hoisted; the check above tests nothing"
