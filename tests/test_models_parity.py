@@ -100,3 +100,29 @@ def test_layers_are_scanned_not_unrolled(pair):
     """The traced program holds one layer body whatever the depth: compile time is flat in depth."""
     _, _, model, _ = pair
     assert _count_dots(model.cfg, 2) == _count_dots(model.cfg, 12)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3"])
+def test_rope_matches_transformers(kind):
+    """RoPE alone (default and llama3 frequencies) against the HF model's own rotary embedding and
+    apply_rotary_pos_emb, at positions up to 30,000 (fp32 angles)."""
+    import importlib
+
+    import torch
+
+    from tgpo_jax.models import layers as L
+    from tgpo_jax.models.config import ModelConfig
+
+    hf = make_hf_model(kind)
+    cfg = ModelConfig.from_hf_dict(hf.config.to_dict())
+    B, T, H, D = 2, 5, 3, cfg.head_dim
+    positions = np.array([[0, 1, 2, 3, 4], [29996, 29997, 29998, 29999, 30000]], np.int32)
+    q = np.random.default_rng(0).standard_normal((B, T, H, D)).astype(np.float32)
+    cos, sin = L.rope_cos_sin(jnp.asarray(positions), L.rope_inv_freq(cfg), jnp.float32)
+    ours = np.asarray(L.apply_rope(jnp.asarray(q), cos, sin))
+    q_t = torch.from_numpy(q).transpose(1, 2)  # HF: [B, H, T, D]
+    with torch.no_grad():
+        cos_t, sin_t = hf.model.rotary_emb(q_t, torch.from_numpy(positions).long())
+        ref = importlib.import_module(type(hf).__module__).apply_rotary_pos_emb(q_t, q_t, cos_t, sin_t)[0]
+    diff = np.abs(ours - ref.transpose(1, 2).numpy()).max()
+    assert diff <= 1e-5, f"{kind}: max abs RoPE diff {diff}"

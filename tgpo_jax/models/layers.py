@@ -49,16 +49,23 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 
 def rope_cos_sin(positions_BT: jax.Array, inv_freq_D2: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, head_dim] for the rotate-half RoPE layout used by HF checkpoints."""
+    """cos, sin [B, T, head_dim / 2] of the angles position * inv_freq: the rotate-half layout of HF
+    checkpoints repeats them over the two halves of a head, so half the width is all `apply_rope`
+    needs (sin / cos are slow on XLA:CPU, about 15x an exp)."""
     angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_D2)[None, None, :]
-    emb = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
-def apply_rope(x_BTHD: jax.Array, cos_BTD: jax.Array, sin_BTD: jax.Array) -> jax.Array:
+def apply_rope(x_BTHD: jax.Array, cos_BTd: jax.Array, sin_BTd: jax.Array) -> jax.Array:
+    """HF's rotate-half RoPE, x * cos + rotate_half(x) * sin with rotate_half(x) = [-x1, x0],
+    written per half: [x0 c - x1 s, x1 c + x0 s] (the same products and sums, so the same values).
+    Written this way XLA fuses it into one loop; the rotate-half concatenation was materialised as
+    its own copy in every layer, forward and rematerialised (measured 5% faster train steps at the
+    demo's training shape on the 2-core CPU)."""
     half = x_BTHD.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BTHD[..., half:], x_BTHD[..., :half]], axis=-1)
-    return x_BTHD * cos_BTD[:, :, None, :] + rotated * sin_BTD[:, :, None, :]
+    x0, x1 = x_BTHD[..., :half], x_BTHD[..., half:]
+    c, s = cos_BTd[:, :, None, :], sin_BTd[:, :, None, :]
+    return jnp.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
 
 
 def attention(q_BTHD: jax.Array, k: jax.Array, v: jax.Array, allowed_BTS: jax.Array, kv_layout: str = "bskd") -> jax.Array:
