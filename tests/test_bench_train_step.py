@@ -53,6 +53,20 @@ def test_with_pytorch_peer_same_loss(capsys):
     assert r["old_logp"] == "model"
 
 
+def test_demo_model_is_the_demo_student():
+    """`--model demo` is the student `tgpo-jax demo` trains (DemoSettings.student), not another tiny
+    body: 2 layers of q 64x64 + 64, k and v 64x32 + 32, o 64x64, gate / up / down 64x192, two norms
+    of 64 = 49,408 each; the tied 512 x 64 embedding 32,768; the final norm 64."""
+    from tgpo_jax.demo import FULL
+
+    cfg = model_config(Settings(model="demo"))
+    st = FULL.student
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        st.hidden_size, st.intermediate_size, st.num_layers, st.num_heads, st.num_kv_heads, st.head_dim)
+    assert cfg.vocab_size == 512 and cfg.tie_word_embeddings and cfg.qkv_bias
+    assert param_count(cfg) == 2 * 49_408 + 32_768 + 64 == 131_648
+
+
 def test_flops_and_full_logits_formulas():
     s = Settings(model="qwen-vocab-tiny", batch=8, prompt_len=64, response_len=4096, micro_batch=1, chunk=256)
     cfg = model_config(s)

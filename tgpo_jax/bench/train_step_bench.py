@@ -48,6 +48,7 @@ from typing import Callable
 import numpy as np
 
 from tgpo_jax.bench import emit_table
+from tgpo_jax.demo import FULL
 
 MODELS = ("demo", "qwen-vocab-tiny", "qwen2.5-1.5b")
 QWEN_VOCAB = 151936
@@ -135,13 +136,17 @@ class Settings:
 
 
 # ---------------------------------------------------------------------- model shapes (no jax import)
+DEMO_STUDENT = FULL.student
+DEMO_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
 def model_config(s: Settings):
     from tgpo_jax.models.config import ModelConfig
     from tgpo_jax.models.tiny import tiny_config
 
-    if s.model == "demo":  # the model `tgpo-jax demo` writes: tiny Qwen2, 512-token vocabulary
-        cfg = tiny_config("qwen2")
-    elif s.model == "qwen-vocab-tiny":  # the same tiny body with Qwen's real vocabulary
+    if s.model == "demo":  # the student `tgpo-jax demo` trains: tiny Qwen2, 512-token vocabulary
+        cfg = tiny_config(DEMO_STUDENT.arch, **{k: getattr(DEMO_STUDENT, k) for k in DEMO_SHAPE_FIELDS})
+    elif s.model == "qwen-vocab-tiny":  # tiny_config's Qwen2 body with Qwen's real vocabulary
         cfg = tiny_config("qwen2", vocab_size=QWEN_VOCAB)
     else:  # Qwen2.5-1.5B shape
         cfg = ModelConfig(
