@@ -66,6 +66,11 @@ class SFTSpec:
     warmup_steps: int = 20
     max_solution_len: int = 48
 
+    def model_kwargs(self) -> dict[str, int]:
+        """The architecture fields, as keyword arguments of `tiny_config` / `make_tiny_checkpoint`."""
+        return {k: getattr(self, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                               "num_kv_heads", "head_dim")}
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
@@ -211,10 +216,8 @@ def sft_model(out_dir: str, name: str, spec: SFTSpec, train_path: str, data_sect
         log(f"[demo] {name}: cached SFT model {hf_dir} (key matches, skipping training)")
         return hf_dir, True
     _fresh_dir(root)
-    model_kw = {k: getattr(spec, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
-                                                "num_kv_heads", "head_dim")}
     sft_data = write_style_mix(train_path, os.path.join(root, "sft_data.jsonl"), spec.style_b_frac, spec.seed)
-    init = make_tiny_checkpoint(os.path.join(root, "init"), arch=spec.arch, seed=spec.seed, **model_kw)
+    init = make_tiny_checkpoint(os.path.join(root, "init"), arch=spec.arch, seed=spec.seed, **spec.model_kwargs())
     cfg = load_sft_config({
         "run_dir": os.path.join(root, "sft"), "model": init, "out_dir": hf_dir, "steps": spec.steps,
         "batch_size": spec.batch_size, "micro_batch": spec.batch_size, "max_solution_len": spec.max_solution_len,

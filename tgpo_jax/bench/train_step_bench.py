@@ -136,16 +136,12 @@ class Settings:
 
 
 # ---------------------------------------------------------------------- model shapes (no jax import)
-DEMO_STUDENT = FULL.student
-DEMO_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
-
-
 def model_config(s: Settings):
     from tgpo_jax.models.config import ModelConfig
     from tgpo_jax.models.tiny import tiny_config
 
     if s.model == "demo":  # the student `tgpo-jax demo` trains: tiny Qwen2, 512-token vocabulary
-        cfg = tiny_config(DEMO_STUDENT.arch, **{k: getattr(DEMO_STUDENT, k) for k in DEMO_SHAPE_FIELDS})
+        cfg = tiny_config(FULL.student.arch, **FULL.student.model_kwargs())
     elif s.model == "qwen-vocab-tiny":  # tiny_config's Qwen2 body with Qwen's real vocabulary
         cfg = tiny_config("qwen2", vocab_size=QWEN_VOCAB)
     else:  # Qwen2.5-1.5B shape
