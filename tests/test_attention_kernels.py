@@ -241,7 +241,7 @@ def test_blocked_mask_is_not_hoisted_out_of_the_layer_loop(monkeypatch):
     from tgpo_jax.train.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
 
     s = tb.Settings(model="demo", batch=8, prompt_len=32, response_len=64, micro_batch=4, chunk=16, peer=False,
-                    old_logp="zeros")
+                    old_logp="zeros", attn_impl="einsum")  # "auto" would take the fused CPU kernel
     cfg = tb.model_config(s)
     assert L.auto_query_block(cfg.attn_query_block, s.seq_len) == 32  # the blocked kernel is in use
     mb = {k: jnp.asarray(v) for k, v in tb.make_minibatch(s, cfg.vocab_size).items()}

@@ -94,7 +94,7 @@ class Settings:
     # ours: ModelConfig.attn_query_block; -1 (auto, the train config's default): query blocks on CPU
     # at T >= 96, full scores otherwise; 0: full scores
     attn_query_block: int = -1
-    attn_impl: str = "einsum"  # ours: ModelConfig.attn_impl
+    attn_impl: str = "auto"  # ours: ModelConfig.attn_impl (auto: the train config's default)
     # ours: data-parallel over this many devices (on CPU: host devices, e.g. one per core), the
     # parameters replicated and the mini-batch split by rows; 1: a single device
     devices: int = 1
@@ -682,7 +682,7 @@ def add_arguments(p) -> None:
     p.add_argument("--attn-query-block", type=int, default=-1,
                    help="our causal attention in query blocks of this many rows (0: full scores; "
                         "-1: auto, the train config's default)")
-    p.add_argument("--attn-impl", choices=["einsum", "sdpa", "cudnn"], default="einsum",
+    p.add_argument("--attn-impl", choices=["einsum", "sdpa", "cudnn", "cpu", "auto"], default="auto",
                    help="our cache-free attention kernel (ModelConfig.attn_impl; cudnn: GPU only)")
     p.add_argument("--devices", type=int, default=1,
                    help="ours data-parallel over this many devices (CPU: host devices, e.g. one per core; default 1)")

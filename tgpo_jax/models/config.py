@@ -17,7 +17,7 @@ MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 # How the experts' SwiGLU is dispatched (see layers.moe_mlp): "auto" picks "ragged" (lax.ragged_dot,
 # a grouped matmul kernel) on GPU / TPU and "blocks" (sorted blocks in a loop) elsewhere; "dense"
 # runs every expert on every token (a reference for tests only, never a default).
-ATTN_IMPLS = ("einsum", "sdpa", "cudnn")
+ATTN_IMPLS = ("einsum", "sdpa", "cudnn", "cpu", "auto")
 AUTO_QUERY_BLOCK = -1
 MOE_IMPLS = ("auto", "ragged", "blocks", "dense")
 CACHE_LAYERS = ("auto", "unroll", "scan")  # see ModelConfig.cache_layers
@@ -97,8 +97,9 @@ class ModelConfig:
     attn_query_block: int = 0
     # Runtime, not an HF field: the cache-free attention kernel. "einsum": ours (fp32 scores);
     # "sdpa": jax.nn.dot_product_attention, backend's choice (cuDNN flash attention on GPU where it
-    # applies, else XLA); "cudnn": that, cuDNN forced (GPU only, bf16/fp16). attn_query_block
-    # applies to "einsum" only.
+    # applies, else XLA); "cudnn": that, cuDNN forced (GPU only, bf16/fp16); "cpu": the fused C++
+    # kernel for XLA:CPU (models/cpu_attention.py: fp32, built on first use); "auto": "cpu" where it
+    # applies on one CPU device, else "einsum". attn_query_block applies to "einsum" (and "auto").
     attn_impl: str = "einsum"
     # Runtime, not an HF field: how the KV-cache path (prefill, decode) runs the layers. "unroll":
     # one cache buffer per layer, layers unrolled (no per-step copy of a layer's cache or weights;

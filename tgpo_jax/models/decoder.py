@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from tgpo_jax.models import cpu_attention
 from tgpo_jax.models import layers as L
 from tgpo_jax.models.blocked_attention import ATTN_OUT, blocked_causal_attention
 from tgpo_jax.models.config import ModelConfig
@@ -231,14 +232,28 @@ def _mlp(cfg: ModelConfig, sh, p: dict, h_BTE, stacks: dict):
                         lambda h: _dense_mlp(cfg, sh, pick(stacks["dense_mlp"], i_dense), h), h_BTE)
 
 
-def _attend(cfg: ModelConfig, q, k, v, allowed_BTS, kv, index):
+def _use_cpu_kernel(cfg: ModelConfig, sh, q) -> bool:
+    """attn_impl "cpu": the fused CPU kernel, or an error saying why it cannot run; "auto": the
+    kernel where it applies on one device (a sharded batch keeps the XLA paths, which GSPMD
+    partitions), else what "einsum" does."""
+    if cfg.attn_impl == "cpu":
+        if (why := cpu_attention.supports(q)) is not None:
+            raise cpu_attention.CpuKernelUnavailable(f"attn_impl='cpu': {why}")
+        return True
+    return cfg.attn_impl == "auto" and (sh is None or sh.mesh.size == 1) and cpu_attention.supports(q) is None
+
+
+def _attend(cfg: ModelConfig, sh, q, k, v, allowed_BTS, kv, index):
     """The layer's attention [B, T, H, D] and the updated cache entry: over the cache, or
     cache-free (causal `allowed`) through the configured kernel. The output (or, for the
-    query-blocked kernel, its own residuals) carries the checkpoint name ATTN_OUT."""
+    query-blocked and fused CPU kernels, their own residuals) carries the checkpoint name ATTN_OUT."""
     if kv is not None:
         k_c, v_c, kv = _cache_kv(kv, k, v, index)
         attn = L.attention(q, k_c, v_c, allowed_BTS, kv_layout="bksd")
-    elif cfg.attn_impl != "einsum":
+    elif _use_cpu_kernel(cfg, sh, q):
+        # `allowed` is causal, so its last row is the key mask
+        return cpu_attention.causal_attention(q, k, v, allowed_BTS[:, -1, :]), kv
+    elif cfg.attn_impl in ("sdpa", "cudnn"):
         attn = L.sdpa_attention(q, k, v, allowed_BTS, None if cfg.attn_impl == "sdpa" else cfg.attn_impl)
     elif 0 < (block := L.auto_query_block(cfg.attn_query_block, q.shape[1])) < q.shape[1]:
         return blocked_causal_attention(q, k, v, allowed_BTS, block), kv
@@ -262,7 +277,7 @@ def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, inde
     q = _constrain(sh, q, ("batch", "seq", "act_heads", None))
     k = _constrain(sh, k, ("batch", "seq", "act_kv_heads", None))
     v = _constrain(sh, v, ("batch", "seq", "act_kv_heads", None))
-    attn, kv = _attend(cfg, q, k, v, allowed_BTS, kv, index)
+    attn, kv = _attend(cfg, sh, q, k, v, allowed_BTS, kv, index)
     out = L.dense(attn, w["o_kernel"], n_in=2)
     if cfg.o_bias:
         out = out + w["o_bias"]

@@ -24,7 +24,9 @@ class ModelsConfig:
     teacher_dtype: str | None = None
     allow_tokenizer_mismatch: bool = False
     # Runtime kernels of both models' cache-free forward (training, scoring); see ModelConfig.
-    attn_impl: str = "einsum"  # einsum | sdpa | cudnn (cuDNN flash attention, GPU only)
+    # einsum | sdpa | cudnn (cuDNN flash attention, GPU only) | cpu (fused C++ kernel, fp32) |
+    # auto (cpu where it applies on one CPU device, else einsum)
+    attn_impl: str = "auto"
     attn_query_block: int = -1  # > 0: causal attention in query blocks of this many rows; 0: off; -1: auto (CPU only)
     cache_layers: str = "auto"  # the sampler's KV cache: unroll | scan (compile time flat in depth) | auto
     remat_policy: str = "auto"  # what the train step's layer recomputation keeps: nothing | attn_out | auto
