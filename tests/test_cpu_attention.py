@@ -206,3 +206,14 @@ def test_build_failure_names_the_compiler_and_its_error(tmp_path, monkeypatch):
     with pytest.raises(CA.CpuKernelUnavailable, match="cannot compile"):
         CA.build()
     assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("tmp*"))
+
+
+def test_library_is_keyed_by_source_compiler_and_cpu(tmp_path, monkeypatch):
+    """A -march=native build is reused only for the same source, flags, compiler, jax version and
+    CPU (model and feature flags): a home directory shared by hosts with other CPUs gets its own."""
+    monkeypatch.setenv("TGPO_KERNEL_CACHE", str(tmp_path))
+    base = CA.library_path("/usr/bin/c++")
+    assert base.parent == tmp_path and base == CA.library_path("/usr/bin/c++")
+    assert CA.library_path("/usr/bin/clang++") != base
+    monkeypatch.setattr(CA, "_cpu_model", lambda: "model name : other\nflags : sse2")
+    assert CA.library_path("/usr/bin/c++") != base

@@ -44,13 +44,18 @@ class CpuKernelUnavailable(RuntimeError):
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and feature flags: a -march=native library must not be reused on a host
+    with other instructions (a home directory shared by several hosts, a VM that masks AVX-512)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        lines = []
+    wanted = {}
+    for line in lines:
+        key = line.split(":", 1)[0].strip()
+        if key in ("model name", "flags") and key not in wanted:
+            wanted[key] = line
+    return "\n".join(wanted.values()) or platform.processor() or platform.machine()
 
 
 def _compiler() -> str:

@@ -250,6 +250,41 @@ void ForwardTile(const Dims& d, const float* q, const float* k, const float* v, 
   }
 }
 
+// One pass over keys j < n for a block of R query rows (p, ds: their [R, Tp] probabilities and
+// score gradients): dQ[r] += ds[r, j] K[j] (in registers), dK[j] += sum_r ds[r, j] Q[r] and
+// dV[j] += sum_r p[r, j] dO[r] (each key row read and written once per block).
+template <int64_t R, int64_t kD>
+inline void KeyGrads(const float (&qu)[R][kD], const float (&dos)[R][kD], const float* p, const float* ds,
+                     const KvTile& t, int64_t n, RowVec<kD> (&dqv)[R][kD / VecOf<RowVec<kD>>::kWidth],
+                     float* dk_acc, float* dv_acc) {
+  using V = RowVec<kD>;
+  constexpr int64_t W = VecOf<V>::kWidth, C = kD / W;
+  V qv[R][C], dov[R][C];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      qv[r][c] = Load<V>(&qu[r][c * W]);
+      dov[r][c] = Load<V>(&dos[r][c * W]);
+    }
+  for (int64_t j = 0; j < n; ++j) {
+    V kr[C], dkj[C] = {}, dvj[C] = {};
+    for (int64_t c = 0; c < C; ++c) kr[c] = Load<V>(t.k.data() + j * kD + c * W);
+    for (int64_t r = 0; r < R; ++r) {
+      const float pr = p[r * t.Tp + j], dsr = ds[r * t.Tp + j];
+      for (int64_t c = 0; c < C; ++c) {
+        dqv[r][c] += dsr * kr[c];
+        dkj[c] += dsr * qv[r][c];
+        dvj[c] += pr * dov[r][c];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      float* dkp = dk_acc + j * kD + c * W;
+      float* dvp = dv_acc + j * kD + c * W;
+      Store(dkp, Load<V>(dkp) + dkj[c]);
+      Store(dvp, Load<V>(dvp) + dvj[c]);
+    }
+  }
+}
+
 // P = exp(S - lse), dP = dO V^T, dS = P (dP - rowsum(dO * O)) * scale, dQ = dS K, dK += dS^T Q,
 // dV += P^T dO; dK / dV accumulate over the G query heads of this kv head.
 template <int64_t kD>
@@ -291,30 +326,8 @@ void BackwardTile(const Dims& d, const float* q, const float* k, const float* v,
         for (int64_t jb = 0; jb < n; jb += kLanes)
           Store(dpr + jb, Load<v16>(sr + jb) * (Load<v16>(dpr + jb) - delta[r]) * d.scale);
       }
-      V qv[R][C], dov[R][C], dqv[R][C] = {};
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t c = 0; c < C; ++c) {
-          qv[r][c] = Load<V>(&qu[r][c * W]);
-          dov[r][c] = Load<V>(&dos[r][c * W]);
-        }
-      for (int64_t j = 0; j < n; ++j) {
-        V kr[C], dkj[C] = {}, dvj[C] = {};
-        for (int64_t c = 0; c < C; ++c) kr[c] = Load<V>(t.k.data() + j * kD + c * W);
-        for (int64_t r = 0; r < R; ++r) {
-          const float p = s[r * t.Tp + j], ds = dp[r * t.Tp + j];
-          for (int64_t c = 0; c < C; ++c) {
-            dqv[r][c] += ds * kr[c];
-            dkj[c] += ds * qv[r][c];
-            dvj[c] += p * dov[r][c];
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          float* dkp = dk_acc.data() + j * kD + c * W;
-          float* dvp = dv_acc.data() + j * kD + c * W;
-          Store(dkp, Load<V>(dkp) + dkj[c]);
-          Store(dvp, Load<V>(dvp) + dvj[c]);
-        }
-      }
+      V dqv[R][C] = {};
+      KeyGrads<R, kD>(qu, dos, s.data(), dp.data(), t, n, dqv, dk_acc.data(), dv_acc.data());
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < C; ++c) Store(dq + ((b * d.T + i0 + r) * d.H + h) * kD + c * W, dqv[r][c]);
     }
