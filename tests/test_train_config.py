@@ -86,13 +86,27 @@ def test_attention_kernel_options_are_validated_and_reach_both_models(tmp_path):
     from tgpo_jax.train import setup
 
     student, teacher = tiny_models(str(tmp_path))
-    assert _load(models={"student": student, "teacher": teacher}).models.attn_query_block == -1  # auto
+    defaults = _load(models={"student": student, "teacher": teacher}).models
+    assert (defaults.attn_impl, defaults.attn_query_block) == ("auto", -1)
     cfg = _load(models={"student": student, "teacher": teacher, "attn_impl": "sdpa", "attn_query_block": 8,
                         "cache_layers": "scan", "remat_policy": "nothing"})
     _, s, t, _ = setup.build_models(cfg)
     for m in (s, t):
         assert (m.cfg.attn_impl, m.cfg.attn_query_block, m.cfg.cache_layers, m.cfg.remat_policy) == (
             "sdpa", 8, "scan", "nothing")
+
+
+def test_sft_config_validates_its_attention_options_and_defaults_like_a_train_config():
+    from tgpo_jax.train.sft import load_sft_config
+
+    base = {"model": "m", "data": {"solution_column": "solution"}}
+    cfg = load_sft_config(base)
+    assert cfg.model_overrides() == {"attn_impl": "auto", "attn_query_block": -1}
+    assert cfg.model_overrides() == {k: v for k, v in _load().models.model_overrides().items() if k in cfg.model_overrides()}
+    with pytest.raises(ConfigError, match=r"attn_impl='flash'; accepted: einsum, sdpa, cudnn, cpu, auto"):
+        load_sft_config({**base, "attn_impl": "flash"})
+    with pytest.raises(ConfigError, match=r"attn_query_block=-3 must be >= 0"):
+        load_sft_config({**base, "attn_query_block": -3})
 
 
 def test_distributed_settings_come_from_the_config_and_are_checked(monkeypatch):

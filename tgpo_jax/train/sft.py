@@ -16,6 +16,7 @@ from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_ya
 from tgpo_jax.data import DataConfig, build_prompt_set, make_data_iterator
 from tgpo_jax.data.prompts import bucket_for
 from tgpo_jax.models.hf_export import save_hf
+from tgpo_jax.models.config import runtime_option_problems
 from tgpo_jax.models.hf_import import load_tokenizer
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
 from tgpo_jax.train.checkpoint import RunCheckpoints
@@ -42,6 +43,13 @@ class SFTConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     progress: bool = True
+    # the model's cache-free attention (ModelConfig.attn_impl / attn_query_block), defaulting as in
+    # a train config: the fused CPU kernel on one CPU device, else einsum (query blocks on CPU)
+    attn_impl: str = "auto"
+    attn_query_block: int = -1
+
+    def model_overrides(self) -> dict:
+        return {"attn_impl": self.attn_impl, "attn_query_block": self.attn_query_block}
 
 
 def load_sft_config(path_or_dict, overrides=None) -> SFTConfig:
@@ -56,6 +64,7 @@ def load_sft_config(path_or_dict, overrides=None) -> SFTConfig:
         problems.append(f"micro_batch={cfg.micro_batch} does not divide batch_size={cfg.batch_size}")
     if cfg.max_solution_len % min(cfg.logprob_chunk, cfg.max_solution_len):
         problems.append(f"logprob_chunk={cfg.logprob_chunk} must divide max_solution_len={cfg.max_solution_len}")
+    problems += runtime_option_problems(**cfg.model_overrides())
     if problems:
         raise ConfigError("invalid sft config:\n  " + "\n  ".join(problems))
     return cfg
@@ -89,7 +98,7 @@ def sft(cfg: SFTConfig) -> str:
     data = make_data_iterator(data_cfg, tokenizer, prompt_set=build_prompt_set(data_cfg, tokenizer))
     mesh = build_mesh(MeshConfig.from_dict(cfg.mesh))
     rules = ShardingRules.from_dict(cfg.rules)
-    model = load_sharded(cfg.model, mesh, rules)
+    model = load_sharded(cfg.model, mesh, rules, cfg_overrides=cfg.model_overrides())
     optimizer = make_optimizer(cfg.optimizer)
     graphdef, state = init_train_state(model, optimizer)
     step = make_sft_step(graphdef, optimizer, micro_batch=cfg.micro_batch, chunk=cfg.logprob_chunk)
