@@ -683,7 +683,8 @@ def add_arguments(p) -> None:
                    help="our causal attention in query blocks of this many rows (0: full scores; "
                         "-1: auto, the train config's default)")
     p.add_argument("--attn-impl", choices=["einsum", "sdpa", "cudnn", "cpu", "auto"], default="auto",
-                   help="our cache-free attention kernel (ModelConfig.attn_impl; cudnn: GPU only)")
+                   help="our cache-free attention kernel (ModelConfig.attn_impl; cudnn: GPU only; cpu: the fused "
+                        "CPU kernel; auto, the default: cpu where it applies, else einsum)")
     p.add_argument("--devices", type=int, default=1,
                    help="ours data-parallel over this many devices (CPU: host devices, e.g. one per core; default 1)")
     p.add_argument("--turn-steps", type=int, default=1,
