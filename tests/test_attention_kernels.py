@@ -17,6 +17,7 @@ from tgpo_jax.models.blocked_attention import blocked_causal_attention
 from tgpo_jax.models.config import ModelConfigError
 from tgpo_jax.models.decoder import Decoder, left_pad_positions
 from tgpo_jax.models.tiny import tiny_config
+from tests.jaxpr_helpers import iter_eqns
 
 
 def _causal_allowed(mask_BT):
@@ -110,23 +111,9 @@ def test_blocked_backward_recomputes_no_forward_under_remat():
     f = lambda q, k, v: jnp.sum(jnp.sin(blocked_causal_attention(q, k, v, allowed, block)))  # noqa: E731
     remat = jax.checkpoint(f, policy=checkpoint_policies.save_only_these_names("attn_out"))
 
-    def exps(fn):
+    def exps(fn):  # score-sized exponentials in the gradient's jaxpr
         jaxpr = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(q, k, v)
-        count = 0
-
-        def walk(jx):
-            nonlocal count
-            for eqn in jx.eqns:
-                if eqn.primitive.name == "exp" and eqn.outvars[0].aval.ndim == 5:
-                    count += 1
-                for p in eqn.params.values():
-                    for j in (p if isinstance(p, (list, tuple)) else [p]):
-                        if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
-                            walk(j.jaxpr)
-                        elif hasattr(j, "eqns"):
-                            walk(j)
-        walk(jaxpr.jaxpr)
-        return count
+        return sum(e.primitive.name == "exp" and e.outvars[0].aval.ndim == 5 for e in iter_eqns(jaxpr.jaxpr))
 
     n_blocks = T // block
     assert exps(f) == 2 * n_blocks

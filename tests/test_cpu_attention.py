@@ -16,6 +16,7 @@ from tgpo_jax.models import cpu_attention as CA
 from tgpo_jax.models import layers as L
 from tgpo_jax.models.decoder import Decoder, left_pad_positions
 from tgpo_jax.models.tiny import tiny_config
+from tests.jaxpr_helpers import iter_eqns
 
 pytestmark = pytest.mark.skipif(CA.unavailable_reason() is not None,
                                 reason=f"fused CPU attention kernel unavailable: {CA.unavailable_reason()}")
@@ -124,20 +125,8 @@ def test_decoder_hidden_states_equal_the_default_kernel():
 
 def _ffi_calls(fn, *args) -> list[str]:
     """Target names of the FFI calls in fn's jaxpr, sub-jaxprs (remat, scan, custom_vjp) included."""
-    found = []
-
-    def walk(jx):
-        for eqn in jx.eqns:
-            if eqn.primitive.name == "ffi_call":
-                found.append(eqn.params["target_name"])
-            for p in eqn.params.values():
-                for j in (p if isinstance(p, (list, tuple)) else [p]):
-                    if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
-                        walk(j.jaxpr)
-                    elif hasattr(j, "eqns"):
-                        walk(j)
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
+    return [e.params["target_name"] for e in iter_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+            if e.primitive.name == "ffi_call"]
 
 
 def test_backward_reruns_no_forward_kernel_under_attn_out_remat():
