@@ -58,9 +58,31 @@ def test_values_and_gradients_equal_einsum_attention_on_every_row(B, T, H, K, D)
         assert np.abs(np.asarray(a - b)).max() <= 1e-5
 
 
-def test_large_scores_of_future_and_masked_keys_do_not_overflow():
-    """Scores of keys a row may not read (later positions, left padding) exceeding the row's max by
-    far more than exp's range (~88) must still give exactly zero weight, not inf * 0 = NaN."""
+def test_keys_a_row_may_not_read_get_zero_weight_at_any_score():
+    """A later (or masked) key's score may exceed the row's max by any amount. Its weight must
+    be exactly 0, never exp(overflow) * 0 = NaN. Row b of the batch puts key 1 at
+    80 + 0.1 b above query 0's only allowed score (0), and so sweeps past exp's range at ~88.7.
+    Key 0 is left padding in the odd rows, where query 1 then reads key 1 only."""
+    B, T, D = 200, 2, 16
+    excess = 80.0 + 0.1 * np.arange(B)
+    q = np.zeros((B, T, 1, D), np.float32)
+    k = np.zeros((B, T, 1, D), np.float32)
+    q[:, 0, 0, 0] = 1.0
+    k[:, 1, 0, 0] = excess * np.sqrt(D)  # score of (query 0, key 1) = excess
+    v = np.random.default_rng(0).normal(size=(B, T, 1, D)).astype(np.float32)
+    mask = np.ones((B, T), np.int32)
+    mask[1::2, 0] = 0
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    got = CA.causal_attention(q, k, v, jnp.asarray(mask))
+    assert np.isfinite(np.asarray(got)).all()
+    assert np.abs(np.asarray(got - _reference(q, k, v, mask))).max() <= 1e-5
+    w = jnp.ones(got.shape)
+    grads = jax.grad(lambda q, k, v: jnp.sum(CA.causal_attention(q, k, v, jnp.asarray(mask)) * w),
+                     argnums=(0, 1, 2))(q, k, v)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+def test_large_scores_keep_values_and_gradients_finite_and_equal():
     B, T, H, K, D = 2, 20, 2, 1, 16
     q, k, v, mask, w = _inputs(B, T, H, K, D, seed=5)
     q = q * 30.0
