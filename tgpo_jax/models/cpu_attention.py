@@ -81,15 +81,13 @@ def build() -> Path:
     library is written to a temporary name and renamed, so concurrent builders never see half a file."""
     cxx = _compiler()
     out = library_path(cxx)
-    if out.exists():
-        return out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError:  # e.g. a read-only home: build into the temp dir instead
         out = Path(tempfile.gettempdir()) / f"tgpo_jax_kernels_{os.getuid()}" / out.name
-        if out.exists():
-            return out
         out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        return out
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]

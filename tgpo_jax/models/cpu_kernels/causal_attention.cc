@@ -129,22 +129,26 @@ constexpr int64_t kLanes = 16;  // keys per score chunk: one AVX-512 register of
 
 inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// One (batch row, kv head), copied once per task into padded, contiguous buffers: keys (and
-// values) as rows [Tp, D] and transposed [D, Tp], the key mask as 0 / 1 floats. Tp = T rounded
-// up to kLanes, the padding zero and masked, so every key loop runs whole vector chunks.
+// One (batch row, kv head), copied once per task into padded, contiguous buffers: the key mask as
+// 0 / 1 floats and the keys transposed [D, Tp] for both passes; the values as rows [Tp, D] for the
+// forward's P V; the values transposed and the keys as rows for the backward's dO V^T and dS K.
+// Tp = T rounded up to kLanes, the padding zero and masked, so every key loop runs whole chunks.
 struct KvTile {
   int64_t Tp;
-  std::vector<float> k, v, kT, vT, maskf;
-  KvTile(const Dims& d, const float* kg, const float* vg, const int32_t* mask, int64_t b, int64_t kh)
-      : Tp(RoundUp(d.T, kLanes)), k(Tp * d.D, 0.0f), v(Tp * d.D, 0.0f), kT(d.D * Tp, 0.0f),
-        vT(d.D * Tp, 0.0f), maskf(Tp, 0.0f) {
+  std::vector<float> k, v, kT, vT, maskf;  // k, vT: backward only; v: forward only
+  KvTile(const Dims& d, const float* kg, const float* vg, const int32_t* mask, int64_t b, int64_t kh, bool backward)
+      : Tp(RoundUp(d.T, kLanes)), k(backward ? Tp * d.D : 0, 0.0f), v(backward ? 0 : Tp * d.D, 0.0f),
+        kT(d.D * Tp, 0.0f), vT(backward ? d.D * Tp : 0, 0.0f), maskf(Tp, 0.0f) {
     for (int64_t j = 0; j < d.T; ++j) {
       const int64_t row = ((b * d.T + j) * d.K + kh) * d.D;
       for (int64_t e = 0; e < d.D; ++e) {
-        k[j * d.D + e] = kg[row + e];
-        v[j * d.D + e] = vg[row + e];
         kT[e * Tp + j] = kg[row + e];
-        vT[e * Tp + j] = vg[row + e];
+        if (backward) {
+          k[j * d.D + e] = kg[row + e];
+          vT[e * Tp + j] = vg[row + e];
+        } else {
+          v[j * d.D + e] = vg[row + e];
+        }
       }
       maskf[j] = mask[b * d.T + j] ? 1.0f : 0.0f;
     }
@@ -215,7 +219,7 @@ void ForwardTile(const Dims& d, const float* q, const float* k, const float* v, 
   using V = RowVec<kD>;
   constexpr int64_t W = VecOf<V>::kWidth, C = kD / W;
   const int64_t b = task / d.K, kh = task % d.K;
-  KvTile t(d, k, v, mask, b, kh);
+  KvTile t(d, k, v, mask, b, kh, false);
   std::vector<float> s(R * t.Tp);
   for (int64_t g = 0; g < d.G; ++g) {
     const int64_t h = kh * d.G + g;
@@ -295,7 +299,7 @@ void BackwardTile(const Dims& d, const float* q, const float* k, const float* v,
   using V = RowVec<kD>;
   constexpr int64_t W = VecOf<V>::kWidth, C = kD / W;
   const int64_t b = task / d.K, kh = task % d.K;
-  KvTile t(d, k, v, mask, b, kh);
+  KvTile t(d, k, v, mask, b, kh, true);
   std::vector<float> s(R * t.Tp), dp(R * t.Tp), dk_acc(t.Tp * kD, 0.0f), dv_acc(t.Tp * kD, 0.0f);
   for (int64_t g = 0; g < d.G; ++g) {
     const int64_t h = kh * d.G + g;
