@@ -168,26 +168,37 @@ def test_backward_reruns_no_forward_kernel_under_attn_out_remat():
         assert np.abs(np.asarray(a - b)).max() <= 1e-6
 
 
-def test_auto_uses_the_kernel_on_one_device_only():
-    """attn_impl "auto": the kernel in an unsharded forward; with activations sharded over a
-    2-device mesh the XLA path (which GSPMD partitions) instead; "einsum" never."""
+def test_auto_selection_on_one_device_and_per_shard_on_a_mesh():
+    """attn_impl "auto": the kernel in an unsharded forward, and on a multi-device CPU mesh under
+    shard_map on each device's rows and heads (the FFI call sees the local shapes); the XLA path
+    where the heads cannot be split alike or the sequence is sharded, and there "cpu" says why;
+    "einsum" never."""
     from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh
     from tgpo_jax.sharding.rules import ActivationSharding
 
-    cfg = tiny_config("qwen2")
-    B, T = 2, 8
+    cfg = tiny_config("qwen2")  # 4 query heads, 2 kv heads of 16
+    B, T = 4, 8
     tokens = jnp.ones((B, T), jnp.int32)
     mask = jnp.ones((B, T), jnp.int32)
     pos = left_pad_positions(mask)
 
-    def calls(impl, sh):
+    def q_shapes(impl, mesh_shape=None, rules=None):
+        sh = None if mesh_shape is None else ActivationSharding(
+            build_mesh(MeshConfig.from_dict(mesh_shape), jax.devices()[:8]), ShardingRules.from_dict(rules))
         graph, state = nnx.split(Decoder(dataclasses.replace(cfg, attn_impl=impl), nnx.Rngs(0), sharding=sh))
-        return _ffi_calls(lambda st: nnx.merge(graph, st).hidden_states(tokens, pos, mask)[0], state)
+        jaxpr = jax.make_jaxpr(lambda st: nnx.merge(graph, st).hidden_states(tokens, pos, mask)[0])(state).jaxpr
+        return [(e.params["target_name"], e.invars[0].aval.shape) for e in iter_eqns(jaxpr) if e.primitive.name == "ffi_call"]
 
-    mesh = build_mesh(MeshConfig.from_dict({"data": 2, "fsdp": 1, "tensor": 1}), jax.devices()[:2])
-    assert calls("auto", None) == [CA._FWD]
-    assert calls("einsum", None) == []
-    assert calls("auto", ActivationSharding(mesh, ShardingRules())) == []
+    assert q_shapes("auto") == [(CA._FWD, (B, T, 4, 16))]
+    assert q_shapes("einsum") == []
+    assert q_shapes("auto", {"data": 2, "fsdp": 2, "tensor": 2}) == [(CA._FWD, (B // 4, T, 2, 16))]
+    assert q_shapes("auto", {"data": 8, "fsdp": 1, "tensor": 1}) == [(CA._FWD, (B, T, 4, 16))]  # B % 8: rows replicated
+    split_unlike = ({"data": 2, "fsdp": 1, "tensor": 4}, None)  # 4 query heads split 4 ways, 2 kv heads not
+    seq_sharded = ({"data": 2, "fsdp": 1, "tensor": 4}, {"seq": "tensor", "act_heads": None, "act_kv_heads": None})
+    for (mesh_shape, rules), why in ((split_unlike, "kv heads"), (seq_sharded, "sequence is sharded")):
+        assert q_shapes("auto", mesh_shape, rules) == []
+        with pytest.raises(CA.CpuKernelUnavailable, match=why):
+            q_shapes("cpu", mesh_shape, rules)
 
 
 def test_unsupported_inputs_raise_a_clear_error():

@@ -175,12 +175,20 @@ def test_microbatch_sum_and_token_mean_differ_as_specified(rollout):
     assert abs(want_mb - 4 * want_tok) > 1e-6
 
 
-def test_sharded_train_step_equals_single_device(rollout):
+@pytest.mark.parametrize("attn_impl", ["einsum", "cpu"])
+def test_sharded_train_step_equals_single_device(rollout, attn_impl):
+    """The 8-device (data 2, fsdp 2, tensor 2) step against the single-device einsum step; with
+    "cpu" the fused kernel runs per device under shard_map (1 row, 2 query and 1 kv head each)."""
+    from tgpo_jax.models import cpu_attention
+
+    if attn_impl == "cpu" and (why := cpu_attention.unavailable_reason()) is not None:
+        pytest.skip(f"fused CPU attention kernel unavailable: {why}")
     cfg, mb = _minibatch(rollout, lambda_0=0.5)
     opt = make_optimizer(OptimizerConfig(lr=1e-3))
     mesh = build_mesh(MeshConfig.from_dict({"data": 2, "fsdp": 2, "tensor": 2}))
+    sharded_cfg = S_CFG.replace(attn_impl=attn_impl)
     results = []
-    for model in (Decoder(S_CFG, nnx.Rngs(0)), init_sharded(S_CFG, mesh, ShardingRules(), seed=0)):
+    for model in (Decoder(S_CFG, nnx.Rngs(0)), init_sharded(sharded_cfg, mesh, ShardingRules(), seed=0)):
         graphdef, state = init_train_state(model, opt)
         step = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=4, chunk=8)
         for _ in range(2):

@@ -99,7 +99,8 @@ class ModelConfig:
     # "sdpa": jax.nn.dot_product_attention, backend's choice (cuDNN flash attention on GPU where it
     # applies, else XLA); "cudnn": that, cuDNN forced (GPU only, bf16/fp16); "cpu": the fused C++
     # kernel for XLA:CPU (models/cpu_attention.py: fp32, built on first use); "auto": "cpu" where it
-    # applies on one CPU device, else "einsum". attn_query_block applies to "einsum" (and "auto").
+    # applies on CPU devices (per shard on a multi-device mesh), else "einsum". attn_query_block
+    # applies to "einsum" (and "auto").
     attn_impl: str = "einsum"
     # Runtime, not an HF field: how the KV-cache path (prefill, decode) runs the layers. "unroll":
     # one cache buffer per layer, layers unrolled (no per-step copy of a layer's cache or weights;

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from tgpo_jax.models import cpu_attention
 from tgpo_jax.models import layers as L
@@ -232,15 +233,43 @@ def _mlp(cfg: ModelConfig, sh, p: dict, h_BTE, stacks: dict):
                         lambda h: _dense_mlp(cfg, sh, pick(stacks["dense_mlp"], i_dense), h), h_BTE)
 
 
-def _use_cpu_kernel(cfg: ModelConfig, sh, q) -> bool:
+_Q_AXES, _KV_AXES = ("batch", "seq", "act_heads", None), ("batch", "seq", "act_kv_heads", None)
+
+
+def _cpu_kernel_why_not(sh, q, k) -> str | None:
+    """None if the fused CPU kernel can run this attention, per shard when the mesh has several
+    devices, else why not."""
+    if (why := cpu_attention.supports(q)) is not None or sh is None or sh.mesh.size == 1:
+        return why
+    if (platform := sh.mesh.devices.flat[0].platform) != "cpu":
+        return f"the mesh is on {platform}, not cpu"
+    qs, ks = sh.spec_for(q.shape, _Q_AXES), sh.spec_for(k.shape, _KV_AXES)
+    if qs[1] is not None:
+        return f"the sequence is sharded over {qs[1]!r}; the kernel needs whole rows"
+    if qs[2] != ks[2]:  # a shard must hold each of its query heads' kv head
+        return (f"query heads ({q.shape[2]}) shard over {qs[2]!r} but kv heads ({k.shape[2]}) over {ks[2]!r}; "
+                "the kernel needs both split alike")
+    return None
+
+
+def _use_cpu_kernel(cfg: ModelConfig, sh, q, k) -> bool:
     """attn_impl "cpu": the fused CPU kernel, or an error saying why it cannot run; "auto": the
-    kernel where it applies on one device (a sharded batch keeps the XLA paths, which GSPMD
-    partitions), else what "einsum" does."""
+    kernel where it applies (see `_cpu_kernel_why_not`), else what "einsum" does."""
     if cfg.attn_impl == "cpu":
-        if (why := cpu_attention.supports(q)) is not None:
+        if (why := _cpu_kernel_why_not(sh, q, k)) is not None:
             raise cpu_attention.CpuKernelUnavailable(f"attn_impl='cpu': {why}")
         return True
-    return cfg.attn_impl == "auto" and (sh is None or sh.mesh.size == 1) and cpu_attention.supports(q) is None
+    return cfg.attn_impl == "auto" and _cpu_kernel_why_not(sh, q, k) is None
+
+
+def _cpu_attention(sh, q, k, v, key_mask_BT):
+    """The fused CPU kernel; on a multi-device mesh, under shard_map: each device runs it on its
+    batch rows and heads (GSPMD cannot partition an FFI call, it would gather to one device)."""
+    if sh is None or sh.mesh.size == 1:
+        return cpu_attention.causal_attention(q, k, v, key_mask_BT)
+    qs, ks = sh.spec_for(q.shape, _Q_AXES), sh.spec_for(k.shape, _KV_AXES)
+    return jax.shard_map(cpu_attention.causal_attention, mesh=sh.mesh, in_specs=(qs, ks, ks, P(qs[0], None)),
+                         out_specs=qs, check_vma=False)(q, k, v, key_mask_BT)
 
 
 def _attend(cfg: ModelConfig, sh, q, k, v, allowed_BTS, kv, index):
@@ -250,9 +279,9 @@ def _attend(cfg: ModelConfig, sh, q, k, v, allowed_BTS, kv, index):
     if kv is not None:
         k_c, v_c, kv = _cache_kv(kv, k, v, index)
         attn = L.attention(q, k_c, v_c, allowed_BTS, kv_layout="bksd")
-    elif _use_cpu_kernel(cfg, sh, q):
+    elif _use_cpu_kernel(cfg, sh, q, k):
         # `allowed` is causal, so its last row is the key mask
-        return cpu_attention.causal_attention(q, k, v, allowed_BTS[:, -1, :]), kv
+        return _cpu_attention(sh, q, k, v, allowed_BTS[:, -1, :]), kv
     elif cfg.attn_impl in ("sdpa", "cudnn"):
         attn = L.sdpa_attention(q, k, v, allowed_BTS, None if cfg.attn_impl == "sdpa" else cfg.attn_impl)
     elif 0 < (block := L.auto_query_block(cfg.attn_query_block, q.shape[1])) < q.shape[1]:

@@ -131,13 +131,14 @@ class ActivationSharding:
     mesh: Mesh
     rules: ShardingRules
 
-    def constrain(self, x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    def spec_for(self, shape: tuple[int, ...], logical_axes: tuple[str | None, ...]) -> PartitionSpec:
+        """The rules' spec for an array of this shape; a dimension that does not divide its mesh
+        axes stays unsharded rather than padded."""
         spec = self.rules.spec(logical_axes)
-        # A dimension that does not divide its mesh axes stays unconstrained rather than padded.
-        spec = PartitionSpec(*(
-            e if x.shape[i] % axis_size(self.mesh, e) == 0 else None for i, e in enumerate(spec)
-        ))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        return PartitionSpec(*(e if shape[i] % axis_size(self.mesh, e) == 0 else None for i, e in enumerate(spec)))
+
+    def constrain(self, x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec_for(x.shape, logical_axes)))
 
 
 def constrain(sharding: ActivationSharding | None, x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:

@@ -25,7 +25,7 @@ class ModelsConfig:
     allow_tokenizer_mismatch: bool = False
     # Runtime kernels of both models' cache-free forward (training, scoring); see ModelConfig.
     # einsum | sdpa | cudnn (cuDNN flash attention, GPU only) | cpu (fused C++ kernel, fp32) |
-    # auto (cpu where it applies on one CPU device, else einsum)
+    # auto (cpu where it applies on CPU devices, per shard on a mesh; else einsum)
     attn_impl: str = "auto"
     attn_query_block: int = -1  # > 0: causal attention in query blocks of this many rows; 0: off; -1: auto (CPU only)
     cache_layers: str = "auto"  # the sampler's KV cache: unroll | scan (compile time flat in depth) | auto

@@ -44,7 +44,7 @@ class SFTConfig:
     log_every: int = 10
     progress: bool = True
     # the model's cache-free attention (ModelConfig.attn_impl / attn_query_block), defaulting as in
-    # a train config: the fused CPU kernel on one CPU device, else einsum (query blocks on CPU)
+    # a train config: the fused CPU kernel on CPU devices, else einsum (query blocks on CPU)
     attn_impl: str = "auto"
     attn_query_block: int = -1
 
