@@ -151,14 +151,23 @@ def _ffi_calls(fn, *args) -> list[str]:
             if e.primitive.name == "ffi_call"]
 
 
-def test_backward_reruns_no_forward_kernel_under_attn_out_remat():
+@pytest.mark.parametrize("sharded", [False, True])
+def test_backward_reruns_no_forward_kernel_under_attn_out_remat(sharded):
     """Under the decoder's "attn_out" remat policy the kernel's output and log-sum-exp are kept,
-    so the gradient runs the forward kernel once and the backward kernel once; saving nothing, the
-    forward runs twice (the control)."""
+    so the gradient runs the forward kernel once and the backward kernel once, also per device
+    under shard_map; saving nothing, the forward runs twice (the control)."""
     from jax.ad_checkpoint import checkpoint_policies
 
-    q, k, v, mask, _ = _inputs(2, 12, 4, 2, 8)
-    f = lambda q, k, v: jnp.sum(jnp.sin(CA.causal_attention(q, k, v, jnp.asarray(mask))))  # noqa: E731
+    from tgpo_jax.models.decoder import _cpu_attention
+    from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh
+    from tgpo_jax.sharding.rules import ActivationSharding
+
+    q, k, v, mask, _ = _inputs(4, 12, 4, 2, 8)
+    sh = None
+    if sharded:
+        sh = ActivationSharding(build_mesh(MeshConfig.from_dict({"data": 2, "fsdp": 2, "tensor": 2}),
+                                           jax.devices()[:8]), ShardingRules())
+    f = lambda q, k, v: jnp.sum(jnp.sin(_cpu_attention(sh, q, k, v, jnp.asarray(mask))))  # noqa: E731
     grad = lambda fn: jax.grad(fn, argnums=(0, 1, 2))  # noqa: E731
     kept = jax.checkpoint(f, policy=checkpoint_policies.save_only_these_names("attn_out"))
     none = jax.checkpoint(f, policy=checkpoint_policies.nothing_saveable)
