@@ -22,32 +22,42 @@ T_CFG = tiny_config("llama", num_layers=3, vocab_size=576, valid_vocab_size=560)
 
 
 # ------------------------------------------------------------------------- chunked log-probs
-def _full_stats(h, head, y, ids):
-    z = jnp.einsum("bte,ev->btv", h, head)
+def _full_stats(h, head, y, ids, valid_vocab=None):
+    """Full [B, T, V] logits and autodiff; ids >= valid_vocab do not exist (the columns are cut)."""
+    z = jnp.einsum("bte,ev->btv", h, head[:, :valid_vocab])
     logp = jax.nn.log_softmax(z, -1)
     ent = -jnp.sum(jnp.exp(logp) * logp, -1)
     return (jnp.take_along_axis(logp, y[..., None], -1)[..., 0], jnp.take_along_axis(logp, ids, -1), ent)
 
 
-def test_chunked_equals_unchunked_values_and_gradients():
+@pytest.mark.parametrize("valid_vocab", [None, 43])
+def test_chunked_equals_unchunked_values_and_gradients(valid_vocab):
+    """Values and gradients (h and head) of the chunked custom-VJP path against autodiff through
+    full logits, with repeated ids (an extra id equal to y, two equal extra ids) and, with
+    valid_vocab, masked vocabulary columns, under a large entropy weight."""
     rng = np.random.default_rng(0)
     B, T, E, V, K = 2, 24, 16, 50, 3
+    n_ids = valid_vocab or V
     h = jnp.asarray(rng.normal(size=(B, T, E)), jnp.float32)
     head = jnp.asarray(rng.normal(size=(E, V)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
-    ids = jnp.asarray(rng.integers(0, V, (B, T, K)), jnp.int32)
-    w = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, n_ids, (B, T)), jnp.int32)
+    ids = rng.integers(0, n_ids, (B, T, K))
+    ids[:, ::3, 0] = np.asarray(y)[:, ::3]
+    ids[:, ::4, 2] = ids[:, ::4, 1]
+    ids = jnp.asarray(ids, jnp.int32)
+    w = jnp.asarray([0.7, -1.3, 5.0], jnp.float32)
 
     def scalar(stats):
         return w[0] * stats[0].sum() + w[1] * stats[1].sum() + w[2] * stats[2].sum()
 
-    ref = _full_stats(h, head, y, ids)
+    ref = _full_stats(h, head, y, ids, valid_vocab)
+    g_ref = jax.grad(lambda h, hd: scalar(_full_stats(h, hd, y, ids, valid_vocab)), argnums=(0, 1))(h, head)
     for chunk in (4, 8, 24):
-        got = student_stats(h, head, y, ids, chunk=chunk)
+        got = student_stats(h, head, y, ids, chunk=chunk, valid_vocab=valid_vocab)
         for a, b in zip(got, ref):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-        g_got = jax.grad(lambda h, hd: scalar(student_stats(h, hd, y, ids, chunk=chunk)), argnums=(0, 1))(h, head)
-        g_ref = jax.grad(lambda h, hd: scalar(_full_stats(h, hd, y, ids)), argnums=(0, 1))(h, head)
+        g_got = jax.grad(lambda h, hd: scalar(student_stats(h, hd, y, ids, chunk=chunk, valid_vocab=valid_vocab)),
+                         argnums=(0, 1))(h, head)
         for a, b in zip(g_got, g_ref):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 

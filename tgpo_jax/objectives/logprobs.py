@@ -1,6 +1,7 @@
 """Per-token quantities of a softmax over the vocabulary, computed from final hidden states in
 chunks over the sequence so that neither the forward nor the backward pass ever holds [B, T, V]
-logits: each chunk's logits are rematerialised in the backward pass (`jax.checkpoint`).
+logits: each chunk's logits are rematerialised in the backward pass (a custom VJP on the student
+side).
 
 Student side (differentiable): log pi(y_t), log pi(extra ids) (teacher argmax, top-K ids, ...),
 entropy. Teacher side (no grad): argmax, one sample, log pi_T(y_t), top-K ids and log-probs,
@@ -9,6 +10,7 @@ log pi_T at given ids.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -50,25 +52,59 @@ class StudentStats(NamedTuple):
 
 def student_stats(h_BTE, head_EV, targets_BT, extra_ids_BTK, *, chunk: int, valid_vocab: int | None = None) -> StudentStats:
     """log pi(y_t), log pi(extra ids), entropy; differentiable w.r.t. h and head, with the chunk
-    logits recomputed in the backward pass.
+    logits recomputed in the backward pass (see `_student_chunk_bwd`).
 
       logp_t = z_t[y_t] - logsumexp(z_t)
       H_t    = -sum_v p_v log p_v,   log p = z_t - logsumexp(z_t)
     """
+    return _map_chunks(lambda h, y, ids: _student_chunk(h, head_EV, y, ids, valid_vocab), chunk,
+                       h_BTE, targets_BT, extra_ids_BTK)
 
-    @jax.checkpoint
-    def one(h_BCE, y_BC, ids_BCK):
-        z = chunk_logits(h_BCE, head_EV, valid_vocab)
-        lse = jax.nn.logsumexp(z, -1)
-        logp_y = jnp.take_along_axis(z, y_BC[..., None], -1)[..., 0] - lse
-        logp_ids = jnp.take_along_axis(z, ids_BCK, -1) - lse[..., None]
-        # log-probs from the one logsumexp: no second max / sum pass over the vocabulary (a
-        # softmax would redo both)
-        logp = z - lse[..., None]
-        ent = -jnp.sum(jnp.exp(logp) * logp, -1)
-        return StudentStats(logp_y, logp_ids, ent)
 
-    return _map_chunks(one, chunk, h_BTE, targets_BT, extra_ids_BTK)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _student_chunk(h_BCE, head_EV, y_BC, ids_BCK, valid_vocab) -> StudentStats:
+    return _student_chunk_fwd(h_BCE, head_EV, y_BC, ids_BCK, valid_vocab)[0]
+
+
+def _student_chunk_fwd(h_BCE, head_EV, y_BC, ids_BCK, valid_vocab):
+    """The chunk's StudentStats; residuals: the inputs plus logsumexp and entropy [B, C]."""
+    z = chunk_logits(h_BCE, head_EV, valid_vocab)
+    lse = jax.nn.logsumexp(z, -1)
+    # log-probs from the one logsumexp: no second max / sum pass over the vocabulary (a softmax
+    # would redo both)
+    logp = z - lse[..., None]
+    ent = -jnp.sum(jnp.exp(logp) * logp, -1)
+    stats = StudentStats(*_gather_logp(logp, y_BC, ids_BCK), ent)
+    return stats, (h_BCE, head_EV, y_BC, ids_BCK, lse, ent)
+
+
+def _gather_logp(logp_BCV, y_BC, ids_BCK):
+    return jnp.take_along_axis(logp_BCV, y_BC[..., None], -1)[..., 0], jnp.take_along_axis(logp_BCV, ids_BCK, -1)
+
+
+def _student_chunk_bwd(valid_vocab, res, g: StudentStats):
+    """One pass over the recomputed chunk logits. With p = softmax(z), lp = log p and cotangents
+    g_y, g_k, g_H of log p(y), log p(ids_k), H:
+
+      dz = onehot(y) g_y + sum_k onehot(ids_k) g_k - p (g_y + sum_k g_k + g_H (lp + H))
+
+    (dH/dz_v = -p_v (lp_v + H)). Autodiff of the forward re-derives logsumexp and the entropy
+    and writes several [B, C, V] temporaries; this saves both from the forward and writes one.
+    Masked vocabulary columns (ids >= valid_vocab) get 0 through the `where` in `chunk_logits`."""
+    h_BCE, head_EV, y_BC, ids_BCK, lse_BC, ent_BC = res
+    z, pull = jax.vjp(lambda h, w: chunk_logits(h, w, valid_vocab), h_BCE, head_EV)
+    logp = z - lse_BC[..., None]
+    p = jnp.exp(logp)
+    g_sum = (g.logp_BT + g.extra_logp_BTK.sum(-1))[..., None]
+    dz = -p * (g_sum + g.entropy_BT[..., None] * (logp + ent_BC[..., None]))
+    # the one-hot terms as the transpose of the forward's gathers: a scatter with batch dims,
+    # which GSPMD keeps on each device's rows (an .at[b, c, y] scatter was all-gathered)
+    _, pull_gather = jax.vjp(lambda z: _gather_logp(z, y_BC, ids_BCK), z)
+    dh, dhead = pull(pull_gather((g.logp_BT, g.extra_logp_BTK))[0] + dz)
+    return dh, dhead, None, None
+
+
+_student_chunk.defvjp(_student_chunk_fwd, _student_chunk_bwd)
 
 
 class TeacherStats(NamedTuple):
