@@ -116,10 +116,10 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
-def supports(q_BTHD: jax.Array, backend: str | None = None) -> str | None:
+def supports(q_BTHD: jax.Array) -> str | None:
     """None if the kernel can run this attention, else the reason (backend, dtype, head_dim, build)."""
-    if (backend or jax.default_backend()) != "cpu":
-        return f"the fused attention kernel is for the CPU backend, not {backend or jax.default_backend()}"
+    if (backend := jax.default_backend()) != "cpu":
+        return f"the fused attention kernel is for the CPU backend, not {backend}"
     if q_BTHD.dtype != jnp.float32:
         return f"the fused CPU attention kernel is fp32 only, got {q_BTHD.dtype}"
     if q_BTHD.shape[-1] not in HEAD_DIMS:
