@@ -223,7 +223,8 @@ def _add_tool_commands(sub) -> None:
                                           "of teachers of growing divergence; report.md + PNGs)")
     exp = s.add_subparsers(dest="experiment", required=True)
     s = exp.add_parser("divergence", help="the paper's central claim in miniature, on CPU")
-    s.add_argument("--config", default="configs/experiment_divergence.yaml")
+    s.add_argument("--config", default="configs/experiment_divergence.yaml",
+                   help="experiment YAML (default: the bundled configs/experiment_divergence.yaml)")
     s.add_argument("--quick", action="store_true", help="the config's `quick` section: one seed, fewer iterations")
     s.add_argument("--out", default=None, help="output directory (overrides out_dir; cells and SFT models are cached)")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides of the experiment config, e.g. "

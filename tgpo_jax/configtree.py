@@ -121,6 +121,10 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
 
 
 def load_yaml(path: str) -> dict:
+    """A YAML mapping; a `configs/...` path missing here is read from the package's bundled configs."""
+    from tgpo_jax.bundled import resolve_config
+
+    path = resolve_config(path)
     try:
         with open(path) as f:
             d = yaml.safe_load(f)

@@ -29,7 +29,9 @@ import shutil
 import time
 from typing import Any
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
+from tgpo_jax.bundled import config_path
+
+DEFAULT_CONFIG = config_path("demo.yaml")
 KEY_FILE = "demo_key.json"
 
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import yaml
 
+from tgpo_jax.bundled import config_path
 from tgpo_jax.configtree import ConfigError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESET_DIR = os.path.join(REPO_ROOT, "configs", "presets")
-HF_CONFIG_DIR = os.path.join(REPO_ROOT, "configs", "hf_configs")
+PRESET_DIR = config_path("presets")
+HF_CONFIG_DIR = config_path("hf_configs")
 # The estimator does not count XLA temporaries, fragmentation or the runtime's reserve: a preset
 # must fit in this fraction of each device's HBM.
 HEADROOM = 0.90

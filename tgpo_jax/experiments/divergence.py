@@ -19,6 +19,7 @@ import json
 import os
 import time
 
+from tgpo_jax.bundled import resolve_config
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from tgpo_jax.demo import DEFAULT_CONFIG, SFTSpec, TaskSpec, _digest, _file_digest, make_task_data, sft_model
 
@@ -87,7 +88,7 @@ def load_experiment_config(path: str, *, quick: bool = False, out_dir: str | Non
                  for t in cfg.teachers if not 0.0 <= t.style_b_frac <= 1.0]
     if not cfg.seeds:
         problems.append("seeds: need at least one")
-    base = cfg.base_config or DEFAULT_CONFIG
+    base = resolve_config(cfg.base_config or DEFAULT_CONFIG)
     if not os.path.isfile(base):
         problems.append(f"base_config: file not found: {base}")
     if problems:

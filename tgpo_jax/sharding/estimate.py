@@ -46,6 +46,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from tgpo_jax.bundled import resolve_config
 from tgpo_jax.models.config import ModelConfig, ModelConfigError
 from tgpo_jax.models.params import param_specs
 from tgpo_jax.sharding.mesh import MeshConfig, ShardingConfigError
@@ -116,6 +117,7 @@ def load_estimate_config(source: str | os.PathLike | Mapping[str, Any]) -> Estim
     if isinstance(source, Mapping):
         data = dict(source)
     else:
+        source = resolve_config(os.fspath(source))
         base = os.path.dirname(os.path.abspath(source))
         if not os.path.isfile(source):
             raise FileNotFoundError(f"estimate config not found: {source}")
