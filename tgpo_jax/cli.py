@@ -12,6 +12,9 @@ def _offline_env():
     # The project never reaches a model hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # transformers announces at import that PyTorch is absent ("Models won't be available"): we use
+    # only its tokenizers and configs, so a plain install would greet every user with a false alarm
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def cmd_info(args) -> int:
@@ -31,12 +34,15 @@ def _jsonable(cfg):
 
 
 def cmd_convert(args) -> int:
-    from tgpo_jax.models.hf_export import save_hf
+    from tgpo_jax.models.hf_export import check_out_dir, save_hf
     from tgpo_jax.models.hf_import import load_model
 
+    names = ("--to-hf", "--overwrite")
+    check_out_dir(args.to_hf, overwrite=args.overwrite, name=names[0], overwrite_flag=names[1])  # before loading
     model = load_model(args.from_hf, param_dtype=args.dtype)
     out = save_hf(model, args.to_hf, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-                  tokenizer_dir=args.from_hf if _has_tokenizer(args.from_hf) else None)
+                  tokenizer_dir=args.from_hf if _has_tokenizer(args.from_hf) else None, overwrite=args.overwrite,
+                  names=names)
     print(f"wrote {out}")
     return 0
 
@@ -50,8 +56,9 @@ def _has_tokenizer(path: str) -> bool:
 def cmd_sample(args) -> int:
     from tgpo_jax.rollout.text import run_sample
 
-    for line in run_sample(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, seed=args.seed, chat=not args.no_chat):
+    for line in run_sample(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat,
+                           stop_ids=args.stop_ids):
         print(line)
     return 0
 
@@ -108,7 +115,7 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     from tgpo_jax.train.export import export_run
 
-    out, iteration = export_run(args.checkpoint, args.to_hf, dtype=args.dtype)
+    out, iteration = export_run(args.checkpoint, args.to_hf, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out} (student at iteration {iteration})")
     return 0
 
@@ -116,7 +123,11 @@ def cmd_export(args) -> int:
 def cmd_sft(args) -> int:
     from tgpo_jax.train.sft import load_sft_config, sft
 
-    out = sft(load_sft_config(args.config, args.overrides))
+    from tgpo_jax.models.config import read_model_config
+
+    cfg = load_sft_config(args.config, args.overrides)
+    read_model_config(cfg.model, "model")  # a missing dir / corrupt config.json: one line naming `model`
+    out = sft(cfg)
     print(f"wrote {out}")
     return 0
 
@@ -149,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_OVERWRITE_HELP = ("replace a previous model export in --to-hf (config.json, safetensors, tokenizer files and "
+                   "nothing else); without it --to-hf must be new or empty, and any other directory is refused")
+
+
 def _add_model_commands(sub) -> None:
     """info, convert, sample: HF checkpoints in and out."""
     s = sub.add_parser("info", help="print a HF checkpoint's parsed config and parameter count")
@@ -156,18 +171,27 @@ def _add_model_commands(sub) -> None:
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("convert", help="import a HF checkpoint and write it back (dtype / shard size)")
-    s.add_argument("--from-hf", required=True)
-    s.add_argument("--to-hf", required=True)
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--max-shard-gb", type=float, default=5.0)
+    s.add_argument("--from-hf", required=True, help="local HF model directory to read")
+    s.add_argument("--to-hf", required=True, help="output HF model directory")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights")
+    s.add_argument("--max-shard-gb", type=float, default=5.0,
+                   help="largest safetensors shard in GiB (bigger models get an index + several shards)")
+    s.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("sample", help="generate from a local HF checkpoint with the jitted KV-cache sampler")
-    s.add_argument("--model", required=True)
-    s.add_argument("--prompt", action="append", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=32)
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--model", required=True, help="local HF model directory (weights + tokenizer)")
+    s.add_argument("--prompt", action="append", required=True,
+                   help="prompt text, non-empty (repeatable: one response per prompt, sampled as one batch)")
+    s.add_argument("--max-new-tokens", type=int, default=32,
+                   help="response length limit in tokens (>= 1; prompt + this must fit the model's context)")
+    s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (>= 0; 0 = greedy)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (>= 0; 0 = off)")
+    s.add_argument("--stop-id", type=int, action="append", default=[], metavar="ID", dest="stop_ids",
+                   help="extra stop token id besides EOS and <|im_end|> (repeatable)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (unused when greedy)")
     s.add_argument("--no-chat", action="store_true", help="feed the raw prompt, no chat template")
     s.set_defaults(fn=cmd_sample)
 
@@ -175,19 +199,22 @@ def _add_model_commands(sub) -> None:
 def _add_run_commands(sub) -> None:
     """train, sft, export, demo: training runs and their outputs."""
     s = sub.add_parser("train", help="TGPO (or a baseline) training run from a YAML config")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", required=True, help="training YAML (sections models, rollout, objective, optimizer, "
+                                                     "train, data, rewards, eval, checkpoint, ...)")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sft", help="supervised fine-tuning on (prompt, solution) pairs; exports a HF directory")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", required=True, help="SFT YAML (model, data with a solution_column, steps, optimizer, ...)")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides")
     s.set_defaults(fn=cmd_sft)
 
     s = sub.add_parser("export", help="a run's latest student checkpoint as a HF directory")
     s.add_argument("--checkpoint", required=True, help="run directory (or its checkpoints/ folder)")
-    s.add_argument("--to-hf", required=True)
-    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--to-hf", required=True, help="output HF model directory")
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: the run's models.param_dtype)")
+    s.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("demo", help="the embedded default: SFT a tiny teacher and a weaker student (different "
@@ -237,7 +264,8 @@ def _add_tool_commands(sub) -> None:
     _eval_args(s)
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("bench", help="benchmarks (bench sampler: our sampler vs transformers generate)")
+    s = sub.add_parser("bench", help="benchmarks: sampler | train-step (our sampler vs transformers generate; "
+                                     "the TGPO-Reg train step vs PyTorch full logits)")
     bench = s.add_subparsers(dest="bench_command", required=True)
     s = bench.add_parser("sampler", help="tokens/s of the jitted sampler vs transformers generate, same weights")
     from tgpo_jax.bench.sampler_bench import add_arguments as _bench_sampler_args
@@ -259,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"tgpo-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`tgpo-jax preset list | head`): not an error of ours; stdout is
+        # pointed at /dev/null so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
