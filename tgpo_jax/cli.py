@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
     from tgpo_jax.train.loop import train
 
     cfg = load_train_config(args.config, args.overrides)
-    final = train(cfg)
+    final = train(cfg, resume_with_changes=args.resume_with_changes)
     print(json.dumps({k: v for k, v in final.items() if k.startswith(("reward/", "eval/", "loss/total"))}))
     return 0
 
@@ -201,6 +201,10 @@ def _add_run_commands(sub) -> None:
     s = sub.add_parser("train", help="TGPO (or a baseline) training run from a YAML config")
     s.add_argument("--config", required=True, help="training YAML (sections models, rollout, objective, optimizer, "
                                                      "train, data, rewards, eval, checkpoint, ...)")
+    s.add_argument("--resume-with-changes", action="store_true",
+                   help="resume a run_dir whose config.json differs from this config in keys that change the "
+                        "math (model, objective, optimizer, ...; see RESUME_NEUTRAL_KEYS in train/run_dir.py for "
+                        "the keys that may differ without it); the changes are recorded in RUN_DIR/history.jsonl")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
     s.set_defaults(fn=cmd_train)
 

@@ -4,14 +4,27 @@ the iteration counter, the RNG seed and the data-iterator state, saved asynchron
 - `latest/`: an Orbax CheckpointManager keeping the last N iterations.
 - `best/`: a second manager keeping the best K by eval score.
 Orbax writes each step to a temporary directory and renames it when complete, so a crash or a
-full disk mid-save leaves the previous checkpoints intact. On restore, a latest checkpoint that
-fails to load (corrupt, incomplete) is skipped with a warning and the one before it is used.
+full disk mid-save leaves the previous checkpoints intact.
+
+Integrity: once a latest/ step has finished saving (Orbax saves asynchronously, so at the next
+`save` or at `close`), its files are checksummed into a manifest (`manifest.py`). On restore each
+step is verified against its manifest before it is loaded; a step that fails the check or fails to
+load is moved aside to `checkpoints/corrupt/<step>-<UTC time>` with a warning naming it, and the
+one before it is used. Moving it out of latest/ matters: Orbax silently refuses to save a step at
+or below its latest, so a corrupt step left in place would never be saved again when re-run.
+A step without a manifest (older code, or a run killed before the manifest was written) restores
+with a warning.
+
 `run_dir` may be a gs:// URL: it is passed to Orbax as is (Orbax and tensorstore write to GCS).
+Checksums are local-only (see manifest.py); moving a corrupt step aside on gs:// goes through
+etils.epath (a copy per object).
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -19,6 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from tgpo_jax import paths
+from tgpo_jax.train import manifest
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +49,9 @@ class RunCheckpoints:
                 paths.join(self.root, "best"),
                 options=ocp.CheckpointManagerOptions(max_to_keep=keep_best, best_fn=lambda m: m["eval/score"],
                                                      best_mode="max", keep_checkpoints_without_metrics=False, **opts))
+        self.checksums = not paths.is_remote(self.root)  # local-only, see manifest.py
+        self.primary = jax.process_index() == 0  # the one process that writes manifests, moves steps aside
+        self._pending: list[int] = []  # latest/ steps saved by this object, manifest not yet written
 
     @staticmethod
     def _args(state, meta: dict[str, Any]):
@@ -42,9 +59,18 @@ class RunCheckpoints:
 
     def save(self, iteration: int, state, meta: dict[str, Any], eval_score: float | None = None) -> None:
         """Saves asynchronously (returns once device buffers are copied). `meta` is JSON: counters,
-        seed, data-iterator state."""
-        self.latest.save(iteration, args=self._args(state, meta))
+        seed, data-iterator state. Warns if Orbax declines to save it (a step at or below the
+        latest one in latest/: the caller re-runs iterations it did not restore)."""
+        self.wait()  # Orbax waits for the previous save here anyway; finished steps get their manifest
+        self._write_manifests()
+        if self.latest.save(iteration, args=self._args(state, meta)):
+            self._pending.append(iteration)
+        else:
+            warnings.warn(f"checkpoint {iteration} was NOT saved: {self.latest.directory} already holds step "
+                          f"{self.latest.latest_step()} (Orbax only saves steps above its latest)", stacklevel=2)
         if self.best is not None and eval_score is not None:
+            # best/ may already hold this step from before a resume: the same iteration of the same
+            # run, so keeping the stored one (Orbax declines the save) loses nothing.
             self.best.save(iteration, args=self._args(state, meta), metrics={"eval/score": float(eval_score)})
 
     def wait(self) -> None:
@@ -52,22 +78,87 @@ class RunCheckpoints:
         if self.best is not None:
             self.best.wait_until_finished()
 
+    def _step_dir(self, step: int) -> str:
+        return paths.join(str(self.latest.directory), str(step))
+
+    def _write_manifests(self) -> None:
+        """Checksums the steps whose save has finished (call after wait()). A step Orbax has
+        already deleted (max_to_keep) is skipped."""
+        pending, self._pending = self._pending, []
+        if not (self.checksums and self.primary):
+            return
+        for step in pending:
+            if paths.isdir(self._step_dir(step)):
+                manifest.write(self._step_dir(step))
+
     def restore_latest(self, abstract_state) -> tuple[int, Any, dict] | None:
         """(iteration, state, meta) of the newest checkpoint that loads, or None if none does.
-        `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings (restores in place)."""
-        for step in sorted(self.latest.all_steps(), reverse=True):
-            try:
-                restored = self.latest.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-            except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
-                warnings.warn(f"checkpoint {step} in {self.latest.directory} could not be restored "
-                              f"({type(e).__name__}: {str(e)[:200]}); trying the one before", stacklevel=2)
-                continue
-            return step, restored.state, dict(restored.meta)
-        return None
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings (restores in place).
+        Each step is verified against its checksum manifest first; one that fails (or fails to
+        load) is moved aside (see the module docstring) and the one before it is tried."""
+        moved = False
+        try:
+            for step in sorted(self.latest.all_steps(), reverse=True):
+                problem = self._verify(step)
+                if problem is None:
+                    try:
+                        restored = self.latest.restore(step, args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                        return step, restored.state, dict(restored.meta)
+                    except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
+                        problem = f"{type(e).__name__}: {str(e)[:200]}"
+                where = self._move_aside(step)
+                moved = True
+                warnings.warn(f"checkpoint {step} in {self.latest.directory} could not be restored ({problem}); "
+                              f"{where}; trying the one before", stacklevel=2)
+            return None
+        finally:
+            if moved:
+                self._resync()
+
+    def _verify(self, step: int) -> str | None:
+        """None if the step may be loaded; else why not (which file fails its checksum)."""
+        step_dir = self._step_dir(step)
+        if not self.checksums:
+            return None
+        if not manifest.has_manifest(step_dir):
+            warnings.warn(f"checkpoint {step} in {self.latest.directory} has no checksum manifest (saved by older "
+                          "code, or the run stopped before the manifest was written): restoring it unverified",
+                          stacklevel=3)
+            return None
+        return manifest.verify(step_dir)
+
+    def _move_aside(self, step: int) -> str:
+        """Moves a bad step to checkpoints/corrupt/<step>-<UTC time> (process 0 only); says where."""
+        if not self.primary:
+            return "process 0 moves it aside"
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        corrupt = paths.join(self.root, "corrupt")
+        dest = paths.join(corrupt, f"{step}-{stamp}")
+        paths.makedirs(corrupt)
+        try:
+            if paths.is_remote(dest):
+                from etils import epath
+
+                epath.Path(self._step_dir(step)).rename(dest)
+            else:
+                os.replace(self._step_dir(step), dest)
+        except OSError as e:
+            return f"could NOT be moved aside to {dest} ({e}), so a re-run of iteration {step} will not be saved"
+        return f"moved aside to {dest}"
+
+    def _resync(self) -> None:
+        """After steps were moved aside: every process re-reads the step list, so that all agree on
+        the latest step (Orbax's save decision) once process 0 has moved them."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tgpo_jax:checkpoints_moved_aside")
+        self.latest.reload()
 
     def close(self) -> None:
         self.wait()
+        self._write_manifests()
         self.latest.close()
         if self.best is not None:
             self.best.close()

@@ -1,14 +1,22 @@
 """Metrics sinks: JSONL, TensorBoard event files, a progress bar and a PNG of the main curves.
 
 Every record carries both counters: `iteration` (one rollout batch) and `optimizer_step`.
+metrics.jsonl holds one record per iteration however often a run resumes: a writer that starts
+after iteration s (`initial_iteration=s`) first drops the records of later iterations (the re-run
+replaces them) and any line that does not parse (a partial last line from a crash or a full disk),
+rewriting the file atomically; then each record is appended as one complete line, flushed and
+fsynced, so a crash leaves at most one partial last line.
 The run directory may be a gs:// (or s3://) URL: files then go through `tgpo_jax.paths` (etils.epath),
 and TensorBoard event files through an epath-backed tensorboardX writer (`register_tensorboard_scheme`)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
+import os
+import warnings
 from typing import Any
 
 from tgpo_jax import paths
@@ -24,13 +32,94 @@ def _scalar(v) -> float:
         return float("nan")
 
 
+class _LineAppender:
+    """A local file opened for appending whole lines: unbuffered (one write call per record, so
+    nothing is left half in a Python buffer), flushed to disk with fsync."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f = open(path, "ab", buffering=0)
+
+    def _write_bytes(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # a write may be short (e.g. the last bytes before a full disk)
+            view = view[self._f.write(view):]
+
+    def write(self, text: str) -> None:
+        try:
+            self._write_bytes(text.encode())
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, f"could not append a metrics record to {self.path}: "
+                                   f"{e.strerror or os.strerror(e.errno or errno.EIO)}") from e
+
+    def flush(self) -> None:
+        pass  # unbuffered; fsynced per record
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _parse_lines(path: str, text: str) -> tuple[list[dict], list[str]]:
+    """(records, problems): each line that is not a JSON object is a problem naming path:line."""
+    records, problems = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            if not isinstance(r, dict):
+                raise ValueError(f"a JSON {type(r).__name__}, not an object")
+        except ValueError as e:
+            problems.append(f"{path}:{n}: {e} in {line[:80]!r}")
+            continue
+        records.append(r)
+    return records, problems
+
+
+def truncate_jsonl(path: str, last_iteration: int, key: str = "iteration") -> int:
+    """Keeps the records with `key` <= last_iteration and drops lines that do not parse (with a
+    warning naming file and line); rewrites the file atomically if anything was dropped. Returns
+    how many lines were dropped."""
+    if not paths.exists(path):
+        return 0
+    text = paths.read_text(path)
+    records, problems = _parse_lines(path, text)
+    for p in problems:
+        warnings.warn(f"dropping a metrics line that does not parse (a crash or a full disk mid-write): {p}",
+                      stacklevel=2)
+    keep = [r for r in records if isinstance(r.get(key), (int, float)) and r[key] <= last_iteration]
+    dropped = len(problems) + len(records) - len(keep)
+    if dropped or (text and not text.endswith("\n")):
+        _replace_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return dropped
+
+
+def _replace_text(path: str, text: str) -> None:
+    """Temp file + os.replace: a crash leaves the old or the new file, never a mix."""
+    if paths.is_remote(path):  # an object write is atomic
+        paths.write_text(path, text)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     def __init__(self, run_dir: str, *, jsonl: bool = True, tensorboard: bool = True, progress: bool = True,
                  total_iterations: int = 0, initial_iteration: int = 0):
+        """`initial_iteration`: the iterations (SFT: steps) already done; records of later ones in an
+        existing metrics.jsonl are dropped, since this run writes them again."""
         paths.makedirs(run_dir)
         self.run_dir = run_dir
         self.path = paths.join(run_dir, "metrics.jsonl")
-        self._jsonl = paths.open_append(self.path) if jsonl else None
+        self._jsonl = None
+        if jsonl:
+            truncate_jsonl(self.path, initial_iteration)
+            self._jsonl = paths.open_append(self.path) if paths.is_remote(self.path) else _LineAppender(self.path)
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -72,7 +161,17 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+    """The records of a JSONL file. A last line that does not parse (a run stopped mid-write) is
+    skipped with a warning; any other bad line is a ValueError naming the file and line."""
+    text = paths.read_text(path)
+    records, problems = _parse_lines(path, text)
+    if not problems:
+        return records
+    last = max(n for n, line in enumerate(text.splitlines(), 1) if line.strip())
+    if len(problems) == 1 and problems[0].startswith(f"{path}:{last}:"):
+        warnings.warn(f"skipping a partial last line: {problems[0]}", stacklevel=2)
+        return records
+    raise ValueError(f"not a JSONL record: {problems[0]}")
 
 
 def plot_curves(jsonl_path: str, out_png: str, keys=MAIN_CURVES) -> str | None:
