@@ -89,7 +89,11 @@ def from_dict(cls, d: dict | None, path: str = ""):
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{where}: {e}") from e
+        parts = str(e).split("; ")
+        # A class check naming its fields ("lr=-1: must be >= 0; eps=0: ...") reads as full keys.
+        if path and all(any(m.startswith(f"{name}=") for name in fields) for m in parts):
+            raise ConfigError("; ".join(f"{path}.{m}" for m in parts)) from None
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def to_dict(obj) -> Any:

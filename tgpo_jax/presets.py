@@ -269,7 +269,8 @@ def add_arguments(p) -> None:
     sub.add_parser("list", help="the presets and their hardware entries")
     s = sub.add_parser("check", help="validate presets: config, abstract model build, memory estimate (exit 1 on a problem)")
     s.add_argument("names", nargs="*", help="preset names (default: all)")
-    s.add_argument("--hardware", action="append", default=None, choices=list(HARDWARE))
+    s.add_argument("--hardware", action="append", default=None, choices=list(HARDWARE),
+                   help="check only this hardware entry (repeatable; default: every entry)")
     s.add_argument("--verbose", action="store_true", help="print the full estimate report of each entry")
     for name, help_ in (("show", "print the rendered TrainConfig YAML of a preset on a hardware"),
                         ("train", "train a preset on a hardware (what launch/tpu.sh runs on every worker)")):

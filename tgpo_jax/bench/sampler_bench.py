@@ -306,7 +306,7 @@ def add_arguments(p) -> None:
     p.add_argument("--cache-layers", choices=["auto", "unroll", "scan"], default="auto",
                    help="KV-cache layout (ModelConfig.cache_layers): unroll = per-layer buffers, layers unrolled; "
                         "scan = one stacked cache, one layer body (compile time flat in depth); auto = unroll on CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and the sampling keys")
     p.add_argument("--json-out", default=None, help="also write the result JSON to this file")
 
 

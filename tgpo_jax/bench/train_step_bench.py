@@ -673,12 +673,12 @@ def add_arguments(p) -> None:
     p.add_argument("--peer-omp-wait", choices=["passive", "active"], default="passive",
                    help="OMP_WAIT_POLICY of the peer (default passive: spinning threads collapse under any other load)")
     p.add_argument("--quick", action="store_true", help="demo model, small batch: well under a minute on CPU")
-    p.add_argument("--lambda-0", type=float, default=0.002)
-    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--lambda-0", type=float, default=0.002, help="TGPO-Reg teacher coefficient lambda_0 of the step")
+    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate of the timed steps")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"peak for the MFU (default {DEFAULT_PEAK_TFLOPS:.0f}, H100/H200 bf16 dense, on accelerators; "
                         "no MFU on CPU unless given)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and batch")
     p.add_argument("--attn-query-block", type=int, default=-1,
                    help="our causal attention in query blocks of this many rows (0: full scores; "
                         "-1: auto, the train config's default)")

@@ -11,28 +11,21 @@ if TYPE_CHECKING:
     from tgpo_jax.data.sources import LoadStats
 
 
-def stop_ids_for(tokenizer, model_cfg) -> tuple[int, ...]:
-    """EOS ids of the tokenizer and config, plus ChatML's <|im_end|> when the vocabulary has it."""
-    from tgpo_jax.rollout.text import eos_ids_of
+def stop_ids_for(tokenizer, model_cfg, extra: Sequence[int] = ()) -> tuple[int, ...]:
+    """The project's one stop-id policy (tgpo_jax.rollout.text.stop_ids_for)."""
+    from tgpo_jax.rollout.text import stop_ids_for as policy
 
-    ids = set(eos_ids_of(tokenizer, model_cfg))
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end >= 0:
-        ids.add(im_end)
-    return tuple(sorted(ids))
+    return policy(tokenizer, model_cfg, extra)
 
 
-def sampler_policy(model, tokenizer, *, max_new_tokens: int, temperature: float = 0.6, top_p: float = 1.0,
-                   seed: int = 0, pad_to: int | None = None) -> PolicyFn:
-    """PolicyFn sampling n responses per item with the jitted Sampler. `pad_to` pads every call to that
-    many prompts (repeats of the last one, outputs dropped) so all chunks share one compiled shape."""
+def policy_from_sampler(sampler, tokenizer, params, *, seed: int = 0, pad_to: int | None = None) -> PolicyFn:
+    """The one sampling policy of evaluation, shared by `tgpo-jax eval` and the in-run evaluator:
+    call c of the returned PolicyFn samples with key fold_in(key(seed), c) and SamplingParams
+    `params` (n replaced by the call's k), so the same model, items, batch size and seed give the
+    same generations in both. `pad_to` pads every call to that many prompts (repeats of the last
+    one, outputs dropped) so all chunks share one compiled shape."""
     import jax
 
-    from tgpo_jax.rollout.sampler import Sampler
-    from tgpo_jax.rollout.sampling import SamplingParams
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sampler = Sampler(model, stop_ids=stop_ids_for(tokenizer, model.cfg), pad_id=pad_id)
     calls = [0]
 
     def policy(items: Sequence[EvalItem], n: int) -> list[list[Generation]]:
@@ -41,12 +34,24 @@ def sampler_policy(model, tokenizer, *, max_new_tokens: int, temperature: float 
             raise ValueError("sampler_policy needs rendered prompt_ids on every EvalItem")
         if pad_to and len(prompts) < pad_to:
             prompts = prompts + [prompts[-1]] * (pad_to - len(prompts))
-        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n)
-        out = sampler.sample(prompts, params, jax.random.fold_in(jax.random.key(seed), calls[0]))
+        key = jax.random.fold_in(jax.random.key(seed), calls[0])
+        out = sampler.sample(prompts, dataclasses.replace(params, n=n), key)
         calls[0] += 1
         return [[_generation(tokenizer, out, i * n + j) for j in range(n)] for i in range(len(items))]
 
     return policy
+
+
+def sampler_policy(model, tokenizer, *, max_new_tokens: int, temperature: float = 0.6, top_p: float = 1.0,
+                   seed: int = 0, pad_to: int | None = None, stop_ids: Sequence[int] = ()) -> PolicyFn:
+    """policy_from_sampler over a new Sampler of `model` with the project's stop ids (+ `stop_ids`)."""
+    from tgpo_jax.rollout.sampler import Sampler
+    from tgpo_jax.rollout.sampling import SamplingParams
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sampler = Sampler(model, stop_ids=stop_ids_for(tokenizer, model.cfg, stop_ids), pad_id=pad_id)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    return policy_from_sampler(sampler, tokenizer, params, seed=seed, pad_to=pad_to)
 
 
 def _generation(tokenizer, out, row: int) -> Generation:
@@ -69,16 +74,25 @@ def load_eval_items(files: Sequence[str], tokenizer, **data_overrides) -> tuple[
 def run_eval(model_dir: str, files: Sequence[str], *, k: int = 1, k_per_source: Mapping[str, int] | None = None,
              max_new_tokens: int = 8192, temperature: float = 0.6, top_p: float = 1.0, batch_size: int = 64,
              seed: int = 0, timeout_s: float = 10.0, num_workers: int = 0, think_format: bool = True,
-             **data_overrides) -> EvalReport:
-    """Loads a HF checkpoint directory and evaluates it on `files` (see `evaluate`)."""
+             stop_ids: Sequence[int] = (), **data_overrides) -> EvalReport:
+    """Loads a HF checkpoint directory and evaluates it on `files` (see `evaluate`). config.json,
+    the tokenizer and the prompts' lengths against the model's context are checked before the
+    weights are read."""
+    from tgpo_jax.models.config import read_model_config
     from tgpo_jax.models.hf_import import load_model, load_tokenizer
     from tgpo_jax.rewards import RewardFn
+    from tgpo_jax.rollout.text import context_problem
 
-    tokenizer = load_tokenizer(model_dir)
+    cfg = read_model_config(model_dir, "--model")
+    tokenizer = load_tokenizer(model_dir, key="--model")
     items, stats = load_eval_items(files, tokenizer, think_suffix=think_format, **data_overrides)
+    longest = max((len(it.prompt_ids) for it in items), default=0)
+    if problem := context_problem(longest, max_new_tokens, cfg.max_position_embeddings, prompt_desc=f"the longest prompt ({longest} tokens)",
+                                  new_label="--max-new-tokens", model_label=model_dir):
+        raise ValueError(problem)
     model = load_model(model_dir)
     policy = sampler_policy(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            seed=seed, pad_to=batch_size)
+                            seed=seed, pad_to=batch_size, stop_ids=stop_ids)
     reward_cfg = dataclasses.replace(EVAL_REWARD, think_format=think_format, timeout_s=timeout_s,
                                      num_workers=num_workers)
     with RewardFn(reward_cfg) as reward:
@@ -86,8 +100,8 @@ def run_eval(model_dir: str, files: Sequence[str], *, k: int = 1, k_per_source: 
                           dropped_prompts=stats.dropped_too_long)
     report.meta = {"model": model_dir, "files": list(files), "temperature": temperature, "top_p": top_p,
                    "max_new_tokens": max_new_tokens, "seed": seed, "think_format": think_format,
-                   "data_stats": dataclasses.asdict(stats)}
+                   "stop_ids": list(stop_ids), "data_stats": dataclasses.asdict(stats)}
     return report
 
 
-__all__ = ["sampler_policy", "stop_ids_for", "load_eval_items", "run_eval"]
+__all__ = ["policy_from_sampler", "sampler_policy", "stop_ids_for", "load_eval_items", "run_eval"]

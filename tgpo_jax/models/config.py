@@ -243,11 +243,21 @@ class ModelConfig:
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"no config.json in {path} (expected a Hugging Face model directory)")
         try:
-            with open(cfg_path) as f:
+            with open(cfg_path, encoding="utf-8") as f:
                 hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ModelConfigError(f"{cfg_path} is not valid JSON: {e}") from e
-        return cls.from_hf_dict(hf, **kw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelConfigError(f"{cfg_path} is not valid JSON: {e}") from None
+        if not isinstance(hf, dict):
+            raise ModelConfigError(f"{cfg_path}: the top level must be a JSON object, got {type(hf).__name__}")
+        # One line naming the file, never a KeyError / int() traceback from deep inside the parser.
+        try:
+            return cls.from_hf_dict(hf, **kw)
+        except KeyError as e:
+            raise ModelConfigError(f"{cfg_path} lacks the required field {e.args[0]!r}") from None
+        except ModelConfigError as e:
+            raise ModelConfigError(f"{cfg_path}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ModelConfigError(f"{cfg_path} has a field of the wrong type: {e}") from None
 
     def to_hf_dict(self, torch_dtype: str | None = None) -> dict[str, Any]:
         hf: dict[str, Any] = {
@@ -285,6 +295,18 @@ class ModelConfig:
                 v = getattr(self, k)
                 hf[k] = list(v) if isinstance(v, tuple) else v
         return hf
+
+
+def read_model_config(path: str, key: str, **kw) -> ModelConfig:
+    """ModelConfig.from_hf_dir, its errors prefixed with the config key or flag that named `path`
+    (e.g. "models.student: model directory not found: ..."): read before any weights or tokenizer,
+    so a missing or corrupt directory fails first and in one line."""
+    try:
+        return ModelConfig.from_hf_dir(path, **kw)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{key}: {e}") from None
+    except ModelConfigError as e:
+        raise ModelConfigError(f"{key}: {e}") from None
 
 
 def _architecture_of(hf: dict[str, Any]) -> str:

@@ -179,14 +179,16 @@ def model_from_flat(cfg: ModelConfig, flat: Mapping[str, jax.Array], activation_
     return nnx.merge(graphdef, state)
 
 
-def load_tokenizer(path: str):
-    """The tokenizer saved beside the weights, through transformers' AutoTokenizer (offline)."""
+def load_tokenizer(path: str, key: str | None = None):
+    """The tokenizer saved beside the weights, through transformers' AutoTokenizer (offline).
+    `key`: the config key or flag that named `path`, put in front of the errors."""
     from transformers import AutoTokenizer
 
+    where = f"{key}: " if key else ""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+        raise FileNotFoundError(f"{where}tokenizer directory not found: {path}")
     if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"no tokenizer in {path}: expected one of {', '.join(TOKENIZER_FILES)}")
+        raise FileNotFoundError(f"{where}no tokenizer in {path}: expected one of {', '.join(TOKENIZER_FILES)}")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

@@ -45,8 +45,12 @@ class RewardConfig:
     def __post_init__(self):
         if self.start_method not in START_METHODS:
             raise ValueError(f"start_method={self.start_method!r}; accepted: {', '.join(START_METHODS)}")
-        if self.timeout_s <= 0 or self.num_workers < 0:
-            raise ValueError(f"timeout_s={self.timeout_s} must be > 0 and num_workers={self.num_workers} >= 0")
+        problems = [f"{name}={value!r}: must be {accepted}" for name, value, ok, accepted in (
+            ("timeout_s", self.timeout_s, self.timeout_s > 0, "> 0 (seconds per graded response)"),
+            ("num_workers", self.num_workers, self.num_workers >= 0, ">= 0 (0: min(8, CPUs))"),
+        ) if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RewardConfig":

@@ -11,6 +11,32 @@ import jax.numpy as jnp
 NEG_INF = -jnp.inf
 
 
+# What each sampling setting accepts: the one rule behind SamplingParams, the train / eval config
+# sections and the `sample` / `eval` flags, so every entry point rejects the same values in words.
+_ACCEPTED = {
+    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "min_p": (lambda v: 0 <= v < 1, "in [0, 1) (0 = off)"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "n": (lambda v: v >= 1, ">= 1"),
+    "k": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def sampling_problems(*, style: str = "key", prefix: str = "", **values) -> list[str]:
+    """One message per out-of-range sampling setting among `values` (names as in _ACCEPTED).
+    style "key": named `prefix + name` (config keys, e.g. prefix "rollout."); style "flag": named
+    `--name-with-dashes` (command-line flags)."""
+    out = []
+    for name, value in values.items():
+        ok, accepted = _ACCEPTED[name]
+        if not ok(value):
+            label = "--" + name.replace("_", "-") if style == "flag" else prefix + name
+            out.append(f"{label}={value!r}: must be {accepted}")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How tokens are drawn. temperature 0 means greedy. top_k 0 and top_p 1 and min_p 0 are off."""
@@ -24,17 +50,8 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS
 
     def __post_init__(self):
-        problems = []
-        if self.temperature < 0:
-            problems.append(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            problems.append(f"top_k={self.top_k} must be >= 0 (0 = off)")
-        if not 0 <= self.min_p < 1:
-            problems.append(f"min_p={self.min_p} must be in [0, 1)")
-        if self.max_new_tokens < 1 or self.n < 1:
-            problems.append(f"max_new_tokens={self.max_new_tokens} and n={self.n} must be >= 1")
+        problems = sampling_problems(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                     min_p=self.min_p, max_new_tokens=self.max_new_tokens, n=self.n)
         if problems:
             raise ValueError("bad sampling parameters: " + "; ".join(problems))
 

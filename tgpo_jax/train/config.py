@@ -9,6 +9,7 @@ from typing import Any
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
 from tgpo_jax.models.config import runtime_option_problems
 from tgpo_jax.objectives.registry import ObjectiveConfig
+from tgpo_jax.rollout.sampling import sampling_problems
 from tgpo_jax.sharding.distributed import DistributedConfig, DistributedConfigError, plan
 from tgpo_jax.train.step import OptimizerConfig
 
@@ -143,23 +144,46 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if group_adv and cfg.rollout.n < 2:
         p.append(f"rollout.n={cfg.rollout.n}: objective {cfg.objective.name!r} uses GRPO group advantages, "
                  "which need a group size >= 2")
-    for name in ("prompts_per_iteration", "n", "max_new_tokens"):
-        if getattr(cfg.rollout, name) < 1:
-            p.append(f"rollout.{name} must be >= 1")
+    p += _range_problems(cfg)
     if cfg.train.mini_batches < 1 or cfg.rollout_batch % cfg.train.mini_batches:
         p.append(f"train.mini_batches={cfg.train.mini_batches} does not divide the rollout batch "
                  f"of {cfg.rollout_batch} (= prompts_per_iteration x n)")
     elif cfg.train.micro_batch < 1 or cfg.mini_batch % cfg.train.micro_batch:
         p.append(f"train.micro_batch={cfg.train.micro_batch} does not divide the mini-batch of {cfg.mini_batch} sequences")
-    if cfg.rollout.max_new_tokens % min(cfg.train.logprob_chunk, cfg.rollout.max_new_tokens):
+    if cfg.train.logprob_chunk < 1:
+        p.append(f"train.logprob_chunk={cfg.train.logprob_chunk}: must be >= 1")
+    elif cfg.rollout.max_new_tokens >= 1 and cfg.rollout.max_new_tokens % min(cfg.train.logprob_chunk,
+                                                                                cfg.rollout.max_new_tokens):
         p.append(f"train.logprob_chunk={cfg.train.logprob_chunk} must divide rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
     if cfg.train.iterations < 1:
         p.append("train.iterations must be >= 1")
     if cfg.objective.name == "luffy" and not cfg.data.get("solution_column"):
         p.append("objective 'luffy' needs off-policy traces: set data.solution_column")
+    if len(p) == 1:
+        raise ConfigError(f"invalid config: {p[0]}")  # one line: the common case reads as one
     if p:
         raise ConfigError("invalid config:\n  " + "\n  ".join(p))
     return cfg
+
+
+def _range_problems(cfg: TrainConfig) -> list[str]:
+    """Values outside what their key accepts, named as `key=value: must be ...`."""
+    r, e, c, w = cfg.rollout, cfg.eval, cfg.checkpoint, cfg.rewards
+    p = sampling_problems(prefix="rollout.", temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_new_tokens=r.max_new_tokens, n=r.n)
+    p += sampling_problems(prefix="eval.", temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
+                           k=e.k)
+    checks = (
+        ("rollout.prompts_per_iteration", r.prompts_per_iteration, r.prompts_per_iteration >= 1, ">= 1"),
+        ("eval.every", e.every, e.every >= 0, ">= 0 (0: never)"),
+        ("checkpoint.every", c.every, c.every >= 0, ">= 0 (0: never)"),
+        # keep 0 would let Orbax delete every checkpoint it writes: nothing to resume from.
+        ("checkpoint.keep", c.keep, c.keep >= 1, ">= 1 (checkpoints kept to resume from)"),
+        ("checkpoint.keep_best", c.keep_best, c.keep_best >= 0, ">= 0 (0: none by eval score)"),
+        ("rewards.workers", w.workers, w.workers >= 0, ">= 0 (0: min(8, CPUs))"),
+        ("rewards.timeout_s", w.timeout_s, w.timeout_s > 0, "> 0 (seconds per graded response)"),
+    )
+    return p + [f"{key}={value!r}: must be {accepted}" for key, value, ok, accepted in checks if not ok]
 
 
 def load_train_config(path_or_dict: str | dict, overrides: list[str] | None = None) -> TrainConfig:

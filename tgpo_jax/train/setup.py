@@ -4,20 +4,24 @@ aligned, tokenizers checked), sampler, jitted train step, data, rewards and the 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
 from flax import nnx
 
+from tgpo_jax.configtree import ConfigError
 from tgpo_jax.data import DataConfig, build_prompt_set, make_data_iterator
-from tgpo_jax.eval.evaluator import EVAL_REWARD, EvalItem, Generation, evaluate
-from tgpo_jax.models.config import ModelConfig
+from tgpo_jax.eval.evaluator import EVAL_REWARD, EvalItem, evaluate
+from tgpo_jax.eval.model_policy import policy_from_sampler
+from tgpo_jax.models.config import ModelConfig, read_model_config
 from tgpo_jax.models.hf_export import flat_params
-from tgpo_jax.models.hf_import import load_tokenizer, model_from_flat
+from tgpo_jax.models.hf_import import TOKENIZER_FILES, load_tokenizer, model_from_flat
 from tgpo_jax.models.vocab import align_vocab, check_tokenizers_agree
 from tgpo_jax.rewards import RewardConfig, RewardFn
 from tgpo_jax.rollout.sampler import Sampler
 from tgpo_jax.rollout.sampling import SamplingParams
+from tgpo_jax.rollout.text import context_problem, stop_ids_for
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
 from tgpo_jax.sharding.distributed import initialize, put_batch
 from tgpo_jax.sharding.rules import ActivationSharding, param_shardings
@@ -85,10 +89,10 @@ def build_model_parts(cfg: TrainConfig):
     optimizer = make_optimizer(cfg.optimizer)
     s_graphdef, train_state = init_train_state(student, optimizer)
     t_graphdef, t_state = nnx.split(teacher) if teacher is not None else (None, None)
-    stop_ids = set(cfg.rollout.stop_ids)
-    if tokenizer.eos_token_id is not None:
-        stop_ids.add(int(tokenizer.eos_token_id))
-    sampler = Sampler(student, stop_ids=sorted(stop_ids), pad_id=tokenizer.pad_token_id or 0,
+    # The stop ids `tgpo-jax eval` and `sample` use too (+ rollout.stop_ids): rollouts and the in-run
+    # evaluator stop where an evaluation of the exported model would.
+    stop_ids = stop_ids_for(tokenizer, student.cfg, cfg.rollout.stop_ids)
+    sampler = Sampler(student, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id or 0,
                       prompt_buckets=cfg.rollout.prompt_buckets)
     step = make_train_step(s_graphdef, optimizer, obj_cfg=cfg.objective, micro_batch=cfg.train.micro_batch,
                            chunk=cfg.train.logprob_chunk, state=train_state)
@@ -127,43 +131,78 @@ def build_data(cfg: TrainConfig, tokenizer) -> PromptStream:
     return PromptStream(it, tokenizer)
 
 
-def build_evaluator(cfg: TrainConfig, models: Models, tokenizer):
-    """evaluate(params, iteration) -> {'eval/score', 'eval/<source>/accuracy', ...} (empty if no eval set)."""
-    if not cfg.eval.data:
-        return lambda params, iteration: {}
-    data_cfg = DataConfig.from_dict({**cfg.data, **cfg.eval.data, "shuffle": False})
-    records = build_prompt_set(data_cfg, tokenizer).records
-    items = [EvalItem(r["problem"], r["answer"], r["data_source"], r["index"], r["prompt_ids"]) for r in records]
-    params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                            max_new_tokens=cfg.eval.max_new_tokens, n=cfg.eval.k)
-    reward = RewardFn(dataclasses.replace(EVAL_REWARD, think_format=cfg.rewards.think_format,
-                                          timeout_s=cfg.rewards.timeout_s, num_workers=cfg.rewards.workers))
+class InRunEvaluator:
+    """evaluate(params, iteration) -> {'eval/score', 'eval/<source>/accuracy', ...} on the eval set
+    with the train sampler (rollout stop ids). Sampling goes through `policy_from_sampler` with seed
+    train.seed, the schedule of `tgpo-jax eval --seed <train.seed> --batch-size <eval set size>`:
+    every evaluation draws the same random numbers, so iterations differ only by the model, and
+    the exported model scores the same in `tgpo-jax eval`. `last_report` keeps the latest EvalReport."""
 
-    def policy_for(iteration):
-        def policy(batch, n):
-            out = models.sampler.sample([it.prompt_ids for it in batch], dataclasses.replace(params, n=n),
-                                        jax.random.fold_in(jax.random.key(cfg.train.seed + 1), iteration))
-            return [[Generation(text=tokenizer.decode(out.tokens_BT[i * n + j, :out.lengths_B[i * n + j]].tolist(),
-                                                      skip_special_tokens=True),
-                                num_tokens=int(out.lengths_B[i * n + j]), truncated=bool(out.finish_B[i * n + j] == 1))
-                     for j in range(n)] for i in range(len(batch))]
+    def __init__(self, cfg: TrainConfig, models: Models, tokenizer):
+        data_cfg = DataConfig.from_dict({**cfg.data, **cfg.eval.data, "shuffle": False})
+        records = build_prompt_set(data_cfg, tokenizer).records
+        self.items = [EvalItem(r["problem"], r["answer"], r["data_source"], r["index"], r["prompt_ids"])
+                      for r in records]
+        self.params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                                     max_new_tokens=cfg.eval.max_new_tokens, n=cfg.eval.k)
+        self.k, self.seed = cfg.eval.k, cfg.train.seed
+        self.sampler, self.tokenizer = models.sampler, tokenizer
+        self.reward = RewardFn(dataclasses.replace(EVAL_REWARD, think_format=cfg.rewards.think_format,
+                                                   timeout_s=cfg.rewards.timeout_s, num_workers=cfg.rewards.workers))
+        self.last_report = None
 
-        return policy
-
-    def run(train_params, iteration):
-        models.sampler.state = train_params
-        rep = evaluate(policy_for(iteration), items, cfg.eval.k, reward_fn=reward, batch_size=len(items))
+    def __call__(self, train_params, iteration: int) -> dict:
+        self.sampler.state = train_params
+        policy = policy_from_sampler(self.sampler, self.tokenizer, self.params, seed=self.seed)
+        rep = evaluate(policy, self.items, self.k, reward_fn=self.reward, batch_size=len(self.items))
+        self.last_report = rep
         out = {"eval/score": rep.mean_accuracy}
         for src, s in rep.sources.items():
             out[f"eval/{src}/accuracy"] = s.accuracy
             out[f"eval/{src}/length_mean"] = s.mean_length
         return out
 
-    run.close = reward.close
-    return run
+    def close(self) -> None:
+        self.reward.close()
+
+
+def build_evaluator(cfg: TrainConfig, models: Models, tokenizer):
+    """An InRunEvaluator, or a no-op returning {} when there is no eval set."""
+    if not cfg.eval.data:
+        return lambda params, iteration: {}
+    return InRunEvaluator(cfg, models, tokenizer)
+
+
+def preflight(cfg: TrainConfig) -> ModelConfig:
+    """Reads the models' config.json files and checks the tokenizer directory and the context length
+    before any weights or tokenizer are loaded, so a wrong path or a corrupt config.json is one
+    line naming its key (models.student / models.teacher / models.tokenizer). Returns the student's."""
+    m = cfg.models
+    student = read_model_config(m.student, "models.student")
+    if cfg.objective.objective.needs_teacher:
+        read_model_config(m.teacher, "models.teacher")
+    tok_key, tok_dir = ("models.tokenizer", m.tokenizer) if m.tokenizer else ("models.student", m.student)
+    if not os.path.isdir(tok_dir):
+        raise FileNotFoundError(f"{tok_key}: tokenizer directory not found: {tok_dir}")
+    if not any(os.path.exists(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{tok_key}: no tokenizer in {tok_dir}: expected one of {', '.join(TOKENIZER_FILES)}")
+    prompt_len = int(cfg.data.get("max_prompt_len", DataConfig.max_prompt_len))
+    eval_prompt_len = int({**cfg.data, **cfg.eval.data}.get("max_prompt_len", DataConfig.max_prompt_len))
+    ctx = student.max_position_embeddings
+    problems = [context_problem(prompt_len, cfg.rollout.max_new_tokens, ctx,
+                                prompt_desc=f"data.max_prompt_len={prompt_len}", new_label="rollout.max_new_tokens",
+                                model_label="models.student")]
+    if cfg.eval.data:
+        problems.append(context_problem(eval_prompt_len, cfg.eval.max_new_tokens, ctx,
+                                        prompt_desc=f"the eval set's max_prompt_len={eval_prompt_len}",
+                                        new_label="eval.max_new_tokens", model_label="models.student"))
+    if problems := [p for p in problems if p]:
+        raise ConfigError("; ".join(problems))
+    return student
 
 
 def build_run(cfg: TrainConfig) -> RunParts:
+    preflight(cfg)
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student)
     data = build_data(cfg, tokenizer)
     models, train_state, tokenizer = build_model_parts(cfg)

@@ -35,6 +35,18 @@ class OptimizerConfig:
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
 
+    def __post_init__(self):
+        # Checked here so that train and sft configs (both `optimizer:` sections) reject the same
+        # values; configtree.from_dict puts the section name in front ("optimizer.lr=...").
+        problems = [f"{name}={getattr(self, name)!r}: must be {accepted}" for name, ok, accepted in (
+            ("lr", self.lr >= 0, ">= 0 (a negative rate would ascend the loss)"),
+            ("b1", 0 <= self.b1 < 1, "in [0, 1)"), ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
+            ("eps", self.eps > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("max_grad_norm", self.max_grad_norm > 0, "> 0"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+        ) if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """clip_by_global_norm -> AdamW with a constant (optionally warmed-up) learning rate. The
