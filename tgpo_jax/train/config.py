@@ -183,7 +183,25 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         ("rewards.workers", w.workers, w.workers >= 0, ">= 0 (0: min(8, CPUs))"),
         ("rewards.timeout_s", w.timeout_s, w.timeout_s > 0, "> 0 (seconds per graded response)"),
     )
-    return p + [f"{key}={value!r}: must be {accepted}" for key, value, ok, accepted in checks if not ok]
+    return p + [f"{key}={value!r}: must be {accepted}" for key, value, ok, accepted in checks if not ok] + \
+        _bucket_problems(cfg)
+
+
+def _bucket_problems(cfg: TrainConfig) -> list[str]:
+    """Every prompt the data keeps (<= max_prompt_len tokens) must fit a prompt bucket: else the
+    sampler raises mid-run, at the first long prompt or at the first evaluation."""
+    from tgpo_jax.data import DataConfig
+
+    buckets = cfg.rollout.prompt_buckets
+    if not buckets or min(buckets) < 1:
+        return [f"rollout.prompt_buckets={list(buckets)}: must be one or more lengths >= 1"]
+    default = DataConfig.max_prompt_len
+    lens = [("data.max_prompt_len", cfg.data.get("max_prompt_len", default))]
+    if cfg.eval.data:
+        lens.append(("the eval set's max_prompt_len (eval.data, else data)",
+                     {**cfg.data, **cfg.eval.data}.get("max_prompt_len", default)))
+    return [f"{key}={n} exceeds the largest of rollout.prompt_buckets={list(buckets)}: add a bucket >= {n} or "
+            f"lower it" for key, n in lens if isinstance(n, int) and n > max(buckets)]
 
 
 def load_train_config(path_or_dict: str | dict, overrides: list[str] | None = None) -> TrainConfig:

@@ -1,0 +1,73 @@
+"""One sampling + stop-id policy: a training run's in-run evaluator and `tgpo-jax eval` on the same
+model, items, settings and seed produce the same generations and per-item scores."""
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tgpo_jax.models.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("shared")
+    model = make_tiny_checkpoint(str(root / "model"), arch="qwen2", seed=3)
+    rows = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i), "data_source": "ab"[i % 2]} for i in range(5)]
+    data = root / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model, str(data), root
+
+
+def _record(monkeypatch) -> list:
+    """Every Generation made by the shared policy, in order."""
+    import tgpo_jax.eval.model_policy as mp
+
+    monkeypatch.undo()  # the previous recorder off: each list sees only its own run
+    seen, real = [], mp._generation
+    monkeypatch.setattr(mp, "_generation", lambda *a: seen.append(g := real(*a)) or g)
+    return seen
+
+
+def test_in_run_evaluator_and_eval_command_agree(setup, monkeypatch):
+    from tgpo_jax.eval.model_policy import run_eval
+    from tgpo_jax.rollout.text import stop_ids_for
+    from tgpo_jax.train.config import load_train_config
+    from tgpo_jax.train.setup import InRunEvaluator, build_model_parts
+
+    model_dir, data, root = setup
+    settings = dict(k=2, temperature=1.0, top_p=0.9, max_new_tokens=8)
+    cfg = load_train_config({
+        "run_dir": str(root / "run"), "models": {"student": model_dir}, "objective": {"name": "grpo"},
+        "rollout": {"prompts_per_iteration": 2, "n": 2, "max_new_tokens": 8, "prompt_buckets": [256]},
+        "data": {"max_prompt_len": 256},
+        "train": {"micro_batch": 2, "logprob_chunk": 8, "seed": 7},
+        "rewards": {"workers": 1}, "eval": {"every": 1, **settings, "data": {"files": [data]}},
+    })
+    models, train_state, tokenizer = build_model_parts(cfg)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert models.sampler.stop_ids == stop_ids_for(tokenizer, models.sampler.cfg)
+    assert {tokenizer.eos_token_id, im_end} <= set(models.sampler.stop_ids) and im_end != tokenizer.eos_token_id
+
+    in_run_gens = _record(monkeypatch)
+    evaluator = InRunEvaluator(cfg, models, tokenizer)
+    try:
+        metrics = evaluator(train_state.params, 3)
+    finally:
+        evaluator.close()
+    in_run = evaluator.last_report
+
+    eval_gens = _record(monkeypatch)
+    n_items = len(evaluator.items)
+    rep = run_eval(model_dir, [data], seed=cfg.train.seed, batch_size=n_items, num_workers=1, **settings)
+
+    assert [(g.text, g.num_tokens, g.truncated) for g in in_run_gens] == \
+        [(g.text, g.num_tokens, g.truncated) for g in eval_gens]
+    assert len(in_run_gens) == n_items * 2 and len({g.text for g in in_run_gens}) > 3  # real, varied samples
+    assert {s: r.item_accuracy for s, r in in_run.sources.items()} == \
+        {s: r.item_accuracy for s, r in rep.sources.items()}
+    assert metrics["eval/score"] == rep.mean_accuracy
+
+    # The equality is not vacuous: another seed draws other samples.
+    other = _record(monkeypatch)
+    run_eval(model_dir, [data], seed=cfg.train.seed + 1, batch_size=n_items, num_workers=1, **settings)
+    assert [g.text for g in other] != [g.text for g in eval_gens]
