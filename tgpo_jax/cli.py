@@ -121,9 +121,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from tgpo_jax.train.sft import load_sft_config, sft
-
     from tgpo_jax.models.config import read_model_config
+    from tgpo_jax.train.sft import load_sft_config, sft
 
     cfg = load_sft_config(args.config, args.overrides)
     read_model_config(cfg.model, "model")  # a missing dir / corrupt config.json: one line naming `model`
