@@ -65,7 +65,7 @@ def test_metrics_tensorboard_and_plot_on_gcs(fake_gcs):
     w.write(1, 2, {"reward/mean": 0.25, "loss/total": 1.5})
     w.write(2, 4, {"reward/mean": 0.5, "loss/total": 1.25})
     w.close()
-    w = MetricsWriter(run, progress=False, tensorboard=False)  # a resumed run appends
+    w = MetricsWriter(run, progress=False, tensorboard=False, initial_iteration=2)  # a resumed run appends
     w.write(3, 6, {"reward/mean": 0.75, "loss/total": 1.0})
     w.close()
     rows = read_jsonl(paths.join(run, "metrics.jsonl"))

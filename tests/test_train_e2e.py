@@ -96,11 +96,12 @@ def test_corrupt_latest_checkpoint_is_skipped(root):
                 with open(os.path.join(dirpath, f), "wb") as fh:
                     fh.write(b"\x00corrupt")
     cfg3 = load_train_config(tiny_config(root, "corrupt", iterations=3))
-    with pytest.warns(UserWarning, match="checkpoint 2 .* could not be restored"):
+    with pytest.warns(UserWarning, match="checkpoint 2 .* could not be restored .* moved aside"):
         train(cfg3)
     rows = [json.loads(l) for l in open(os.path.join(cfg.run_dir, "metrics.jsonl"))]
-    # resumed from iteration 1: iterations 2 and 3 were run again
-    assert [r["iteration"] for r in rows] == [1, 2, 2, 3]
+    # resumed from iteration 1: iterations 2 and 3 were run again, their records replaced
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert sorted(os.listdir(latest)) == ["1", "2", "3"]  # the corrupt 2 moved aside, saved again
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(root, monkeypatch):
