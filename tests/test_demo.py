@@ -1,11 +1,21 @@
 """`tgpo-jax demo --quick`: the embedded default end to end (data -> two SFT models -> held-out
-accuracy -> TGPO-Reg -> summary), at smoke scale; and its pieces against hand-made expectations."""
+accuracy -> TGPO-Reg -> summary), at smoke scale, interrupted and rerun; and its pieces against
+hand-made expectations."""
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 
 from tgpo_jax.cli import main
-from tgpo_jax.demo import QUICK, make_task_data, style_a, style_b
+from tgpo_jax.configtree import load_yaml
+from tgpo_jax.demo import (KEY_FILE, MARKER, QUICK, _claim_dir, make_task_data, sft_checkpoint_every, sft_model,
+                           style_a, style_b)
 
 
 def test_solution_styles_are_correct_and_different():
@@ -27,23 +37,111 @@ def test_task_data_split_is_disjoint_and_correct(tmp_path):
     assert make_task_data(str(tmp_path), QUICK.task)[2] == stats and os.path.getmtime(train) == mtime
 
 
-def test_quick_demo_end_to_end_then_cached(tmp_path, capsys):
+def _demo_held_at(out, stage: str, step: int, sig: int, tmp_path) -> subprocess.CompletedProcess:
+    """`tgpo-jax demo --quick --out OUT` in a subprocess, sent `sig` from here while it holds still
+    right after the checkpoint of `step` of `stage`'s SFT (tests/demo_interrupt_driver.py)."""
+    trigger = tmp_path / f"held_{stage}_{step}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "demo_interrupt_driver.py"), stage, str(step),
+           str(trigger), "--", "demo", "--quick", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 600
+    while not trigger.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert trigger.exists(), f"the demo never reached {stage} step {step}:\n{stdout}\n{stderr[-3000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _sft_steps_on_disk(out, stage: str) -> list[int]:
+    latest = out / stage / "sft" / "checkpoints" / "latest"
+    return sorted(int(d) for d in os.listdir(latest) if d.isdigit())
+
+
+def test_quick_demo_interrupted_twice_then_completes_and_caches(tmp_path, capsys):
+    """Ctrl-C during the teacher's SFT, then the same command killed (SIGKILL) during the student's:
+    each rerun continues the SFT from its last checkpoint, and the third run finishes the demo."""
     out = tmp_path / "demo"
+    every = sft_checkpoint_every(QUICK.teacher.steps)
+    first = _demo_held_at(out, "teacher", every, signal.SIGINT, tmp_path)
+    assert first.returncode != 0 and "KeyboardInterrupt" in first.stderr, first.stderr[-3000:]
+    assert re.search(rf"sft: .*\d/{QUICK.teacher.steps}", first.stderr)  # the SFT progress bar, on stderr
+    assert (out / "teacher" / MARKER).exists() and not (out / "teacher" / KEY_FILE).exists()
+    assert _sft_steps_on_disk(out, "teacher") == [every]
+
+    second = _demo_held_at(out, "student", every, signal.SIGKILL, tmp_path)
+    assert second.returncode == -signal.SIGKILL
+    assert "[demo] teacher: continuing the unfinished SFT" in second.stdout
+    assert f"[sft] resumed from step {every} " in second.stdout, second.stdout
+    assert (out / "teacher" / KEY_FILE).exists() and not (out / "student" / KEY_FILE).exists()
+    assert _sft_steps_on_disk(out, "student") == [every]
+
+    capsys.readouterr()
     assert main(["demo", "--out", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "[demo] teacher: cached SFT model" in printed and "[demo] student: continuing the unfinished SFT" in printed
+    assert f"[sft] resumed from step {every} " in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["iterations"] == 2 and summary["cached_sft"] == {"teacher": False, "student": False}
+    assert summary["iterations"] == 2 and summary["cached_sft"] == {"teacher": True, "student": False}
     for k in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"):
         assert 0.0 <= summary[k] <= 1.0, k
     assert [it for it, _ in summary["eval_curve"]] == [0, 1, 2]
     assert summary["gap_iteration_1"]["gap/mismatch_ratio"] is not None
     assert (out / "tgpo" / "curves.png").exists() and (out / "summary.md").exists()
-    assert "student after TGPO-Reg" in capsys.readouterr().out
+    assert "student after TGPO-Reg" in printed
     # the SFT models are cached: asking for them again trains nothing
-    from tgpo_jax.demo import sft_model
-    from tgpo_jax.configtree import load_yaml
-
     data = {k: v for k, v in load_yaml("configs/demo.yaml")["data"].items() if k != "files"}
     train_path = str(out / "data" / "train.jsonl")
     for name, spec in (("teacher", QUICK.teacher), ("student", QUICK.student)):
         assert sft_model(str(out), name, spec, train_path, data) == (summary[name], True)
     assert "cached SFT model" in capsys.readouterr().out
+
+
+def test_foreign_directory_under_out_is_refused_and_kept(tmp_path, capsys):
+    out = tmp_path / "demo"
+    (out / "teacher").mkdir(parents=True)
+    (out / "teacher" / "notes.txt").write_text("mine")
+    (out / "teacher" / "config.json").write_text("{}")  # an earlier demo's config.json alone is no proof
+    assert main(["demo", "--out", str(out), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'teacher'} exists and was not written by the demo" in err and "choose another --out" in err
+    assert sorted(os.listdir(out / "teacher")) == ["config.json", "notes.txt"]
+
+
+def test_claim_dir_marks_continues_and_refuses(tmp_path):
+    key = {"spec": {"steps": 3}}
+    d = tmp_path / "teacher"
+    assert _claim_dir(str(d), "sft", key) is False and json.loads((d / MARKER).read_text()) == {"key": key}
+    (d / "sft").mkdir()
+    (d / ".export-abc").mkdir()  # an export a kill interrupted
+    assert _claim_dir(str(d), "sft", key) is True  # same key: the work in it is continued
+    assert sorted(os.listdir(d)) == [MARKER, "sft"]
+    assert _claim_dir(str(d), "sft", {"spec": {"steps": 4}}) is False  # another key: started over
+    assert os.listdir(d) == [MARKER]
+    # left half-written by a demo from before the marker: only names the demo writes there
+    legacy = tmp_path / "student"
+    legacy.mkdir()
+    (legacy / "sft_data.jsonl").write_text("")
+    (legacy / "init").mkdir()
+    assert _claim_dir(str(legacy), "sft", key) is False and os.listdir(legacy) == [MARKER]
+    foreign = tmp_path / "data"
+    foreign.mkdir()
+    (foreign / "train.jsonl").write_text("")
+    (foreign / "mine.txt").write_text("")
+    with pytest.raises(ValueError, match="was not written by the demo"):
+        _claim_dir(str(foreign), "data")
+    assert sorted(os.listdir(foreign)) == ["mine.txt", "train.jsonl"]
+
+
+def test_full_demo_shows_tgpo_progress_and_quick_does_not():
+    from tgpo_jax.demo import DEFAULT_CONFIG, FULL, train_config_dict
+    from tgpo_jax.train.config import load_train_config
+
+    def progress(settings):
+        d = train_config_dict(DEFAULT_CONFIG, "/tmp/x", "s", "t", "a.jsonl", "b.jsonl", settings.train_overrides)
+        return load_train_config(d).logging.progress
+
+    assert progress(FULL) is True and progress(QUICK) is False
+    assert sft_checkpoint_every(FULL.teacher.steps) == 50 and sft_checkpoint_every(QUICK.teacher.steps) == 2

@@ -14,8 +14,11 @@
               temperature 0.6 every few iterations, then a summary table and the curves PNG.
 
 Both SFT models (and their held-out accuracy) are cached under --out, keyed by a hash of everything
-that determines them, so a rerun only repeats the TGPO stage. `--quick` is a seconds-scale smoke
-version of the same path (used by the tests; its numbers are not meaningful).
+that determines them, so a rerun only repeats the TGPO stage. Every directory the demo makes gets a
+marker (MARKER, holding that key) before anything else is written in it: an interrupted demo, run
+again with the same command, continues an SFT stage from its last checkpoint and redoes the other
+stages, while a directory without the marker (not the demo's) is never removed. `--quick` is a
+seconds-scale smoke version of the same path (used by the tests; its numbers are not meaningful).
 """
 
 from __future__ import annotations
@@ -32,7 +35,15 @@ from typing import Any
 from tgpo_jax.bundled import config_path
 
 DEFAULT_CONFIG = config_path("demo.yaml")
-KEY_FILE = "demo_key.json"
+KEY_FILE = "demo_key.json"  # written last: the stage in this directory is complete
+MARKER = ".tgpo_demo"  # written first: this directory is the demo's (JSON: the key of the work in it)
+# What earlier versions of the demo (without MARKER) wrote in each directory, so that a directory they
+# left half-written is recognised as the demo's too.
+_LEGACY = {
+    "data": {KEY_FILE, "train.jsonl", "heldout.jsonl", "stats.json", "heldout_head.jsonl"},
+    "sft": {KEY_FILE, "sft_data.jsonl", "init", "sft", "hf", "heldout_eval.json"},
+    "tgpo": {"config.json", "metrics.jsonl", "checkpoints", "tensorboard", "curves.png"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,14 +152,41 @@ def _write_key(dir_: str, key: dict) -> None:
         json.dump(key, f, indent=2, default=str)
 
 
-def _fresh_dir(path: str) -> None:
-    """Removes a directory this demo wrote before (it holds a demo key, a run config or metrics)."""
+def _read_marker(path: str):
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_demo_dir(path: str, kind: str) -> bool:
+    """The demo's: it has the marker, or (from a version before the marker) only what the demo writes
+    there, or nothing. Temporary export directories (.export-*) left by a kill count as the demo's."""
+    if os.path.exists(os.path.join(path, MARKER)):
+        return True
+    return all(e in _LEGACY[kind] or e.startswith(".export-") for e in os.listdir(path))
+
+
+def _claim_dir(path: str, kind: str, key: dict | None = None) -> bool:
+    """Makes `path` the demo's directory for `key`. True when it already holds unfinished work for
+    that key, to be continued; else it is emptied (only if it is the demo's) and marked. A directory
+    with anything else in it is refused."""
+    key = json.loads(json.dumps(key, default=str)) if key is not None else None
     if os.path.isdir(path):
-        if os.listdir(path) and not any(os.path.exists(os.path.join(path, f))
-                                        for f in (KEY_FILE, "config.json", "metrics.jsonl")):
-            raise ValueError(f"{path} exists and was not written by the demo; choose another --out")
+        if not _is_demo_dir(path, kind):
+            raise ValueError(f"--out: {path} exists and was not written by the demo (no {MARKER} in it, and it holds "
+                             f"{', '.join(sorted(os.listdir(path))[:5])}); choose another --out, or move it away")
+        if key is not None and _read_marker(path) == {"key": key}:
+            for e in os.listdir(path):  # an export a kill interrupted: never to be finished
+                if e.startswith(".export-"):
+                    shutil.rmtree(os.path.join(path, e), ignore_errors=True)
+            return True
         shutil.rmtree(path)
     os.makedirs(path)
+    with open(os.path.join(path, MARKER), "w") as f:
+        json.dump({"key": key}, f)
+    return False
 
 
 def make_task_data(out_dir: str, task: TaskSpec) -> tuple[str, str, dict]:
@@ -162,7 +200,7 @@ def make_task_data(out_dir: str, task: TaskSpec) -> tuple[str, str, dict]:
     if _cached(data_dir, key, "heldout.jsonl"):
         with open(os.path.join(data_dir, "stats.json")) as f:
             return train_path, heldout_path, json.load(f)
-    _fresh_dir(data_dir)
+    _claim_dir(data_dir, "data")  # no key: a half-written data directory is redone (seconds)
     ds = ChainSumDataset(ChainSumConfig(min_terms=task.min_terms, max_terms=task.max_terms, min_digits=task.digits,
                                         max_digits=task.digits, allow_negation=False, size=task.rg_size,
                                         seed=task.rg_seed))
@@ -206,7 +244,8 @@ def write_style_mix(train_path: str, out_path: str, style_b_frac: float, seed: i
 
 def sft_model(out_dir: str, name: str, spec: SFTSpec, train_path: str, data_section: dict,
               log=print) -> tuple[str, bool]:
-    """(HF directory, reused?) of the model fine-tuned by `spec`; reused when its key matches."""
+    """(HF directory, reused?) of the model fine-tuned by `spec`; reused when its key matches. An
+    unfinished SFT for the same key (an interrupted demo) continues from its last checkpoint."""
     from tgpo_jax.models.tiny import TINY_VOCAB, make_tiny_checkpoint
     from tgpo_jax.train.sft import load_sft_config, sft
 
@@ -217,13 +256,20 @@ def sft_model(out_dir: str, name: str, spec: SFTSpec, train_path: str, data_sect
     if _cached(root, key, os.path.join("hf", "config.json")):
         log(f"[demo] {name}: cached SFT model {hf_dir} (key matches, skipping training)")
         return hf_dir, True
-    _fresh_dir(root)
+    every = sft_checkpoint_every(spec.steps)
+    if _claim_dir(root, "sft", key):
+        log(f"[demo] {name}: continuing the unfinished SFT in {root} (same key)")
+    log(f"[demo] {name}: SFT {spec.steps} steps, a checkpoint every {every} (an interrupted demo continues "
+        f"from the last) -> {hf_dir}")
     sft_data = write_style_mix(train_path, os.path.join(root, "sft_data.jsonl"), spec.style_b_frac, spec.seed)
-    init = make_tiny_checkpoint(os.path.join(root, "init"), arch=spec.arch, seed=spec.seed, **spec.model_kwargs())
+    init = os.path.join(root, "init")
+    if not os.path.isfile(os.path.join(init, "config.json")):  # seeded: the same weights when made again
+        make_tiny_checkpoint(init, arch=spec.arch, seed=spec.seed, **spec.model_kwargs())
     cfg = load_sft_config({
         "run_dir": os.path.join(root, "sft"), "model": init, "out_dir": hf_dir, "steps": spec.steps,
         "batch_size": spec.batch_size, "micro_batch": spec.batch_size, "max_solution_len": spec.max_solution_len,
-        "logprob_chunk": 16, "log_every": max(1, spec.steps // 10), "progress": False,
+        "logprob_chunk": 16, "log_every": max(1, spec.steps // 10), "progress": True,
+        "checkpoint_every": every, "overwrite_out_dir": True,  # hf/ is inside the demo's own directory
         "optimizer": {"lr": spec.lr, "weight_decay": 0.0, "warmup_steps": spec.warmup_steps},
         "data": {**data_section, "files": [sft_data], "solution_column": "solution"},
     })
@@ -233,6 +279,12 @@ def sft_model(out_dir: str, name: str, spec: SFTSpec, train_path: str, data_sect
     _write_key(root, key)
     log(f"[demo] {name}: SFT {spec.steps} steps in {time.perf_counter() - t0:.0f}s -> {hf_dir}")
     return hf_dir, False
+
+
+def sft_checkpoint_every(steps: int) -> int:
+    """About ten checkpoints per SFT (a tiny model's save is a fraction of a second), at least two
+    steps apart so that the seconds-scale quick mode stays quick."""
+    return max(2, steps // 10)
 
 
 def heldout_accuracy(model_dir: str, eval_path: str, cfg) -> float:
@@ -406,7 +458,7 @@ def run_tgpo_stage(cfg, out_dir: str, log=print) -> float:
     log(f"[demo] TGPO-Reg: {cfg.train.iterations} iterations x {cfg.rollout.prompts_per_iteration} prompts x "
         f"{cfg.rollout.n} samples, lr {cfg.optimizer.lr:g}, lambda_0 {lam0:g} (decay {decay:g}/iteration), "
         f"held-out eval every {cfg.eval.every} -> {cfg.run_dir}")
-    _fresh_dir(cfg.run_dir)
+    _claim_dir(cfg.run_dir, "tgpo")  # no key: the TGPO stage always starts over (see the module docstring)
     with open(os.path.join(out_dir, "train_config.yaml"), "w") as f:
         yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
     t0 = time.perf_counter()

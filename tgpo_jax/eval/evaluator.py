@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -79,7 +80,16 @@ def _chunks(items: Sequence[EvalItem], k_per_item: Sequence[int], batch_size: in
         yield k_per_item[chunk[0]], chunk
 
 
-def _generate_and_submit(policy_fn: PolicyFn, items, k_per_item, batch_size, reward: RewardFn):
+def _progress_bar(n_items: int, enabled: bool):
+    """Items generated / all items with an ETA, on stderr; not left on screen once done, as evals
+    also run between the iterations of a training run (whose own bar stays)."""
+    from tqdm import tqdm
+
+    return tqdm(total=n_items, desc="eval", unit="item", file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=not enabled)
+
+
+def _generate_and_submit(policy_fn: PolicyFn, items, k_per_item, batch_size, reward: RewardFn, bar):
     """Runs the policy chunk by chunk; returns per item (generations, future-of-scores, offset)."""
     per_item: dict[int, tuple[list[Generation], Any, int]] = {}
     for k, chunk in _chunks(items, k_per_item, batch_size):
@@ -91,6 +101,7 @@ def _generate_and_submit(policy_fn: PolicyFn, items, k_per_item, batch_size, rew
         fut = reward.submit([g.text for gs in gens for g in gs], [it.answer for it in chunk_items for _ in range(k)])
         for j, i in enumerate(chunk):
             per_item[i] = (gens[j], fut, j * k)
+        bar.update(len(chunk))
     return per_item
 
 
@@ -106,16 +117,18 @@ def _source_result(source: str, k: int, scores: list[np.ndarray], gens: list[lis
 
 def evaluate(policy_fn: PolicyFn, items: Sequence[EvalItem], k: int = 1, *,
              k_per_source: Mapping[str, int] | None = None, reward_fn: RewardFn | None = None,
-             batch_size: int = 64, dropped_prompts: int = 0) -> "EvalReport":
+             batch_size: int = 64, dropped_prompts: int = 0, progress: bool = True) -> "EvalReport":
     """avg@k of `policy_fn` on `items` (k samples per item; k_per_source overrides k by data source).
-    `reward_fn` defaults to the paper's evaluation grader (EVAL_REWARD), created and closed here."""
+    `reward_fn` defaults to the paper's evaluation grader (EVAL_REWARD), created and closed here.
+    `progress`: a bar over the items with an ETA on stderr (False: none)."""
     if not items:
         raise ValueError("no evaluation items")
     k_per_item = [_k_of(it.data_source, k, k_per_source) for it in items]
     own = reward_fn is None
     reward = RewardFn(EVAL_REWARD) if own else reward_fn
     try:
-        per_item = _generate_and_submit(policy_fn, items, k_per_item, batch_size, reward)
+        with _progress_bar(len(items), progress) as bar:
+            per_item = _generate_and_submit(policy_fn, items, k_per_item, batch_size, reward, bar)
         results = {id(fut): fut.result() for _, fut, _ in per_item.values()}
     finally:
         if own:

@@ -11,7 +11,7 @@ from flax import nnx
 
 from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.decoder import abstract_model
-from tgpo_jax.models.hf_export import save_hf
+from tgpo_jax.models.hf_export import check_out_dir, save_hf
 from tgpo_jax.models.hf_import import load_tokenizer
 from tgpo_jax.train.checkpoint import RunCheckpoints
 from tgpo_jax.train.config import load_train_config
@@ -35,8 +35,12 @@ def _abstract_state(student_cfg: ModelConfig, optimizer) -> TrainState:
     return jax.tree.map(sds, TrainState(params, opt_state, jax.ShapeDtypeStruct((), jax.numpy.int32)))
 
 
-def export_run(path: str, out_dir: str, *, dtype: str | None = None) -> tuple[str, int]:
-    """Writes the latest loadable checkpoint's student to out_dir; returns (out_dir, iteration)."""
+def export_run(path: str, out_dir: str, *, dtype: str | None = None, overwrite: bool = False) -> tuple[str, int]:
+    """Writes the latest loadable checkpoint's student to out_dir; returns (out_dir, iteration).
+    out_dir must be new or empty, or with `overwrite` a previous model export; anything else (the
+    run directory itself, a folder above it) is refused before a checkpoint is read."""
+    names = ("--to-hf", "--overwrite")
+    check_out_dir(out_dir, overwrite=overwrite, name=names[0], overwrite_flag=names[1])
     run_dir = _run_dir_of(path)
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = load_train_config(json.load(f))
@@ -52,5 +56,6 @@ def export_run(path: str, out_dir: str, *, dtype: str | None = None) -> tuple[st
     iteration, state, _ = found
     graphdef, _ = nnx.split(abstract_model(student_cfg))
     model = nnx.merge(graphdef, state.params)
-    save_hf(model, out_dir, dtype=dtype, tokenizer=load_tokenizer(m.tokenizer or m.student))
+    save_hf(model, out_dir, dtype=dtype, tokenizer=load_tokenizer(m.tokenizer or m.student), overwrite=overwrite,
+            names=names)
     return out_dir, iteration
