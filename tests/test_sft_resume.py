@@ -2,8 +2,10 @@
 an uninterrupted run; its out_dir is checked before anything is loaded and only a previous model
 export is ever replaced (with overwrite_out_dir)."""
 
+import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -76,8 +78,13 @@ def test_interrupted_sft_resumes_to_the_uninterrupted_weights(setup, uninterrupt
     monkeypatch.undo()
     assert not os.path.exists(cfg.run_dir + "/hf")
     capsys.readouterr()
-    out = sft(cfg)
-    assert "[sft] resumed from step 4" in capsys.readouterr().out
+    out = sft(dataclasses.replace(cfg, progress=True))
+    printed = capsys.readouterr()
+    assert "[sft] resumed from step 4" in printed.out
+    # the bar (on stderr) starts at the resumed step and ends at the last one
+    assert re.search(rf"sft:.*\b4/{STEPS}\b", printed.err)
+    assert re.search(rf"sft: 100%.*\b{STEPS}/{STEPS}\b", printed.err)
+    assert "sft:" not in printed.out
     whole_out, whole_losses = uninterrupted
     a, b = _weights(whole_out), _weights(out)
     assert a.keys() == b.keys()
