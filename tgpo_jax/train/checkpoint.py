@@ -14,6 +14,8 @@ one before it is used. Moving it out of latest/ matters: Orbax silently refuses 
 or below its latest, so a corrupt step left in place would never be saved again when re-run.
 A step without a manifest (older code, or a run killed before the manifest was written) restores
 with a warning.
+Only latest/ steps are checksummed: they are what resume and `tgpo-jax export` restore; nothing
+restores best/ here.
 
 `run_dir` may be a gs:// URL: it is passed to Orbax as is (Orbax and tensorstore write to GCS).
 Checksums are local-only (see manifest.py); moving a corrupt step aside on gs:// goes through
