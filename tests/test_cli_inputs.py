@@ -131,7 +131,7 @@ def test_eval_rejects_prompts_beyond_the_context(tiny, tmp_path, no_load, capsys
 # ----------------------------------------------------------------------------------------- train
 def train_yaml(tmp_path, tiny, **sections) -> str:
     cfg = {"run_dir": str(tmp_path / "run"), "models": {"student": tiny}, "objective": {"name": "grpo"},
-           "rollout": {"prompts_per_iteration": 2, "n": 2, "max_new_tokens": 8, "prompt_buckets": [32]},
+           "rollout": {"prompts_per_iteration": 2, "n": 2, "max_new_tokens": 8, "prompt_buckets": [32, 64]},
            "train": {"iterations": 1, "micro_batch": 2, "logprob_chunk": 8},
            "data": {"rg_tasks": ["chain_sum"], "rg_size": 8, "max_prompt_len": 32}}
     for k, v in sections.items():
@@ -156,6 +156,7 @@ def train_yaml(tmp_path, tiny, **sections) -> str:
     ("eval.max_new_tokens=0", "eval.max_new_tokens=0: must be >= 1"),
     ("eval.temperature=-0.1", "eval.temperature=-0.1: must be >= 0"),
     ("eval.k=0", "eval.k=0: must be >= 1"),
+    ("data.max_prompt_len=100", "data.max_prompt_len=100 exceeds the largest of rollout.prompt_buckets=[32, 64]"),
 ])
 def test_train_rejects_bad_values(tiny, tmp_path, no_load, capsys, override, expected):
     err = run(["train", "--config", train_yaml(tmp_path, tiny), override], capsys)
@@ -233,3 +234,21 @@ def test_top_level_help_lists_every_bench_command_and_sample_has_top_p_top_k(cap
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     assert "--top-p" in (out := capsys.readouterr().out) and "--top-k" in out
+
+
+def test_info_names_a_corrupt_config_json(tiny, tmp_path, capsys):
+    bad = corrupt_copy(tiny, tmp_path, "field")
+    assert "config.json lacks the required field 'hidden_size'" in run(["info", "--model", bad], capsys)
+
+
+def test_sample_top_k_and_top_p_reach_the_sampler(tiny, capsys):
+    """Sampling at temperature 1 from the single most likely token (top-k 1, or a nucleus of mass
+    1e-6) is greedy decoding: the same text as --temperature 0, unlike plain temperature 1."""
+    def sample(*flags):
+        assert main(["sample", "--model", tiny, "--prompt", "1+1", "--max-new-tokens", "6", *flags]) == 0
+        return capsys.readouterr().out
+
+    greedy = sample()
+    assert sample("--temperature", "1", "--seed", "3") != greedy
+    assert sample("--temperature", "1", "--top-k", "1", "--seed", "3") == greedy
+    assert sample("--temperature", "1", "--top-p", "1e-6", "--seed", "3") == greedy

@@ -78,6 +78,9 @@ class RewardsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+    # Sampled with train.seed and the rollout stop ids, through the policy `tgpo-jax eval` uses: the
+    # same random numbers at every evaluation (iterations differ only by the model), and an exported
+    # checkpoint scores the same under `tgpo-jax eval --seed <train.seed> --batch-size <eval items>`.
     every: int = 20  # iterations; 0 = never
     k: int = 1
     temperature: float = 0.6
