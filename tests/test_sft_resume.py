@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tgpo_jax.configtree import ConfigError
+from tgpo_jax.configtree import ConfigError, to_dict
 from tgpo_jax.models.hf_export import OutputDirError
 from tgpo_jax.models.tiny import make_tiny_checkpoint
 from tgpo_jax.train import checkpoint as checkpoint_mod
@@ -134,3 +134,33 @@ def test_checkpoint_beyond_steps_is_named(setup, uninterrupted):
     cfg = _cfg(setup, "whole", steps=EVERY, out_dir=str(setup[0] / "short_out"))
     with pytest.raises(ValueError, match=f"checkpoint at step {STEPS}, beyond steps={EVERY}"):
         sft(cfg)
+
+
+def test_cli_sft_interrupted_says_how_to_resume_then_resumes(setup, uninterrupted, monkeypatch, capsys, tmp_path):
+    """`tgpo-jax sft`: Ctrl-C is one line on stderr (exit 130, no traceback) saying that the same
+    command resumes; that command then resumes and writes the uninterrupted run's weights."""
+    import yaml
+
+    from tgpo_jax.cli import main
+
+    cfg = _cfg(setup, "cli")
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    original = checkpoint_mod.RunCheckpoints.save
+
+    def save_then_interrupt(self, iteration, state, meta, eval_score=None):
+        original(self, iteration, state, meta, eval_score)
+        if iteration == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_mod.RunCheckpoints, "save", save_then_interrupt)
+    assert main(["sft", "--config", str(path)]) == 130
+    err = capsys.readouterr().err
+    assert "tgpo-jax sft: interrupted; the same command resumes from the last checkpoint" in err
+    assert "Traceback" not in err
+    monkeypatch.undo()
+    assert main(["sft", "--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "[sft] resumed from step 2" in printed and f"wrote {cfg.run_dir}/hf" in printed
+    a, b = _weights(uninterrupted[0]), _weights(cfg.run_dir + "/hf")
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)

@@ -66,7 +66,13 @@ def cmd_sample(args) -> int:
 def cmd_demo(args) -> int:
     from tgpo_jax.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, config_path=args.config, overrides=args.overrides)
+    try:
+        run_demo(args.out, quick=args.quick, config_path=args.config, overrides=args.overrides)
+    except KeyboardInterrupt:
+        # Ctrl-C is not a crash: no traceback, but what a rerun does with the work kept
+        print("tgpo-jax demo: interrupted; the same command keeps the finished stages, continues an unfinished "
+              "SFT from its last checkpoint and starts the TGPO stage over", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -126,7 +132,13 @@ def cmd_sft(args) -> int:
 
     cfg = load_sft_config(args.config, args.overrides)
     read_model_config(cfg.model, "model")  # a missing dir / corrupt config.json: one line naming `model`
-    out = sft(cfg)
+    try:
+        out = sft(cfg)
+    except KeyboardInterrupt:
+        rerun = ("resumes from the last checkpoint" if cfg.checkpoint_every else
+                 "starts again at step 1 (checkpoint_every=0 keeps no checkpoint)")
+        print(f"tgpo-jax sft: interrupted; the same command {rerun}", file=sys.stderr)
+        return 130
     print(f"wrote {out}")
     return 0
 
