@@ -102,7 +102,12 @@ def _existing_steps(run_dir: str) -> list[int]:
 def check_config(run_dir: str, config: dict, *, resume: bool, resume_with_changes: bool = False) -> dict:
     """Compares `config` (a TrainConfig as a dict) with the run already in `run_dir`; returns the
     differences {key: (old, new)} that the new start accepts (neutral ones always, math-changing
-    ones only with resume_with_changes). Raises RunDirConflict otherwise. Reads only small files."""
+    ones only with resume_with_changes). Raises RunDirConflict otherwise. Reads only small files.
+
+    With resume=False (checkpoint.resume) a run_dir holding checkpoints is refused even with
+    resume_with_changes: a run from iteration 1 could not save its checkpoints there (Orbax keeps
+    only steps above its latest). Checkpoints or metrics without a config.json are refused unless
+    resume_with_changes: what they were made with is unknown."""
     stored = paths.join(run_dir, CONFIG_FILE)
     steps = _existing_steps(run_dir)
     if not resume and steps:
