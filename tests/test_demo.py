@@ -134,6 +134,9 @@ def test_claim_dir_marks_continues_and_refuses(tmp_path):
     with pytest.raises(ValueError, match="was not written by the demo"):
         _claim_dir(str(foreign), "data")
     assert sorted(os.listdir(foreign)) == ["mine.txt", "train.jsonl"]
+    (tmp_path / "tgpo").write_text("a file")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        _claim_dir(str(tmp_path / "tgpo"), "tgpo")
 
 
 def test_full_demo_shows_tgpo_progress_and_quick_does_not():

@@ -173,6 +173,8 @@ def _claim_dir(path: str, kind: str, key: dict | None = None) -> bool:
     that key, to be continued; else it is emptied (only if it is the demo's) and marked. A directory
     with anything else in it is refused."""
     key = json.loads(json.dumps(key, default=str)) if key is not None else None
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out: {path} exists and is not a directory; choose another --out, or move it away")
     if os.path.isdir(path):
         if not _is_demo_dir(path, kind):
             raise ValueError(f"--out: {path} exists and was not written by the demo (no {MARKER} in it, and it holds "
