@@ -185,7 +185,9 @@ def final_metrics(run_dir: str) -> dict | None:
     path = paths.join(run_dir, "metrics.jsonl")
     if not paths.exists(path):
         return None
-    rows = [json.loads(x) for x in paths.read_text(path).splitlines() if x.strip()]
+    from tgpo_jax.train.metrics import read_jsonl
+
+    rows = read_jsonl(path)  # a partial last line (a run stopped mid-write) is skipped, not fatal
     if not rows:
         return None
     out = dict(rows[-1])
