@@ -152,6 +152,7 @@ class InRunEvaluator:
         self.last_report = None
 
     def __call__(self, train_params, iteration: int) -> dict:
+        del iteration  # the same keys at every evaluation (see the class docstring)
         self.sampler.state = train_params
         policy = policy_from_sampler(self.sampler, self.tokenizer, self.params, seed=self.seed)
         rep = evaluate(policy, self.items, self.k, reward_fn=self.reward, batch_size=len(self.items))
