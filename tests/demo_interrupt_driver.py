@@ -6,6 +6,7 @@ written and the process sleeps; the test then interrupts it (SIGINT as Ctrl-C do
 Nothing else of the demo is changed."""
 
 import os
+import signal
 import sys
 import time
 
@@ -13,6 +14,10 @@ from tgpo_jax.train import checkpoint
 
 
 def main() -> int:
+    # A shell starts background commands with SIGINT ignored, and Python then keeps it ignored: a test
+    # run from such a job would send a SIGINT that does nothing. A demo in a terminal has the default
+    # handler (Ctrl-C raises KeyboardInterrupt); so does this driver, whoever started it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stage, step, trigger = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     argv = sys.argv[sys.argv.index("--") + 1:]
     original = checkpoint.RunCheckpoints.save

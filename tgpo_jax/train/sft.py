@@ -180,15 +180,25 @@ def _train(cfg: SFTConfig, run: _Run, ckpt: RunCheckpoints | None, done: int) ->
     """Steps done+1 .. cfg.steps, with metrics, checkpoints and the progress bar; returns metrics.jsonl."""
     writer = MetricsWriter(cfg.run_dir, tensorboard=True, progress=False, initial_iteration=done)
     bar = _progress_bar(cfg, done)
+    previous = None  # the metrics of the step before: the bar counts steps once they have run
     try:
         for i in range(done + 1, cfg.steps + 1):
             run.state, m = run.step(run.state, _batch(run, cfg))
+            # Dispatch is asynchronous and would run tens of steps ahead of the device between two
+            # metric reads, so a bar counting dispatches jumps and its ETA swings. Waiting for the
+            # step before (not this one) keeps the next batch's host work overlapping this step.
+            if previous is not None:
+                jax.block_until_ready(previous)
+                bar.update(1)
+            previous = m
             if i % cfg.log_every == 0 or i == cfg.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(m).items()}
                 writer.write(i, i, metrics)
                 bar.set_postfix(loss=f"{metrics.get('sft/loss', float('nan')):.3f}")
             if ckpt and i % cfg.checkpoint_every == 0:
                 ckpt.save(i, run.state, {"iteration": i, "data_state": run.data.get_state()})
+        if previous is not None:
+            jax.block_until_ready(previous)
             bar.update(1)
     finally:
         bar.close()
