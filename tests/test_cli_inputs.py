@@ -156,6 +156,7 @@ def train_yaml(tmp_path, tiny, **sections) -> str:
     ("eval.max_new_tokens=0", "eval.max_new_tokens=0: must be >= 1"),
     ("eval.temperature=-0.1", "eval.temperature=-0.1: must be >= 0"),
     ("eval.k=0", "eval.k=0: must be >= 1"),
+    ("models.dtype=int8", "models.dtype='int8': must be one of float32, bfloat16, float16"),
     ("data.max_prompt_len=100", "data.max_prompt_len=100 exceeds the largest of rollout.prompt_buckets=[32, 64]"),
 ])
 def test_train_rejects_bad_values(tiny, tmp_path, no_load, capsys, override, expected):

@@ -36,6 +36,7 @@ def runtime_option_problems(**options) -> list[str]:
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = tuple(_DTYPES)  # the accepted param_dtype / dtype names
 
 
 class ModelConfigError(ValueError):

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
-from tgpo_jax.models.config import runtime_option_problems
+from tgpo_jax.models.config import DTYPES, runtime_option_problems
 from tgpo_jax.objectives.registry import ObjectiveConfig
 from tgpo_jax.rollout.sampling import sampling_problems
 from tgpo_jax.sharding.distributed import DistributedConfig, DistributedConfigError, plan
@@ -136,6 +136,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not cfg.models.student:
         p.append("models.student: a local HF model directory is required")
     p += [f"models.{problem}" for problem in runtime_option_problems(**cfg.models.model_overrides())]
+    m = cfg.models
+    for name in ("param_dtype", "dtype", "teacher_param_dtype", "teacher_dtype"):
+        value = getattr(m, name)  # the teacher's None means "as the student's"
+        if value not in DTYPES and not (value is None and name.startswith("teacher_")):
+            p.append(f"models.{name}={value!r}: must be one of {', '.join(DTYPES)}")
     try:
         plan(cfg.sharding.distributed)
     except DistributedConfigError as e:
