@@ -164,3 +164,17 @@ def test_cli_sft_interrupted_says_how_to_resume_then_resumes(setup, uninterrupte
     assert "[sft] resumed from step 2" in printed and f"wrote {cfg.run_dir}/hf" in printed
     a, b = _weights(uninterrupted[0]), _weights(cfg.run_dir + "/hf")
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_restart_without_checkpoints_is_announced(setup, capsys):
+    """checkpoint_every=0 keeps nothing to resume from: a rerun says it starts at step 1, and the
+    earlier run's metrics are replaced rather than followed by a second step 1."""
+    cfg = _cfg(setup, "no_ckpt", steps=2, checkpoint_every=0)
+    os.makedirs(cfg.run_dir)
+    with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"iteration": 1, "optimizer_step": 1, "sft/loss": 123.0}) + "\n")
+    sft(cfg)
+    assert "holds an earlier run but checkpoint_every=0 keeps none: starting at step 1" in capsys.readouterr().out
+    with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["iteration"] for r in records] == [1, 2] and records[0]["sft/loss"] != 123.0
