@@ -234,7 +234,8 @@ def _add_run_commands(sub) -> None:
 
     s = sub.add_parser("demo", help="the embedded default: SFT a tiny teacher and a weaker student (different "
                                     "reasoning style) on reasoning-gym arithmetic, then TGPO-Reg; CPU, offline, minutes")
-    s.add_argument("--out", default="runs/demo", help="output directory (SFT models there are cached across runs)")
+    s.add_argument("--out", default="runs/demo", help="output directory (SFT models there are cached across runs; the same command after an "
+                                           "interruption continues an unfinished SFT from its last checkpoint)")
     s.add_argument("--quick", action="store_true", help="a much shorter smoke version (tests)")
     s.add_argument("--config", default=None, help="TGPO stage config (default: configs/demo.yaml)")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides of the TGPO stage config")
