@@ -181,6 +181,20 @@ def test_damaged_checkpoint_is_moved_aside_and_saved_again(tmp_path, damage):
     np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(_state(3)["w"]))
 
 
+def test_read_only_access_skips_a_damaged_step_and_leaves_it_in_place(tmp_path):
+    """What `tgpo-jax export` uses: it may run beside a live training process, so it moves nothing."""
+    latest = _saved(str(tmp_path))
+    _flip(_array_file(os.path.join(latest, "3")))
+    ckpt = RunCheckpoints(str(tmp_path), keep=5, keep_best=0, async_save=False, read_only=True)
+    with pytest.warns(UserWarning, match=r"checkpoint 3 .* could not be restored .*left in place"):
+        step, state, _ = ckpt.restore_latest(abstract_of(_state(0)))
+    ckpt.close()
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(_state(2)["w"]))
+    assert sorted(os.listdir(latest)) == ["1", "2", "3"]
+    assert not os.path.exists(tmp_path / "checkpoints" / "corrupt")
+
+
 def test_without_a_manifest_a_flipped_byte_restores_silently_so_it_warns(tmp_path):
     """Why the manifest exists: Orbax restores the flipped array without complaint."""
     latest = _saved(str(tmp_path), steps=(1,))

@@ -40,7 +40,12 @@ log = logging.getLogger(__name__)
 
 
 class RunCheckpoints:
-    def __init__(self, run_dir: str, *, keep: int = 3, keep_best: int = 1, async_save: bool = True):
+    def __init__(self, run_dir: str, *, keep: int = 3, keep_best: int = 1, async_save: bool = True,
+                 read_only: bool = False):
+        # read_only (`tgpo-jax export`): a bad step is skipped but left where it is, since a training
+        # process may hold the run directory (export takes no lock) and moving steps under its
+        # Orbax manager would upset it
+        self.read_only = read_only
         self.root = paths.abspath(paths.join(run_dir, "checkpoints"))
         opts = dict(enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
         self.latest = ocp.CheckpointManager(paths.join(self.root, "latest"),
@@ -132,6 +137,8 @@ class RunCheckpoints:
 
     def _move_aside(self, step: int) -> str:
         """Moves a bad step to checkpoints/corrupt/<step>-<UTC time> (process 0 only); says where."""
+        if self.read_only:
+            return "skipped and left in place (read-only access)"
         if not self.primary:
             return "process 0 moves it aside"
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")

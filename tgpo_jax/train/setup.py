@@ -146,6 +146,7 @@ class InRunEvaluator:
         self.params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                                      max_new_tokens=cfg.eval.max_new_tokens, n=cfg.eval.k)
         self.k, self.seed = cfg.eval.k, cfg.train.seed
+        self.progress = cfg.logging.progress and jax.process_index() == 0
         self.sampler, self.tokenizer = models.sampler, tokenizer
         self.reward = RewardFn(dataclasses.replace(EVAL_REWARD, think_format=cfg.rewards.think_format,
                                                    timeout_s=cfg.rewards.timeout_s, num_workers=cfg.rewards.workers))
@@ -155,7 +156,8 @@ class InRunEvaluator:
         del iteration  # the same keys at every evaluation (see the class docstring)
         self.sampler.state = train_params
         policy = policy_from_sampler(self.sampler, self.tokenizer, self.params, seed=self.seed)
-        rep = evaluate(policy, self.items, self.k, reward_fn=self.reward, batch_size=len(self.items))
+        rep = evaluate(policy, self.items, self.k, reward_fn=self.reward, batch_size=len(self.items),
+                       progress=self.progress)
         self.last_report = rep
         out = {"eval/score": rep.mean_accuracy}
         for src, s in rep.sources.items():
