@@ -17,3 +17,29 @@ _CACHE = os.environ.get("TGPO_TEST_COMPILE_CACHE") or os.path.join(
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import subprocess  # noqa: E402
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """mount(size) -> the path of a fresh tmpfs of that size (a real full disk); skips the test
+    where mounting is not allowed. Unmounted at teardown."""
+    mounted = []
+
+    def mount(size: str) -> str:
+        mnt = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(mnt)
+        return str(mnt)
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -2,8 +2,6 @@
 a small tmpfs, mounted when the test runs as root; skipped otherwise)."""
 
 import os
-import subprocess
-import uuid
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,20 +10,8 @@ import pytest
 from tgpo_jax.train.checkpoint import RunCheckpoints, abstract_of
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    mnt = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def test_full_disk_during_save_keeps_the_previous_checkpoint(small_fs):
+def test_full_disk_during_save_keeps_the_previous_checkpoint(small_tmpfs):
+    small_fs = small_tmpfs("600k")
     # 400 kB of incompressible values: one checkpoint fits in 600 kB, two do not
     state = {"w": jnp.asarray(np.random.default_rng(0).random(100_000), jnp.float32)}
     ckpt = RunCheckpoints(small_fs, keep=3, keep_best=0, async_save=False)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 import jax.numpy as jnp
 import numpy as np
@@ -276,20 +275,8 @@ def test_enospc_during_a_metrics_write_names_the_file_and_the_next_run_recovers(
     assert _iterations(run) == [1, 2, 3]
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    mnt = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def test_a_really_full_disk_leaves_a_recoverable_metrics_file(tiny_fs):
+def test_a_really_full_disk_leaves_a_recoverable_metrics_file(small_tmpfs):
+    tiny_fs = small_tmpfs("16k")
     ballast = os.path.join(tiny_fs, "ballast")
     with open(ballast, "wb") as f:
         f.write(b"x" * 8192)  # half the filesystem, deleted below to make room as a user would

@@ -91,6 +91,21 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def replace_text(path: str, text: str) -> None:
+    """Replaces the file whole (temp file, fsync, os.replace): a crash or a reader in another
+    process sees the old content or the new, never a mix. An object write is atomic as it is."""
+    if is_remote(path):
+        write_text(path, text)
+        return
+    path = _local(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class RemoteAppendFile:
     """A text file on an object store opened for appending: keeps the whole content in memory and
     rewrites the object on every flush (fine for metrics logs of a few MB)."""

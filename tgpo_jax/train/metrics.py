@@ -91,21 +91,8 @@ def truncate_jsonl(path: str, last_iteration: int, key: str = "iteration") -> in
     keep = [r for r in records if isinstance(r.get(key), (int, float)) and r[key] <= last_iteration]
     dropped = len(problems) + len(records) - len(keep)
     if dropped or (text and not text.endswith("\n")):
-        _replace_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        paths.replace_text(path, "".join(json.dumps(r) + "\n" for r in keep))
     return dropped
-
-
-def _replace_text(path: str, text: str) -> None:
-    """Temp file + os.replace: a crash leaves the old or the new file, never a mix."""
-    if paths.is_remote(path):  # an object write is atomic
-        paths.write_text(path, text)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class MetricsWriter:

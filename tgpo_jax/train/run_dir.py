@@ -138,19 +138,6 @@ def _utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _write_atomic(path: str, text: str) -> None:
-    """Replaces the file whole: a reader (another process) sees the old or the new, never half."""
-    if paths.is_remote(path):  # an object write is atomic
-        paths.write_text(path, text)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def record_start(run_dir: str, config: dict, start_iteration: int, changes: dict) -> dict:
     """Writes config.json (the config from now on) and appends the start to history.jsonl."""
     history = paths.join(run_dir, HISTORY_FILE)
@@ -159,7 +146,7 @@ def record_start(run_dir: str, config: dict, start_iteration: int, changes: dict
               "pid": os.getpid(), "host": socket.gethostname()}
     if changes:
         record["changes"] = {k: {"old": o, "new": n, "neutral": is_neutral(k)} for k, (o, n) in changes.items()}
-    _write_atomic(paths.join(run_dir, CONFIG_FILE), json.dumps(config, indent=2))
+    paths.replace_text(paths.join(run_dir, CONFIG_FILE), json.dumps(config, indent=2))
     f = paths.open_append(history)
     try:
         f.write(json.dumps(record) + "\n")
