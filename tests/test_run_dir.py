@@ -180,6 +180,23 @@ def test_damaged_checkpoint_is_moved_aside_and_saved_again(tmp_path, damage):
     np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(_state(3)["w"]))
 
 
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_step_gets_its_manifest_once_finalized_not_at_the_next_save(tmp_path, async_save):
+    """A run killed right after a save (no next save, no close) still leaves it verifiable."""
+    ckpt = RunCheckpoints(str(tmp_path), keep=5, keep_best=0, async_save=async_save)
+    ckpt.save(1, _state(1), {"iteration": 1})
+    ckpt.wait()
+    step_dir = tmp_path / "checkpoints" / "latest" / "1"
+    deadline = time.monotonic() + 10  # a watcher thread writes it once the step has its final name
+    while not (step_dir / "tgpo_checksums.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (step_dir / "tgpo_checksums.json").exists()
+    _flip(_array_file(str(step_dir)))
+    with pytest.warns(UserWarning, match=r"checkpoint 1 .* could not be restored \(file "):
+        assert ckpt.restore_latest(abstract_of(_state(0))) is None
+    ckpt.close()
+
+
 def test_read_only_access_skips_a_damaged_step_and_leaves_it_in_place(tmp_path):
     """What `tgpo-jax export` uses: it may run beside a live training process, so it moves nothing."""
     latest = _saved(str(tmp_path))

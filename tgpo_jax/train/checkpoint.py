@@ -27,6 +27,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -37,6 +39,7 @@ from tgpo_jax import paths
 from tgpo_jax.train import manifest
 
 log = logging.getLogger(__name__)
+_FINALIZE_TIMEOUT_S = 1200  # Orbax's own default limit for an async save
 
 
 class RunCheckpoints:
@@ -47,6 +50,12 @@ class RunCheckpoints:
         # Orbax manager would upset it
         self.read_only = read_only
         self.root = paths.abspath(paths.join(run_dir, "checkpoints"))
+        self.checksums = not paths.is_remote(self.root)  # local-only, see manifest.py
+        self.primary = jax.process_index() == 0  # the one process that writes manifests, moves steps aside
+        self._pending: list[int] = []  # latest/ steps saved by this object, manifest not yet written
+        self._pending_lock = threading.Lock()  # shared with the watcher threads of async saves
+        self._watchers: list[threading.Thread] = []
+        self._closing = threading.Event()
         opts = dict(enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
         self.latest = ocp.CheckpointManager(paths.join(self.root, "latest"),
                                             options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
@@ -56,9 +65,6 @@ class RunCheckpoints:
                 paths.join(self.root, "best"),
                 options=ocp.CheckpointManagerOptions(max_to_keep=keep_best, best_fn=lambda m: m["eval/score"],
                                                      best_mode="max", keep_checkpoints_without_metrics=False, **opts))
-        self.checksums = not paths.is_remote(self.root)  # local-only, see manifest.py
-        self.primary = jax.process_index() == 0  # the one process that writes manifests, moves steps aside
-        self._pending: list[int] = []  # latest/ steps saved by this object, manifest not yet written
 
     @staticmethod
     def _args(state, meta: dict[str, Any]):
@@ -68,11 +74,13 @@ class RunCheckpoints:
         """Saves asynchronously (returns once device buffers are copied). `meta` is JSON: counters,
         seed, data-iterator state. Warns if Orbax declines to save it (a step at or below the
         latest one in latest/: the caller re-runs iterations it did not restore)."""
-        self.wait()  # Orbax waits for the previous save here anyway; finished steps get their manifest
-        self._write_manifests()
-        if self.latest.save(iteration, args=self._args(state, meta)):
+        with self._pending_lock:
             self._pending.append(iteration)
+        if self.latest.save(iteration, args=self._args(state, meta)):
+            self._watch(iteration)
         else:
+            with self._pending_lock:
+                self._pending.remove(iteration)
             warnings.warn(f"checkpoint {iteration} was NOT saved: {self.latest.directory} already holds step "
                           f"{self.latest.latest_step()} (Orbax only saves steps above its latest)", stacklevel=2)
         if self.best is not None and eval_score is not None:
@@ -88,15 +96,38 @@ class RunCheckpoints:
     def _step_dir(self, step: int) -> str:
         return paths.join(str(self.latest.directory), str(step))
 
-    def _write_manifests(self) -> None:
-        """Checksums the steps whose save has finished (call after wait()). A step Orbax has
-        already deleted (max_to_keep) is skipped."""
-        pending, self._pending = self._pending, []
+    def _watch(self, step: int) -> None:
+        """Writes the step's manifest as soon as Orbax has finalized it, so a run killed soon after
+        a save still leaves that checkpoint verifiable. Orbax renames the temporary directory to
+        `<step>` as its very last act (its post-finalization callback runs before that, while files
+        still change), so a thread waits for that name."""
         if not (self.checksums and self.primary):
             return
-        for step in pending:
-            if paths.isdir(self._step_dir(step)):
+        t = threading.Thread(target=self._manifest_when_final, args=(step,), daemon=True,
+                             name=f"tgpo-checksums-{step}")
+        t.start()
+        self._watchers.append(t)
+
+    def _manifest_when_final(self, step: int) -> None:
+        deadline = time.monotonic() + _FINALIZE_TIMEOUT_S
+        while not paths.isdir(self._step_dir(step)) and not self._closing.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._write_manifests()
+
+    def _write_manifests(self) -> None:
+        """Checksums the pending steps Orbax has finalized (the final `<step>` directory appears
+        only then; it writes into a temporary one before). Runs in a watcher thread too, so a
+        failure is a warning: the step then restores unverified, with a warning of its own."""
+        with self._pending_lock:
+            done = [s for s in self._pending if paths.isdir(self._step_dir(s))]
+            self._pending = [s for s in self._pending if s not in done]
+        if not (self.checksums and self.primary):
+            return
+        for step in done:
+            try:
                 manifest.write(self._step_dir(step))
+            except OSError as e:  # deleted by max_to_keep meanwhile, or a full disk
+                warnings.warn(f"no checksum manifest for checkpoint {step} ({e})", stacklevel=2)
 
     def restore_latest(self, abstract_state) -> tuple[int, Any, dict] | None:
         """(iteration, state, meta) of the newest checkpoint that loads, or None if none does.
@@ -167,6 +198,9 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.wait()
+        self._closing.set()
+        for t in self._watchers:
+            t.join()
         self._write_manifests()
         self.latest.close()
         if self.best is not None:
