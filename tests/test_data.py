@@ -2,6 +2,7 @@
 exact resume (also through Orbax), and reasoning-gym tasks."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -234,10 +235,17 @@ def test_reasoning_gym_prompts_are_deterministic_and_rendered(tok):
 
 
 def test_train_stops_on_an_empty_dataset_before_any_model_is_loaded(tmp_path, tok, capsys):
-    """The student directory holds a tokenizer and no weights: the data error must come first."""
+    """The student directory holds a tokenizer and a config.json (read first: its context bounds the
+    prompts) but no weights: the data error must come before any weight is loaded."""
     from tgpo_jax.cli import main
+    from tgpo_jax.models.tiny import make_tiny_checkpoint
 
-    tok.save_pretrained(str(tmp_path / "student"))
+    student = make_tiny_checkpoint(str(tmp_path / "student"), hidden_size=32, intermediate_size=64, num_layers=1,
+                                   num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=16384)
+    for f in os.listdir(student):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(student, f))
+    tok.save_pretrained(student)
     data = _write_jsonl(tmp_path / "e.jsonl", [{"problem": "p", "answer": ""}, {"problem": "", "answer": "1"}])
     cfg = {"run_dir": str(tmp_path / "run"), "models": {"student": str(tmp_path / "student")},
            "objective": {"name": "grpo"}, "data": {"files": [data]}, "rewards": {"workers": 1}}
