@@ -6,8 +6,8 @@ The destination is only ever a new or empty directory, or (with overwrite) a pre
 
 from __future__ import annotations
 
-import json
 import fnmatch
+import json
 import os
 import shutil
 import tempfile
