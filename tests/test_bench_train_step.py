@@ -9,8 +9,20 @@ import pytest
 from tgpo_jax.bench.train_step_bench import Settings, full_logits_bytes, model_config, model_flops, param_count
 from tgpo_jax.cli import main
 
-SMALL = ["--batch", "4", "--prompt-len", "8", "--response-len", "16", "--micro-batch", "2", "--chunk", "8",
-         "--repeats", "3"]
+SMALL = [
+    "--batch",
+    "4",
+    "--prompt-len",
+    "8",
+    "--response-len",
+    "16",
+    "--micro-batch",
+    "2",
+    "--chunk",
+    "8",
+    "--repeats",
+    "3",
+]
 
 
 def _last_json(capsys) -> dict:
@@ -25,8 +37,24 @@ def _positive(r, *keys):
 
 def test_quick_no_peer_reports_json(capsys, tmp_path):
     out_file = tmp_path / "bench.json"
-    assert main(["bench", "train-step", "--quick", "--no-peer", *SMALL, "--old-logp", "zeros",
-                 "--turn-steps", "3", "--json-out", str(out_file)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "train-step",
+                "--quick",
+                "--no-peer",
+                *SMALL,
+                "--old-logp",
+                "zeros",
+                "--turn-steps",
+                "3",
+                "--json-out",
+                str(out_file),
+            ]
+        )
+        == 0
+    )
     r = _last_json(capsys)
     for k in ("ours_tokens_per_s", "peer_tokens_per_s", "ratio", "ours_peak_bytes", "peer_peak_bytes"):
         assert k in r, k
@@ -62,7 +90,13 @@ def test_demo_model_is_the_demo_student():
     cfg = model_config(Settings(model="demo"))
     st = FULL.student
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
-        st.hidden_size, st.intermediate_size, st.num_layers, st.num_heads, st.num_kv_heads, st.head_dim)
+        st.hidden_size,
+        st.intermediate_size,
+        st.num_layers,
+        st.num_heads,
+        st.num_kv_heads,
+        st.head_dim,
+    )
     assert cfg.vocab_size == 512 and cfg.tie_word_embeddings and cfg.qkv_bias
     assert param_count(cfg) == 2 * 49_408 + 32_768 + 64 == 131_648
 

@@ -1,8 +1,6 @@
 """Running out of disk while saving leaves the previous checkpoint intact (a real full filesystem:
 a small tmpfs, mounted when the test runs as root; skipped otherwise)."""
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -24,6 +24,7 @@ def tiny(tmp_path_factory):
 def no_load(monkeypatch):
     """Reading weights, building a tokenizer-backed data set or compiling fails the test: every
     check below must answer before them."""
+
     def boom(*a, **k):
         raise AssertionError("reached weight loading / compilation")
 
@@ -31,8 +32,12 @@ def no_load(monkeypatch):
     import tgpo_jax.rollout.text as text
     import tgpo_jax.train.setup as setup
 
-    for mod, name in ((hf_import, "load_params"), (text, "load_model"), (setup, "build_data"),
-                      (setup, "build_model_parts")):
+    for mod, name in (
+        (hf_import, "load_params"),
+        (text, "load_model"),
+        (setup, "build_data"),
+        (setup, "build_model_parts"),
+    ):
         monkeypatch.setattr(mod, name, boom)
 
 
@@ -61,14 +66,17 @@ def corrupt_copy(tiny, tmp_path, how: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- sample
-@pytest.mark.parametrize("flags, expected", [
-    (["--max-new-tokens", "0"], "--max-new-tokens=0: must be >= 1"),
-    (["--max-new-tokens", "-5"], "--max-new-tokens=-5: must be >= 1"),
-    (["--temperature", "-1"], "--temperature=-1.0: must be >= 0 (0 = greedy)"),
-    (["--top-p", "0"], "--top-p=0.0: must be in (0, 1]"),
-    (["--top-p", "1.5"], "--top-p=1.5: must be in (0, 1]"),
-    (["--top-k", "-1"], "--top-k=-1: must be >= 0 (0 = off)"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens=0: must be >= 1"),
+        (["--max-new-tokens", "-5"], "--max-new-tokens=-5: must be >= 1"),
+        (["--temperature", "-1"], "--temperature=-1.0: must be >= 0 (0 = greedy)"),
+        (["--top-p", "0"], "--top-p=0.0: must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p=1.5: must be in (0, 1]"),
+        (["--top-k", "-1"], "--top-k=-1: must be >= 0 (0 = off)"),
+    ],
+)
 def test_sample_rejects_bad_flags(tiny, no_load, capsys, flags, expected):
     assert expected in run(["sample", "--model", tiny, "--prompt", "1+1", *flags], capsys)
 
@@ -87,8 +95,10 @@ def test_sample_rejects_a_prompt_beyond_the_context(tiny, no_load, capsys):
     assert "context of 64" in err
 
 
-@pytest.mark.parametrize("how, expected", [("json", "config.json is not valid JSON"),
-                                           ("field", "config.json lacks the required field 'hidden_size'")])
+@pytest.mark.parametrize(
+    "how, expected",
+    [("json", "config.json is not valid JSON"), ("field", "config.json lacks the required field 'hidden_size'")],
+)
 def test_corrupt_config_json_is_one_line_in_sample_and_eval(tiny, tmp_path, no_load, capsys, how, expected):
     bad = corrupt_copy(tiny, tmp_path, how)
     err = run(["sample", "--model", bad, "--prompt", "x"], capsys)
@@ -101,20 +111,25 @@ def test_corrupt_config_json_is_one_line_in_sample_and_eval(tiny, tmp_path, no_l
 
 def test_sample_and_eval_name_a_missing_model_dir(tmp_path, capsys):
     assert "--model: model directory not found: /nonexistent/m" in run(
-        ["sample", "--model", "/nonexistent/m", "--prompt", "x"], capsys)
+        ["sample", "--model", "/nonexistent/m", "--prompt", "x"], capsys
+    )
     assert "--model: model directory not found: /nonexistent/m" in run(
-        ["eval", "--model", "/nonexistent/m", "--data", "x.jsonl"], capsys)
+        ["eval", "--model", "/nonexistent/m", "--data", "x.jsonl"], capsys
+    )
 
 
 # ------------------------------------------------------------------------------------------ eval
-@pytest.mark.parametrize("flags, expected", [
-    (["--max-new-tokens", "0"], "--max-new-tokens=0: must be >= 1"),
-    (["--temperature", "-0.5"], "--temperature=-0.5: must be >= 0"),
-    (["--top-p", "2"], "--top-p=2.0: must be in (0, 1]"),
-    (["--k", "0"], "--k=0: must be >= 1"),
-    (["--batch-size", "0"], "--batch-size=0: must be >= 1"),
-    (["--num-workers", "-1"], "--num-workers=-1: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens=0: must be >= 1"),
+        (["--temperature", "-0.5"], "--temperature=-0.5: must be >= 0"),
+        (["--top-p", "2"], "--top-p=2.0: must be in (0, 1]"),
+        (["--k", "0"], "--k=0: must be >= 1"),
+        (["--batch-size", "0"], "--batch-size=0: must be >= 1"),
+        (["--num-workers", "-1"], "--num-workers=-1: must be >= 0"),
+    ],
+)
 def test_eval_rejects_bad_flags_before_reading_anything(no_load, capsys, flags, expected):
     # The model directory does not exist: the flag check must come first.
     assert expected in run(["eval", "--model", "/nonexistent", "--data", "x.jsonl", *flags], capsys)
@@ -123,17 +138,35 @@ def test_eval_rejects_bad_flags_before_reading_anything(no_load, capsys, flags, 
 def test_eval_rejects_prompts_beyond_the_context(tiny, tmp_path, no_load, capsys):
     data = tmp_path / "e.jsonl"
     data.write_text(json.dumps({"problem": "1+1", "answer": "2", "data_source": "s"}) + "\n")
-    err = run(["eval", "--model", tiny, "--data", str(data), "--max-new-tokens", "64", "--template", "plain",
-               "--system-prompt", ""], capsys)
+    err = run(
+        [
+            "eval",
+            "--model",
+            tiny,
+            "--data",
+            str(data),
+            "--max-new-tokens",
+            "64",
+            "--template",
+            "plain",
+            "--system-prompt",
+            "",
+        ],
+        capsys,
+    )
     assert "the longest prompt (" in err and "+ --max-new-tokens=64 = " in err and "context of 64" in err
 
 
 # ----------------------------------------------------------------------------------------- train
 def train_yaml(tmp_path, tiny, **sections) -> str:
-    cfg = {"run_dir": str(tmp_path / "run"), "models": {"student": tiny}, "objective": {"name": "grpo"},
-           "rollout": {"prompts_per_iteration": 2, "n": 2, "max_new_tokens": 8, "prompt_buckets": [32, 64]},
-           "train": {"iterations": 1, "micro_batch": 2, "logprob_chunk": 8},
-           "data": {"rg_tasks": ["chain_sum"], "rg_size": 8, "max_prompt_len": 32}}
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "models": {"student": tiny},
+        "objective": {"name": "grpo"},
+        "rollout": {"prompts_per_iteration": 2, "n": 2, "max_new_tokens": 8, "prompt_buckets": [32, 64]},
+        "train": {"iterations": 1, "micro_batch": 2, "logprob_chunk": 8},
+        "data": {"rg_tasks": ["chain_sum"], "rg_size": 8, "max_prompt_len": 32},
+    }
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v}
     path = tmp_path / "train.yaml"
@@ -141,36 +174,44 @@ def train_yaml(tmp_path, tiny, **sections) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("optimizer.lr=-1e-3", "optimizer.lr=-0.001: must be >= 0"),
-    ("optimizer.warmup_steps=-2", "optimizer.warmup_steps=-2: must be >= 0"),
-    ("checkpoint.keep=0", "checkpoint.keep=0: must be >= 1"),
-    ("checkpoint.keep_best=-1", "checkpoint.keep_best=-1: must be >= 0"),
-    ("rewards.workers=-1", "rewards.workers=-1: must be >= 0"),
-    ("rewards.timeout_s=0", "rewards.timeout_s=0.0: must be > 0"),
-    ("rollout.max_new_tokens=0", "rollout.max_new_tokens=0: must be >= 1"),
-    ("rollout.max_new_tokens=-5", "rollout.max_new_tokens=-5: must be >= 1"),
-    ("rollout.temperature=-1", "rollout.temperature=-1.0: must be >= 0"),
-    ("rollout.top_p=0", "rollout.top_p=0.0: must be in (0, 1]"),
-    ("rollout.top_k=-3", "rollout.top_k=-3: must be >= 0"),
-    ("eval.max_new_tokens=0", "eval.max_new_tokens=0: must be >= 1"),
-    ("eval.temperature=-0.1", "eval.temperature=-0.1: must be >= 0"),
-    ("eval.k=0", "eval.k=0: must be >= 1"),
-    ("models.dtype=int8", "models.dtype='int8': must be one of float32, bfloat16, float16"),
-    ("data.max_prompt_len=100", "data.max_prompt_len=100 exceeds the largest of rollout.prompt_buckets=[32, 64]"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optimizer.lr=-1e-3", "optimizer.lr=-0.001: must be >= 0"),
+        ("optimizer.warmup_steps=-2", "optimizer.warmup_steps=-2: must be >= 0"),
+        ("checkpoint.keep=0", "checkpoint.keep=0: must be >= 1"),
+        ("checkpoint.keep_best=-1", "checkpoint.keep_best=-1: must be >= 0"),
+        ("rewards.workers=-1", "rewards.workers=-1: must be >= 0"),
+        ("rewards.timeout_s=0", "rewards.timeout_s=0.0: must be > 0"),
+        ("rollout.max_new_tokens=0", "rollout.max_new_tokens=0: must be >= 1"),
+        ("rollout.max_new_tokens=-5", "rollout.max_new_tokens=-5: must be >= 1"),
+        ("rollout.temperature=-1", "rollout.temperature=-1.0: must be >= 0"),
+        ("rollout.top_p=0", "rollout.top_p=0.0: must be in (0, 1]"),
+        ("rollout.top_k=-3", "rollout.top_k=-3: must be >= 0"),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens=0: must be >= 1"),
+        ("eval.temperature=-0.1", "eval.temperature=-0.1: must be >= 0"),
+        ("eval.k=0", "eval.k=0: must be >= 1"),
+        ("models.dtype=int8", "models.dtype='int8': must be one of float32, bfloat16, float16"),
+        ("data.max_prompt_len=100", "data.max_prompt_len=100 exceeds the largest of rollout.prompt_buckets=[32, 64]"),
+    ],
+)
 def test_train_rejects_bad_values(tiny, tmp_path, no_load, capsys, override, expected):
     err = run(["train", "--config", train_yaml(tmp_path, tiny), override], capsys)
     assert expected in err
     assert "num_workers" not in err  # the user-facing key, never the internal field
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("models.student=/nonexistent/s", "models.student: model directory not found: /nonexistent/s"),
-    ("models.tokenizer=/nonexistent/t", "models.tokenizer: tokenizer directory not found: /nonexistent/t"),
-    ("data.max_prompt_len=60", "data.max_prompt_len=60 + rollout.max_new_tokens=8 = 68 positions exceed "
-                               "models.student's context of 64"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("models.student=/nonexistent/s", "models.student: model directory not found: /nonexistent/s"),
+        ("models.tokenizer=/nonexistent/t", "models.tokenizer: tokenizer directory not found: /nonexistent/t"),
+        (
+            "data.max_prompt_len=60",
+            "data.max_prompt_len=60 + rollout.max_new_tokens=8 = 68 positions exceed models.student's context of 64",
+        ),
+    ],
+)
 def test_train_names_the_model_key(tiny, tmp_path, no_load, capsys, override, expected):
     assert expected in run(["train", "--config", train_yaml(tmp_path, tiny), override], capsys)
 
@@ -192,8 +233,15 @@ def test_train_and_sft_corrupt_student_config_is_one_line(tiny, tmp_path, no_loa
 # ------------------------------------------------------------------------------------------- sft
 def sft_yaml(tmp_path, model) -> str:
     path = tmp_path / "sft.yaml"
-    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "sft"), "model": model,
-                                    "data": {"rg_tasks": ["chain_sum"], "solution_column": "solution"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path / "sft"),
+                "model": model,
+                "data": {"rg_tasks": ["chain_sum"], "solution_column": "solution"},
+            }
+        )
+    )
     return str(path)
 
 
@@ -201,10 +249,12 @@ def test_sft_rejects_a_negative_lr_and_names_a_missing_model(tmp_path, no_load, 
     import tgpo_jax.train.sft as sft_mod
 
     monkeypatch.setattr(sft_mod, "sft", lambda cfg: pytest.fail("sft() reached"))
-    assert "optimizer.lr=-1.0: must be >= 0" in run(["sft", "--config", sft_yaml(tmp_path, "/x"), "optimizer.lr=-1"],
-                                                    capsys)
+    assert "optimizer.lr=-1.0: must be >= 0" in run(
+        ["sft", "--config", sft_yaml(tmp_path, "/x"), "optimizer.lr=-1"], capsys
+    )
     assert "model: model directory not found: /nonexistent/m" in run(
-        ["sft", "--config", sft_yaml(tmp_path, "/nonexistent/m")], capsys)
+        ["sft", "--config", sft_yaml(tmp_path, "/nonexistent/m")], capsys
+    )
 
 
 # ------------------------------------------------------------------------------------------ help
@@ -245,6 +295,7 @@ def test_info_names_a_corrupt_config_json(tiny, tmp_path, capsys):
 def test_sample_top_k_and_top_p_reach_the_sampler(tiny, capsys):
     """Sampling at temperature 1 from the single most likely token (top-k 1, or a nucleus of mass
     1e-6) is greedy decoding: the same text as --temperature 0, unlike plain temperature 1."""
+
     def sample(*flags):
         assert main(["sample", "--model", tiny, "--prompt", "1+1", "--max-new-tokens", "6", *flags]) == 0
         return capsys.readouterr().out

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.jaxpr_helpers import iter_eqns
 from tgpo_jax.models import cpu_attention as CA
 from tgpo_jax.models import layers as L
 from tgpo_jax.models.decoder import Decoder, left_pad_positions
 from tgpo_jax.models.tiny import tiny_config
-from tests.jaxpr_helpers import iter_eqns
 
-pytestmark = pytest.mark.skipif(CA.unavailable_reason() is not None,
-                                reason=f"fused CPU attention kernel unavailable: {CA.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    CA.unavailable_reason() is not None, reason=f"fused CPU attention kernel unavailable: {CA.unavailable_reason()}"
+)
 
 
 def _inputs(B, T, H, K, D, seed=0):
@@ -29,9 +30,9 @@ def _inputs(B, T, H, K, D, seed=0):
     v = jax.random.normal(kv, (B, T, K, D))
     mask = np.ones((B, T), np.int32)
     if B > 1:
-        mask[1, :min(3, T - 1)] = 0  # left padding
+        mask[1, : min(3, T - 1)] = 0  # left padding
     if B > 2:
-        mask[2, :T - 1] = 0  # one real token
+        mask[2, : T - 1] = 0  # one real token
     return q, k, v, mask, jax.random.normal(kw, (B, T, H, D))
 
 
@@ -44,8 +45,10 @@ def _reference(q, k, v, mask):
     return jnp.where(jnp.any(allowed, -1)[:, :, None, None], out, 0.0)
 
 
-@pytest.mark.parametrize("B, T, H, K, D", [(3, 13, 4, 2, 8), (3, 40, 4, 2, 16), (2, 33, 6, 2, 32),
-                                           (2, 17, 2, 2, 64), (1, 5, 2, 1, 128), (3, 1, 2, 1, 16)])
+@pytest.mark.parametrize(
+    "B, T, H, K, D",
+    [(3, 13, 4, 2, 8), (3, 40, 4, 2, 16), (2, 33, 6, 2, 32), (2, 17, 2, 2, 64), (1, 5, 2, 1, 128), (3, 1, 2, 1, 16)],
+)
 def test_values_and_gradients_equal_einsum_attention_on_every_row(B, T, H, K, D):
     q, k, v, mask, w = _inputs(B, T, H, K, D)
     ref, got = _reference(q, k, v, mask), CA.causal_attention(q, k, v, jnp.asarray(mask))
@@ -77,8 +80,9 @@ def test_keys_a_row_may_not_read_get_zero_weight_at_any_score():
     assert np.isfinite(np.asarray(got)).all()
     assert np.abs(np.asarray(got - _reference(q, k, v, mask))).max() <= 1e-5
     w = jnp.ones(got.shape)
-    grads = jax.grad(lambda q, k, v: jnp.sum(CA.causal_attention(q, k, v, jnp.asarray(mask)) * w),
-                     argnums=(0, 1, 2))(q, k, v)
+    grads = jax.grad(lambda q, k, v: jnp.sum(CA.causal_attention(q, k, v, jnp.asarray(mask)) * w), argnums=(0, 1, 2))(
+        q, k, v
+    )
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
@@ -86,11 +90,13 @@ def test_large_scores_keep_values_and_gradients_finite_and_equal():
     B, T, H, K, D = 2, 20, 2, 1, 16
     q, k, v, mask, w = _inputs(B, T, H, K, D, seed=5)
     q = q * 30.0
-    k = k.at[:, T // 2:].multiply(30.0)  # later keys score far above the earlier ones
+    k = k.at[:, T // 2 :].multiply(30.0)  # later keys score far above the earlier ones
     ref, got = _reference(q, k, v, mask), CA.causal_attention(q, k, v, jnp.asarray(mask))
     assert np.isfinite(np.asarray(got)).all()
     assert np.abs(np.asarray(ref - got)).max() <= 1e-5
-    g = jax.grad(lambda q, k, v: jnp.sum(CA.causal_attention(q, k, v, jnp.asarray(mask)) * w), argnums=(0, 1, 2))(q, k, v)
+    g = jax.grad(lambda q, k, v: jnp.sum(CA.causal_attention(q, k, v, jnp.asarray(mask)) * w), argnums=(0, 1, 2))(
+        q, k, v
+    )
     assert all(np.isfinite(np.asarray(a)).all() for a in g)
 
 
@@ -117,11 +123,14 @@ def test_gradients_match_central_differences_of_a_float64_reference():
     at random entries against central differences of a float64 numpy attention."""
     B, T, H, K, D = 3, 9, 2, 1, 8
     q, k, v, mask, w = _inputs(B, T, H, K, D, seed=3)
-    grads = jax.grad(lambda q, k, v: jnp.sum(CA.causal_attention(q, k, v, jnp.asarray(mask)) * w),
-                     argnums=(0, 1, 2))(q, k, v)
+    grads = jax.grad(lambda q, k, v: jnp.sum(CA.causal_attention(q, k, v, jnp.asarray(mask)) * w), argnums=(0, 1, 2))(
+        q, k, v
+    )
     x64 = [np.asarray(a, np.float64) for a in (q, k, v)]
     w64 = np.asarray(w, np.float64)
-    assert np.abs(_numpy_attention(*x64, mask) - np.asarray(CA.causal_attention(q, k, v, jnp.asarray(mask)))).max() <= 1e-6
+    assert (
+        np.abs(_numpy_attention(*x64, mask) - np.asarray(CA.causal_attention(q, k, v, jnp.asarray(mask)))).max() <= 1e-6
+    )
     rng = np.random.default_rng(0)
     for arg, g in enumerate(grads):
         for _ in range(8):
@@ -147,8 +156,9 @@ def test_decoder_hidden_states_equal_the_default_kernel():
 
 def _ffi_calls(fn, *args) -> list[str]:
     """Target names of the FFI calls in fn's jaxpr, sub-jaxprs (remat, scan, custom_vjp) included."""
-    return [e.params["target_name"] for e in iter_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
-            if e.primitive.name == "ffi_call"]
+    return [
+        e.params["target_name"] for e in iter_eqns(jax.make_jaxpr(fn)(*args).jaxpr) if e.primitive.name == "ffi_call"
+    ]
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -165,8 +175,9 @@ def test_backward_reruns_no_forward_kernel_under_attn_out_remat(sharded):
     q, k, v, mask, _ = _inputs(4, 12, 4, 2, 8)
     sh = None
     if sharded:
-        sh = ActivationSharding(build_mesh(MeshConfig.from_dict({"data": 2, "fsdp": 2, "tensor": 2}),
-                                           jax.devices()[:8]), ShardingRules())
+        sh = ActivationSharding(
+            build_mesh(MeshConfig.from_dict({"data": 2, "fsdp": 2, "tensor": 2}), jax.devices()[:8]), ShardingRules()
+        )
     f = lambda q, k, v: jnp.sum(jnp.sin(_cpu_attention(sh, q, k, v, jnp.asarray(mask))))  # noqa: E731
     grad = lambda fn: jax.grad(fn, argnums=(0, 1, 2))  # noqa: E731
     kept = jax.checkpoint(f, policy=checkpoint_policies.save_only_these_names("attn_out"))
@@ -192,11 +203,20 @@ def test_auto_selection_on_one_device_and_per_shard_on_a_mesh():
     pos = left_pad_positions(mask)
 
     def q_shapes(impl, mesh_shape=None, rules=None):
-        sh = None if mesh_shape is None else ActivationSharding(
-            build_mesh(MeshConfig.from_dict(mesh_shape), jax.devices()[:8]), ShardingRules.from_dict(rules))
+        sh = (
+            None
+            if mesh_shape is None
+            else ActivationSharding(
+                build_mesh(MeshConfig.from_dict(mesh_shape), jax.devices()[:8]), ShardingRules.from_dict(rules)
+            )
+        )
         graph, state = nnx.split(Decoder(dataclasses.replace(cfg, attn_impl=impl), nnx.Rngs(0), sharding=sh))
         jaxpr = jax.make_jaxpr(lambda st: nnx.merge(graph, st).hidden_states(tokens, pos, mask)[0])(state).jaxpr
-        return [(e.params["target_name"], e.invars[0].aval.shape) for e in iter_eqns(jaxpr) if e.primitive.name == "ffi_call"]
+        return [
+            (e.params["target_name"], e.invars[0].aval.shape)
+            for e in iter_eqns(jaxpr)
+            if e.primitive.name == "ffi_call"
+        ]
 
     assert q_shapes("auto") == [(CA._FWD, (B, T, 4, 16))]
     assert q_shapes("einsum") == []

@@ -9,8 +9,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tgpo_jax.data import (THINK_PREFIX, DataConfig, EmptyDatasetError, PromptRenderer, bucket_by_length, bucket_for,
-                           build_prompt_set, left_pad, load_records, make_data_iterator)
+from tgpo_jax.data import (
+    THINK_PREFIX,
+    DataConfig,
+    EmptyDatasetError,
+    PromptRenderer,
+    bucket_by_length,
+    bucket_for,
+    build_prompt_set,
+    left_pad,
+    load_records,
+    make_data_iterator,
+)
 from tgpo_jax.models.tiny_tokenizer import build_tiny_tokenizer
 
 
@@ -20,8 +30,16 @@ def tok():
 
 
 def _rows(n=23):
-    return [{"problem": f"What is {i} + {i}?", "answer": str(2 * i), "data_source": "easy" if i % 2 else "hard",
-             "solution": f"{i} + {i} = {2 * i}", "extra": i} for i in range(n)]
+    return [
+        {
+            "problem": f"What is {i} + {i}?",
+            "answer": str(2 * i),
+            "data_source": "easy" if i % 2 else "hard",
+            "solution": f"{i} + {i} = {2 * i}",
+            "extra": i,
+        }
+        for i in range(n)
+    ]
 
 
 def _write_jsonl(path, rows):
@@ -65,15 +83,24 @@ def test_parquet_and_jsonl_load_identically(tmp_path, tok):
     ra, sa = load_records(a)
     rb, sb = load_records(b)
     assert ra == rb and sa == sb and sa.skipped_no_answer == 2 and len(ra) == 21
-    assert ra[0] == {"problem": "What is 0 + 0?", "answer": "0", "data_source": "hard", "solution": "0 + 0 = 0",
-                     "index": 0}
+    assert ra[0] == {
+        "problem": "What is 0 + 0?",
+        "answer": "0",
+        "data_source": "hard",
+        "solution": "0 + 0 = 0",
+        "index": 0,
+    }
     pa_, pb = build_prompt_set(a, tok), build_prompt_set(b, tok)
     assert pa_.records == pb.records and pa_.stats.per_source == {"easy": 9, "hard": 12}
 
 
 def test_nested_columns_and_chat_message_problems(tmp_path):
-    rows = [{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "Compute 2+2."}],
-             "reward_model": {"ground_truth": 4}}]
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "Compute 2+2."}],
+            "reward_model": {"ground_truth": 4},
+        }
+    ]
     path = _write_parquet(tmp_path / "verl.parquet", rows)
     recs, _ = load_records(_cfg(path, problem_column="prompt", answer_column="reward_model.ground_truth"))
     assert recs[0]["problem"] == "Compute 2+2." and recs[0]["answer"] == "4" and recs[0]["data_source"] == "verl"
@@ -162,8 +189,9 @@ def test_pipeline_is_deterministic_and_reshuffles_each_epoch(jsonl, tok):
     stream = sum(first, [])
     epoch1, epoch2 = stream[:23], stream[23:46]
     assert sorted(epoch1) == list(range(23)) and sorted(epoch2) == list(range(23)) and epoch1 != epoch2
-    unshuffled = _take(make_data_iterator(_cfg(jsonl, shuffle=False), prompt_set=ps, process_index=0,
-                                          process_count=1), 2)
+    unshuffled = _take(
+        make_data_iterator(_cfg(jsonl, shuffle=False), prompt_set=ps, process_index=0, process_count=1), 2
+    )
     assert unshuffled == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
@@ -240,18 +268,33 @@ def test_train_stops_on_an_empty_dataset_before_any_model_is_loaded(tmp_path, to
     from tgpo_jax.cli import main
     from tgpo_jax.models.tiny import make_tiny_checkpoint
 
-    student = make_tiny_checkpoint(str(tmp_path / "student"), hidden_size=32, intermediate_size=64, num_layers=1,
-                                   num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=16384)
+    student = make_tiny_checkpoint(
+        str(tmp_path / "student"),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        max_position_embeddings=16384,
+    )
     for f in os.listdir(student):
         if f.endswith(".safetensors"):
             os.remove(os.path.join(student, f))
     tok.save_pretrained(student)
     data = _write_jsonl(tmp_path / "e.jsonl", [{"problem": "p", "answer": ""}, {"problem": "", "answer": "1"}])
-    cfg = {"run_dir": str(tmp_path / "run"), "models": {"student": str(tmp_path / "student")},
-           "objective": {"name": "grpo"}, "data": {"files": [data]}, "rewards": {"workers": 1}}
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "models": {"student": str(tmp_path / "student")},
+        "objective": {"name": "grpo"},
+        "data": {"files": [data]},
+        "rewards": {"workers": 1},
+    }
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     assert main(["train", "--config", str(tmp_path / "c.json")]) == 2
     err = capsys.readouterr().err
-    assert "tgpo-jax train: error: no prompt left after filtering (2 rows read, 1 without a problem and 1 " \
-           "without an answer skipped" in err
+    assert (
+        "tgpo-jax train: error: no prompt left after filtering (2 rows read, 1 without a problem and 1 "
+        "without an answer skipped" in err
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -14,8 +14,17 @@ import pytest
 
 from tgpo_jax.cli import main
 from tgpo_jax.configtree import load_yaml
-from tgpo_jax.demo import (KEY_FILE, MARKER, QUICK, _claim_dir, make_task_data, sft_checkpoint_every, sft_model,
-                           style_a, style_b)
+from tgpo_jax.demo import (
+    KEY_FILE,
+    MARKER,
+    QUICK,
+    _claim_dir,
+    make_task_data,
+    sft_checkpoint_every,
+    sft_model,
+    style_a,
+    style_b,
+)
 
 
 def test_solution_styles_are_correct_and_different():
@@ -42,8 +51,18 @@ def _demo_held_at(out, stage: str, step: int, sig: int, tmp_path) -> subprocess.
     right after the checkpoint of `step` of `stage`'s SFT (tests/demo_interrupt_driver.py)."""
     trigger = tmp_path / f"held_{stage}_{step}"
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "demo_interrupt_driver.py"), stage, str(step),
-           str(trigger), "--", "demo", "--quick", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        os.path.join(os.path.dirname(__file__), "demo_interrupt_driver.py"),
+        stage,
+        str(step),
+        str(trigger),
+        "--",
+        "demo",
+        "--quick",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 600
     while not trigger.exists() and proc.poll() is None and time.monotonic() < deadline:

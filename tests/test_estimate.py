@@ -14,8 +14,14 @@ from tgpo_jax.sharding.mesh import ShardingConfigError
 
 TINY_HF = {
     "architectures": ["Qwen2ForCausalLM"],  # Qwen2: q/k/v biases, no o bias
-    "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": False,
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "tie_word_embeddings": False,
 }
 TINY = {
     "mesh": {"data": 1, "fsdp": 2, "tensor": 2},
@@ -85,13 +91,18 @@ def test_tiny_model_by_hand():
 
     resident = s["params"] + s["optimizer"] + t["params"]
     train = s["grads"] + s["activations"] + s["logits"]
-    assert est.phases == {"resident": resident, "rollout": s["kv_cache"],
-                          "teacher scoring": t["activations"] + t["logits"], "train step": train}
+    assert est.phases == {
+        "resident": resident,
+        "rollout": s["kv_cache"],
+        "teacher scoring": t["activations"] + t["logits"],
+        "train step": train,
+    }
     assert est.peak_bytes == resident + train
     assert est.sum_bytes == sum(s.values()) + sum(t.values())
     assert est.fits is True and est.capacity_bytes == GIB
     assert est.models["student"].n_params == 256 * 64 * 2 + 64 + 2 * (
-        2 * 64 + 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 64 + 2 * 32)
+        2 * 64 + 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 64 + 2 * 32
+    )
 
 
 def test_remat_none_flash_and_rules_override():
@@ -131,25 +142,49 @@ def test_cli_hf_config_path_and_no_memory(tmp_path, capsys):
     assert "no verdict" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("changes, err, msg", [
-    ({"batch__micro_batchh": 8}, EstimateConfigError,
-     "unknown key 'micro_batchh' in batch; valid keys: rollout_batch, micro_batch, prompt_len, response_len, logits_chunk"),
-    ({"typo": 1}, EstimateConfigError, "unknown key 'typo' in the config; valid keys: mesh, num_devices, student"),
-    ({"student__trainables": True}, EstimateConfigError, "unknown key 'trainables' in student; valid keys: hf_config, hf,"),
-    ({"batch__micro_batch": "eight"}, EstimateConfigError, "batch.micro_batch must be an integer; got str 'eight'"),
-    ({"student__trainable": "yes"}, EstimateConfigError, "student.trainable must be a boolean; got str 'yes'"),
-    ({"batch__micro_batch": 3}, EstimateConfigError, "batch.micro_batch=3 does not divide batch.rollout_batch=8"),
-    ({"remat": "some"}, EstimateConfigError, "remat='some'; accepted: full, attn_out, none"),
-    ({"student__dtype": "fp8"}, EstimateConfigError, "student.dtype='fp8'; accepted: float32, bfloat16, float16"),
-    ({"num_devices": 8}, ShardingConfigError, "has 4 devices but 8 are available"),
-    ({"mesh": {"data": 1, "fsdp": -1, "tensor": 3}}, ShardingConfigError, "the fixed axes (3 devices) do not divide the 4"),
-    ({"student__rules": {"embd": "fsdp"}}, ShardingConfigError, "student: unknown logical axis 'embd' in sharding rules; valid:"),
-    ({"teacher__rules": {"mlp": "model"}}, ShardingConfigError,
-     "teacher: sharding rule mlp -> 'model' names an axis the mesh does not have; mesh axes: data, fsdp, tensor"),
-    ({"student__hf": {**TINY_HF, "num_key_value_heads": 1}}, ShardingConfigError,
-     "student: parameter layers.k_kernel dim 2 (kv_heads=1) is not divisible by mesh axes tensor of size 2"),
-    ({"student__hf_config": "x.json"}, EstimateConfigError, "student: give exactly one of hf_config"),
-])
+@pytest.mark.parametrize(
+    "changes, err, msg",
+    [
+        (
+            {"batch__micro_batchh": 8},
+            EstimateConfigError,
+            "unknown key 'micro_batchh' in batch; valid keys: rollout_batch, micro_batch, prompt_len, response_len, logits_chunk",
+        ),
+        ({"typo": 1}, EstimateConfigError, "unknown key 'typo' in the config; valid keys: mesh, num_devices, student"),
+        (
+            {"student__trainables": True},
+            EstimateConfigError,
+            "unknown key 'trainables' in student; valid keys: hf_config, hf,",
+        ),
+        ({"batch__micro_batch": "eight"}, EstimateConfigError, "batch.micro_batch must be an integer; got str 'eight'"),
+        ({"student__trainable": "yes"}, EstimateConfigError, "student.trainable must be a boolean; got str 'yes'"),
+        ({"batch__micro_batch": 3}, EstimateConfigError, "batch.micro_batch=3 does not divide batch.rollout_batch=8"),
+        ({"remat": "some"}, EstimateConfigError, "remat='some'; accepted: full, attn_out, none"),
+        ({"student__dtype": "fp8"}, EstimateConfigError, "student.dtype='fp8'; accepted: float32, bfloat16, float16"),
+        ({"num_devices": 8}, ShardingConfigError, "has 4 devices but 8 are available"),
+        (
+            {"mesh": {"data": 1, "fsdp": -1, "tensor": 3}},
+            ShardingConfigError,
+            "the fixed axes (3 devices) do not divide the 4",
+        ),
+        (
+            {"student__rules": {"embd": "fsdp"}},
+            ShardingConfigError,
+            "student: unknown logical axis 'embd' in sharding rules; valid:",
+        ),
+        (
+            {"teacher__rules": {"mlp": "model"}},
+            ShardingConfigError,
+            "teacher: sharding rule mlp -> 'model' names an axis the mesh does not have; mesh axes: data, fsdp, tensor",
+        ),
+        (
+            {"student__hf": {**TINY_HF, "num_key_value_heads": 1}},
+            ShardingConfigError,
+            "student: parameter layers.k_kernel dim 2 (kv_heads=1) is not divisible by mesh axes tensor of size 2",
+        ),
+        ({"student__hf_config": "x.json"}, EstimateConfigError, "student: give exactly one of hf_config"),
+    ],
+)
 def test_bad_configs(changes, err, msg, tmp_path, capsys):
     with pytest.raises(err) as e:
         load_estimate_config(tiny(**changes))
@@ -164,9 +199,16 @@ def test_missing_file_exits_2(capsys):
 
 
 def test_qwen25_math_7b_param_bytes():
-    hf = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064, "hidden_size": 3584,
-          "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-          "num_key_value_heads": 4, "tie_word_embeddings": False}
+    hf = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": False,
+    }
     cfg = {"mesh": {"data": 1, "fsdp": 4, "tensor": 2}, "num_devices": 8, "student": {"hf": hf}}
     est = estimate(load_estimate_config(cfg))
     m = est.models["student"]
@@ -182,7 +224,10 @@ def test_example_config_runs(capsys):
 
 def test_indivisible_activation_stays_whole_and_is_noted():
     est = estimate(load_estimate_config(tiny(batch__micro_batch=1)))
-    assert "student: activation batch=1 does not divide mesh axes ('data', 'fsdp') (2); kept whole on each device" in est.notes
+    assert (
+        "student: activation batch=1 does not divide mesh axes ('data', 'fsdp') (2); kept whole on each device"
+        in est.notes
+    )
     assert "note: student: activation batch=1" in est.report()
     r = 1 * 64 * 64 * 2  # B stays 1 on every device
     w = 2 * 1 * 64 * (2 * 64 + 2 * 2 * 16 + 2 * 1 * 16 + 3 * 64) + 1 * 2 * 64 * 64 * 6

@@ -69,8 +69,9 @@ def test_avg_at_k_recovers_known_success_probabilities(reward, tmp_path):
         assert abs(r.accuracy - p[sl].mean()) < 3 * sigma, (src, r.accuracy, p[sl].mean(), sigma)
         for est, true in zip(r.item_accuracy, p[sl]):  # per item: within 4 sigma (18 items, k >= 16)
             assert abs(est - true) <= 4 * math.sqrt(true * (1 - true) / k) + 1e-9
-    assert report.mean_accuracy == pytest.approx((report.sources["aime"].accuracy
-                                                  + report.sources["math500"].accuracy) / 2)
+    assert report.mean_accuracy == pytest.approx(
+        (report.sources["aime"].accuracy + report.sources["math500"].accuracy) / 2
+    )
     assert len(policy.log) == 10 * 16 + 8 * 24
     assert report.mean_length == pytest.approx(np.mean([g.num_tokens for g in policy.log]))
     assert report.truncation_rate == pytest.approx(np.mean([g.truncated for g in policy.log]))
@@ -84,8 +85,7 @@ def test_avg_at_k_recovers_known_success_probabilities(reward, tmp_path):
 def test_evaluator_rejects_a_policy_with_the_wrong_number_of_samples(reward):
     items, _ = _items()
     with pytest.raises(ValueError, match="generations for"):
-        evaluate(lambda its, n: [[Generation("x", 1, False)] * (n - 1) for _ in its], items[:2], k=2,
-                 reward_fn=reward)
+        evaluate(lambda its, n: [[Generation("x", 1, False)] * (n - 1) for _ in its], items[:2], k=2, reward_fn=reward)
     with pytest.raises(ValueError, match="no evaluation items"):
         evaluate(lambda its, n: [], [], reward_fn=reward)
 
@@ -98,8 +98,25 @@ def test_eval_command_on_a_tiny_checkpoint(tmp_path, capsys):
     rows.append({"problem": "No answer here", "answer": "", "data_source": "toy"})
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc = main(["eval", "--model", model, "--data", str(data), "--k", "2", "--max-new-tokens", "6",
-               "--batch-size", "4", "--num-workers", "1", "--out", str(tmp_path / "out")])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            model,
+            "--data",
+            str(data),
+            "--k",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0
     assert "| toy | 3 | 2 |" in capsys.readouterr().out
     saved = json.load(open(tmp_path / "out" / "eval.json"))

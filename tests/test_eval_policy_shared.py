@@ -36,13 +36,18 @@ def test_in_run_evaluator_and_eval_command_agree(setup, monkeypatch):
 
     model_dir, data, root = setup
     settings = dict(k=2, temperature=1.0, top_p=0.9, max_new_tokens=8)
-    cfg = load_train_config({
-        "run_dir": str(root / "run"), "models": {"student": model_dir}, "objective": {"name": "grpo"},
-        "rollout": {"prompts_per_iteration": 2, "n": 2, "max_new_tokens": 8, "prompt_buckets": [256]},
-        "data": {"max_prompt_len": 256},
-        "train": {"micro_batch": 2, "logprob_chunk": 8, "seed": 7},
-        "rewards": {"workers": 1}, "eval": {"every": 1, **settings, "data": {"files": [data]}},
-    })
+    cfg = load_train_config(
+        {
+            "run_dir": str(root / "run"),
+            "models": {"student": model_dir},
+            "objective": {"name": "grpo"},
+            "rollout": {"prompts_per_iteration": 2, "n": 2, "max_new_tokens": 8, "prompt_buckets": [256]},
+            "data": {"max_prompt_len": 256},
+            "train": {"micro_batch": 2, "logprob_chunk": 8, "seed": 7},
+            "rewards": {"workers": 1},
+            "eval": {"every": 1, **settings, "data": {"files": [data]}},
+        }
+    )
     models, train_state, tokenizer = build_model_parts(cfg)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert models.sampler.stop_ids == stop_ids_for(tokenizer, models.sampler.cfg)
@@ -60,11 +65,13 @@ def test_in_run_evaluator_and_eval_command_agree(setup, monkeypatch):
     n_items = len(evaluator.items)
     rep = run_eval(model_dir, [data], seed=cfg.train.seed, batch_size=n_items, num_workers=1, **settings)
 
-    assert [(g.text, g.num_tokens, g.truncated) for g in in_run_gens] == \
-        [(g.text, g.num_tokens, g.truncated) for g in eval_gens]
+    assert [(g.text, g.num_tokens, g.truncated) for g in in_run_gens] == [
+        (g.text, g.num_tokens, g.truncated) for g in eval_gens
+    ]
     assert len(in_run_gens) == n_items * 2 and len({g.text for g in in_run_gens}) > 3  # real, varied samples
-    assert {s: r.item_accuracy for s, r in in_run.sources.items()} == \
-        {s: r.item_accuracy for s, r in rep.sources.items()}
+    assert {s: r.item_accuracy for s, r in in_run.sources.items()} == {
+        s: r.item_accuracy for s, r in rep.sources.items()
+    }
     assert metrics["eval/score"] == rep.mean_accuracy
 
     # The equality is not vacuous: another seed draws other samples.

@@ -9,8 +9,14 @@ import yaml
 
 from tgpo_jax.cli import main
 from tgpo_jax.configtree import ConfigError
-from tgpo_jax.experiments.divergence import Cell, ExperimentConfig, TeacherRung, cell_train_dict, cells
-from tgpo_jax.experiments.divergence import load_experiment_config
+from tgpo_jax.experiments.divergence import (
+    Cell,
+    ExperimentConfig,
+    TeacherRung,
+    cell_train_dict,
+    cells,
+    load_experiment_config,
+)
 from tgpo_jax.experiments.report import aggregate, markdown_table
 from tgpo_jax.train.config import load_train_config
 
@@ -29,22 +35,29 @@ def test_shipped_config_parses_full_and_quick():
     assert quick.seeds == (0,) and quick.out_dir != full.out_dir and quick.teachers == full.teachers
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"seedz": [0]}, "valid keys"),
-    ({"methods": ["grpo", "ppo"]}, "unknown objective 'ppo'"),
-    ({"teachers": [{"name": "a", "style_b_frac": 1.5}]}, "style_b_frac must be in [0, 1]"),
-    ({"teachers": [{"name": "a", "style_b_frac": 0.5}, {"name": "a", "style_b_frac": 0.0}]}, "distinct names"),
-    ({"method_overrides": {"kdrl": ["x=1"]}, "methods": ["grpo"]}, "'kdrl' is not in methods"),
-    ({"base_config": "/nonexistent.yaml"}, "file not found"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"seedz": [0]}, "valid keys"),
+        ({"methods": ["grpo", "ppo"]}, "unknown objective 'ppo'"),
+        ({"teachers": [{"name": "a", "style_b_frac": 1.5}]}, "style_b_frac must be in [0, 1]"),
+        ({"teachers": [{"name": "a", "style_b_frac": 0.5}, {"name": "a", "style_b_frac": 0.0}]}, "distinct names"),
+        ({"method_overrides": {"kdrl": ["x=1"]}, "methods": ["grpo"]}, "'kdrl' is not in methods"),
+        ({"base_config": "/nonexistent.yaml"}, "file not found"),
+    ],
+)
 def test_config_errors_name_the_problem(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_experiment_config(_write(tmp_path, bad))
 
 
 def test_cell_plan_and_train_configs(tmp_path):
-    cfg = ExperimentConfig(out_dir=str(tmp_path), teachers=(TeacherRung("a", 1.0), TeacherRung("b", 0.0)),
-                           seeds=(0, 1), method_overrides={"kdrl": ["objective.kdrl_beta=0.01"]})
+    cfg = ExperimentConfig(
+        out_dir=str(tmp_path),
+        teachers=(TeacherRung("a", 1.0), TeacherRung("b", 0.0)),
+        seeds=(0, 1),
+        method_overrides={"kdrl": ["objective.kdrl_beta=0.01"]},
+    )
     plan = cells(cfg)
     # GRPO once per seed (no teacher); the 4 teacher methods once per teacher and seed
     assert len(plan) == 2 * (1 + 4 * 2)
@@ -95,14 +108,26 @@ def test_aggregate_hand_computed():
 
 def test_quick_end_to_end_then_cached(tmp_path, capsys):
     d = yaml.safe_load(open("configs/experiment_divergence.yaml"))
-    d.update(out_dir=str(tmp_path / "full"), methods=["grpo", "rkl", "tgpo_reg"],
-             teachers=[{"name": "same", "style_b_frac": 1.0}, {"name": "different", "style_b_frac": 0.0}],
-             task={"heldout": 16},
-             quick={"out_dir": str(tmp_path / "quick"), "seeds": [0],
-                    "student": {"steps": 3, "hidden_size": 32, "intermediate_size": 64, "head_dim": 8},
-                    "teacher": {"steps": 3, "hidden_size": 32, "intermediate_size": 64, "head_dim": 8},
-                    "train_overrides": ["train.iterations=2", "eval.every=1", "eval.k=1",
-                                        "rollout.prompts_per_iteration=4", "rollout.n=4", "train.micro_batch=8"]})
+    d.update(
+        out_dir=str(tmp_path / "full"),
+        methods=["grpo", "rkl", "tgpo_reg"],
+        teachers=[{"name": "same", "style_b_frac": 1.0}, {"name": "different", "style_b_frac": 0.0}],
+        task={"heldout": 16},
+        quick={
+            "out_dir": str(tmp_path / "quick"),
+            "seeds": [0],
+            "student": {"steps": 3, "hidden_size": 32, "intermediate_size": 64, "head_dim": 8},
+            "teacher": {"steps": 3, "hidden_size": 32, "intermediate_size": 64, "head_dim": 8},
+            "train_overrides": [
+                "train.iterations=2",
+                "eval.every=1",
+                "eval.k=1",
+                "rollout.prompts_per_iteration=4",
+                "rollout.n=4",
+                "train.micro_batch=8",
+            ],
+        },
+    )
     path = _write(tmp_path, d)
     assert main(["experiment", "divergence", "--config", path, "--quick"]) == 0
     out = tmp_path / "quick"
@@ -126,10 +151,19 @@ def test_quick_end_to_end_then_cached(tmp_path, capsys):
 
 
 def test_overrides_and_variant_keep_cells_and_report_apart(tmp_path):
-    cfg = load_experiment_config("configs/experiment_divergence.yaml", out_dir=str(tmp_path), overrides=[
-        "variant=lam002", "methods=[tgpo_reg]", "seeds=[0]",
-        "method_overrides.tgpo_reg=[objective.lambda_0=0.002, objective.lambda_decay=0.0]"])
-    assert cfg.methods == ("tgpo_reg",) and cfg.seeds == (0,) and cfg.report_dir == str(tmp_path / "variants" / "lam002")
+    cfg = load_experiment_config(
+        "configs/experiment_divergence.yaml",
+        out_dir=str(tmp_path),
+        overrides=[
+            "variant=lam002",
+            "methods=[tgpo_reg]",
+            "seeds=[0]",
+            "method_overrides.tgpo_reg=[objective.lambda_0=0.002, objective.lambda_decay=0.0]",
+        ],
+    )
+    assert (
+        cfg.methods == ("tgpo_reg",) and cfg.seeds == (0,) and cfg.report_dir == str(tmp_path / "variants" / "lam002")
+    )
     cell = cells(cfg)[0]
     d = cell_train_dict(cfg, cell, "/s", "/t", "/tr.jsonl", "/ho.jsonl")
     assert d["run_dir"] == str(tmp_path / "cells" / f"{cell.name}__lam002")

@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from train_e2e_helpers import tiny_config
 
 from tgpo_jax.cli import main
 from tgpo_jax.configtree import to_dict
@@ -19,7 +20,6 @@ from tgpo_jax.models.tiny import make_tiny_checkpoint
 from tgpo_jax.train.checkpoint import RunCheckpoints
 from tgpo_jax.train.config import load_train_config
 from tgpo_jax.train.step import init_train_state, make_optimizer
-from train_e2e_helpers import tiny_config
 
 ITERATION = 3
 
@@ -108,8 +108,11 @@ def test_convert_checks_before_loading(tmp_path, capsys):
     for flags in ([], ["--overwrite"]):
         assert main(["convert", "--from-hf", missing, "--to-hf", str(foreign)] + flags) == 2
         err = capsys.readouterr().err
-        assert f"tgpo-jax convert: error: --to-hf: {foreign} is not empty and is not a model export (it holds " \
-               f"a.txt)" in err and missing not in err
+        assert (
+            f"tgpo-jax convert: error: --to-hf: {foreign} is not empty and is not a model export (it holds a.txt)"
+            in err
+            and missing not in err
+        )
     assert _tree(foreign) == {"a.txt": b"mine"}
 
 

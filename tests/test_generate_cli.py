@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-
 from hf_tiny import TINY, left_padded_batch, make_hf_model
+
 from tgpo_jax.cli import main
 from tgpo_jax.models.hf_import import load_model
 from tgpo_jax.rollout.generate import generate
@@ -17,8 +17,14 @@ def test_greedy_equals_transformers_generate(kind, tmp_path):
     model = load_model(str(tmp_path))
     tokens, mask = left_padded_batch(TINY["vocab_size"], lengths=(4, 9, 2), seed=3)
     out = generate(model, tokens, mask, jax.random.key(0), max_new_tokens=10)
-    ref = hf.generate(input_ids=torch.tensor(tokens).long(), attention_mask=torch.tensor(mask), max_new_tokens=10,
-                      do_sample=False, pad_token_id=0, eos_token_id=None)[:, tokens.shape[1]:].numpy()
+    ref = hf.generate(
+        input_ids=torch.tensor(tokens).long(),
+        attention_mask=torch.tensor(mask),
+        max_new_tokens=10,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )[:, tokens.shape[1] :].numpy()
     assert np.array_equal(np.asarray(out.tokens_BT), ref)
     assert np.asarray(out.mask_BT).all()
 

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from hf_tiny import TINY, hf_logits, left_padded_batch, make_hf_model
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from hf_tiny import TINY, hf_logits, left_padded_batch, make_hf_model
 from tgpo_jax.models import ModelConfigError, left_pad_positions
 from tgpo_jax.models.hf_export import flat_params, save_hf
 from tgpo_jax.models.hf_import import CheckpointError, load_model
@@ -171,16 +172,26 @@ def test_import_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     callback reads only the layers of its own shard."""
     import tracemalloc
 
-
     from tgpo_jax.models import hf_import
     from tgpo_jax.models.config import ModelConfig
     from tgpo_jax.models.hf_rules import expected_hf_tensors
     from tgpo_jax.models.params import param_specs
 
-    cfg = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=512, hidden_size=128, intermediate_size=512,
-                      num_layers=8, num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True)
+    cfg = ModelConfig(
+        architecture="Qwen2ForCausalLM",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=512,
+        num_layers=8,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        qkv_bias=True,
+    )
     rng = np.random.default_rng(0)
-    tensors = {n: rng.standard_normal(shape).astype(np.float32) for n, (_, _, shape) in expected_hf_tensors(cfg).items()}
+    tensors = {
+        n: rng.standard_normal(shape).astype(np.float32) for n, (_, _, shape) in expected_hf_tensors(cfg).items()
+    }
     d = tmp_path / "ckpt"
     d.mkdir()
     save_file(tensors, str(d / "model.safetensors"))
@@ -201,6 +212,7 @@ def test_import_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
             extra = tracemalloc.get_traced_memory()[1] - before - out.nbytes
             calls.append((shape, index, reads[n_before:], extra))
             return out
+
         return real_make(shape, sharding, measured)
 
     monkeypatch.setattr(hf_import.jax, "make_array_from_callback", make_array)
@@ -255,7 +267,9 @@ def test_unsupported_architecture_lists_supported(qwen2_dir, tmp_path):
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    with pytest.raises(ModelConfigError, match=r"GPT2LMHeadModel.*Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM"):
+    with pytest.raises(
+        ModelConfigError, match=r"GPT2LMHeadModel.*Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaForCausalLM"
+    ):
         load_model(d)
 
 

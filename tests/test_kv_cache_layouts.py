@@ -17,8 +17,22 @@ from tgpo_jax.rollout.sampler import Sampler
 from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, init_sharded
 
-MOE_MIX = ModelConfig("Qwen3MoeForCausalLM", 96, 32, 48, 3, 4, 2, 8, num_experts=4, num_experts_per_tok=2,
-                      moe_intermediate_size=16, mlp_only_layers=(1,), qk_norm=True, moe_block_size=4)
+MOE_MIX = ModelConfig(
+    "Qwen3MoeForCausalLM",
+    96,
+    32,
+    48,
+    3,
+    4,
+    2,
+    8,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    mlp_only_layers=(1,),
+    qk_norm=True,
+    moe_block_size=4,
+)
 CONFIGS = {"qwen3": tiny_config("qwen3", num_layers=3), "qwen3_moe_mixed": MOE_MIX}
 
 
@@ -49,7 +63,7 @@ def test_both_layouts_decode_the_full_forward_logits(name):
         logits, cache = step(model, tokens[:, :P], pos[:, :P], mask[:, :P], cache)
         got = [np.asarray(logits)]
         for i in range(P, P + n_new):
-            logits, cache = step(model, tokens[:, i:i + 1], pos[:, i:i + 1], mask[:, i:i + 1], cache)
+            logits, cache = step(model, tokens[:, i : i + 1], pos[:, i : i + 1], mask[:, i : i + 1], cache)
             got.append(np.asarray(logits))
         valid = np.asarray(mask, bool)
         assert np.abs(np.concatenate(got, 1) - full)[valid].max() <= 1e-5, layout
@@ -64,7 +78,10 @@ def test_sampler_gives_the_same_tokens_with_either_layout_sharded_or_not():
     outs = {}
     for layout in ("unroll", "scan"):
         c = dataclasses.replace(cfg, cache_layers=layout)
-        for where, model in (("local", Decoder(c, nnx.Rngs(0))), ("mesh", init_sharded(c, mesh, ShardingRules(), seed=0))):
+        for where, model in (
+            ("local", Decoder(c, nnx.Rngs(0))),
+            ("mesh", init_sharded(c, mesh, ShardingRules(), seed=0)),
+        ):
             outs[layout, where] = Sampler(model, stop_ids=(5,)).sample(prompts, params, jax.random.key(4))
     ref = outs["unroll", "local"]
     for k, r in outs.items():
@@ -85,8 +102,11 @@ def _decode_step_hlo_size(cfg: ModelConfig) -> int:
 
 
 def test_scanned_cache_program_does_not_grow_with_depth():
-    size = {(layout, n): _decode_step_hlo_size(tiny_config("qwen2", num_layers=n, cache_layers=layout))
-            for layout in ("scan", "unroll") for n in (2, 8)}
+    size = {
+        (layout, n): _decode_step_hlo_size(tiny_config("qwen2", num_layers=n, cache_layers=layout))
+        for layout in ("scan", "unroll")
+        for n in (2, 8)
+    }
     assert size["scan", 8] <= 1.02 * size["scan", 2], size
     assert size["unroll", 8] >= 2 * size["unroll", 2], size  # the contrast: unrolled grows
 
@@ -101,7 +121,9 @@ def test_generate_gives_the_same_tokens_with_either_layout():
 
     cfg = tiny_config("llama", num_layers=3)
     tokens, mask = _batch(cfg.vocab_size, n_new=0)
-    outs = [generate(_model(cfg, layout), tokens, mask, jax.random.key(2), max_new_tokens=8, temperature=0.7)
-            for layout in ("unroll", "scan")]
+    outs = [
+        generate(_model(cfg, layout), tokens, mask, jax.random.key(2), max_new_tokens=8, temperature=0.7)
+        for layout in ("unroll", "scan")
+    ]
     assert np.array_equal(np.asarray(outs[0].tokens_BT), np.asarray(outs[1].tokens_BT))
     assert np.abs(np.asarray(outs[0].logp_BT) - np.asarray(outs[1].logp_BT)).max() <= 1e-5

@@ -28,7 +28,7 @@ CASES = {
     "stop": "stop --name tgpo --hardware v4-32",
     "delete": "delete --name tgpo --hardware v4-32",
     "babysit_pod": f"babysit --name pod --hardware v4-32 --spot --preset {PRESET} --run-dir gs://bkt/runs/r1 "
-                   "--models-from gs://bkt/models --interval 600 -- train.iterations=300",
+    "--models-from gs://bkt/models --interval 600 -- train.iterations=300",
 }
 
 
@@ -36,8 +36,13 @@ def tpu_sh(args: list[str]) -> subprocess.CompletedProcess:
     """launch/tpu.sh COMMAND --dry-run ARGS. --dry-run goes right after the command (anything after
     `--` is an override), and TPU_DRY_RUN=1 in the environment guarantees nothing is executed."""
     argv = [args[0], "--dry-run", *args[1:]]
-    return subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu.sh"), *argv], capture_output=True, text=True,
-                          env={**os.environ, "TMPDIR": "/tmp", "TPU_DRY_RUN": "1"}, timeout=60)
+    return subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "tpu.sh"), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": "/tmp", "TPU_DRY_RUN": "1"},
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -54,9 +59,24 @@ def test_dry_run_matches_golden(case):
 
 
 def test_sweep_tpu_plan_matches_golden():
-    out = subprocess.run([sys.executable, "-m", "tgpo_jax.cli", "sweep", "configs/sweeps/objectives_1p5b.yaml", "--tpu",
-                          "obj", "--run-root", "gs://bkt/sweeps/obj", "--dry-run"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tgpo_jax.cli",
+            "sweep",
+            "configs/sweeps/objectives_1p5b.yaml",
+            "--tpu",
+            "obj",
+            "--run-root",
+            "gs://bkt/sweeps/obj",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     with open(os.path.join(GOLDEN, "sweep_objectives_tpu.txt")) as f:
         assert out.stdout == f.read()
@@ -69,38 +89,83 @@ def _lines(case: str) -> list[list[str]]:
 
 def test_create_argv():
     (argv,) = _lines("create_v5e_spot")
-    assert argv == ["gcloud", "compute", "tpus", "tpu-vm", "create", "tgpo", "--zone=us-west4-a",
-                    "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite", "--spot"]
+    assert argv == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "create",
+        "tgpo",
+        "--zone=us-west4-a",
+        "--accelerator-type=v5litepod-8",
+        "--version=v2-alpha-tpuv5-lite",
+        "--spot",
+    ]
 
 
 def test_run_reaches_every_worker_with_overrides_intact():
-    out = tpu_sh(["run", "--name", "t", "--hardware", "v4-32", "--preset", PRESET, "--run-dir", "gs://b/r", "--", "eval.data={files: [data/a b.jsonl]}", "train.iterations=3"])
+    out = tpu_sh(
+        [
+            "run",
+            "--name",
+            "t",
+            "--hardware",
+            "v4-32",
+            "--preset",
+            PRESET,
+            "--run-dir",
+            "gs://b/r",
+            "--",
+            "eval.data={files: [data/a b.jsonl]}",
+            "train.iterations=3",
+        ]
+    )
     (argv,) = [shlex.split(x) for x in out.stdout.splitlines()]
     assert argv[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t", "--zone=us-central2-b", "--worker=all"]
     remote = shlex.split(argv[8].removeprefix("--command="))
-    assert remote == ["bash", "~/tgpo_jax/launch/tpu_worker.sh", "start", "preset", "train", PRESET, "v4-32",
-                      "run_dir=gs://b/r", "eval.data={files: [data/a b.jsonl]}", "train.iterations=3"]
+    assert remote == [
+        "bash",
+        "~/tgpo_jax/launch/tpu_worker.sh",
+        "start",
+        "preset",
+        "train",
+        PRESET,
+        "v4-32",
+        "run_dir=gs://b/r",
+        "eval.data={files: [data/a b.jsonl]}",
+        "train.iterations=3",
+    ]
 
 
 def test_hardware_table_matches_presets():
     from tgpo_jax.presets import HARDWARE
 
-    src = ("source launch/tpu_lib.sh; for h in $HW_NAMES; do "
-           "echo $h ${HW_ACCEL[$h]} ${HW_RUNTIME[$h]} ${HW_HOSTS[$h]} ${HW_ZONE[$h]}; done")
+    src = (
+        "source launch/tpu_lib.sh; for h in $HW_NAMES; do "
+        "echo $h ${HW_ACCEL[$h]} ${HW_RUNTIME[$h]} ${HW_HOSTS[$h]} ${HW_ZONE[$h]}; done"
+    )
     out = subprocess.run(["bash", "-c", src], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     got = [line.split() for line in out.splitlines()]
     assert got == [[h.name, h.accelerator_type, h.runtime_version, str(h.hosts), h.zone] for h in HARDWARE.values()]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["create", "--name", "t", "--hardware", "v9-8"], "unknown hardware 'v9-8'; accepted: v4-8 v5e-8 v5p-8 v4-32"),
-    (["create", "--hardware", "v4-8"], "--name TPU_NAME is required"),
-    (["babysit", "--name", "t", "--hardware", "v4-8", "--preset", PRESET, "--run-dir", "runs/x"],
-     "babysit needs --run-dir gs://"),
-    (["run", "--name", "t", "--hardware", "v4-8"], "run needs --preset NAME --hardware HW, or --config FILE"),
-    (["frobnicate", "--name", "t", "--hardware", "v4-8"], "unknown command 'frobnicate'"),
-    (["create", "--name", "t", "--hardware", "v4-8", "--spot", "--preemptible"], "--spot or --preemptible, not both"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["create", "--name", "t", "--hardware", "v9-8"], "unknown hardware 'v9-8'; accepted: v4-8 v5e-8 v5p-8 v4-32"),
+        (["create", "--hardware", "v4-8"], "--name TPU_NAME is required"),
+        (
+            ["babysit", "--name", "t", "--hardware", "v4-8", "--preset", PRESET, "--run-dir", "runs/x"],
+            "babysit needs --run-dir gs://",
+        ),
+        (["run", "--name", "t", "--hardware", "v4-8"], "run needs --preset NAME --hardware HW, or --config FILE"),
+        (["frobnicate", "--name", "t", "--hardware", "v4-8"], "unknown command 'frobnicate'"),
+        (
+            ["create", "--name", "t", "--hardware", "v4-8", "--spot", "--preemptible"],
+            "--spot or --preemptible, not both",
+        ),
+    ],
+)
 def test_errors(args, message):
     out = tpu_sh(args)
     assert out.returncode == 2 and message in out.stderr, out.stderr
@@ -112,7 +177,9 @@ def test_worker_script_start_status_stop(tmp_path):
 
     def worker(*args, bin_="sleep"):
         env = {**os.environ, "TGPO_RUN_STATE": str(tmp_path), "TGPO_BIN": bin_}
-        return subprocess.run(["bash", script, *args], capture_output=True, text=True, env=env, timeout=30).stdout.strip()
+        return subprocess.run(
+            ["bash", script, *args], capture_output=True, text=True, env=env, timeout=30
+        ).stdout.strip()
 
     assert worker("status") == "idle"
     assert worker("start", "30").startswith("started")

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from hf_tiny import TINY, hf_logits, left_padded_batch, make_hf_model
+
 from tgpo_jax.models import Decoder, KVCache, left_pad_positions
 from tgpo_jax.models.hf_import import load_model
 
@@ -65,8 +65,9 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(pair):
     got = [np.asarray(logits)]
     for i in range(n_new):
         sl = slice(P + i, P + i + 1)
-        logits, cache = step(model, jnp.asarray(full_tokens[:, sl]), jnp.asarray(pos[:, sl]),
-                             jnp.asarray(full_mask[:, sl]), cache)
+        logits, cache = step(
+            model, jnp.asarray(full_tokens[:, sl]), jnp.asarray(pos[:, sl]), jnp.asarray(full_mask[:, sl]), cache
+        )
         got.append(np.asarray(logits))
     got = np.concatenate(got, 1)
     valid = full_mask.astype(bool)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_tiny import hf_logits, left_padded_batch
+
 from tgpo_jax.models import Decoder, ModelConfigError, left_pad_positions
 from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.hf_export import flat_params, save_hf
@@ -23,9 +23,19 @@ from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharde
 
 TOL = 1e-4
 VOCAB, X, TOPK = 96, 8, 2
-HF_MOE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=X, num_experts_per_tok=TOPK,
-              max_position_embeddings=128)
+HF_MOE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts=X,
+    num_experts_per_tok=TOPK,
+    max_position_embeddings=128,
+)
 CASES = {
     "all_sparse": {},
     # layers 0 and 2 sparse, layer 1 dense (mlp_only_layers): the scan picks the MLP per layer
@@ -58,11 +68,13 @@ _CKPTS: dict = {}
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """case name -> (name, HF model, checkpoint dir), each built once per module."""
+
     def get(name):
         if name not in _CKPTS:
             d = str(tmp_path_factory.mktemp(name))
             _CKPTS[name] = (name, _make_hf(d, **CASES[name]), d)
         return _CKPTS[name]
+
     return get
 
 
@@ -80,21 +92,30 @@ def test_logits_match_transformers(pair):
     import torch
 
     name, hf, path = pair
-    assert os.path.isfile(os.path.join(path, INDEX_FILE)) and len(set(json.load(open(os.path.join(path, INDEX_FILE)))["weight_map"].values())) > 1
+    assert (
+        os.path.isfile(os.path.join(path, INDEX_FILE))
+        and len(set(json.load(open(os.path.join(path, INDEX_FILE)))["weight_map"].values())) > 1
+    )
     model = load_model(path)
     assert model.cfg.moe_layer_ids == tuple(i for i, l in enumerate(hf.model.layers) if hasattr(l.mlp, "experts"))
     tokens, mask = left_padded_batch(VOCAB)
     valid = mask.astype(bool)
     ref = hf_logits(hf, tokens, mask)
     for impl in ("blocks", "ragged", "dense"):
-        ours = _logits(load_model(path, cfg_overrides=dict(moe_impl=impl, moe_block_size=4)) if impl != "blocks" else model,
-                       tokens, mask)
+        ours = _logits(
+            load_model(path, cfg_overrides=dict(moe_impl=impl, moe_block_size=4)) if impl != "blocks" else model,
+            tokens,
+            mask,
+        )
         diff = np.abs(ours - ref)[valid].max()
         assert diff <= TOL, f"{name} {impl}: max abs logits diff {diff}"
     # tokens are routed to different experts: every expert is some token's choice in layer 0
     with torch.no_grad():
-        out = hf(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                 output_router_logits=True)
+        out = hf(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            output_router_logits=True,
+        )
     top = out.router_logits[0].topk(TOPK, -1).indices.numpy().reshape(*tokens.shape, TOPK)[valid]
     assert len(np.unique(top)) == X
     # the experts matter at this scale: dropping one expert moves the logits far beyond TOL
@@ -140,13 +161,17 @@ def test_export_round_trip_loads_in_transformers(ckpt, tmp_path):
 
 
 # ------------------------------------------------------------------------------ expert sharding
-@pytest.mark.parametrize("case,mesh_dict,rules", [
-    ("all_sparse", {"data": 1, "fsdp": 1, "expert": 8, "tensor": 1}, {"expert": "expert"}),
-    ("all_sparse", {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}, {"expert": "expert"}),
-    # experts over an axis the batch also uses; expert MLP width over tensor
-    ("all_sparse", {"data": 1, "fsdp": 4, "tensor": 2}, {"expert": "fsdp"}),
-    ("mixed_norm_topk", {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}, {"expert": "expert"}),
-], ids=["expert8", "data2xexpert4", "fsdp4xtensor2", "mixed-fsdp2xexpert4"])
+@pytest.mark.parametrize(
+    "case,mesh_dict,rules",
+    [
+        ("all_sparse", {"data": 1, "fsdp": 1, "expert": 8, "tensor": 1}, {"expert": "expert"}),
+        ("all_sparse", {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}, {"expert": "expert"}),
+        # experts over an axis the batch also uses; expert MLP width over tensor
+        ("all_sparse", {"data": 1, "fsdp": 4, "tensor": 2}, {"expert": "fsdp"}),
+        ("mixed_norm_topk", {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}, {"expert": "expert"}),
+    ],
+    ids=["expert8", "data2xexpert4", "fsdp4xtensor2", "mixed-fsdp2xexpert4"],
+)
 def test_expert_sharded_equals_unsharded(ckpt, case, mesh_dict, rules):
     _, _, path = ckpt(case)
     mesh = build_mesh(MeshConfig.from_dict(mesh_dict))
@@ -170,7 +195,7 @@ def _var_sizes(jaxpr):
         for v in eqn.outvars:
             yield math.prod(v.aval.shape)
         for p in eqn.params.values():
-            for j in (p if isinstance(p, (tuple, list)) else [p]):
+            for j in p if isinstance(p, (tuple, list)) else [p]:
                 inner = getattr(j, "jaxpr", None)
                 if inner is not None and hasattr(inner, "eqns"):
                     yield from _var_sizes(inner)
@@ -183,14 +208,28 @@ def test_default_dispatch_never_builds_all_experts():
     intermediate (and N*X*M*E*6 FLOPs). The default path's largest intermediate stays far below it,
     and so does the compiled program's temporary memory."""
     N, E, M, Xb, K = 512, 32, 32, 64, 2
-    cfg = ModelConfig("Qwen3MoeForCausalLM", VOCAB, E, 48, 1, 4, 2, 8, num_experts=Xb, num_experts_per_tok=K,
-                      moe_intermediate_size=M, moe_block_size=8)
+    cfg = ModelConfig(
+        "Qwen3MoeForCausalLM",
+        VOCAB,
+        E,
+        48,
+        1,
+        4,
+        2,
+        8,
+        num_experts=Xb,
+        num_experts_per_tok=K,
+        moe_intermediate_size=M,
+        moe_block_size=8,
+    )
     assert resolve_impl(cfg.moe_impl) == "blocks"  # CPU: ragged_dot has only a dense fallback here
     rng = np.random.default_rng(0)
-    w = {"router_kernel": jnp.asarray(rng.normal(size=(E, Xb)), jnp.float32),
-         "gate_kernel": jnp.asarray(rng.normal(size=(Xb, E, M)), jnp.float32),
-         "up_kernel": jnp.asarray(rng.normal(size=(Xb, E, M)), jnp.float32),
-         "down_kernel": jnp.asarray(rng.normal(size=(Xb, M, E)), jnp.float32)}
+    w = {
+        "router_kernel": jnp.asarray(rng.normal(size=(E, Xb)), jnp.float32),
+        "gate_kernel": jnp.asarray(rng.normal(size=(Xb, E, M)), jnp.float32),
+        "up_kernel": jnp.asarray(rng.normal(size=(Xb, E, M)), jnp.float32),
+        "down_kernel": jnp.asarray(rng.normal(size=(Xb, M, E)), jnp.float32),
+    }
     x = jnp.asarray(rng.normal(size=(4, N // 4, E)), jnp.float32)
     dense_bound = N * Xb * M
     for impl, small in (("auto", True), ("dense", False)):
@@ -202,8 +241,12 @@ def test_default_dispatch_never_builds_all_experts():
             assert temp <= 4 * dense_bound / 4, (impl, temp)
         else:  # the reference really is the dense bound (so the check above measures something)
             assert biggest >= dense_bound and temp >= 4 * dense_bound
-    np.testing.assert_allclose(np.asarray(moe_block(cfg, None, w, x)),
-                               np.asarray(moe_block(cfg.replace(moe_impl="dense"), None, w, x)), rtol=2e-4, atol=2e-3)
+    np.testing.assert_allclose(
+        np.asarray(moe_block(cfg, None, w, x)),
+        np.asarray(moe_block(cfg.replace(moe_impl="dense"), None, w, x)),
+        rtol=2e-4,
+        atol=2e-3,
+    )
 
 
 def test_blocks_dispatch_hand_example():
@@ -245,16 +288,24 @@ def test_teacher_scoring_with_moe_teacher(ckpt):
     student = Decoder(tiny_config("qwen3", vocab_size=VOCAB), nnx.Rngs(0))
     prompt, pmask = left_padded_batch(VOCAB, lengths=(3, 5, 2, 4), seed=3)
     resp = np.random.default_rng(4).integers(0, VOCAB, (4, 6)).astype(np.int32)
-    batch = dict(prompt=jnp.asarray(prompt), prompt_mask=jnp.asarray(pmask), tokens=jnp.asarray(resp),
-                 mask=jnp.ones((4, 6), jnp.int32))
+    batch = dict(
+        prompt=jnp.asarray(prompt),
+        prompt_mask=jnp.asarray(pmask),
+        tokens=jnp.asarray(resp),
+        mask=jnp.ones((4, 6), jnp.int32),
+    )
     sg, ss = nnx.split(student)
     tg, ts = nnx.split(teacher)
-    out, _ = score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=ObjectiveConfig(name="tgpo_fwd_topk", fwd_topk=5), chunk=3)
+    out, _ = score(
+        sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=ObjectiveConfig(name="tgpo_fwd_topk", fwd_topk=5), chunk=3
+    )
     toks, m = np.concatenate([prompt, resp], 1), np.concatenate([pmask, np.ones((4, 6), np.int32)], 1)
-    z = _logits(teacher, toks, m)[:, prompt.shape[1] - 1:-1]
+    z = _logits(teacher, toks, m)[:, prompt.shape[1] - 1 : -1]
     lp = z - z.max(-1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
-    np.testing.assert_allclose(np.asarray(out["teacher_logp"]), np.take_along_axis(lp, resp[..., None], -1)[..., 0], atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(out["teacher_logp"]), np.take_along_axis(lp, resp[..., None], -1)[..., 0], atol=1e-4
+    )
     assert np.array_equal(np.asarray(out["teacher_ids"]), z.argmax(-1))
     np.testing.assert_allclose(np.asarray(out["teacher_topk_logp"]), -np.sort(-lp, -1)[..., :5], atol=1e-4)
 
@@ -267,11 +318,23 @@ def test_qwen3_30b_a3b_config_and_estimate():
     n = sum(math.prod(s.shape) for s in param_specs(cfg).values())
     assert n == 30_532_122_624  # the published "30.5B" (3.3B active)
     assert cfg.moe_layer_ids == tuple(range(48)) and cfg.norm_topk_prob and cfg.num_experts == 128
-    est = estimate(load_estimate_config({
-        "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "num_devices": 8,
-        "student": {"hf_config": os.path.join(d, "..", "Qwen2.5-Math-1.5B")},
-        "teacher": {"hf_config": d, "rules": {"expert": "fsdp"}},
-        "batch": {"rollout_batch": 8, "micro_batch": 8, "prompt_len": 16, "response_len": 48, "logits_chunk": 16}}))
+    est = estimate(
+        load_estimate_config(
+            {
+                "mesh": {"data": 1, "fsdp": 8, "tensor": 1},
+                "num_devices": 8,
+                "student": {"hf_config": os.path.join(d, "..", "Qwen2.5-Math-1.5B")},
+                "teacher": {"hf_config": d, "rules": {"expert": "fsdp"}},
+                "batch": {
+                    "rollout_batch": 8,
+                    "micro_batch": 8,
+                    "prompt_len": 16,
+                    "response_len": 48,
+                    "logits_chunk": 16,
+                },
+            }
+        )
+    )
     t = est.models["teacher"]
     # bf16; everything split 8 ways except q_norm / k_norm ([layers, head_dim], replicated)
     norms = 48 * 2 * 128
@@ -282,11 +345,14 @@ def test_qwen3_30b_a3b_config_and_estimate():
     assert t.items["activations"] >= moe
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(num_experts_per_tok=9), r"num_experts_per_tok=9 must be in \[1, num_experts=8\]"),
-    (dict(mlp_only_layers=(5,)), r"mlp_only_layers \[5\] are not layer indices in \[0, 2\)"),
-    (dict(moe_impl="fast"), r"moe_impl='fast'; accepted: auto, ragged, blocks, dense"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(num_experts_per_tok=9), r"num_experts_per_tok=9 must be in \[1, num_experts=8\]"),
+        (dict(mlp_only_layers=(5,)), r"mlp_only_layers \[5\] are not layer indices in \[0, 2\)"),
+        (dict(moe_impl="fast"), r"moe_impl='fast'; accepted: auto, ragged, blocks, dense"),
+    ],
+)
 def test_bad_moe_configs(kw, msg):
     base = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
     with pytest.raises(ModelConfigError, match=msg):
@@ -296,8 +362,9 @@ def test_bad_moe_configs(kw, msg):
 
 
 def test_experts_not_divisible_by_expert_axis():
-    cfg = ModelConfig("Qwen3MoeForCausalLM", VOCAB, 32, 48, 1, 4, 2, 8, num_experts=6, num_experts_per_tok=2,
-                      moe_intermediate_size=16)
+    cfg = ModelConfig(
+        "Qwen3MoeForCausalLM", VOCAB, 32, 48, 1, 4, 2, 8, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16
+    )
     mesh = build_mesh(MeshConfig.from_dict({"data": 1, "fsdp": 1, "expert": 8, "tensor": 1}))
     from tgpo_jax.sharding import ShardingConfigError, param_shardings
 

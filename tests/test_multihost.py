@@ -14,8 +14,8 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from multihost_worker import BATCH, MESH, forward_logits, make_batch, param_checksums
+
 from tgpo_jax.models.tiny import make_tiny_checkpoint
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
 from tgpo_jax.sharding import distributed as D
@@ -42,7 +42,11 @@ def test_single_process_when_nothing_is_set(clean_env):
 
 def test_explicit_from_config():
     mode, cfg = D.plan(DistributedConfig("10.0.0.1:1234", 4, 3), environ={})
-    assert mode == "explicit" and (cfg.coordinator_address, cfg.num_processes, cfg.process_id) == ("10.0.0.1:1234", 4, 3)
+    assert mode == "explicit" and (cfg.coordinator_address, cfg.num_processes, cfg.process_id) == (
+        "10.0.0.1:1234",
+        4,
+        3,
+    )
 
 
 def test_explicit_from_our_env(clean_env):
@@ -53,8 +57,7 @@ def test_explicit_from_our_env(clean_env):
 
 
 def test_jax_env_names_accepted_and_ours_win():
-    env = {"JAX_COORDINATOR_ADDRESS": "jax:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0",
-           "TGPO_PROCESS_ID": "1"}
+    env = {"JAX_COORDINATOR_ADDRESS": "jax:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0", "TGPO_PROCESS_ID": "1"}
     assert D.plan(environ=env) == ("explicit", DistributedConfig("jax:1", 2, 1))
 
 
@@ -64,11 +67,14 @@ def test_config_wins_over_env():
     assert cfg == DistributedConfig("env:1", 8, 2)
 
 
-@pytest.mark.parametrize("cfg, env, missing", [
-    (DistributedConfig(coordinator_address="h:1"), {}, ["num_processes", "process_id"]),
-    (DistributedConfig(num_processes=2), {}, ["coordinator_address", "process_id"]),
-    (DistributedConfig(), {"TGPO_PROCESS_ID": "0"}, ["coordinator_address", "num_processes"]),
-])
+@pytest.mark.parametrize(
+    "cfg, env, missing",
+    [
+        (DistributedConfig(coordinator_address="h:1"), {}, ["num_processes", "process_id"]),
+        (DistributedConfig(num_processes=2), {}, ["coordinator_address", "process_id"]),
+        (DistributedConfig(), {"TGPO_PROCESS_ID": "0"}, ["coordinator_address", "num_processes"]),
+    ],
+)
 def test_partial_settings_name_the_missing(cfg, env, missing):
     with pytest.raises(DistributedConfigError, match="missing") as e:
         D.plan(cfg, environ=env)
@@ -93,8 +99,9 @@ def test_bad_values():
         D.plan(DistributedConfig("localhost", 2, 0), environ={})
 
 
-@pytest.mark.parametrize("var", ["TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE",
-                                 "MEGASCALE_COORDINATOR_ADDRESS"])
+@pytest.mark.parametrize(
+    "var", ["TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE", "MEGASCALE_COORDINATOR_ADDRESS"]
+)
 def test_cloud_tpu_detected(var):
     env = {var: "x"}
     assert D.is_cloud_tpu_env(env)
@@ -161,8 +168,13 @@ def _free_port() -> int:
 
 def _worker_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _CLEARED_ENV}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env.update(
+        JAX_PLATFORMS="cpu",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]),
+    )
     return env
 
 
@@ -172,10 +184,25 @@ def _run_workers(ckpt: str, out: str, n: int = 2) -> list[tuple[int, str]]:
     procs = []
     try:
         for i in range(n):
-            cmd = [sys.executable, WORKER, "--ckpt", ckpt, "--out", out, "--coordinator", coord,
-                   "--num-processes", str(n), "--process-id", str(i)]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_worker_env(), stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
+            cmd = [
+                sys.executable,
+                WORKER,
+                "--ckpt",
+                ckpt,
+                "--out",
+                out,
+                "--coordinator",
+                coord,
+                "--num-processes",
+                str(n),
+                "--process-id",
+                str(i),
+            ]
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=REPO, env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+            )
         deadline = time.monotonic() + TIMEOUT_S
         results = []
         for p in procs:
@@ -185,8 +212,10 @@ def _run_workers(ckpt: str, out: str, n: int = 2) -> list[tuple[int, str]]:
                 for q in procs:
                     q.kill()
                 errs = [q.communicate()[1] for q in procs]
-                pytest.fail(f"workers timed out after {TIMEOUT_S}s; stderr:\n" +
-                            "\n".join(f"--- process {j}\n{e[-4000:]}" for j, e in enumerate(errs)))
+                pytest.fail(
+                    f"workers timed out after {TIMEOUT_S}s; stderr:\n"
+                    + "\n".join(f"--- process {j}\n{e[-4000:]}" for j, e in enumerate(errs))
+                )
             results.append((p.returncode, stdout + stderr))
         return results
     finally:
@@ -198,8 +227,14 @@ def _run_workers(ckpt: str, out: str, n: int = 2) -> list[tuple[int, str]]:
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("mh") / "ckpt"), arch="qwen2", seed=3,
-                                num_heads=4, num_kv_heads=2, intermediate_size=128)
+    return make_tiny_checkpoint(
+        str(tmp_path_factory.mktemp("mh") / "ckpt"),
+        arch="qwen2",
+        seed=3,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+    )
 
 
 def test_two_processes_match_single_process(tiny_ckpt, tmp_path):

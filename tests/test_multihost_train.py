@@ -4,17 +4,16 @@ metrics, and the checkpoint both processes saved together resumes in a single pr
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import pytest
 import yaml
-
 from test_multihost import REPO, _free_port, _worker_env
+from train_e2e_helpers import comparable, last_per_iteration, tiny_config
+
 from tgpo_jax.train.config import load_train_config
 from tgpo_jax.train.loop import train
-from train_e2e_helpers import comparable, last_per_iteration, tiny_config
 
 WORKER = os.path.join(REPO, "tests", "multihost_train_worker.py")
 TIMEOUT_S = 420
@@ -32,10 +31,21 @@ def _run_two(config_path: str) -> list[tuple[int, str]]:
         if i == 0:
             env.update(TGPO_COORDINATOR_ADDRESS=coord, TGPO_NUM_PROCESSES="2", TGPO_PROCESS_ID="0")
         else:
-            args = [f"sharding.distributed.coordinator_address={coord}", "sharding.distributed.num_processes=2",
-                    "sharding.distributed.process_id=1"]
-        procs.append(subprocess.Popen([sys.executable, WORKER, config_path, *args], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            args = [
+                f"sharding.distributed.coordinator_address={coord}",
+                "sharding.distributed.num_processes=2",
+                "sharding.distributed.process_id=1",
+            ]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, WORKER, config_path, *args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     try:
         return [(p.wait(timeout=TIMEOUT_S), p.stdout.read()) for p in procs]
     finally:
@@ -48,9 +58,16 @@ def _run_two(config_path: str) -> list[tuple[int, str]]:
 def test_two_process_training_matches_single_process(tmp_path):
     # TGPO-Reg exercises every cross-process path: sampling (gathered rollouts), teacher scoring,
     # mini-batch updates with FSDP/tensor collectives, eval, and a jointly written checkpoint.
-    extra = {"eval": {"every": 2, "k": 1, "max_new_tokens": 8, "data": {"rg_tasks": ["chain_sum"], "rg_size": 4,
-                                                                          "rg_seed": 7}},
-             "checkpoint": {"every": 2, "async_save": False}, "logging": {"tensorboard": False, "plot": False}}
+    extra = {
+        "eval": {
+            "every": 2,
+            "k": 1,
+            "max_new_tokens": 8,
+            "data": {"rg_tasks": ["chain_sum"], "rg_size": 4, "rg_seed": 7},
+        },
+        "checkpoint": {"every": 2, "async_save": False},
+        "logging": {"tensorboard": False, "plot": False},
+    }
     multi = tiny_config(str(tmp_path), "multi", iterations=2, **extra)
     path = tmp_path / "multi.yaml"
     path.write_text(yaml.safe_dump(multi))

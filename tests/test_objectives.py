@@ -65,8 +65,11 @@ def np_log_softmax(z):
 def stats_from_logits(z_BTV, y_BT, ids_BTK):
     """A model-free StudentStats: the 'student' is a table of logits."""
     lp = jax.nn.log_softmax(z_BTV, -1)
-    return StudentStats(jnp.take_along_axis(lp, y_BT[..., None], -1)[..., 0], jnp.take_along_axis(lp, ids_BTK, -1),
-                        -jnp.sum(jnp.exp(lp) * lp, -1))
+    return StudentStats(
+        jnp.take_along_axis(lp, y_BT[..., None], -1)[..., 0],
+        jnp.take_along_axis(lp, ids_BTK, -1),
+        -jnp.sum(jnp.exp(lp) * lp, -1),
+    )
 
 
 def make_batch(rng, B=2, T=3, V=6, K=3, adv_B=None, float_dtype=np.float32):
@@ -86,13 +89,19 @@ def make_batch(rng, B=2, T=3, V=6, K=3, adv_B=None, float_dtype=np.float32):
     g = lambda a, i: np.take_along_axis(a, i, -1)  # noqa: E731
     f = lambda a: jnp.asarray(a, float_dtype)  # noqa: E731
     batch = dict(
-        mask=f(mask), adv_B=f(np.array([1.0, -0.5]) if adv_B is None else adv_B),
-        old_logp=f(g(lp_old, y[..., None])[..., 0]), teacher_ids=jnp.asarray(t_ids, jnp.int32),
-        teacher_valid=f(valid), teacher_logp=f(g(lp_t, y[..., None])[..., 0]),
+        mask=f(mask),
+        adv_B=f(np.array([1.0, -0.5]) if adv_B is None else adv_B),
+        old_logp=f(g(lp_old, y[..., None])[..., 0]),
+        teacher_ids=jnp.asarray(t_ids, jnp.int32),
+        teacher_valid=f(valid),
+        teacher_logp=f(g(lp_t, y[..., None])[..., 0]),
         old_p_teacher=f(np.exp(g(lp_old, t_ids[..., None])[..., 0]) * valid),
-        teacher_topk_ids=jnp.asarray(t_topk, jnp.int32), teacher_topk_logp=f(g(lp_t, t_topk)),
-        student_topk_ids=jnp.asarray(s_topk, jnp.int32), old_topk_logp=f(g(lp_old, s_topk)),
-        teacher_at_student_topk=f(g(lp_t, s_topk)), offpolicy_B=jnp.asarray([True, False]),
+        teacher_topk_ids=jnp.asarray(t_topk, jnp.int32),
+        teacher_topk_logp=f(g(lp_t, t_topk)),
+        student_topk_ids=jnp.asarray(s_topk, jnp.int32),
+        old_topk_logp=f(g(lp_old, s_topk)),
+        teacher_at_student_topk=f(g(lp_t, s_topk)),
+        offpolicy_B=jnp.asarray([True, False]),
     )
     return batch, z_old, y
 
@@ -109,8 +118,7 @@ def test_pg_clip_symmetric_eps_cases():
     old = np.array([[-1.0, -2.0, -0.3], [-0.7, -1.2, -2.5]])
     logp = old + np.log(ratio)
     loss, r, clipped = L.pg_clip(adv, jnp.asarray(logp, jnp.float32), jnp.asarray(old, jnp.float32), 0.2, 0.2)
-    expected = np.array([[-1.5 * 1.2, -1.5 * 1.1, -1.5 * 0.5],
-                         [2.0 * 0.8, 2.0 * 1.5, 0.0]])
+    expected = np.array([[-1.5 * 1.2, -1.5 * 1.1, -1.5 * 0.5], [2.0 * 0.8, 2.0 * 1.5, 0.0]])
     np.testing.assert_allclose(loss, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(r, ratio, rtol=1e-6)
     np.testing.assert_array_equal(clipped, [[1, 0, 0], [1, 0, 0]])
@@ -121,14 +129,23 @@ def test_pg_clip_asymmetric_eps():
     adv = jnp.array([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
     ratio = np.array([[1.25, 1.5, 0.7], [0.75, 0.9, 1.5]])
     old = np.full((2, 3), -1.0)
-    loss, _, clipped = L.pg_clip(adv, jnp.asarray(old + np.log(ratio), jnp.float32), jnp.asarray(old, jnp.float32),
-                                 0.2, 0.28)
-    expected = np.array([[-1.25,  # inside [0.8, 1.28]: a symmetric 0.2 would have clipped it to -1.2
-                          -1.28,  # A>0 clipped at 1 + eps_high
-                          -0.7],  # A>0 below the range: unclipped branch is the max
-                         [0.8,  # A<0 clipped at 1 - eps_low
-                          0.9,  # inside
-                          1.5]])  # A<0 above the range: unclipped branch is the max
+    loss, _, clipped = L.pg_clip(
+        adv, jnp.asarray(old + np.log(ratio), jnp.float32), jnp.asarray(old, jnp.float32), 0.2, 0.28
+    )
+    expected = np.array(
+        [
+            [
+                -1.25,  # inside [0.8, 1.28]: a symmetric 0.2 would have clipped it to -1.2
+                -1.28,  # A>0 clipped at 1 + eps_high
+                -0.7,
+            ],  # A>0 below the range: unclipped branch is the max
+            [
+                0.8,  # A<0 clipped at 1 - eps_low
+                0.9,  # inside
+                1.5,
+            ],
+        ]
+    )  # A<0 above the range: unclipped branch is the max
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     np.testing.assert_array_equal(clipped, [[0, 1, 0], [1, 0, 0]])
 
@@ -210,11 +227,19 @@ def test_rkl_centered_advantage_uses_true_probabilities():
     p_old_topk = np.array([0.5, 0.2, 0.1])  # mass 0.8: renormalising would change the baseline
     pt_topk = np.array([0.3, 0.3, 0.2])
     t_y, o_y = math.log(0.3), math.log(0.5)
-    out = float(L.rkl_centered_advantage(jnp.array([[t_y]]), jnp.array([[o_y]]),
-                                         jnp.asarray(np.log(p_old_topk), jnp.float32)[None, None],
-                                         jnp.asarray(np.log(pt_topk), jnp.float32)[None, None])[0, 0])
-    baseline = (0.5 * (math.log(0.3) - math.log(0.5)) + 0.2 * (math.log(0.3) - math.log(0.2))
-                + 0.1 * (math.log(0.2) - math.log(0.1)))
+    out = float(
+        L.rkl_centered_advantage(
+            jnp.array([[t_y]]),
+            jnp.array([[o_y]]),
+            jnp.asarray(np.log(p_old_topk), jnp.float32)[None, None],
+            jnp.asarray(np.log(pt_topk), jnp.float32)[None, None],
+        )[0, 0]
+    )
+    baseline = (
+        0.5 * (math.log(0.3) - math.log(0.5))
+        + 0.2 * (math.log(0.3) - math.log(0.2))
+        + 0.1 * (math.log(0.2) - math.log(0.1))
+    )
     expected = (t_y - o_y) - baseline
     np.testing.assert_allclose(out, expected, rtol=1e-5)
     q = p_old_topk / 0.8
@@ -227,8 +252,9 @@ def test_rkl_loss_values():
     t = jnp.array([[-2.0, -0.1]])  # logr = [1.0, -0.4]
     np.testing.assert_allclose(L.rkl_loss(logp, t, "k1"), [[1.0 * -1.0, -0.4 * -0.5]], rtol=1e-6)
     np.testing.assert_allclose(L.rkl_loss(logp, t, "k2"), [[0.5, 0.08]], rtol=1e-6)
-    np.testing.assert_allclose(L.rkl_loss(logp, t, "k3"),
-                               [[math.exp(-1.0) - 1.0 + 1.0, math.exp(0.4) - 1.0 - 0.4]], rtol=1e-5)
+    np.testing.assert_allclose(
+        L.rkl_loss(logp, t, "k3"), [[math.exp(-1.0) - 1.0 + 1.0, math.exp(0.4) - 1.0 - 0.4]], rtol=1e-5
+    )
     with pytest.raises(ValueError, match="k1, k2, k3"):
         L.rkl_loss(logp, t, "k4")
 
@@ -253,8 +279,10 @@ def test_luffy_pg_offpolicy_and_onpolicy_rows():
     logp = np.log([[0.3, 0.05], [0.9, 0.2]])
     old = np.log([[0.6, 0.5], [0.3, 0.8]])
     out = L.luffy_pg(adv, jnp.asarray(logp, jnp.float32), jnp.asarray(old, jnp.float32), jnp.array([True, False]), 0.1)
-    expected = [[-1.0 * 0.3 / 0.4, 1.0 * 0.05 / 0.15],  # off-policy: -A p/(p+0.1), old_logp unused
-                [-2.0 * 3.0, 1.0 * 0.25]]  # on-policy: -A ratio; ratio 3 is NOT clipped to 1.2
+    expected = [
+        [-1.0 * 0.3 / 0.4, 1.0 * 0.05 / 0.15],  # off-policy: -A p/(p+0.1), old_logp unused
+        [-2.0 * 3.0, 1.0 * 0.25],
+    ]  # on-policy: -A ratio; ratio 3 is NOT clipped to 1.2
     np.testing.assert_allclose(out, expected, rtol=1e-5)
 
 
@@ -272,8 +300,9 @@ def test_step_denominators():
 
     mask = jnp.array([[[1, 1, 0], [1, 0, 0]], [[1, 1, 1], [1, 1, 0]]])  # [M=2, b=2, T=3]: 3 and 5 tokens
     np.testing.assert_allclose(_denominators({"mask": mask}, ObjectiveConfig(name="grpo")), [8.0, 8.0])
-    np.testing.assert_allclose(_denominators({"mask": mask}, ObjectiveConfig(name="grpo", loss_agg="microbatch_sum")),
-                               [3.0, 5.0])
+    np.testing.assert_allclose(
+        _denominators({"mask": mask}, ObjectiveConfig(name="grpo", loss_agg="microbatch_sum")), [3.0, 5.0]
+    )
     np.testing.assert_allclose(_denominators({"mask": mask}, ObjectiveConfig(name="luffy")), [12.0, 12.0])
 
 
@@ -430,9 +459,13 @@ def test_tgpo_reg_raises_logp_of_teacher_argmax_where_advantage_is_zero(x64):
     teacher = np.array(jnp.argmin(z0, -1))  # the student's least likely token: far from its own choice
     teacher[0, 0] = int(jnp.argmax(z0[0, 0]))  # ... and once its own argmax
     mask = jnp.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    batch = dict(mask=mask, adv_B=jnp.zeros((B,)), teacher_ids=jnp.asarray(teacher, jnp.int32),
-                 teacher_valid=jnp.ones((B, T)),
-                 old_logp=jnp.take_along_axis(jax.nn.log_softmax(z0, -1), y[..., None], -1)[..., 0])
+    batch = dict(
+        mask=mask,
+        adv_B=jnp.zeros((B,)),
+        teacher_ids=jnp.asarray(teacher, jnp.int32),
+        teacher_valid=jnp.ones((B, T)),
+        old_logp=jnp.take_along_axis(jax.nn.log_softmax(z0, -1), y[..., None], -1)[..., 0],
+    )
     ids = obj.extra_ids(batch, cfg)
     assert ids.shape == (B, T, 1)
 
@@ -481,8 +514,7 @@ def test_tgpo_adv_adds_lambda_times_probability(x64):
 
 
 def _stats_for(name, batch, z_old, y, cfg):
-    return stats_from_logits(jnp.asarray(z_old, jnp.float32), jnp.asarray(y),
-                             OBJECTIVES[name].extra_ids(batch, cfg))
+    return stats_from_logits(jnp.asarray(z_old, jnp.float32), jnp.asarray(y), OBJECTIVES[name].extra_ids(batch, cfg))
 
 
 @pytest.mark.parametrize("name", ["rkl", "rkl_centered", "rkl_reg_k1", "rkl_reg_k2", "rkl_reg_k3", "rkl_reg_dist"])
@@ -530,8 +562,9 @@ def _expected_advantage(name, batch, lam):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["grpo", "tgpo_reg", "tgpo_mc", "tgpo_adv", "tgpo_fwd_topk", "kdrl", "rkl",
-                                  "rkl_centered"])
+@pytest.mark.parametrize(
+    "name", ["grpo", "tgpo_reg", "tgpo_mc", "tgpo_adv", "tgpo_fwd_topk", "kdrl", "rkl", "rkl_centered"]
+)
 def test_registry_pg_wiring_at_ratio_one(name):
     """With the current student equal to the old one (ratio 1), pg = -A exactly: checks which
     advantage each objective feeds to PG_clip, and the entropy term -c_ent * H."""
@@ -562,15 +595,16 @@ def test_registry_teacher_terms():
 
     cfg = ObjectiveConfig(name="kdrl")
     t = OBJECTIVES["kdrl"].terms(_stats_for("kdrl", batch, z_cur, y, cfg), batch, cfg, lam)
-    np.testing.assert_allclose(t["kdrl"], 0.002 * 0.5 * (np.asarray(batch["teacher_logp"]) - lp_y) ** 2,
-                               rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(
+        t["kdrl"], 0.002 * 0.5 * (np.asarray(batch["teacher_logp"]) - lp_y) ** 2, rtol=1e-4, atol=1e-9
+    )
 
     for kind in ("k1", "k2", "k3"):
         name = f"rkl_reg_{kind}"
         cfg = ObjectiveConfig(name=name)
         t = OBJECTIVES[name].terms(_stats_for(name, batch, z_cur, y, cfg), batch, cfg, lam)
         logr = lp_y - np.asarray(batch["teacher_logp"])
-        want = {"k1": logr * lp_y, "k2": 0.5 * logr ** 2, "k3": np.exp(-logr) - 1 + logr}[kind]
+        want = {"k1": logr * lp_y, "k2": 0.5 * logr**2, "k3": np.exp(-logr) - 1 + logr}[kind]
         np.testing.assert_allclose(t["rkl"], want, rtol=1e-4, atol=1e-6)
         assert set(t) == {"rkl", "entropy"}
 
@@ -610,9 +644,20 @@ def test_grpo_advantages_hand_example():
     out = grpo_advantages(r, 4)
     s1 = math.sqrt((4 * 0.25) / 3)  # group 1: mean 0.5, deviations +-0.5, ddof=1
     s3 = math.sqrt((3 * 0.0625 + 0.5625) / 3)  # group 3: mean 0.25 -> std 0.5
-    expected = [0.5 / (s1 + 1e-6), -0.5 / (s1 + 1e-6), -0.5 / (s1 + 1e-6), 0.5 / (s1 + 1e-6),
-                0.0, 0.0, 0.0, 0.0,
-                -0.25 / (s3 + 1e-6), -0.25 / (s3 + 1e-6), -0.25 / (s3 + 1e-6), 0.75 / (s3 + 1e-6)]
+    expected = [
+        0.5 / (s1 + 1e-6),
+        -0.5 / (s1 + 1e-6),
+        -0.5 / (s1 + 1e-6),
+        0.5 / (s1 + 1e-6),
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        -0.25 / (s3 + 1e-6),
+        -0.25 / (s3 + 1e-6),
+        -0.25 / (s3 + 1e-6),
+        0.75 / (s3 + 1e-6),
+    ]
     assert out.shape == (12,)
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     # the eps is added to the std (not to the variance): with std 0.5 the factor is 1 / 0.500001
@@ -697,8 +742,21 @@ def test_objective_config_unknown_name_lists_accepted():
         ObjectiveConfig(name="ppo")
     msg = str(e.value)
     assert "'ppo'" in msg
-    for n in ("tgpo_reg", "tgpo_adv", "tgpo_mc", "tgpo_fwd_topk", "grpo", "rkl", "rkl_centered", "rkl_reg_k1",
-              "rkl_reg_k2", "rkl_reg_k3", "rkl_reg_dist", "kdrl", "luffy"):
+    for n in (
+        "tgpo_reg",
+        "tgpo_adv",
+        "tgpo_mc",
+        "tgpo_fwd_topk",
+        "grpo",
+        "rkl",
+        "rkl_centered",
+        "rkl_reg_k1",
+        "rkl_reg_k2",
+        "rkl_reg_k3",
+        "rkl_reg_dist",
+        "kdrl",
+        "luffy",
+    ):
         assert n in msg
         ObjectiveConfig(name=n)  # every listed name is accepted
 

@@ -18,8 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _files_under(root: str) -> set[str]:
     out = set()
     for d, _, files in os.walk(root):
-        out.update(os.path.relpath(os.path.join(d, f), REPO).replace(os.sep, "/") for f in files
-                   if not f.endswith(".pyc"))
+        out.update(
+            os.path.relpath(os.path.join(d, f), REPO).replace(os.sep, "/") for f in files if not f.endswith(".pyc")
+        )
     return out
 
 
@@ -32,10 +33,17 @@ def test_repository_configs_link_to_the_package_data():
 def test_wheel_holds_every_bundled_config_and_kernel_source(tmp_path):
     # built from a copy without build/ (setuptools' staging folder would carry files of earlier builds)
     src = tmp_path / "src"
-    shutil.copytree(REPO, src, symlinks=True,
-                    ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(src)],
-                   check=True, cwd=tmp_path)
+    shutil.copytree(
+        REPO,
+        src,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info", "__pycache__"),
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(src)],
+        check=True,
+        cwd=tmp_path,
+    )
     (wheel,) = tmp_path.glob("tgpo_jax-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
     wanted = _files_under(os.path.join(REPO, "tgpo_jax", "configs"))

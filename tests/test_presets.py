@@ -5,8 +5,6 @@ the bundled config.json files, and the memory estimator says each supported hard
 from __future__ import annotations
 
 import json
-import math
-import os
 
 import pytest
 
@@ -74,11 +72,17 @@ def test_unsupported_entry_is_refused_with_its_reason():
         presets.render("qwen2.5-math-7b__r1-distill-qwen-7b", "v5e-8")
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: presets.render("qwen2.5-math-1.5b__r1-distill-qwen-7b", "v6e-8"), "unknown hardware 'v6e-8'; accepted: v4-8"),
-    (lambda: presets.load_preset("no-such-preset"), "preset 'no-such-preset' not found; available: "),
-    (lambda: presets.bundled_hf_config("Llama-9B"), "no bundled config.json for 'Llama-9B'"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: presets.render("qwen2.5-math-1.5b__r1-distill-qwen-7b", "v6e-8"),
+            "unknown hardware 'v6e-8'; accepted: v4-8",
+        ),
+        (lambda: presets.load_preset("no-such-preset"), "preset 'no-such-preset' not found; available: "),
+        (lambda: presets.bundled_hf_config("Llama-9B"), "no bundled config.json for 'Llama-9B'"),
+    ],
+)
 def test_errors_name_the_problem(call, message):
     with pytest.raises(ConfigError, match=message):
         call()

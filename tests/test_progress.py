@@ -7,8 +7,10 @@ from tgpo_jax.rewards.reward_fn import RewardConfig, RewardFn
 
 
 def _items(n):
-    return [EvalItem(problem=f"{i} + 1", answer=str(i + 1), data_source="toy", index=i, prompt_ids=[1] * (i % 3 + 1))
-            for i in range(n)]
+    return [
+        EvalItem(problem=f"{i} + 1", answer=str(i + 1), data_source="toy", index=i, prompt_ids=[1] * (i % 3 + 1))
+        for i in range(n)
+    ]
 
 
 def _policy(items, k):

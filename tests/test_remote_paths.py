@@ -8,7 +8,6 @@ import importlib
 import json
 import os
 
-import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
@@ -26,7 +25,7 @@ class FakeGCS(MemoryFileSystem):
     def _strip_protocol(cls, path):
         for prefix in ("gs://", "gcs://"):
             if isinstance(path, str) and path.startswith(prefix):
-                path = path[len(prefix):]
+                path = path[len(prefix) :]
         return MemoryFileSystem._strip_protocol(path)
 
 
@@ -69,7 +68,11 @@ def test_metrics_tensorboard_and_plot_on_gcs(fake_gcs):
     w.write(3, 6, {"reward/mean": 0.75, "loss/total": 1.0})
     w.close()
     rows = read_jsonl(paths.join(run, "metrics.jsonl"))
-    assert [(r["iteration"], r["optimizer_step"], r["reward/mean"]) for r in rows] == [(1, 2, 0.25), (2, 4, 0.5), (3, 6, 0.75)]
+    assert [(r["iteration"], r["optimizer_step"], r["reward/mean"]) for r in rows] == [
+        (1, 2, 0.25),
+        (2, 4, 0.5),
+        (3, 6, 0.75),
+    ]
 
     events = [k for k in fake_gcs if k.startswith("/bucket/exp/run1/tensorboard/events.out.tfevents")]
     assert len(events) == 1, sorted(fake_gcs)
@@ -94,8 +97,8 @@ def test_tensorboard_events_parse(fake_gcs, tmp_path_factory):
     (key,) = [k for k in fake_gcs if "/tensorboard/events" in k]
     data, pos, found = fake_gcs[key].getvalue(), 0, {}
     while pos < len(data):
-        n = int.from_bytes(data[pos:pos + 8], "little")
-        ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+        n = int.from_bytes(data[pos : pos + 8], "little")
+        ev = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
         pos += 12 + n + 4
         for v in ev.summary.value:
             found[v.tag] = (ev.step, v.simple_value)

@@ -9,8 +9,16 @@ import time
 import pytest
 
 from tgpo_jax.data import DataConfig, load_rg_records
-from tgpo_jax.rewards import (RewardFn, VerifierPool, boxed_equal, last_boxed, math_score, normalize_answer, rg_score,
-                              score_one)
+from tgpo_jax.rewards import (
+    RewardFn,
+    VerifierPool,
+    boxed_equal,
+    last_boxed,
+    math_score,
+    normalize_answer,
+    rg_score,
+    score_one,
+)
 from tgpo_jax.rewards.sandbox import check_sympy_code, literal_eval
 
 # (response, ground truth, reward with think format, reward without think format)
@@ -47,13 +55,23 @@ def test_boxed_extraction():
     assert last_boxed("$\\boxed 5$") == "5"
 
 
-@pytest.mark.parametrize("pred,gold,ok", [
-    ("\\boxed{3/4}", "\\frac{3}{4}", True), ("\\boxed{\\dfrac34}", "3/4", True), ("\\boxed{.5}", "0.5", True),
-    ("\\boxed{\\text{Alice and Bob}}", "Alice and Bob", True), ("\\boxed{10^\\circ}", "10", True),
-    ("\\boxed{x = 5}", "5", True), ("\\boxed{\\$5}", "5", True), ("\\boxed{2.50}", "2.5", True),
-    ("\\boxed{0.75}", "3/4", False),  # a string grader does not do arithmetic
-    ("\\boxed{43}", "42", False), ("42", "42", False), ("\\boxed{}", "", False),
-])
+@pytest.mark.parametrize(
+    "pred,gold,ok",
+    [
+        ("\\boxed{3/4}", "\\frac{3}{4}", True),
+        ("\\boxed{\\dfrac34}", "3/4", True),
+        ("\\boxed{.5}", "0.5", True),
+        ("\\boxed{\\text{Alice and Bob}}", "Alice and Bob", True),
+        ("\\boxed{10^\\circ}", "10", True),
+        ("\\boxed{x = 5}", "5", True),
+        ("\\boxed{\\$5}", "5", True),
+        ("\\boxed{2.50}", "2.5", True),
+        ("\\boxed{0.75}", "3/4", False),  # a string grader does not do arithmetic
+        ("\\boxed{43}", "42", False),
+        ("42", "42", False),
+        ("\\boxed{}", "", False),
+    ],
+)
 def test_boxed_grader(pred, gold, ok):
     assert boxed_equal(pred, gold) is ok
 
@@ -125,6 +143,7 @@ def test_hard_timeout_kills_and_replaces_the_worker():
 def test_a_crashed_worker_scores_zero_and_is_replaced():
     opts = {"think_format": True, "inner_timeout_s": None}
     with VerifierPool(num_workers=1, timeout_s=60) as pool:
+
         def kill_when_busy():
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
@@ -166,13 +185,34 @@ def test_rg_payload_rebuilds_nested_config_dataclasses():
 # ------------------------------------------------------------------------------------------ no code execution
 def test_literal_eval_accepts_literals_and_arithmetic_only():
     assert literal_eval("[1, 'a', (2.5, None), {'k': -1}]") == [1, "a", (2.5, None), {"k": -1}]
-    assert literal_eval(" (0x3a << 2) & 7 ^ 9 // 2 ") == (0x3a << 2) & 7 ^ 9 // 2
+    assert literal_eval(" (0x3a << 2) & 7 ^ 9 // 2 ") == (0x3A << 2) & 7 ^ 9 // 2
     # evaluated by walking the AST; Python's own eval of these trusted test strings is the reference
-    for text in ("-2 ** 2", "1 < 2 < 3", "3 > 2 > 5", "[1, 2] * 2 + [3]", "{1, 2} | {3}", "0 or [] or 'x'",
-                 "1 and 0 and 2", "not 0", "'a' in 'abc'", "7 % 3 - 5 / 2", "~5 >> 1", "(1,) != (1, 2)"):
+    for text in (
+        "-2 ** 2",
+        "1 < 2 < 3",
+        "3 > 2 > 5",
+        "[1, 2] * 2 + [3]",
+        "{1, 2} | {3}",
+        "0 or [] or 'x'",
+        "1 and 0 and 2",
+        "not 0",
+        "'a' in 'abc'",
+        "7 % 3 - 5 / 2",
+        "~5 >> 1",
+        "(1,) != (1, 2)",
+    ):
         assert literal_eval(text) == eval(text), text  # noqa: S307 -- test text, not model output
-    for bad in ("__import__('os')", "().__class__", "[c for c in 'ab']", "(lambda: 1)()", "f'{1}'", "open",
-                "x[0]", "1 +", 3):
+    for bad in (
+        "__import__('os')",
+        "().__class__",
+        "[c for c in 'ab']",
+        "(lambda: 1)()",
+        "f'{1}'",
+        "open",
+        "x[0]",
+        "1 +",
+        3,
+    ):
         with pytest.raises(ValueError):
             literal_eval(bad)
 
@@ -196,31 +236,58 @@ def _sympy_code(s, local_dict=None):
 def test_sympy_guard_allows_math_and_rejects_code():
     from sympy import Symbol
 
-    for ok in ("x**2/2 + C", "sqrt(2)*sin(x) + exp(-x) - log(3)", "(1 + 2) * 3 * 4", "f(x) + pi", "[1, 2.5]",
-               "Abs(-3) >= 2"):
+    for ok in (
+        "x**2/2 + C",
+        "sqrt(2)*sin(x) + exp(-x) - log(3)",
+        "(1 + 2) * 3 * 4",
+        "f(x) + pi",
+        "[1, 2.5]",
+        "Abs(-3) >= 2",
+    ):
         check_sympy_code(*_sympy_code(ok, {"x": Symbol("x")}))
-    for bad in ("__import__('os').system('true')", "sympify('1')", "lambdify(x, 'x')", "Symbol('x').name",
-                "open('f')", "exec('1')", "Integer(1, evaluate=False)", "(lambda: 1)()", "x[0]"):
+    for bad in (
+        "__import__('os').system('true')",
+        "sympify('1')",
+        "lambdify(x, 'x')",
+        "Symbol('x').name",
+        "open('f')",
+        "exec('1')",
+        "Integer(1, evaluate=False)",
+        "(lambda: 1)()",
+        "x[0]",
+    ):
         with pytest.raises(ValueError):
             check_sympy_code(*_sympy_code(bad))
 
 
 # reasoning-gym tasks whose score_answer passes the answer to eval (the first four) or to sympy's
 # parse_expr (the rest): run through the workers, none of these answers may execute.
-EVAL_SCORER_TASKS = ("spiral_matrix", "binary_matrix", "n_queens", "string_insertion", "countdown", "puzzle24",
-                     "polynomial_multiplication", "simple_integration")
-INJECTIONS = ("__import__('os').system('touch {m}')",
-              "Add(\"__import__('os').system('touch {m}')\")",  # a string a sympy constructor would sympify
-              "Symbol('x').__class__.__init__.__globals__['__builtins__']['open']('{m}', 'w')",
-              "[open('{m}', 'w')]")
+EVAL_SCORER_TASKS = (
+    "spiral_matrix",
+    "binary_matrix",
+    "n_queens",
+    "string_insertion",
+    "countdown",
+    "puzzle24",
+    "polynomial_multiplication",
+    "simple_integration",
+)
+INJECTIONS = (
+    "__import__('os').system('touch {m}')",
+    "Add(\"__import__('os').system('touch {m}')\")",  # a string a sympy constructor would sympify
+    "Symbol('x').__class__.__init__.__globals__['__builtins__']['open']('{m}', 'w')",
+    "[open('{m}', 'w')]",
+)
 
 
 def test_model_output_never_runs_as_code(reward, tmp_path):
     texts, answers, expect = [], [], []
     for task in EVAL_SCORER_TASKS:
         rec = load_rg_records(DataConfig(rg_tasks=(task,), rg_size=1, rg_seed=0))[0][0]
-        texts += [f"<think>x</think> <answer>{rec['answer']['entry']['answer']}</answer>",
-                  "<think>x</think> <answer>(((</answer>"]  # the oracle answer; junk
+        texts += [
+            f"<think>x</think> <answer>{rec['answer']['entry']['answer']}</answer>",
+            "<think>x</think> <answer>(((</answer>",
+        ]  # the oracle answer; junk
         expect += [("one", task), ("junk", task)]
         for j, attack in enumerate(INJECTIONS):
             texts.append("<think>x</think> <answer>" + attack.format(m=tmp_path / f"{task}-{j}") + "</answer>")

@@ -58,13 +58,29 @@ def test_math_changes_are_refused_naming_each_key(tmp_path):
 def test_neutral_keys_resume_silently(tmp_path):
     run = str(tmp_path)
     rd.record_start(run, _cfg(run), 1, {})
-    new = _cfg(str(tmp_path / "elsewhere"), train={"iterations": 900}, logging={"progress": False},
-               checkpoint={"every": 5, "keep": 9}, eval={"every": 3}, rewards={"workers": 8},
-               sharding={"mesh": {"data": 2, "fsdp": 4, "tensor": 1}}, models={"attn_impl": "einsum"})
+    new = _cfg(
+        str(tmp_path / "elsewhere"),
+        train={"iterations": 900},
+        logging={"progress": False},
+        checkpoint={"every": 5, "keep": 9},
+        eval={"every": 3},
+        rewards={"workers": 8},
+        sharding={"mesh": {"data": 2, "fsdp": 4, "tensor": 1}},
+        models={"attn_impl": "einsum"},
+    )
     changes = rd.check_config(run, new, resume=True)
-    assert set(changes) == {"run_dir", "train.iterations", "logging.progress", "checkpoint.every", "checkpoint.keep",
-                            "eval.every", "rewards.workers", "sharding.mesh.data", "sharding.mesh.fsdp",
-                            "models.attn_impl"}
+    assert set(changes) == {
+        "run_dir",
+        "train.iterations",
+        "logging.progress",
+        "checkpoint.every",
+        "checkpoint.keep",
+        "eval.every",
+        "rewards.workers",
+        "sharding.mesh.data",
+        "sharding.mesh.fsdp",
+        "models.attn_impl",
+    }
     assert all(rd.is_neutral(k) for k in changes)
     assert not rd.is_neutral("train.seed") and not rd.is_neutral("eval.k") and not rd.is_neutral("rewards.think_format")
 
@@ -94,8 +110,13 @@ _HOLDER = textwrap.dedent("""
 
 
 def _hold_lock(run: str) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", _HOLDER, run], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, run],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert p.stdout.readline().strip() == "locked"
     return p
 
@@ -112,8 +133,11 @@ def test_second_process_fails_fast_and_a_killed_holder_frees_the_run_dir(tmp_pat
                 pass
         # through the CLI: refused before anything is loaded (the student path does not exist)
         cfg = tmp_path / "c.yaml"
-        cfg.write_text(yaml.safe_dump({"run_dir": run, "models": {"student": str(tmp_path / "nowhere")},
-                                       "objective": {"name": "grpo"}}))
+        cfg.write_text(
+            yaml.safe_dump(
+                {"run_dir": run, "models": {"student": str(tmp_path / "nowhere")}, "objective": {"name": "grpo"}}
+            )
+        )
         t0 = time.perf_counter()
         assert main(["train", "--config", str(cfg)]) == 2
         assert time.perf_counter() - t0 < 10
@@ -280,8 +304,11 @@ def test_enospc_during_a_metrics_write_names_the_file_and_the_next_run_recovers(
 
     w = MetricsWriter(run, tensorboard=False, progress=False, initial_iteration=2)
     monkeypatch.setattr(metrics._LineAppender, "_write_bytes", disk_full)
-    with pytest.raises(OSError, match=rf"could not append a metrics record to {tmp_path}/metrics.jsonl: "
-                                      "No space left on device") as e:
+    with pytest.raises(
+        OSError,
+        match=rf"could not append a metrics record to {tmp_path}/metrics.jsonl: "
+        "No space left on device",
+    ) as e:
         w.write(3, 6, {"loss/total": 3.0})
     assert e.value.errno == errno.ENOSPC
     w.close()
@@ -299,8 +326,9 @@ def test_a_really_full_disk_leaves_a_recoverable_metrics_file(small_tmpfs):
         f.write(b"x" * 8192)  # half the filesystem, deleted below to make room as a user would
     w = MetricsWriter(tiny_fs, tensorboard=False, progress=False)
     written = 0
-    with pytest.raises(OSError, match=f"could not append a metrics record to {tiny_fs}/metrics.jsonl: "
-                                      "No space left on device"):
+    with pytest.raises(
+        OSError, match=f"could not append a metrics record to {tiny_fs}/metrics.jsonl: No space left on device"
+    ):
         for i in range(1, 10_000):
             w.write(i, i, {f"k{j}": j * 0.5 for j in range(20)})
             written = i
@@ -326,13 +354,21 @@ def _history(run: str) -> list[tuple[str, int]]:
 
 
 def test_changed_config_refused_then_accepted_and_a_flipped_checkpoint_rerun(root, monkeypatch):
-    import tgpo_jax.train.loop as loop
     from train_e2e_helpers import tiny_config
+
+    import tgpo_jax.train.loop as loop
     from tgpo_jax.train.config import load_train_config
 
     run = os.path.join(root, "changes")
-    cfg = lambda it, lr: load_train_config(tiny_config(root, "changes", iterations=it,  # noqa: E731
-                                                       optimizer={"lr": lr}, logging={"plot": False}))
+    cfg = lambda it, lr: load_train_config(
+        tiny_config(
+            root,
+            "changes",
+            iterations=it,  # noqa: E731
+            optimizer={"lr": lr},
+            logging={"plot": False},
+        )
+    )
     loop.train(cfg(2, 1e-3))
     with monkeypatch.context() as m:
         m.setattr(loop, "build_run", lambda *_: pytest.fail("models were built before the config check"))
@@ -356,6 +392,7 @@ def test_changed_config_refused_then_accepted_and_a_flipped_checkpoint_rerun(roo
 
 def test_sigkill_mid_run_then_rerun_keeps_one_record_per_iteration(root):
     from train_e2e_helpers import tiny_config
+
     from tgpo_jax.train.config import load_train_config
     from tgpo_jax.train.loop import train
 
@@ -365,11 +402,22 @@ def test_sigkill_mid_run_then_rerun_keeps_one_record_per_iteration(root):
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     cache = os.environ.get("TGPO_TEST_COMPILE_CACHE") or os.path.join(
-        __import__("tempfile").gettempdir(), f"tgpo_jax_test_compile_cache_{os.getuid()}")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    proc = subprocess.Popen([sys.executable, "-m", "tgpo_jax.cli", "train", "--config", path], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        __import__("tempfile").gettempdir(), f"tgpo_jax_test_compile_cache_{os.getuid()}"
+    )
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tgpo_jax.cli", "train", "--config", path],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = os.path.join(cfg["run_dir"], "checkpoints", "latest", "2", "commit_success.txt")
     deadline = time.time() + 300
     while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_tiny import TINY, left_padded_batch, make_hf_model
 from scipy import stats as sps
 
-from hf_tiny import TINY, left_padded_batch, make_hf_model
 from tgpo_jax.models import left_pad_positions
 from tgpo_jax.models.hf_import import load_model
 from tgpo_jax.rollout.decode_loop import FINISH_LENGTH, FINISH_STOP
@@ -34,10 +34,17 @@ def _prompts(lengths=(4, 9, 2, 6), seed=3):
 def test_greedy_equals_transformers_generate_left_padded(tiny):
     _, hf, model = tiny
     prompts, tokens, mask = _prompts()
-    r = Sampler(model, stop_ids=()).sample(prompts, SamplingParams(temperature=0.0, max_new_tokens=12, n=2),
-                                          jax.random.key(0))
-    ref = hf.generate(input_ids=torch.tensor(tokens).long(), attention_mask=torch.tensor(mask), max_new_tokens=12,
-                      do_sample=False, pad_token_id=0, eos_token_id=None)[:, tokens.shape[1]:].numpy()
+    r = Sampler(model, stop_ids=()).sample(
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=12, n=2), jax.random.key(0)
+    )
+    ref = hf.generate(
+        input_ids=torch.tensor(tokens).long(),
+        attention_mask=torch.tensor(mask),
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )[:, tokens.shape[1] :].numpy()
     assert np.array_equal(r.tokens_BT, np.repeat(ref, 2, axis=0))
     assert (r.finish_B == FINISH_LENGTH).all() and (r.lengths_B == 12).all()
 
@@ -65,8 +72,9 @@ def test_sampled_frequencies_match_softmax_at_temperature(peaked, tau):
     model = peaked
     prompt = _prompts()[0][1]
     n = 6000
-    r = Sampler(model, stop_ids=()).sample([prompt], SamplingParams(temperature=tau, max_new_tokens=1, n=n),
-                                          jax.random.key(7))
+    r = Sampler(model, stop_ids=()).sample(
+        [prompt], SamplingParams(temperature=tau, max_new_tokens=1, n=n), jax.random.key(7)
+    )
     logits = _first_token_logits(model, prompt) / tau
     p = np.exp(logits - logits.max())
     p /= p.sum()
@@ -103,12 +111,14 @@ def test_top_p_and_top_k_stay_inside_their_sets(peaked):
     p /= p.sum()
     mass_before = np.cumsum(p[order]) - p[order]
     nucleus = set(order[mass_before < 0.6].tolist())
-    r = Sampler(model, stop_ids=()).sample([prompt], SamplingParams(top_p=0.6, max_new_tokens=1, n=3000),
-                                          jax.random.key(1))
+    r = Sampler(model, stop_ids=()).sample(
+        [prompt], SamplingParams(top_p=0.6, max_new_tokens=1, n=3000), jax.random.key(1)
+    )
     seen = set(r.tokens_BT[:, 0].tolist())
     assert seen <= nucleus and len(seen) == len(nucleus) > 1
-    r = Sampler(model, stop_ids=()).sample([prompt], SamplingParams(top_k=5, max_new_tokens=1, n=3000),
-                                          jax.random.key(2))
+    r = Sampler(model, stop_ids=()).sample(
+        [prompt], SamplingParams(top_k=5, max_new_tokens=1, n=3000), jax.random.key(2)
+    )
     assert set(r.tokens_BT[:, 0].tolist()) == set(order[:5].tolist())
 
 
@@ -121,7 +131,7 @@ def test_logprobs_equal_teacher_forced_recompute(tiny):
     full_m = np.concatenate([r.prompt_mask_BP, r.mask_BT], 1)
     logits = model(jnp.asarray(full_t), left_pad_positions(jnp.asarray(full_m)), jnp.asarray(full_m))[0]
     P = r.prompt_tokens_BP.shape[1]
-    pred = processed_logits(logits[:, P - 1:-1].reshape(-1, V), params)
+    pred = processed_logits(logits[:, P - 1 : -1].reshape(-1, V), params)
     logp = np.asarray(jax.nn.log_softmax(pred, -1)).reshape(len(full_t), -1, V)
     want = np.take_along_axis(logp, r.tokens_BT[..., None], -1)[..., 0]
     valid = r.mask_BT.astype(bool)

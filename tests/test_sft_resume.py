@@ -23,24 +23,47 @@ STEPS, EVERY = 6, 2
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft_resume")
-    model = make_tiny_checkpoint(str(root / "init"), arch="qwen2", seed=0, hidden_size=32, intermediate_size=64,
-                                 head_dim=8)
+    model = make_tiny_checkpoint(
+        str(root / "init"), arch="qwen2", seed=0, hidden_size=32, intermediate_size=64, head_dim=8
+    )
     data = root / "data.jsonl"
     with open(data, "w") as f:
         for a in range(1, 7):
             for b in range(1, 5):
-                f.write(json.dumps({"problem": f"What is {a} + {b}?", "answer": str(a + b),
-                                    "solution": f"{a} + {b} = {a + b}\n</think>\n\\boxed{{{a + b}}}"}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "problem": f"What is {a} + {b}?",
+                            "answer": str(a + b),
+                            "solution": f"{a} + {b} = {a + b}\n</think>\n\\boxed{{{a + b}}}",
+                        }
+                    )
+                    + "\n"
+                )
     return root, model, str(data)
 
 
 def _cfg(setup, run: str, **kw):
     root, model, data = setup
-    d = {"run_dir": str(root / run), "model": model, "steps": STEPS, "batch_size": 8, "micro_batch": 8,
-         "max_solution_len": 32, "logprob_chunk": 16, "log_every": 1, "progress": False, "checkpoint_every": EVERY,
-         "optimizer": {"lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 2},
-         "data": {"files": [data], "solution_column": "solution", "max_prompt_len": 64,
-                  "system_prompt": "Think, then answer in \\boxed{}."}}
+    d = {
+        "run_dir": str(root / run),
+        "model": model,
+        "steps": STEPS,
+        "batch_size": 8,
+        "micro_batch": 8,
+        "max_solution_len": 32,
+        "logprob_chunk": 16,
+        "log_every": 1,
+        "progress": False,
+        "checkpoint_every": EVERY,
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 2},
+        "data": {
+            "files": [data],
+            "solution_column": "solution",
+            "max_prompt_len": 64,
+            "system_prompt": "Think, then answer in \\boxed{}.",
+        },
+    }
     d.update(kw)
     return load_sft_config(d)
 
@@ -116,8 +139,9 @@ def test_out_dir_checked_before_loading(setup, tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     for overwrite in (False, True):
-        cfg = _cfg(setup, "never", model=str(tmp_path / "no_such_model"), out_dir=str(foreign),
-                   overwrite_out_dir=overwrite)
+        cfg = _cfg(
+            setup, "never", model=str(tmp_path / "no_such_model"), out_dir=str(foreign), overwrite_out_dir=overwrite
+        )
         with pytest.raises(OutputDirError, match=f"out_dir: {foreign} is not empty and is not a model export"):
             sft(cfg)
     assert (foreign / "notes.txt").read_text() == "keep me" and os.listdir(foreign) == ["notes.txt"]

@@ -118,7 +118,9 @@ def test_checkpoint_loads_straight_into_rule_shardings(tmp_path):
     ref = load_model(path)
     tokens, mask = _batch(model.cfg.vocab_size)
     valid = np.asarray(mask).astype(bool)
-    assert np.abs(np.asarray(_forward(model, tokens, mask)) - np.asarray(_forward(ref, tokens, mask)))[valid].max() <= 1e-5
+    assert (
+        np.abs(np.asarray(_forward(model, tokens, mask)) - np.asarray(_forward(ref, tokens, mask)))[valid].max() <= 1e-5
+    )
 
 
 def test_minus_one_takes_the_rest_of_all_devices():
@@ -131,8 +133,20 @@ def test_minus_one_takes_the_rest_of_all_devices():
     assert MeshConfig.from_dict({"data": 2, "fsdp": -1, "tensor": 4}).resolve(256) == (2, 32, 4)
 
 
-MOE = ModelConfig("Qwen3MoeForCausalLM", 256, 32, 48, 2, 4, 2, 8, num_experts=4, num_experts_per_tok=2,
-                  moe_intermediate_size=16, mlp_only_layers=(0,))
+MOE = ModelConfig(
+    "Qwen3MoeForCausalLM",
+    256,
+    32,
+    48,
+    2,
+    4,
+    2,
+    8,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    mlp_only_layers=(0,),
+)
 
 
 @pytest.mark.parametrize("cfg", [STUDENT, TEACHER, MOE], ids=["qwen2", "qwen3", "qwen3_moe"])
@@ -145,13 +159,20 @@ def test_every_parameter_carries_logical_axis_names(cfg):
     for path, axes in names.items():
         assert len(axes) == len(param_specs(cfg)[path].shape) and set(axes) <= set(PARAM_AXES), (path, axes)
         assert axes == param_specs(cfg)[path].axes, path
-    want = {"embed": ("vocab", "embed"), "layers.q_kernel": ("layers", "embed", "heads", "head_dim"),
-            "layers.k_kernel": ("layers", "embed", "kv_heads", "head_dim"),
-            "layers.o_kernel": ("layers", "heads", "head_dim", "embed")}
+    want = {
+        "embed": ("vocab", "embed"),
+        "layers.q_kernel": ("layers", "embed", "heads", "head_dim"),
+        "layers.k_kernel": ("layers", "embed", "kv_heads", "head_dim"),
+        "layers.o_kernel": ("layers", "heads", "head_dim", "embed"),
+    }
     if cfg is MOE:
-        want.update({"moe.gate_kernel": ("layers", "expert", "embed", "moe_mlp"),
-                     "moe.router_kernel": ("layers", "embed", "router"),
-                     "dense_mlp.down_kernel": ("layers", "mlp", "embed")})
+        want.update(
+            {
+                "moe.gate_kernel": ("layers", "expert", "embed", "moe_mlp"),
+                "moe.router_kernel": ("layers", "embed", "router"),
+                "dense_mlp.down_kernel": ("layers", "mlp", "embed"),
+            }
+        )
     else:
         want.update({"layers.up_kernel": ("layers", "embed", "mlp"), "layers.down_kernel": ("layers", "mlp", "embed")})
     assert {k: names[k] for k in want} == want
@@ -235,8 +256,9 @@ def standard_compiles():
     """(stderr split by mark: {what: text logged during that compile}, {"<mesh> <role>": forward HLO})."""
     meshes = {"x".join(map(str, d.values())): d for d in MESHES}
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _REMAT_SCRIPT, json.dumps(meshes)], capture_output=True,
-                          text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _REMAT_SCRIPT, json.dumps(meshes)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sections, what = {}, None
     for line in proc.stderr.splitlines():
@@ -251,8 +273,11 @@ def standard_compiles():
 def test_standard_meshes_compile_without_involuntary_rematerialization(standard_compiles):
     """Forward of both models (own rules) and the train step on 8x1x1, 1x8x1, 2x2x2 and 1x4x2."""
     sections, _ = standard_compiles
-    programs = [f"{'x'.join(map(str, d.values()))} {p}" for d in MESHES
-                for p in ("forward student", "forward teacher", "train_step")]
+    programs = [
+        f"{'x'.join(map(str, d.values()))} {p}"
+        for d in MESHES
+        for p in ("forward student", "forward teacher", "train_step")
+    ]
     assert set(sections) == set(programs) | {"control", "end"}
     bad = {p: sections[p][:600] for p in programs if _REMAT in sections[p]}
     assert not bad, bad
@@ -290,7 +315,9 @@ def test_mesh_sizes_must_match_device_count():
 
 def test_unknown_axis_names_in_rules():
     mesh = build_mesh(MeshConfig.from_dict({"data": 2, "fsdp": 4}))
-    with pytest.raises(ShardingConfigError, match=r"rule vocab -> 'tensor' names an axis the mesh does not have; mesh axes: data, fsdp"):
+    with pytest.raises(
+        ShardingConfigError, match=r"rule vocab -> 'tensor' names an axis the mesh does not have; mesh axes: data, fsdp"
+    ):
         param_shardings(STUDENT, ShardingRules(), mesh)
     with pytest.raises(ShardingConfigError, match=r"unknown logical axis 'hidden'.*valid: vocab, embed"):
         ShardingRules.from_dict({"hidden": "fsdp"})
@@ -299,5 +326,8 @@ def test_unknown_axis_names_in_rules():
 def test_indivisible_dimension_names_the_parameter():
     mesh = build_mesh(MeshConfig.from_dict({"data": 1, "fsdp": 1, "tensor": 8}))
     # tiny student: 4 query heads cannot be split 8 ways
-    with pytest.raises(ShardingConfigError, match=r"parameter layers.q_kernel dim 2 \(heads=4\) is not divisible by mesh axes tensor of size 8; change the rule for .heads."):
+    with pytest.raises(
+        ShardingConfigError,
+        match=r"parameter layers.q_kernel dim 2 \(heads=4\) is not divisible by mesh axes tensor of size 8; change the rule for .heads.",
+    ):
         param_shardings(STUDENT, ShardingRules(), mesh)

@@ -49,8 +49,15 @@ def _hf_logits(path, dtype, tokens, mask, pos):
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     with torch.no_grad():
-        return hf(input_ids=torch.tensor(tokens).long(), attention_mask=torch.tensor(mask),
-                  position_ids=torch.tensor(pos).long()).logits.double().numpy()
+        return (
+            hf(
+                input_ids=torch.tensor(tokens).long(),
+                attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(pos).long(),
+            )
+            .logits.double()
+            .numpy()
+        )
 
 
 def test_smollm2_logits_match_transformers(smollm2):
@@ -66,8 +73,8 @@ def test_smollm2_logits_match_transformers(smollm2):
     tokens = np.zeros((len(enc), T), np.int32)
     mask = np.zeros_like(tokens)
     for b, ids in enumerate(enc):
-        tokens[b, T - len(ids):] = ids
-        mask[b, T - len(ids):] = 1
+        tokens[b, T - len(ids) :] = ids
+        mask[b, T - len(ids) :] = 1
     pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
     # Reference: transformers in float64, so the comparison measures our fp32 error alone (over
     # 30 layers, two fp32 implementations differ from each other by the sum of both errors).
@@ -77,8 +84,10 @@ def test_smollm2_logits_match_transformers(smollm2):
     valid = mask.astype(bool)
     diff = np.abs(ours - ref64)[valid].max()
     hf32_diff = np.abs(ref32 - ref64)[valid].max()
-    print(f"SmolLM2-135M max abs logits diff vs transformers fp64: ours fp32 {diff:.3e}, "
-          f"transformers fp32 {hf32_diff:.3e}, ours vs transformers fp32 {np.abs(ours - ref32)[valid].max():.3e}")
+    print(
+        f"SmolLM2-135M max abs logits diff vs transformers fp64: ours fp32 {diff:.3e}, "
+        f"transformers fp32 {hf32_diff:.3e}, ours vs transformers fp32 {np.abs(ours - ref32)[valid].max():.3e}"
+    )
     # The first token of each row is an attention sink with massive activations (|x| ~ 2e4 in
     # layers 16-28) that cancel in the last layer, so its fp32 logits are ill-conditioned: both
     # fp32 implementations deviate from fp64 there by ~1e-4 absolute (measured layer by layer; the

@@ -5,8 +5,11 @@ import pytest
 from tgpo_jax.configtree import ConfigError
 from tgpo_jax.train.config import TrainConfig, load_train_config
 
-BASE = {"models": {"student": "s", "teacher": "t"}, "rollout": {"prompts_per_iteration": 4, "n": 4, "max_new_tokens": 32},
-        "train": {"mini_batches": 2, "micro_batch": 4, "logprob_chunk": 16}}
+BASE = {
+    "models": {"student": "s", "teacher": "t"},
+    "rollout": {"prompts_per_iteration": 4, "n": 4, "max_new_tokens": 32},
+    "train": {"mini_batches": 2, "micro_batch": 4, "logprob_chunk": 16},
+}
 
 
 def _load(**patch):
@@ -25,7 +28,9 @@ def test_valid_config_and_defaults():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown key 'temprature' in rollout; valid keys: prompts_per_iteration, n, temperature"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'temprature' in rollout; valid keys: prompts_per_iteration, n, temperature"
+    ):
         _load(rollout={"temprature": 0.5})
     with pytest.raises(ConfigError, match=r"unknown key 'optimiser' in config; valid keys: run_dir, models"):
         _load(optimiser={})
@@ -56,8 +61,9 @@ def test_inconsistent_values_are_named():
 
 
 def test_rkl_allows_group_size_one_and_overrides_apply():
-    cfg = load_train_config(BASE, ["objective.name=rkl", "rollout.n=1", "rollout.prompts_per_iteration=16",
-                                   "optimizer.lr=3e-4"])
+    cfg = load_train_config(
+        BASE, ["objective.name=rkl", "rollout.n=1", "rollout.prompts_per_iteration=16", "optimizer.lr=3e-4"]
+    )
     assert cfg.objective.name == "rkl" and cfg.rollout.n == 1 and cfg.optimizer.lr == 3e-4
     with pytest.raises(ConfigError, match="must look like key.path=value"):
         load_train_config(BASE, ["objective.name"])
@@ -88,12 +94,24 @@ def test_attention_kernel_options_are_validated_and_reach_both_models(tmp_path):
     student, teacher = tiny_models(str(tmp_path))
     defaults = _load(models={"student": student, "teacher": teacher}).models
     assert (defaults.attn_impl, defaults.attn_query_block) == ("auto", -1)
-    cfg = _load(models={"student": student, "teacher": teacher, "attn_impl": "sdpa", "attn_query_block": 8,
-                        "cache_layers": "scan", "remat_policy": "nothing"})
+    cfg = _load(
+        models={
+            "student": student,
+            "teacher": teacher,
+            "attn_impl": "sdpa",
+            "attn_query_block": 8,
+            "cache_layers": "scan",
+            "remat_policy": "nothing",
+        }
+    )
     _, s, t, _ = setup.build_models(cfg)
     for m in (s, t):
         assert (m.cfg.attn_impl, m.cfg.attn_query_block, m.cfg.cache_layers, m.cfg.remat_policy) == (
-            "sdpa", 8, "scan", "nothing")
+            "sdpa",
+            8,
+            "scan",
+            "nothing",
+        )
 
 
 def test_sft_config_validates_its_attention_options_and_defaults_like_a_train_config():
@@ -102,7 +120,9 @@ def test_sft_config_validates_its_attention_options_and_defaults_like_a_train_co
     base = {"model": "m", "data": {"solution_column": "solution"}}
     cfg = load_sft_config(base)
     assert cfg.model_overrides() == {"attn_impl": "auto", "attn_query_block": -1}
-    assert cfg.model_overrides() == {k: v for k, v in _load().models.model_overrides().items() if k in cfg.model_overrides()}
+    assert cfg.model_overrides() == {
+        k: v for k, v in _load().models.model_overrides().items() if k in cfg.model_overrides()
+    }
     with pytest.raises(ConfigError, match=r"attn_impl='flash'; accepted: einsum, sdpa, cudnn, cpu, auto"):
         load_sft_config({**base, "attn_impl": "flash"})
     with pytest.raises(ConfigError, match=r"attn_query_block=-3 must be >= 0"):
@@ -110,16 +130,27 @@ def test_sft_config_validates_its_attention_options_and_defaults_like_a_train_co
 
 
 def test_distributed_settings_come_from_the_config_and_are_checked(monkeypatch):
-    for var in ("TGPO_COORDINATOR_ADDRESS", "TGPO_NUM_PROCESSES", "TGPO_PROCESS_ID", "JAX_COORDINATOR_ADDRESS",
-                "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    for var in (
+        "TGPO_COORDINATOR_ADDRESS",
+        "TGPO_NUM_PROCESSES",
+        "TGPO_PROCESS_ID",
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+    ):
         monkeypatch.delenv(var, raising=False)
     dist = {"coordinator_address": "10.0.0.2:8476", "num_processes": 4, "process_id": 3}
     cfg = _load(sharding={"distributed": dist})
-    assert (cfg.sharding.distributed.coordinator_address, cfg.sharding.distributed.num_processes,
-            cfg.sharding.distributed.process_id) == ("10.0.0.2:8476", 4, 3)
+    assert (
+        cfg.sharding.distributed.coordinator_address,
+        cfg.sharding.distributed.num_processes,
+        cfg.sharding.distributed.process_id,
+    ) == ("10.0.0.2:8476", 4, 3)
     with pytest.raises(ConfigError, match=r"sharding.distributed: process_id must be in \[0, num_processes=4\); got 4"):
         _load(sharding={"distributed": dict(dist, process_id=4)})
-    with pytest.raises(ConfigError, match=r"sharding.distributed: incomplete multi-process settings: missing num_processes"):
+    with pytest.raises(
+        ConfigError, match=r"sharding.distributed: incomplete multi-process settings: missing num_processes"
+    ):
         _load(sharding={"distributed": {"coordinator_address": "10.0.0.2:8476", "process_id": 0}})
     with pytest.raises(ConfigError, match=r"coordinator_addres"):  # unknown key: the valid ones are listed
         _load(sharding={"distributed": {"coordinator_addres": "x:1"}})

@@ -5,7 +5,6 @@ exported student loads in transformers with identical logits."""
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +12,8 @@ import time
 
 import numpy as np
 import pytest
-
 from train_e2e_helpers import comparable, last_per_iteration, tiny_config
+
 from tgpo_jax.train.config import load_train_config
 from tgpo_jax.train.loop import TrainingDiverged, train
 
@@ -44,8 +43,13 @@ def test_three_iterations_end_to_end(root, objective):
 
 def _spawn(config_path: str):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    return subprocess.Popen([sys.executable, "-m", "tgpo_jax.cli", "train", "--config", config_path],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tgpo_jax.cli", "train", "--config", config_path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
 
 
 def _write(cfg: dict, path: str) -> str:
@@ -117,7 +121,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(root,
 
     monkeypatch.setattr(loop, "run_iteration", poisoned)
     cfg = load_train_config(tiny_config(root, "nan", iterations=4))
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at iteration 3.*last good checkpoint is kept \(iteration 2\)"):
+    with pytest.raises(
+        TrainingDiverged, match=r"non-finite loss \(nan\) at iteration 3.*last good checkpoint is kept \(iteration 2\)"
+    ):
         train(cfg)
     steps = sorted(int(d) for d in os.listdir(os.path.join(cfg.run_dir, "checkpoints", "latest")) if d.isdigit())
     assert steps[-1] == 2

@@ -56,8 +56,9 @@ def test_chunked_equals_unchunked_values_and_gradients(valid_vocab):
         got = student_stats(h, head, y, ids, chunk=chunk, valid_vocab=valid_vocab)
         for a, b in zip(got, ref):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-        g_got = jax.grad(lambda h, hd: scalar(student_stats(h, hd, y, ids, chunk=chunk, valid_vocab=valid_vocab)),
-                         argnums=(0, 1))(h, head)
+        g_got = jax.grad(
+            lambda h, hd: scalar(student_stats(h, hd, y, ids, chunk=chunk, valid_vocab=valid_vocab)), argnums=(0, 1)
+        )(h, head)
         for a, b in zip(g_got, g_ref):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
@@ -84,8 +85,12 @@ def rollout():
     # first 16 - (i % 5) * 3 tokens.
     keep = 16 - (np.arange(16) % 5) * 3
     mask = (np.arange(16)[None] < keep[:, None]).astype(np.int32) * r.mask_BT
-    batch = dict(prompt=jnp.asarray(r.prompt_tokens_BP), prompt_mask=jnp.asarray(r.prompt_mask_BP),
-                 tokens=jnp.asarray(r.tokens_BT * mask), mask=jnp.asarray(mask))
+    batch = dict(
+        prompt=jnp.asarray(r.prompt_tokens_BP),
+        prompt_mask=jnp.asarray(r.prompt_mask_BP),
+        tokens=jnp.asarray(r.tokens_BT * mask),
+        mask=jnp.asarray(mask),
+    )
     rewards = (r.tokens_BT[:, 0] % 3 == 0).astype(np.float32)
     return student, teacher, batch, jnp.asarray(grpo_advantages(rewards, 4))
 
@@ -94,7 +99,7 @@ def _full_logits(model, batch):
     toks = jnp.concatenate([batch["prompt"], batch["tokens"]], 1)
     mask = jnp.concatenate([batch["prompt_mask"], batch["mask"]], 1)
     P, T = batch["prompt"].shape[1], batch["tokens"].shape[1]
-    return np.asarray(model(toks, left_pad_positions(mask), mask)[0][:, P - 1:P + T - 1])
+    return np.asarray(model(toks, left_pad_positions(mask), mask)[0][:, P - 1 : P + T - 1])
 
 
 def test_score_step_matches_full_forward(rollout):
@@ -107,7 +112,11 @@ def test_score_step_matches_full_forward(rollout):
     y, m = np.asarray(batch["tokens"]), np.asarray(batch["mask"]).astype(bool)
     lps = zs - np.log(np.exp(zs - zs.max(-1, keepdims=True)).sum(-1, keepdims=True)) - zs.max(-1, keepdims=True)
     zt_valid = np.where(np.arange(zt.shape[-1]) < 560, zt, -np.inf)
-    lpt = zt_valid - np.log(np.exp(zt_valid - zt_valid.max(-1, keepdims=True)).sum(-1, keepdims=True)) - zt_valid.max(-1, keepdims=True)
+    lpt = (
+        zt_valid
+        - np.log(np.exp(zt_valid - zt_valid.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - zt_valid.max(-1, keepdims=True)
+    )
     old = np.take_along_axis(lps, y[..., None], -1)[..., 0]
     tlp = np.take_along_axis(lpt, y[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(out["old_logp"])[m], old[m], atol=1e-5)

@@ -34,8 +34,16 @@ V, E = 40, 16  # real vocabulary and hidden size of the tiny model
 
 def tiny_cfg(vocab_size: int = V, tied: bool = False, **kw) -> ModelConfig:
     return ModelConfig(
-        architecture="Qwen2ForCausalLM", vocab_size=vocab_size, hidden_size=E, intermediate_size=32,
-        num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=tied, **kw,
+        architecture="Qwen2ForCausalLM",
+        vocab_size=vocab_size,
+        hidden_size=E,
+        intermediate_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        tie_word_embeddings=tied,
+        **kw,
     )
 
 
@@ -203,8 +211,10 @@ def test_qwen_sizes_with_numpy_arrays():
     """Qwen2.5-7B (152,064 rows) and -3B (151,936 rows) share a 151,665-id tokenizer."""
     rng = np.random.default_rng(0)
     big = tiny_cfg(vocab_size=152064)
-    params = {"embed": rng.standard_normal((152064, 2)).astype(np.float16),
-              "lm_head": rng.standard_normal((2, 152064)).astype(np.float16)}
+    params = {
+        "embed": rng.standard_normal((152064, 2)).astype(np.float16),
+        "lm_head": rng.standard_normal((2, 152064)).astype(np.float16),
+    }
     cut, cut_cfg = align_vocab(params, big, 151936, real_vocab_size=151665)
     assert (cut_cfg.vocab_size, cut_cfg.valid_vocab_size) == (151936, 151665)
     assert cut["embed"].shape == (151936, 2) and cut["lm_head"].shape == (2, 151936)
@@ -266,8 +276,12 @@ def variant(tok, edit, **special_tokens) -> PreTrainedTokenizerFast:
 
 def wrap(backend: Tokenizer, **special_tokens) -> PreTrainedTokenizerFast:
     """backend with the tiny tokenizer's special tokens unless overridden."""
-    kwargs = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
-                  extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+    kwargs = dict(
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     return PreTrainedTokenizerFast(tokenizer_object=backend, **(kwargs | special_tokens))
 
 

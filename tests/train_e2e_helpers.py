@@ -7,7 +7,6 @@ import os
 
 from tgpo_jax.models.tiny import make_tiny_checkpoint
 
-
 SYSTEM = "Think in <think></think>, answer in \\boxed{}."
 
 
@@ -20,8 +19,15 @@ def tiny_models(root: str) -> tuple[str, str]:
 
 
 def write_luffy_data(path: str) -> str:
-    rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b),
-             "solution": f"<think>{a} + {b} = {a + b}</think> \\boxed{{{a + b}}}"} for a in range(1, 5) for b in range(1, 5)]
+    rows = [
+        {
+            "problem": f"What is {a} + {b}?",
+            "answer": str(a + b),
+            "solution": f"<think>{a} + {b} = {a + b}</think> \\boxed{{{a + b}}}",
+        }
+        for a in range(1, 5)
+        for b in range(1, 5)
+    ]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return path
@@ -30,7 +36,8 @@ def write_luffy_data(path: str) -> str:
 def tiny_config(root: str, run: str, objective: str = "tgpo_reg", iterations: int = 3, **extra) -> dict:
     s, t = tiny_models(root)
     cfg = {
-        "run_dir": os.path.join(root, run), "models": {"student": s, "teacher": t},
+        "run_dir": os.path.join(root, run),
+        "models": {"student": s, "teacher": t},
         "sharding": {"mesh": {"data": 2, "fsdp": 2, "tensor": 2}},
         "rollout": {"prompts_per_iteration": 4, "n": 4, "max_new_tokens": 8, "prompt_buckets": [128]},
         "objective": {"name": objective},
@@ -43,8 +50,12 @@ def tiny_config(root: str, run: str, objective: str = "tgpo_reg", iterations: in
         "logging": {"progress": False, "tensorboard": True, "plot": True},
     }
     if objective == "luffy":
-        cfg["data"] = {"files": [write_luffy_data(os.path.join(root, "luffy.jsonl"))], "solution_column": "solution",
-                       "max_prompt_len": 128, "system_prompt": SYSTEM}
+        cfg["data"] = {
+            "files": [write_luffy_data(os.path.join(root, "luffy.jsonl"))],
+            "solution_column": "solution",
+            "max_prompt_len": 128,
+            "system_prompt": SYSTEM,
+        }
     for k, v in extra.items():
         cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
     return cfg

@@ -1,2 +1,3 @@
 """TGPO in JAX."""
+
 __version__ = "0.1.0"

@@ -22,5 +22,5 @@ def resolve_config(path: str) -> str:
     runs (an installed package, another working directory) is read from the bundled copy."""
     if os.path.exists(path) or not os.path.normpath(path).startswith(_PREFIX):
         return path
-    bundled = os.path.join(CONFIG_DIR, os.path.normpath(path)[len(_PREFIX):])
+    bundled = os.path.join(CONFIG_DIR, os.path.normpath(path)[len(_PREFIX) :])
     return bundled if os.path.exists(bundled) else path

@@ -40,9 +40,15 @@ def cmd_convert(args) -> int:
     names = ("--to-hf", "--overwrite")
     check_out_dir(args.to_hf, overwrite=args.overwrite, name=names[0], overwrite_flag=names[1])  # before loading
     model = load_model(args.from_hf, param_dtype=args.dtype)
-    out = save_hf(model, args.to_hf, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-                  tokenizer_dir=args.from_hf if _has_tokenizer(args.from_hf) else None, overwrite=args.overwrite,
-                  names=names)
+    out = save_hf(
+        model,
+        args.to_hf,
+        dtype=args.dtype,
+        max_shard_bytes=int(args.max_shard_gb * 1024**3),
+        tokenizer_dir=args.from_hf if _has_tokenizer(args.from_hf) else None,
+        overwrite=args.overwrite,
+        names=names,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -56,9 +62,17 @@ def _has_tokenizer(path: str) -> bool:
 def cmd_sample(args) -> int:
     from tgpo_jax.rollout.text import run_sample
 
-    for line in run_sample(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat,
-                           stop_ids=args.stop_ids):
+    for line in run_sample(
+        args.model,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        chat=not args.no_chat,
+        stop_ids=args.stop_ids,
+    ):
         print(line)
     return 0
 
@@ -70,8 +84,11 @@ def cmd_demo(args) -> int:
         run_demo(args.out, quick=args.quick, config_path=args.config, overrides=args.overrides)
     except KeyboardInterrupt:
         # Ctrl-C is not a crash: no traceback, but what a rerun does with the work kept
-        print("tgpo-jax demo: interrupted; the same command keeps the finished stages, continues an unfinished "
-              "SFT from its last checkpoint and starts the TGPO stage over", file=sys.stderr)
+        print(
+            "tgpo-jax demo: interrupted; the same command keeps the finished stages, continues an unfinished "
+            "SFT from its last checkpoint and starts the TGPO stage over",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
@@ -135,8 +152,11 @@ def cmd_sft(args) -> int:
     try:
         out = sft(cfg)
     except KeyboardInterrupt:
-        rerun = ("resumes from the last checkpoint" if cfg.checkpoint_every else
-                 "starts again at step 1 (checkpoint_every=0 keeps no checkpoint)")
+        rerun = (
+            "resumes from the last checkpoint"
+            if cfg.checkpoint_every
+            else "starts again at step 1 (checkpoint_every=0 keeps no checkpoint)"
+        )
         print(f"tgpo-jax sft: interrupted; the same command {rerun}", file=sys.stderr)
         return 130
     print(f"wrote {out}")
@@ -171,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_OVERWRITE_HELP = ("replace a previous model export in --to-hf (config.json, safetensors, tokenizer files and "
-                   "nothing else); without it --to-hf must be new or empty, and any other directory is refused")
+_OVERWRITE_HELP = (
+    "replace a previous model export in --to-hf (config.json, safetensors, tokenizer files and "
+    "nothing else); without it --to-hf must be new or empty, and any other directory is refused"
+)
 
 
 def _add_model_commands(sub) -> None:
@@ -184,24 +206,44 @@ def _add_model_commands(sub) -> None:
     s = sub.add_parser("convert", help="import a HF checkpoint and write it back (dtype / shard size)")
     s.add_argument("--from-hf", required=True, help="local HF model directory to read")
     s.add_argument("--to-hf", required=True, help="output HF model directory")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the written weights")
-    s.add_argument("--max-shard-gb", type=float, default=5.0,
-                   help="largest safetensors shard in GiB (bigger models get an index + several shards)")
+    s.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights"
+    )
+    s.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=5.0,
+        help="largest safetensors shard in GiB (bigger models get an index + several shards)",
+    )
     s.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("sample", help="generate from a local HF checkpoint with the jitted KV-cache sampler")
     s.add_argument("--model", required=True, help="local HF model directory (weights + tokenizer)")
-    s.add_argument("--prompt", action="append", required=True,
-                   help="prompt text, non-empty (repeatable: one response per prompt, sampled as one batch)")
-    s.add_argument("--max-new-tokens", type=int, default=32,
-                   help="response length limit in tokens (>= 1; prompt + this must fit the model's context)")
+    s.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="prompt text, non-empty (repeatable: one response per prompt, sampled as one batch)",
+    )
+    s.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="response length limit in tokens (>= 1; prompt + this must fit the model's context)",
+    )
     s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (>= 0; 0 = greedy)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (>= 0; 0 = off)")
-    s.add_argument("--stop-id", type=int, action="append", default=[], metavar="ID", dest="stop_ids",
-                   help="extra stop token id besides EOS and <|im_end|> (repeatable)")
+    s.add_argument(
+        "--stop-id",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        dest="stop_ids",
+        help="extra stop token id besides EOS and <|im_end|> (repeatable)",
+    )
     s.add_argument("--seed", type=int, default=0, help="sampling seed (unused when greedy)")
     s.add_argument("--no-chat", action="store_true", help="feed the raw prompt, no chat template")
     s.set_defaults(fn=cmd_sample)
@@ -210,32 +252,52 @@ def _add_model_commands(sub) -> None:
 def _add_run_commands(sub) -> None:
     """train, sft, export, demo: training runs and their outputs."""
     s = sub.add_parser("train", help="TGPO (or a baseline) training run from a YAML config")
-    s.add_argument("--config", required=True, help="training YAML (sections models, rollout, objective, optimizer, "
-                                                     "train, data, rewards, eval, checkpoint, ...)")
-    s.add_argument("--resume-with-changes", action="store_true",
-                   help="resume a run_dir whose config.json differs from this config in keys that change the "
-                        "math (model, objective, optimizer, ...; see RESUME_NEUTRAL_KEYS in train/run_dir.py for "
-                        "the keys that may differ without it); the changes are recorded in RUN_DIR/history.jsonl")
+    s.add_argument(
+        "--config",
+        required=True,
+        help="training YAML (sections models, rollout, objective, optimizer, "
+        "train, data, rewards, eval, checkpoint, ...)",
+    )
+    s.add_argument(
+        "--resume-with-changes",
+        action="store_true",
+        help="resume a run_dir whose config.json differs from this config in keys that change the "
+        "math (model, objective, optimizer, ...; see RESUME_NEUTRAL_KEYS in train/run_dir.py for "
+        "the keys that may differ without it); the changes are recorded in RUN_DIR/history.jsonl",
+    )
     s.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sft", help="supervised fine-tuning on (prompt, solution) pairs; exports a HF directory")
-    s.add_argument("--config", required=True, help="SFT YAML (model, data with a solution_column, steps, optimizer, ...)")
+    s.add_argument(
+        "--config", required=True, help="SFT YAML (model, data with a solution_column, steps, optimizer, ...)"
+    )
     s.add_argument("overrides", nargs="*", help="key.path=value overrides")
     s.set_defaults(fn=cmd_sft)
 
     s = sub.add_parser("export", help="a run's latest student checkpoint as a HF directory")
     s.add_argument("--checkpoint", required=True, help="run directory (or its checkpoints/ folder)")
     s.add_argument("--to-hf", required=True, help="output HF model directory")
-    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the written weights (default: the run's models.param_dtype)")
+    s.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the written weights (default: the run's models.param_dtype)",
+    )
     s.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("demo", help="the embedded default: SFT a tiny teacher and a weaker student (different "
-                                    "reasoning style) on reasoning-gym arithmetic, then TGPO-Reg; CPU, offline, minutes")
-    s.add_argument("--out", default="runs/demo", help="output directory (SFT models there are cached across runs; the same command after an "
-                                           "interruption continues an unfinished SFT from its last checkpoint)")
+    s = sub.add_parser(
+        "demo",
+        help="the embedded default: SFT a tiny teacher and a weaker student (different "
+        "reasoning style) on reasoning-gym arithmetic, then TGPO-Reg; CPU, offline, minutes",
+    )
+    s.add_argument(
+        "--out",
+        default="runs/demo",
+        help="output directory (SFT models there are cached across runs; the same command after an "
+        "interruption continues an unfinished SFT from its last checkpoint)",
+    )
     s.add_argument("--quick", action="store_true", help="a much shorter smoke version (tests)")
     s.add_argument("--config", default=None, help="TGPO stage config (default: configs/demo.yaml)")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides of the TGPO stage config")
@@ -244,13 +306,20 @@ def _add_run_commands(sub) -> None:
 
 def _add_tool_commands(sub) -> None:
     """estimate, sweep, preset, experiment, eval, bench."""
-    s = sub.add_parser("estimate", help="per-device memory of student + teacher on a target mesh (exit 3: does not fit)")
+    s = sub.add_parser(
+        "estimate", help="per-device memory of student + teacher on a target mesh (exit 3: does not fit)"
+    )
     s.add_argument("--config", required=True, help="estimate YAML (see configs/estimate_example.yaml)")
-    s.add_argument("--device-memory-gb", type=float, default=None, help="per-device memory in GiB (overrides the config)")
+    s.add_argument(
+        "--device-memory-gb", type=float, default=None, help="per-device memory in GiB (overrides the config)"
+    )
     s.set_defaults(fn=cmd_estimate)
 
-    s = sub.add_parser("sweep", help="a grid / list of config overrides -> named runs: run locally one after another, "
-                                     "or print TPU launch commands (--tpu); --dry-run prints the plan; writes a summary")
+    s = sub.add_parser(
+        "sweep",
+        help="a grid / list of config overrides -> named runs: run locally one after another, "
+        "or print TPU launch commands (--tpu); --dry-run prints the plan; writes a summary",
+    )
     from tgpo_jax.sweep import add_arguments as _sweep_args
 
     _sweep_args(s)
@@ -262,16 +331,25 @@ def _add_tool_commands(sub) -> None:
     _preset_args(s)
     s.set_defaults(fn=cmd_preset)
 
-    s = sub.add_parser("experiment", help="experiments: divergence (TGPO vs RKL vs KDRL vs GRPO across a ladder "
-                                          "of teachers of growing divergence; report.md + PNGs)")
+    s = sub.add_parser(
+        "experiment",
+        help="experiments: divergence (TGPO vs RKL vs KDRL vs GRPO across a ladder "
+        "of teachers of growing divergence; report.md + PNGs)",
+    )
     exp = s.add_subparsers(dest="experiment", required=True)
     s = exp.add_parser("divergence", help="the paper's central claim in miniature, on CPU")
-    s.add_argument("--config", default="configs/experiment_divergence.yaml",
-                   help="experiment YAML (default: the bundled configs/experiment_divergence.yaml)")
+    s.add_argument(
+        "--config",
+        default="configs/experiment_divergence.yaml",
+        help="experiment YAML (default: the bundled configs/experiment_divergence.yaml)",
+    )
     s.add_argument("--quick", action="store_true", help="the config's `quick` section: one seed, fewer iterations")
     s.add_argument("--out", default=None, help="output directory (overrides out_dir; cells and SFT models are cached)")
-    s.add_argument("overrides", nargs="*", help="key.path=value overrides of the experiment config, e.g. "
-                                                "variant=lam002 'methods=[tgpo_reg]' 'seeds=[0]'")
+    s.add_argument(
+        "overrides",
+        nargs="*",
+        help="key.path=value overrides of the experiment config, e.g. variant=lam002 'methods=[tgpo_reg]' 'seeds=[0]'",
+    )
     s.set_defaults(fn=cmd_experiment)
 
     s = sub.add_parser("eval", help="avg@k accuracy of a HF checkpoint on eval files (JSON + Markdown report)")
@@ -280,8 +358,11 @@ def _add_tool_commands(sub) -> None:
     _eval_args(s)
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("bench", help="benchmarks: sampler | train-step (our sampler vs transformers generate; "
-                                     "the TGPO-Reg train step vs PyTorch full logits)")
+    s = sub.add_parser(
+        "bench",
+        help="benchmarks: sampler | train-step (our sampler vs transformers generate; "
+        "the TGPO-Reg train step vs PyTorch full logits)",
+    )
     bench = s.add_subparsers(dest="bench_command", required=True)
     s = bench.add_parser("sampler", help="tokens/s of the jitted sampler vs transformers generate, same weights")
     from tgpo_jax.bench.sampler_bench import add_arguments as _bench_sampler_args

@@ -78,8 +78,10 @@ def from_dict(cls, d: dict | None, path: str = ""):
     unknown = sorted(set(d) - set(fields))
     where = path or "config"
     if unknown:
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in unknown)} in "
-                          f"{where}; valid keys: {', '.join(fields)}")
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in unknown)} in "
+            f"{where}; valid keys: {', '.join(fields)}"
+        )
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in d.items():

@@ -81,8 +81,10 @@ class SFTSpec:
 
     def model_kwargs(self) -> dict[str, int]:
         """The architecture fields, as keyword arguments of `tiny_config` / `make_tiny_checkpoint`."""
-        return {k: getattr(self, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
-                                               "num_kv_heads", "head_dim")}
+        return {
+            k: getattr(self, k)
+            for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +93,7 @@ class DemoSettings:
     # The teacher writes style A but has read some style B: like a strong real teacher, its argmax on
     # a style-B prefix is a sensible (correct) continuation, while its own solutions differ in style.
     teacher: SFTSpec = SFTSpec(style_b_frac=0.2, hidden_size=128, intermediate_size=384, head_dim=32, steps=500)
-    student: SFTSpec = SFTSpec(style_b_frac=1.0, seed=1, hidden_size=64, intermediate_size=192, head_dim=16,
-                               steps=400)
+    student: SFTSpec = SFTSpec(style_b_frac=1.0, seed=1, hidden_size=64, intermediate_size=192, head_dim=16, steps=400)
     eval_items: int | None = None  # None: the whole held-out set
     train_overrides: tuple[str, ...] = ()  # key=value overrides of configs/demo.yaml
 
@@ -103,8 +104,16 @@ QUICK = DemoSettings(
     teacher=dataclasses.replace(FULL.teacher, hidden_size=64, intermediate_size=128, head_dim=16, steps=6),
     student=dataclasses.replace(FULL.student, hidden_size=32, intermediate_size=64, head_dim=8, steps=4),
     eval_items=16,
-    train_overrides=("train.iterations=2", "rollout.prompts_per_iteration=8", "rollout.n=4", "train.micro_batch=16",
-                     "eval.every=1", "eval.k=1", "logging.progress=false", "logging.tensorboard=false"),
+    train_overrides=(
+        "train.iterations=2",
+        "rollout.prompts_per_iteration=8",
+        "rollout.n=4",
+        "train.micro_batch=16",
+        "eval.every=1",
+        "eval.k=1",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+    ),
 )
 
 
@@ -142,7 +151,8 @@ def _cached(dir_: str, key: dict, must_exist: str) -> bool:
     try:
         with open(os.path.join(dir_, KEY_FILE)) as f:
             return json.load(f) == json.loads(json.dumps(key, default=str)) and os.path.exists(
-                os.path.join(dir_, must_exist))
+                os.path.join(dir_, must_exist)
+            )
     except (OSError, ValueError):
         return False
 
@@ -177,8 +187,10 @@ def _claim_dir(path: str, kind: str, key: dict | None = None) -> bool:
         raise ValueError(f"--out: {path} exists and is not a directory; choose another --out, or move it away")
     if os.path.isdir(path):
         if not _is_demo_dir(path, kind):
-            raise ValueError(f"--out: {path} exists and was not written by the demo (no {MARKER} in it, and it holds "
-                             f"{', '.join(sorted(os.listdir(path))[:5])}); choose another --out, or move it away")
+            raise ValueError(
+                f"--out: {path} exists and was not written by the demo (no {MARKER} in it, and it holds "
+                f"{', '.join(sorted(os.listdir(path))[:5])}); choose another --out, or move it away"
+            )
         if key is not None and _read_marker(path) == {"key": key}:
             for e in os.listdir(path):  # an export a kill interrupted: never to be finished
                 if e.startswith(".export-"):
@@ -203,9 +215,17 @@ def make_task_data(out_dir: str, task: TaskSpec) -> tuple[str, str, dict]:
         with open(os.path.join(data_dir, "stats.json")) as f:
             return train_path, heldout_path, json.load(f)
     _claim_dir(data_dir, "data")  # no key: a half-written data directory is redone (seconds)
-    ds = ChainSumDataset(ChainSumConfig(min_terms=task.min_terms, max_terms=task.max_terms, min_digits=task.digits,
-                                        max_digits=task.digits, allow_negation=False, size=task.rg_size,
-                                        seed=task.rg_seed))
+    ds = ChainSumDataset(
+        ChainSumConfig(
+            min_terms=task.min_terms,
+            max_terms=task.max_terms,
+            min_digits=task.digits,
+            max_digits=task.digits,
+            allow_negation=False,
+            size=task.rg_size,
+            seed=task.rg_seed,
+        )
+    )
     distinct: dict[str, dict] = {}
     for entry in ds:
         expr = entry["metadata"]["expression"]
@@ -215,14 +235,24 @@ def make_task_data(out_dir: str, task: TaskSpec) -> tuple[str, str, dict]:
     random.Random(task.split_seed).shuffle(items)
     if len(items) <= task.heldout:
         raise ValueError(f"only {len(items)} distinct problems: cannot hold out {task.heldout}")
-    splits = {heldout_path: items[:task.heldout], train_path: items[task.heldout:]}
+    splits = {heldout_path: items[: task.heldout], train_path: items[task.heldout :]}
     for path, rows in splits.items():
         with open(path, "w") as f:
             for e in rows:
                 expr = e["metadata"]["expression"]
                 assert sum(int(x) for x in expr.split("+")) == int(e["answer"]), e
-                f.write(json.dumps({"problem": f"What is {expr}?", "answer": e["answer"], "data_source": "chain_sum",
-                                    "teacher_solution": style_a(expr), "student_solution": style_b(expr)}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "problem": f"What is {expr}?",
+                            "answer": e["answer"],
+                            "data_source": "chain_sum",
+                            "teacher_solution": style_a(expr),
+                            "student_solution": style_b(expr),
+                        }
+                    )
+                    + "\n"
+                )
     stats = {"distinct": len(items), "train": len(items) - task.heldout, "heldout": task.heldout}
     with open(os.path.join(data_dir, "stats.json"), "w") as f:
         json.dump(stats, f)
@@ -244,8 +274,9 @@ def write_style_mix(train_path: str, out_path: str, style_b_frac: float, seed: i
     return out_path
 
 
-def sft_model(out_dir: str, name: str, spec: SFTSpec, train_path: str, data_section: dict,
-              log=print) -> tuple[str, bool]:
+def sft_model(
+    out_dir: str, name: str, spec: SFTSpec, train_path: str, data_section: dict, log=print
+) -> tuple[str, bool]:
     """(HF directory, reused?) of the model fine-tuned by `spec`; reused when its key matches. An
     unfinished SFT for the same key (an interrupted demo) continues from its last checkpoint."""
     from tgpo_jax.models.tiny import TINY_VOCAB, make_tiny_checkpoint
@@ -253,28 +284,44 @@ def sft_model(out_dir: str, name: str, spec: SFTSpec, train_path: str, data_sect
 
     root = os.path.join(out_dir, name)
     hf_dir = os.path.join(root, "hf")
-    key = {"spec": dataclasses.asdict(spec), "data": _file_digest(train_path), "vocab": TINY_VOCAB,
-           "prompt": {k: data_section.get(k) for k in ("system_prompt", "template", "max_prompt_len")}}
+    key = {
+        "spec": dataclasses.asdict(spec),
+        "data": _file_digest(train_path),
+        "vocab": TINY_VOCAB,
+        "prompt": {k: data_section.get(k) for k in ("system_prompt", "template", "max_prompt_len")},
+    }
     if _cached(root, key, os.path.join("hf", "config.json")):
         log(f"[demo] {name}: cached SFT model {hf_dir} (key matches, skipping training)")
         return hf_dir, True
     every = sft_checkpoint_every(spec.steps)
     if _claim_dir(root, "sft", key):
         log(f"[demo] {name}: continuing the unfinished SFT in {root} (same key)")
-    log(f"[demo] {name}: SFT {spec.steps} steps, a checkpoint every {every} (an interrupted demo continues "
-        f"from the last) -> {hf_dir}")
+    log(
+        f"[demo] {name}: SFT {spec.steps} steps, a checkpoint every {every} (an interrupted demo continues "
+        f"from the last) -> {hf_dir}"
+    )
     sft_data = write_style_mix(train_path, os.path.join(root, "sft_data.jsonl"), spec.style_b_frac, spec.seed)
     init = os.path.join(root, "init")
     if not os.path.isfile(os.path.join(init, "config.json")):  # seeded: the same weights when made again
         make_tiny_checkpoint(init, arch=spec.arch, seed=spec.seed, **spec.model_kwargs())
-    cfg = load_sft_config({
-        "run_dir": os.path.join(root, "sft"), "model": init, "out_dir": hf_dir, "steps": spec.steps,
-        "batch_size": spec.batch_size, "micro_batch": spec.batch_size, "max_solution_len": spec.max_solution_len,
-        "logprob_chunk": 16, "log_every": max(1, spec.steps // 10), "progress": True,
-        "checkpoint_every": every, "overwrite_out_dir": True,  # hf/ is inside the demo's own directory
-        "optimizer": {"lr": spec.lr, "weight_decay": 0.0, "warmup_steps": spec.warmup_steps},
-        "data": {**data_section, "files": [sft_data], "solution_column": "solution"},
-    })
+    cfg = load_sft_config(
+        {
+            "run_dir": os.path.join(root, "sft"),
+            "model": init,
+            "out_dir": hf_dir,
+            "steps": spec.steps,
+            "batch_size": spec.batch_size,
+            "micro_batch": spec.batch_size,
+            "max_solution_len": spec.max_solution_len,
+            "logprob_chunk": 16,
+            "log_every": max(1, spec.steps // 10),
+            "progress": True,
+            "checkpoint_every": every,
+            "overwrite_out_dir": True,  # hf/ is inside the demo's own directory
+            "optimizer": {"lr": spec.lr, "weight_decay": 0.0, "warmup_steps": spec.warmup_steps},
+            "data": {**data_section, "files": [sft_data], "solution_column": "solution"},
+        }
+    )
     t0 = time.perf_counter()
     sft(cfg)
     shutil.rmtree(init, ignore_errors=True)
@@ -297,9 +344,16 @@ def heldout_accuracy(model_dir: str, eval_path: str, cfg) -> float:
     root = os.path.dirname(model_dir)
     path = os.path.join(root, "heldout_eval.json")
     prompt = {k: cfg.data[k] for k in ("system_prompt", "template", "max_prompt_len") if k in cfg.data}
-    key = {"eval_file": _file_digest(eval_path), "k": cfg.eval.k, "temperature": cfg.eval.temperature,
-           "top_p": cfg.eval.top_p, "max_new_tokens": cfg.eval.max_new_tokens, "seed": cfg.train.seed,
-           "model": _file_digest(os.path.join(root, KEY_FILE)), "prompt": prompt}
+    key = {
+        "eval_file": _file_digest(eval_path),
+        "k": cfg.eval.k,
+        "temperature": cfg.eval.temperature,
+        "top_p": cfg.eval.top_p,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "seed": cfg.train.seed,
+        "model": _file_digest(os.path.join(root, KEY_FILE)),
+        "prompt": prompt,
+    }
     try:
         with open(path) as f:
             saved = json.load(f)
@@ -309,9 +363,19 @@ def heldout_accuracy(model_dir: str, eval_path: str, cfg) -> float:
         pass
     with open(eval_path) as f:
         n_items = sum(1 for line in f if line.strip())
-    rep = run_eval(model_dir, [eval_path], k=cfg.eval.k, max_new_tokens=cfg.eval.max_new_tokens,
-                   temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, batch_size=n_items,
-                   seed=cfg.train.seed, num_workers=cfg.rewards.workers, timeout_s=cfg.rewards.timeout_s, **prompt)
+    rep = run_eval(
+        model_dir,
+        [eval_path],
+        k=cfg.eval.k,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        temperature=cfg.eval.temperature,
+        top_p=cfg.eval.top_p,
+        batch_size=n_items,
+        seed=cfg.train.seed,
+        num_workers=cfg.rewards.workers,
+        timeout_s=cfg.rewards.timeout_s,
+        **prompt,
+    )
     with open(path, "w") as f:
         json.dump({"key": key, "accuracy": rep.mean_accuracy, "mean_length": rep.mean_length}, f)
     return rep.mean_accuracy
@@ -327,8 +391,9 @@ def _head(path: str, n: int, out: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ TGPO
-def train_config_dict(config_path: str, out_dir: str, student: str, teacher: str, train_path: str,
-                      heldout_path: str, overrides=()) -> dict:
+def train_config_dict(
+    config_path: str, out_dir: str, student: str, teacher: str, train_path: str, heldout_path: str, overrides=()
+) -> dict:
     """configs/demo.yaml with the demo's paths filled in and `overrides` applied."""
     from tgpo_jax.configtree import apply_overrides, load_yaml
 
@@ -346,8 +411,7 @@ def _records(path: str) -> list[dict]:
     return read_jsonl(path)
 
 
-def summarize(records: list[dict], teacher_acc: float, student_acc: float, curves: str | None,
-              times: dict) -> dict:
+def summarize(records: list[dict], teacher_acc: float, student_acc: float, curves: str | None, times: dict) -> dict:
     evals = [(r["iteration"], r["eval/score"]) for r in records if "eval/score" in r]
     first = records[0] if records else {}
     last = records[-1] if records else {}
@@ -360,8 +424,10 @@ def summarize(records: list[dict], teacher_acc: float, student_acc: float, curve
         "iterations": last.get("iteration"),
         "gap_iteration_1": {k: first.get(k) for k in ("gap/reverse_kl_k1", "gap/mismatch_ratio")},
         "gap_last": {k: last.get(k) for k in ("gap/reverse_kl_k1", "gap/mismatch_ratio")},
-        "reward_first": first.get("reward/mean"), "reward_last": last.get("reward/mean"),
-        "curves_png": curves, "times_s": times,
+        "reward_first": first.get("reward/mean"),
+        "reward_last": last.get("reward/mean"),
+        "curves_png": curves,
+        "times_s": times,
     }
 
 
@@ -395,8 +461,9 @@ def summary_table(s: dict) -> str:
     return "\n".join(rows)
 
 
-def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, config_path: str | None = None,
-             overrides=(), log=print) -> dict:
+def run_demo(
+    out_dir: str = "runs/demo", *, quick: bool = False, config_path: str | None = None, overrides=(), log=print
+) -> dict:
     """Runs the whole demo; returns the summary (also written to <out>/summary.json and summary.md)."""
     from tgpo_jax.train.config import load_train_config
 
@@ -410,8 +477,10 @@ def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, config_path: st
     t0 = time.perf_counter()
     train_path, heldout_path, stats = make_task_data(out_dir, settings.task)
     times["data"] = time.perf_counter() - t0
-    log(f"[demo] reasoning-gym chain_sum: {stats['distinct']} distinct problems -> {stats['train']} train, "
-        f"{stats['heldout']} held out ({os.path.dirname(train_path)})")
+    log(
+        f"[demo] reasoning-gym chain_sum: {stats['distinct']} distinct problems -> {stats['train']} train, "
+        f"{stats['heldout']} held out ({os.path.dirname(train_path)})"
+    )
 
     # The train config is read first: its data section (system prompt, template, prompt length) and
     # eval settings are shared by the SFT stages and the before/after accuracy.
@@ -424,8 +493,9 @@ def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, config_path: st
     student, s_cached = sft_model(out_dir, "student", settings.student, train_path, data_section, log)
     times["sft"] = time.perf_counter() - t0
 
-    cfg = load_train_config(train_config_dict(config_path, out_dir, student, teacher, train_path, heldout_path,
-                                              all_overrides))
+    cfg = load_train_config(
+        train_config_dict(config_path, out_dir, student, teacher, train_path, heldout_path, all_overrides)
+    )
     eval_path = heldout_path
     if settings.eval_items:  # quick mode: the first items of the held-out set
         eval_path = _head(heldout_path, settings.eval_items, os.path.join(out_dir, "data", "heldout_head.jsonl"))
@@ -434,17 +504,29 @@ def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, config_path: st
     teacher_acc = heldout_accuracy(teacher, eval_path, cfg)
     student_acc = heldout_accuracy(student, eval_path, cfg)
     times["eval_sft"] = time.perf_counter() - t0
-    log(f"[demo] held-out accuracy: teacher {_pct(teacher_acc)}, student {_pct(student_acc)} "
-        f"(k={cfg.eval.k}, temperature {cfg.eval.temperature})")
+    log(
+        f"[demo] held-out accuracy: teacher {_pct(teacher_acc)}, student {_pct(student_acc)} "
+        f"(k={cfg.eval.k}, temperature {cfg.eval.temperature})"
+    )
 
     times["tgpo"] = run_tgpo_stage(cfg, out_dir, log)
     times["total"] = time.perf_counter() - t_all
     curves = os.path.join(cfg.run_dir, "curves.png")
-    summary = summarize(_records(os.path.join(cfg.run_dir, "metrics.jsonl")), teacher_acc, student_acc,
-                        curves if os.path.exists(curves) else None, times)
-    summary.update(teacher_style_b_pct=100 * settings.teacher.style_b_frac, quick=quick,
-                   cached_sft={"teacher": t_cached, "student": s_cached}, teacher=teacher, student=student,
-                   run_dir=cfg.run_dir)
+    summary = summarize(
+        _records(os.path.join(cfg.run_dir, "metrics.jsonl")),
+        teacher_acc,
+        student_acc,
+        curves if os.path.exists(curves) else None,
+        times,
+    )
+    summary.update(
+        teacher_style_b_pct=100 * settings.teacher.style_b_frac,
+        quick=quick,
+        cached_sft={"teacher": t_cached, "student": s_cached},
+        teacher=teacher,
+        student=student,
+        run_dir=cfg.run_dir,
+    )
     write_summary(out_dir, summary, log)
     return summary
 
@@ -457,9 +539,11 @@ def run_tgpo_stage(cfg, out_dir: str, log=print) -> float:
     from tgpo_jax.train.loop import train
 
     lam0, decay, _ = cfg.objective.schedule()
-    log(f"[demo] TGPO-Reg: {cfg.train.iterations} iterations x {cfg.rollout.prompts_per_iteration} prompts x "
+    log(
+        f"[demo] TGPO-Reg: {cfg.train.iterations} iterations x {cfg.rollout.prompts_per_iteration} prompts x "
         f"{cfg.rollout.n} samples, lr {cfg.optimizer.lr:g}, lambda_0 {lam0:g} (decay {decay:g}/iteration), "
-        f"held-out eval every {cfg.eval.every} -> {cfg.run_dir}")
+        f"held-out eval every {cfg.eval.every} -> {cfg.run_dir}"
+    )
     _claim_dir(cfg.run_dir, "tgpo")  # no key: the TGPO stage always starts over (see the module docstring)
     with open(os.path.join(out_dir, "train_config.yaml"), "w") as f:
         yaml.safe_dump(config_dict(cfg), f, sort_keys=False)
@@ -478,9 +562,21 @@ def write_summary(out_dir: str, summary: dict, log=print) -> None:
     log("")
     log(table)
     t, cached = summary["times_s"], all(summary["cached_sft"].values())
-    log(f"[demo] done in {t['total']:.0f}s (data {t['data']:.0f}s, SFT {t['sft']:.0f}s{' cached' if cached else ''}, "
-        f"SFT evals {t['eval_sft']:.0f}s, TGPO {t['tgpo']:.0f}s); summary: {os.path.join(out_dir, 'summary.md')}")
+    log(
+        f"[demo] done in {t['total']:.0f}s (data {t['data']:.0f}s, SFT {t['sft']:.0f}s{' cached' if cached else ''}, "
+        f"SFT evals {t['eval_sft']:.0f}s, TGPO {t['tgpo']:.0f}s); summary: {os.path.join(out_dir, 'summary.md')}"
+    )
 
 
-__all__ = ["run_demo", "DemoSettings", "SFTSpec", "TaskSpec", "FULL", "QUICK", "style_a", "style_b",
-           "make_task_data", "summary_table"]
+__all__ = [
+    "run_demo",
+    "DemoSettings",
+    "SFTSpec",
+    "TaskSpec",
+    "FULL",
+    "QUICK",
+    "style_a",
+    "style_b",
+    "make_task_data",
+    "summary_table",
+]

@@ -26,14 +26,16 @@ def scheme(path: str) -> str | None:
 def is_remote(path: str) -> bool:
     s = scheme(path)
     if s is not None and s not in REMOTE_SCHEMES:
-        raise ValueError(f"unsupported URL scheme {s!r} in {path!r}; accepted: a local path or "
-                         f"{', '.join(x + '://' for x in REMOTE_SCHEMES)}")
+        raise ValueError(
+            f"unsupported URL scheme {s!r} in {path!r}; accepted: a local path or "
+            f"{', '.join(x + '://' for x in REMOTE_SCHEMES)}"
+        )
     return s is not None
 
 
 def _local(path: str) -> str:
     path = os.fspath(path)
-    return path[len("file://"):] if path.startswith("file://") else path
+    return path[len("file://") :] if path.startswith("file://") else path
 
 
 def _epath(path: str):

@@ -45,12 +45,15 @@ class Hardware:
     zone: str  # a zone that offers it (override with --zone)
 
 
-HARDWARE: dict[str, Hardware] = {h.name: h for h in (
-    Hardware("v4-8", "v4-8", "tpu-ubuntu2204-base", 4, 1, 32.0, "us-central2-b"),
-    Hardware("v5e-8", "v5litepod-8", "v2-alpha-tpuv5-lite", 8, 1, 16.0, "us-west4-a"),
-    Hardware("v5p-8", "v5p-8", "v2-alpha-tpuv5", 4, 1, 95.0, "us-east5-a"),
-    Hardware("v4-32", "v4-32", "tpu-ubuntu2204-base", 16, 4, 32.0, "us-central2-b"),
-)}
+HARDWARE: dict[str, Hardware] = {
+    h.name: h
+    for h in (
+        Hardware("v4-8", "v4-8", "tpu-ubuntu2204-base", 4, 1, 32.0, "us-central2-b"),
+        Hardware("v5e-8", "v5litepod-8", "v2-alpha-tpuv5-lite", 8, 1, 16.0, "us-west4-a"),
+        Hardware("v5p-8", "v5p-8", "v2-alpha-tpuv5", 4, 1, 95.0, "us-east5-a"),
+        Hardware("v4-32", "v4-32", "tpu-ubuntu2204-base", 16, 4, 32.0, "us-central2-b"),
+    )
+}
 
 
 def hardware(name: str) -> Hardware:
@@ -126,10 +129,13 @@ def load_preset(name_or_path: str) -> Preset:
     for name, entry in hw.items():
         hardware(name)
         if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: hardware.{name} must be a mapping of dotted config keys, or unsupported: reason")
+            raise ConfigError(
+                f"{path}: hardware.{name} must be a mapping of dotted config keys, or unsupported: reason"
+            )
     name = os.path.basename(path)[:-5]
-    return Preset(name, path, d["student"], d.get("teacher"), dict(d.get("student_context") or {}), train, hw,
-                  d.get("notes", ""))
+    return Preset(
+        name, path, d["student"], d.get("teacher"), dict(d.get("student_context") or {}), train, hw, d.get("notes", "")
+    )
 
 
 # ------------------------------------------------------------------------------------------ render
@@ -181,19 +187,41 @@ def estimate_config(preset: Preset, train_cfg, hw: Hardware):
     from tgpo_jax.sharding import estimate as est
 
     m, t = train_cfg.models, train_cfg
-    student = est.ModelEntry(hf=bundled_hf_config(preset.student, preset.student_context), param_dtype=m.param_dtype,
-                             dtype=m.dtype, rules=t.sharding.student_rules, trainable=True)
+    student = est.ModelEntry(
+        hf=bundled_hf_config(preset.student, preset.student_context),
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+        rules=t.sharding.student_rules,
+        trainable=True,
+    )
     teacher = None
     if preset.teacher:
-        teacher = est.ModelEntry(hf=bundled_hf_config(preset.teacher), param_dtype=m.teacher_param_dtype or m.param_dtype,
-                                 dtype=m.teacher_dtype or m.dtype, rules=t.sharding.teacher_rules, trainable=False)
-    batch = est.BatchConfig(rollout_batch=t.rollout_batch, micro_batch=t.train.micro_batch,
-                            prompt_len=int(t.data.get("max_prompt_len", 1024)), response_len=t.rollout.max_new_tokens,
-                            logits_chunk=t.train.logprob_chunk)
+        teacher = est.ModelEntry(
+            hf=bundled_hf_config(preset.teacher),
+            param_dtype=m.teacher_param_dtype or m.param_dtype,
+            dtype=m.teacher_dtype or m.dtype,
+            rules=t.sharding.teacher_rules,
+            trainable=False,
+        )
+    batch = est.BatchConfig(
+        rollout_batch=t.rollout_batch,
+        micro_batch=t.train.micro_batch,
+        prompt_len=int(t.data.get("max_prompt_len", 1024)),
+        response_len=t.rollout.max_new_tokens,
+        logits_chunk=t.train.logprob_chunk,
+    )
     opt = est.OptimizerConfig(state_dtype=m.param_dtype, master_dtype=None, grad_dtype=m.param_dtype)
-    return est.EstimateConfig(mesh=dict(t.sharding.mesh), num_devices=hw.devices, student=student, teacher=teacher,
-                              device_memory_gb=hw.hbm_gib * HEADROOM, batch=batch, optimizer=opt, remat="full",
-                              attention="materialized")
+    return est.EstimateConfig(
+        mesh=dict(t.sharding.mesh),
+        num_devices=hw.devices,
+        student=student,
+        teacher=teacher,
+        device_memory_gb=hw.hbm_gib * HEADROOM,
+        batch=batch,
+        optimizer=opt,
+        remat="full",
+        attention="materialized",
+    )
 
 
 def abstract_param_count(hf: dict, param_dtype: str, dtype: str) -> int:
@@ -227,7 +255,9 @@ class CheckResult:
     def line(self) -> str:
         status = ("fits" if self.fits else "DOES NOT FIT") + ("" if self.supported else " (marked unsupported)")
         flag = "ok " if self.ok else "BAD"
-        return f"{flag} {self.preset:<48} {self.hardware:<6} {self.peak_gib:7.2f} / {self.usable_gib:6.2f} GiB  {status}"
+        return (
+            f"{flag} {self.preset:<48} {self.hardware:<6} {self.peak_gib:7.2f} / {self.usable_gib:6.2f} GiB  {status}"
+        )
 
 
 def check(preset: Preset | str, hw_name: str) -> CheckResult:
@@ -240,8 +270,10 @@ def check(preset: Preset | str, hw_name: str) -> CheckResult:
     supported = unsupported_reason(preset, hw_name) is None
     cfg = load_train_config(render(preset, hw_name, allow_unsupported=True))
     if cfg.rollout.prompts_per_iteration % hw.hosts:
-        raise ConfigError(f"{preset.name} on {hw_name}: rollout.prompts_per_iteration={cfg.rollout.prompts_per_iteration} "
-                          f"is not divisible by the {hw.hosts} hosts (each host loads an equal share)")
+        raise ConfigError(
+            f"{preset.name} on {hw_name}: rollout.prompts_per_iteration={cfg.rollout.prompts_per_iteration} "
+            f"is not divisible by the {hw.hosts} hosts (each host loads an equal share)"
+        )
     ecfg = estimate_config(preset, cfg, hw)
     params = {"student": abstract_param_count(ecfg.student.hf, ecfg.student.param_dtype, ecfg.student.dtype)}
     if ecfg.teacher is not None:
@@ -250,8 +282,16 @@ def check(preset: Preset | str, hw_name: str) -> CheckResult:
     for role, n in params.items():
         if est.models[role].n_params != n:
             raise AssertionError(f"{role}: estimator counts {est.models[role].n_params} params, abstract build {n}")
-    return CheckResult(preset.name, hw_name, supported, bool(est.fits), est.peak_bytes / 1024**3,
-                       ecfg.device_memory_gb, params, est.report())
+    return CheckResult(
+        preset.name,
+        hw_name,
+        supported,
+        bool(est.fits),
+        est.peak_bytes / 1024**3,
+        ecfg.device_memory_gb,
+        params,
+        est.report(),
+    )
 
 
 def check_all(names: list[str] | None = None, hardware_names: list[str] | None = None) -> list[CheckResult]:
@@ -267,13 +307,22 @@ def check_all(names: list[str] | None = None, hardware_names: list[str] | None =
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="preset_command", required=True)
     sub.add_parser("list", help="the presets and their hardware entries")
-    s = sub.add_parser("check", help="validate presets: config, abstract model build, memory estimate (exit 1 on a problem)")
+    s = sub.add_parser(
+        "check", help="validate presets: config, abstract model build, memory estimate (exit 1 on a problem)"
+    )
     s.add_argument("names", nargs="*", help="preset names (default: all)")
-    s.add_argument("--hardware", action="append", default=None, choices=list(HARDWARE),
-                   help="check only this hardware entry (repeatable; default: every entry)")
+    s.add_argument(
+        "--hardware",
+        action="append",
+        default=None,
+        choices=list(HARDWARE),
+        help="check only this hardware entry (repeatable; default: every entry)",
+    )
     s.add_argument("--verbose", action="store_true", help="print the full estimate report of each entry")
-    for name, help_ in (("show", "print the rendered TrainConfig YAML of a preset on a hardware"),
-                        ("train", "train a preset on a hardware (what launch/tpu.sh runs on every worker)")):
+    for name, help_ in (
+        ("show", "print the rendered TrainConfig YAML of a preset on a hardware"),
+        ("train", "train a preset on a hardware (what launch/tpu.sh runs on every worker)"),
+    ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("name", help="preset name (tgpo-jax preset list) or a preset YAML path")
         s.add_argument("hardware", help=f"one of: {', '.join(HARDWARE)}")

@@ -31,8 +31,14 @@ from tgpo_jax.presets import render, set_dotted
 
 SWEEP_KEYS = ("name", "base", "run_root", "overrides", "grid", "runs", "summary_metrics")
 SPECIAL = ("preset", "hardware")
-SUMMARY_METRICS = ("reward/mean", "eval/score", "loss/total", "gap/reverse_kl_k1", "gap/mismatch_ratio",
-                   "response/length_mean")
+SUMMARY_METRICS = (
+    "reward/mean",
+    "eval/score",
+    "loss/total",
+    "gap/reverse_kl_k1",
+    "gap/mismatch_ratio",
+    "response/length_mean",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +88,10 @@ def _expand(d: dict, where: str) -> list[tuple[str, dict]]:
         if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
             raise ConfigError(f"{where}: grid must map each dotted key to a non-empty list of values; got {grid!r}")
         keys = list(grid)
-        return [("_".join(_name_part(k, v) for k, v in zip(keys, combo)), dict(zip(keys, combo)))
-                for combo in itertools.product(*grid.values())]
+        return [
+            ("_".join(_name_part(k, v) for k, v in zip(keys, combo)), dict(zip(keys, combo)))
+            for combo in itertools.product(*grid.values())
+        ]
     runs = d["runs"]
     if not isinstance(runs, list) or not runs:
         raise ConfigError(f"{where}: runs must be a non-empty list of {{name: ..., overrides: {{...}}}}")
@@ -101,7 +109,11 @@ def load_sweep(path: str, run_root: str | None = None) -> Sweep:
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(SWEEP_KEYS)}")
     base = d.get("base") or {}
-    if not isinstance(base, dict) or ("config" in base) == ("preset" in base) or set(base) - {"config", "preset", "hardware"}:
+    if (
+        not isinstance(base, dict)
+        or ("config" in base) == ("preset" in base)
+        or set(base) - {"config", "preset", "hardware"}
+    ):
         raise ConfigError(f"{path}: base must be {{preset: NAME, hardware: HW}} or {{config: FILE.yaml}}; got {base!r}")
     root = run_root or d.get("run_root") or f"runs/sweeps/{d.get('name') or 'sweep'}"
     common = dict(d.get("overrides") or {})
@@ -117,8 +129,7 @@ def load_sweep(path: str, run_root: str | None = None) -> Sweep:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"{path}: run names repeat: {', '.join(dup)}; give the runs distinct names")
-    return Sweep(d.get("name") or "sweep", path, root, tuple(runs),
-                 tuple(d.get("summary_metrics") or SUMMARY_METRICS))
+    return Sweep(d.get("name") or "sweep", path, root, tuple(runs), tuple(d.get("summary_metrics") or SUMMARY_METRICS))
 
 
 def validate_runs(sweep: Sweep) -> None:
@@ -222,9 +233,15 @@ def summarize(sweep: Sweep, status: dict[str, str] | None = None) -> tuple[str, 
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(p) -> None:
     p.add_argument("sweep", help="sweep YAML (configs/sweeps/<name>.yaml)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (and launch commands with --tpu); run nothing")
-    p.add_argument("--tpu", default=None, metavar="NAME",
-                   help="print one launch/tpu.sh command per run (TPU VM names NAME-1, NAME-2, ...) instead of running locally")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan (and launch commands with --tpu); run nothing"
+    )
+    p.add_argument(
+        "--tpu",
+        default=None,
+        metavar="NAME",
+        help="print one launch/tpu.sh command per run (TPU VM names NAME-1, NAME-2, ...) instead of running locally",
+    )
     p.add_argument("--zone", default=None, help="zone for the printed TPU commands")
     p.add_argument("--run-root", default=None, help="override the sweep's run_root (a local path or gs:// URL)")
     p.add_argument("--summary", action="store_true", help="only collect the final metrics of the runs found")

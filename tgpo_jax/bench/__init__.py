@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def emit_table(head: Sequence[str], rows: Sequence[Sequence[str]], emit: Callable[[str], None]) -> None:

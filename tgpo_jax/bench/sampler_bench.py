@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -81,15 +81,34 @@ def model_config(name: str, dtype: str = "float32"):
         cfg = tiny_config("qwen2")
     elif name == "smollm2-135m":
         cfg = ModelConfig(
-            architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-            max_position_embeddings=8192, tie_word_embeddings=True,
+            architecture="LlamaForCausalLM",
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_layers=30,
+            num_heads=9,
+            num_kv_heads=3,
+            head_dim=64,
+            rms_norm_eps=1e-5,
+            rope_theta=100000.0,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
         )
     elif name == "qwen2.5-1.5b":
         cfg = ModelConfig(
-            architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-            num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
-            max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=True,
+            architecture="Qwen2ForCausalLM",
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_layers=28,
+            num_heads=12,
+            num_kv_heads=2,
+            head_dim=128,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            max_position_embeddings=32768,
+            qkv_bias=True,
+            tie_word_embeddings=True,
         )
     else:
         raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODELS)}")
@@ -120,8 +139,12 @@ def roofline(cfg, s: BenchSettings, hbm_gbps: float) -> dict:
     ctx = s.prompt_len + s.new_tokens / 2
     kv_bytes = 2 * cfg.num_layers * s.batch * ctx * cfg.num_kv_heads * cfg.head_dim * nbytes
     step_s = (param_bytes + kv_bytes) / (hbm_gbps * 1e9)
-    return dict(hbm_gbps=hbm_gbps, param_bytes_per_step=int(param_bytes), kv_bytes_per_step=int(kv_bytes),
-                roofline_tokens_per_s=s.batch / step_s)
+    return dict(
+        hbm_gbps=hbm_gbps,
+        param_bytes_per_step=int(param_bytes),
+        kv_bytes_per_step=int(kv_bytes),
+        roofline_tokens_per_s=s.batch / step_s,
+    )
 
 
 def random_prompts(cfg, s: BenchSettings) -> list[list[int]]:
@@ -150,8 +173,15 @@ def bench_ours(model, prompts, s: BenchSettings, decode_split: bool = True) -> d
     if out.tokens_BT.shape != (s.batch, s.new_tokens) or not (out.lengths_B == s.new_tokens).all():
         raise RuntimeError(f"our sampler did not produce exactly {s.new_tokens} tokens per row")
     runs = [timed(params, jax.random.key(s.seed + 1 + i))[0] for i in range(s.repeats)]
-    result = dict(compile_s=compile_s, warmup_s=warmup_s, runs_s=runs, median_s=statistics.median(runs),
-                  prefill_compile_s=None, prefill_median_s=None, compiles=sampler.stats.compiles)
+    result = dict(
+        compile_s=compile_s,
+        warmup_s=warmup_s,
+        runs_s=runs,
+        median_s=statistics.median(runs),
+        prefill_compile_s=None,
+        prefill_median_s=None,
+        compiles=sampler.stats.compiles,
+    )
     if not decode_split:
         return result
     # Prefill alone (max_new_tokens=1: prefill + one token draw, no decode forward): the decode-only
@@ -160,8 +190,12 @@ def bench_ours(model, prompts, s: BenchSettings, decode_split: bool = True) -> d
     timed(pre, jax.random.key(s.seed))
     prefill_compile_s = sampler.stats.compile_s - compile_s
     prefill_runs = [timed(pre, jax.random.key(s.seed + 1 + i))[0] for i in range(s.repeats)]
-    return dict(result, prefill_compile_s=prefill_compile_s, prefill_median_s=statistics.median(prefill_runs),
-                compiles=sampler.stats.compiles)
+    return dict(
+        result,
+        prefill_compile_s=prefill_compile_s,
+        prefill_median_s=statistics.median(prefill_runs),
+        compiles=sampler.stats.compiles,
+    )
 
 
 # ---------------------------------------------------------------------- peer (transformers, PyTorch CPU)
@@ -185,9 +219,18 @@ def bench_peer(model, prompts, s: BenchSettings) -> dict:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = hf.generate(
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=True, num_return_sequences=s.n,
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                pad_token_id=0, eos_token_id=None, use_cache=True,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                num_return_sequences=s.n,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                pad_token_id=0,
+                eos_token_id=None,
+                use_cache=True,
             )
         return time.perf_counter() - t0, out
 
@@ -197,8 +240,9 @@ def bench_peer(model, prompts, s: BenchSettings) -> dict:
     for i in range(s.repeats):
         dt, out = generate(s.new_tokens, s.seed + 1 + i)
         if tuple(out.shape) != (s.batch, s.prompt_len + s.new_tokens):
-            raise RuntimeError(f"transformers generated shape {tuple(out.shape)}, expected "
-                               f"{(s.batch, s.prompt_len + s.new_tokens)}")
+            raise RuntimeError(
+                f"transformers generated shape {tuple(out.shape)}, expected {(s.batch, s.prompt_len + s.new_tokens)}"
+            )
         runs.append(dt)
     return dict(warmup_s=warmup_s, runs_s=runs, median_s=statistics.median(runs), threads=torch.get_num_threads())
 
@@ -207,15 +251,31 @@ def bench_peer(model, prompts, s: BenchSettings) -> dict:
 def _table(ours: dict, peer: dict | None, tokens: int, decode_tps: float | None, emit: Callable[[str], None]) -> None:
     ours_tps = tokens / ours["median_s"]
     peer_tps = tokens / peer["median_s"] if peer else None
-    rows = [("ours (jax Sampler)", f"{ours['compile_s']:.2f}", f"{ours['warmup_s']:.2f}", f"{ours['median_s']:.3f}",
-             f"{ours_tps:,.0f}")]
+    rows = [
+        (
+            "ours (jax Sampler)",
+            f"{ours['compile_s']:.2f}",
+            f"{ours['warmup_s']:.2f}",
+            f"{ours['median_s']:.3f}",
+            f"{ours_tps:,.0f}",
+        )
+    ]
     if peer:
-        rows.append((f"peer (transformers, torch {peer['threads']} thr)", "-", f"{peer['warmup_s']:.2f}",
-                     f"{peer['median_s']:.3f}", f"{peer_tps:,.0f}"))
+        rows.append(
+            (
+                f"peer (transformers, torch {peer['threads']} thr)",
+                "-",
+                f"{peer['warmup_s']:.2f}",
+                f"{peer['median_s']:.3f}",
+                f"{peer_tps:,.0f}",
+            )
+        )
     emit_table(("implementation", "compile_s", "warmup_s", "median_s", "tokens/s"), rows, emit)
     if ours["prefill_median_s"] is not None:
-        emit(f"  ours: prefill alone {ours['prefill_median_s']:.3f}s (compile {ours['prefill_compile_s']:.2f}s); "
-             f"decode {'-' if decode_tps is None else f'{decode_tps:,.0f}'} tokens/s")
+        emit(
+            f"  ours: prefill alone {ours['prefill_median_s']:.3f}s (compile {ours['prefill_compile_s']:.2f}s); "
+            f"decode {'-' if decode_tps is None else f'{decode_tps:,.0f}'} tokens/s"
+        )
 
 
 def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
@@ -227,10 +287,14 @@ def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
 
     cfg = model_config(s.model, s.dtype).replace(cache_layers=s.cache_layers)
     dev = jax.devices()[0]
-    emit(f"bench sampler: model={s.model} ({cfg.architecture}, {param_count(cfg) / 1e6:.1f}M params) "
-         f"dtype={s.dtype} device={dev.platform} ({dev.device_kind})")
-    emit(f"  prompts={s.prompts} x n={s.n} = {s.batch} rows, prompt_len={s.prompt_len}, "
-         f"new_tokens={s.new_tokens}, repeats={s.repeats} (median after 1 warm-up)")
+    emit(
+        f"bench sampler: model={s.model} ({cfg.architecture}, {param_count(cfg) / 1e6:.1f}M params) "
+        f"dtype={s.dtype} device={dev.platform} ({dev.device_kind})"
+    )
+    emit(
+        f"  prompts={s.prompts} x n={s.n} = {s.batch} rows, prompt_len={s.prompt_len}, "
+        f"new_tokens={s.new_tokens}, repeats={s.repeats} (median after 1 warm-up)"
+    )
     model = Decoder(cfg, nnx.Rngs(s.seed))
     prompts = random_prompts(cfg, s)
     tokens = s.batch * s.new_tokens
@@ -279,8 +343,12 @@ def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
     if hbm is not None:
         rf = roofline(cfg, s, hbm)
         result.update(rf, roofline_fraction=decode_tps / rf["roofline_tokens_per_s"] if decode_tps else None)
-        emit(f"  roofline ({hbm:.0f} GB/s): {rf['roofline_tokens_per_s']:,.0f} decode tokens/s; reached "
-             f"{result['roofline_fraction']:.1%}" if decode_tps else "  roofline: needs new_tokens > 1")
+        emit(
+            f"  roofline ({hbm:.0f} GB/s): {rf['roofline_tokens_per_s']:,.0f} decode tokens/s; reached "
+            f"{result['roofline_fraction']:.1%}"
+            if decode_tps
+            else "  roofline: needs new_tokens > 1"
+        )
     return result
 
 
@@ -291,21 +359,41 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 32; --quick 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 64; --quick 16)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up (default 3)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="our param + compute dtype (the transformers peer is always float32)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="our param + compute dtype (the transformers peer is always float32)",
+    )
     p.add_argument("--no-peer", action="store_true", help="skip transformers (accelerator runs)")
     p.add_argument("--quick", action="store_true", help="tiny model, small batch: well under a minute on CPU")
-    p.add_argument("--hbm-gbps", type=float, default=None,
-                   help=f"memory bandwidth for the roofline (default {DEFAULT_HBM_GBPS:.0f}, H200, on accelerators; "
-                        "no roofline on CPU unless given)")
-    p.add_argument("--decode-split", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time prefill alone to report the decode-only rate (default on, off with --quick; "
-                        "always on when a roofline is computed)")
-    p.add_argument("--peer-threads", type=int, default=None,
-                   help="torch threads for the transformers peer (default os.cpu_count())")
-    p.add_argument("--cache-layers", choices=["auto", "unroll", "scan"], default="auto",
-                   help="KV-cache layout (ModelConfig.cache_layers): unroll = per-layer buffers, layers unrolled; "
-                        "scan = one stacked cache, one layer body (compile time flat in depth); auto = unroll on CPU")
+    p.add_argument(
+        "--hbm-gbps",
+        type=float,
+        default=None,
+        help=f"memory bandwidth for the roofline (default {DEFAULT_HBM_GBPS:.0f}, H200, on accelerators; "
+        "no roofline on CPU unless given)",
+    )
+    p.add_argument(
+        "--decode-split",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time prefill alone to report the decode-only rate (default on, off with --quick; "
+        "always on when a roofline is computed)",
+    )
+    p.add_argument(
+        "--peer-threads",
+        type=int,
+        default=None,
+        help="torch threads for the transformers peer (default os.cpu_count())",
+    )
+    p.add_argument(
+        "--cache-layers",
+        choices=["auto", "unroll", "scan"],
+        default="auto",
+        help="KV-cache layout (ModelConfig.cache_layers): unroll = per-layer buffers, layers unrolled; "
+        "scan = one stacked cache, one layer body (compile time flat in depth); auto = unroll on CPU",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and the sampling keys")
     p.add_argument("--json-out", default=None, help="also write the result JSON to this file")
 
@@ -314,8 +402,16 @@ def settings_from_args(args) -> BenchSettings:
     base = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
     pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
     split = args.decode_split if args.decode_split is not None else not args.quick
-    return BenchSettings(**pick, dtype=args.dtype, peer=not args.no_peer, hbm_gbps=args.hbm_gbps, seed=args.seed,
-                         decode_split=split, peer_threads=args.peer_threads, cache_layers=args.cache_layers)
+    return BenchSettings(
+        **pick,
+        dtype=args.dtype,
+        peer=not args.no_peer,
+        hbm_gbps=args.hbm_gbps,
+        seed=args.seed,
+        decode_split=split,
+        peer_threads=args.peer_threads,
+        cache_layers=args.cache_layers,
+    )
 
 
 def main(args) -> int:

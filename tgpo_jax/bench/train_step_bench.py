@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -146,14 +146,30 @@ def model_config(s: Settings):
         cfg = tiny_config("qwen2", vocab_size=QWEN_VOCAB)
     else:  # Qwen2.5-1.5B shape
         cfg = ModelConfig(
-            architecture="Qwen2ForCausalLM", vocab_size=QWEN_VOCAB, hidden_size=1536, intermediate_size=8960,
-            num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
-            max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=True,
+            architecture="Qwen2ForCausalLM",
+            vocab_size=QWEN_VOCAB,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_layers=28,
+            num_heads=12,
+            num_kv_heads=2,
+            head_dim=128,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            max_position_embeddings=32768,
+            qkv_bias=True,
+            tie_word_embeddings=True,
         )
-    return cfg.replace(param_dtype=s.param_dtype, dtype=s.dtype, eos_token_id=None, bos_token_id=None,
-                       pad_token_id=None, max_position_embeddings=max(cfg.max_position_embeddings, s.seq_len),
-                       attn_query_block=s.attn_query_block,
-                       attn_impl=s.attn_impl)
+    return cfg.replace(
+        param_dtype=s.param_dtype,
+        dtype=s.dtype,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+        max_position_embeddings=max(cfg.max_position_embeddings, s.seq_len),
+        attn_query_block=s.attn_query_block,
+        attn_impl=s.attn_impl,
+    )
 
 
 def param_count(cfg) -> int:
@@ -178,8 +194,13 @@ def model_flops(cfg, s: Settings) -> dict:
     body = 6 * n_layers * s.batch * L
     head = 6 * E * V * s.batch * s.response_len
     attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * L * L * s.batch
-    return dict(flops_body=body, flops_lm_head=head, flops_attention=attn, flops_per_step=body + head + attn,
-                params_layers=n_layers)
+    return dict(
+        flops_body=body,
+        flops_lm_head=head,
+        flops_attention=attn,
+        flops_per_step=body + head + attn,
+        params_layers=n_layers,
+    )
 
 
 def full_logits_bytes(cfg, s: Settings) -> dict:
@@ -188,8 +209,12 @@ def full_logits_bytes(cfg, s: Settings) -> dict:
     gradient flowing back through them), before any activation, weight or optimizer memory."""
     one_batch = s.batch * s.seq_len * cfg.vocab_size * 4
     one_micro = s.micro_batch * s.seq_len * cfg.vocab_size * 4
-    return dict(full_logits_tensor_bytes=one_batch, full_logits_lower_bound_bytes=3 * one_batch,
-                full_logits_micro_batch_tensor_bytes=one_micro, full_logits_micro_batch_lower_bound_bytes=3 * one_micro)
+    return dict(
+        full_logits_tensor_bytes=one_batch,
+        full_logits_lower_bound_bytes=3 * one_batch,
+        full_logits_micro_batch_tensor_bytes=one_micro,
+        full_logits_micro_batch_lower_bound_bytes=3 * one_micro,
+    )
 
 
 # ---------------------------------------------------------------------- the synthetic mini-batch
@@ -204,7 +229,10 @@ def make_minibatch(s: Settings, vocab: int) -> dict[str, np.ndarray]:
     mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int32)
     tokens = rng.integers(1, vocab, (B, T)).astype(np.int32) * mask
     return dict(
-        prompt=prompt, prompt_mask=prompt_mask, tokens=tokens, mask=mask,
+        prompt=prompt,
+        prompt_mask=prompt_mask,
+        tokens=tokens,
+        mask=mask,
         adv_B=rng.normal(size=B).astype(np.float32),
         teacher_ids=rng.integers(0, vocab, (B, T)).astype(np.int32),
         teacher_valid=np.ones((B, T), np.float32),
@@ -297,12 +325,15 @@ def worker_setup(s: Settings, work: str) -> dict:
             m = nnx.merge(graphdef, state)
             h = response_hidden(m, prompt, prompt_mask, tokens, mask)
             ids = jnp.zeros(tokens.shape + (0,), jnp.int32)
-            return student_old_stats(h, m.lm_head_EV(), tokens, ids, chunk=s.chunk,
-                                     valid_vocab=cfg.valid_vocab_size or cfg.vocab_size)[0]
+            return student_old_stats(
+                h, m.lm_head_EV(), tokens, ids, chunk=s.chunk, valid_vocab=cfg.valid_vocab_size or cfg.vocab_size
+            )[0]
 
         b = s.micro_batch
-        rows = [np.asarray(old_logp(state, *(mb[k][i:i + b] for k in ("prompt", "prompt_mask", "tokens", "mask"))))
-                for i in range(0, s.batch, b)]
+        rows = [
+            np.asarray(old_logp(state, *(mb[k][i : i + b] for k in ("prompt", "prompt_mask", "tokens", "mask"))))
+            for i in range(0, s.batch, b)
+        ]
         mb["old_logp"] = (np.concatenate(rows) * mb["mask"]).astype(np.float32)
         np.savez(os.path.join(work, "minibatch.npz"), **mb)
         out["old_logp_mean"] = float(mb["old_logp"][mb["mask"] > 0].mean())
@@ -327,8 +358,14 @@ def prepare_ours(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
     mb = {k: jnp.asarray(v) for k, v in np.load(os.path.join(work, "minibatch.npz")).items()}
     if s.devices > 1:
         state, mb = _data_parallel(state, mb, s.devices)
-    obj = ObjectiveConfig(name="tgpo_reg", lambda_0=s.lambda_0, lambda_decay=s.lambda_decay,
-                          clip_eps_low=CLIP_EPS, clip_eps_high=CLIP_EPS, entropy_coef=ENTROPY_COEF)
+    obj = ObjectiveConfig(
+        name="tgpo_reg",
+        lambda_0=s.lambda_0,
+        lambda_decay=s.lambda_decay,
+        clip_eps_low=CLIP_EPS,
+        clip_eps_high=CLIP_EPS,
+        entropy_coef=ENTROPY_COEF,
+    )
     step = make_train_step(graphdef, opt, obj_cfg=obj, micro_batch=s.micro_batch, chunk=s.chunk)
     key = jax.random.key(s.seed)
     it = jnp.asarray(1, jnp.int32)  # lambda_1 = lambda_0 at every timed step
@@ -337,9 +374,14 @@ def prepare_ours(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
     t0 = time.perf_counter()
     compiled = step.lower(state, mb, key, it).compile()
     compile_s = time.perf_counter() - t0
-    info = dict(compile_s=compile_s, rss_before_bytes=rss_before, compile_peak_bytes=_hwm(),
-                xla_temp_bytes=getattr(compiled.memory_analysis(), "temp_size_in_bytes", None),
-                device=dev.platform, device_kind=dev.device_kind)
+    info = dict(
+        compile_s=compile_s,
+        rss_before_bytes=rss_before,
+        compile_peak_bytes=_hwm(),
+        xla_temp_bytes=getattr(compiled.memory_analysis(), "temp_size_in_bytes", None),
+        device=dev.platform,
+        device_kind=dev.device_kind,
+    )
     holder = [state]
 
     def one_step() -> float:
@@ -400,9 +442,10 @@ def prepare_peer(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
         total = 0.0
         for i in range(0, s.batch, b):
             sl = slice(i, i + b)
-            logits = hf(input_ids=input_ids[sl], attention_mask=attn[sl], position_ids=position_ids[sl],
-                        use_cache=False).logits  # [b, P+T, V]: the full logits
-            logp_all = torch.log_softmax(logits[:, P - 1:P + T - 1].float(), -1)
+            logits = hf(
+                input_ids=input_ids[sl], attention_mask=attn[sl], position_ids=position_ids[sl], use_cache=False
+            ).logits  # [b, P+T, V]: the full logits
+            logp_all = torch.log_softmax(logits[:, P - 1 : P + T - 1].float(), -1)
             logp = logp_all.gather(-1, d["tokens"][sl].long()[..., None])[..., 0]
             logp_teacher = logp_all.gather(-1, d["teacher_ids"][sl].long()[..., None])[..., 0]
             entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -419,8 +462,11 @@ def prepare_peer(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
         opt.step()
         return total
 
-    return one_step, dict(rss_before_bytes=_rss_now(), threads=torch.get_num_threads(),
-                          attn_implementation=getattr(hf.config, "_attn_implementation", None))
+    return one_step, dict(
+        rss_before_bytes=_rss_now(),
+        threads=torch.get_num_threads(),
+        attn_implementation=getattr(hf.config, "_attn_implementation", None),
+    )
 
 
 PREPARE = {"ours": prepare_ours, "peer": prepare_peer}
@@ -448,10 +494,17 @@ def _serve(role: str, s: Settings, work: str) -> dict:
         cpu.append(time.process_time() - c0)
         print("DONE", flush=True)
     w = s.warmup
-    info.update(warmup_s=times[0] if w else None, runs_s=times[w:], median_s=statistics.median(times[w:]),
-                cpu_median_s=statistics.median(cpu[w:]), first_loss=losses[0], last_loss=losses[-1],
-                peak_bytes=max(_peak_rss(), prepare_peak), step_peak_bytes=_hwm() if step_hwm else None,
-                load_avg=os.getloadavg()[0])
+    info.update(
+        warmup_s=times[0] if w else None,
+        runs_s=times[w:],
+        median_s=statistics.median(times[w:]),
+        cpu_median_s=statistics.median(cpu[w:]),
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        peak_bytes=max(_peak_rss(), prepare_peak),
+        step_peak_bytes=_hwm() if step_hwm else None,
+        load_avg=os.getloadavg()[0],
+    )
     if finish:
         finish(info)
     return info
@@ -482,8 +535,10 @@ def _run_setup(settings_path: str, work: str, emit: Callable[[str], None]) -> di
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"bench train-step: the setup worker failed (exit {proc.returncode}):\n"
-                           f"{(proc.stdout + proc.stderr)[-4000:]}")
+        raise RuntimeError(
+            f"bench train-step: the setup worker failed (exit {proc.returncode}):\n"
+            f"{(proc.stdout + proc.stderr)[-4000:]}"
+        )
     emit(f"  [setup] export + old_logp in {time.perf_counter() - t0:.1f}s (fresh process)")
     with open(os.path.join(work, "setup.json")) as f:
         return json.load(f)
@@ -497,8 +552,9 @@ class _Worker:
         self.role, self.work = role, work
         self.err_path = os.path.join(work, f"{role}.stderr")
         self._err = open(self.err_path, "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
-                                     text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1
+        )
 
     def _fail(self, what: str):
         self.proc.kill()
@@ -577,11 +633,27 @@ def _measure(s: Settings, cfg, emit: Callable[[str], None]) -> tuple[dict, dict 
 def _table(s: Settings, ours: dict, peer: dict | None, emit: Callable[[str], None]) -> None:
     gib = 1024**3
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-    rows = [("ours (jax, jit step)", f"{ours['compile_s']:.2f}", fmt(ours["warmup_s"], ".2f"),
-             f"{ours['median_s']:.3f}", f"{s.tokens / ours['median_s']:,.0f}", f"{ours['peak_bytes'] / gib:.2f}")]
+    rows = [
+        (
+            "ours (jax, jit step)",
+            f"{ours['compile_s']:.2f}",
+            fmt(ours["warmup_s"], ".2f"),
+            f"{ours['median_s']:.3f}",
+            f"{s.tokens / ours['median_s']:,.0f}",
+            f"{ours['peak_bytes'] / gib:.2f}",
+        )
+    ]
     if peer:
-        rows.append((f"peer (torch {peer['threads']} thr, full logits)", "-", fmt(peer["warmup_s"], ".2f"),
-                     f"{peer['median_s']:.3f}", f"{s.tokens / peer['median_s']:,.0f}", f"{peer['peak_bytes'] / gib:.2f}"))
+        rows.append(
+            (
+                f"peer (torch {peer['threads']} thr, full logits)",
+                "-",
+                fmt(peer["warmup_s"], ".2f"),
+                f"{peer['median_s']:.3f}",
+                f"{s.tokens / peer['median_s']:,.0f}",
+                f"{peer['peak_bytes'] / gib:.2f}",
+            )
+        )
     emit_table(("implementation", "compile_s", "warmup_s", "median_s", "tokens/s", "peak_GiB"), rows, emit)
 
 
@@ -596,25 +668,51 @@ def _result(s: Settings, cfg, ours: dict, peer: dict | None, fl: dict) -> dict:
         ratio=ours_tps / peer_tps if peer_tps else None,
         ours_peak_bytes=ours["peak_bytes"],
         peer_peak_bytes=pv("peak_bytes"),
-        model=s.model, vocab_size=cfg.vocab_size, params=param_count(cfg),
-        batch=s.batch, prompt_len=s.prompt_len, response_len=s.response_len, micro_batch=s.micro_batch,
-        chunk=s.chunk, repeats=s.repeats, warmup=s.warmup, dtype=s.dtype, param_dtype=s.param_dtype,
-        old_logp=s.old_logp, attn_query_block=s.attn_query_block, attn_impl=s.attn_impl, devices=s.devices,
+        model=s.model,
+        vocab_size=cfg.vocab_size,
+        params=param_count(cfg),
+        batch=s.batch,
+        prompt_len=s.prompt_len,
+        response_len=s.response_len,
+        micro_batch=s.micro_batch,
+        chunk=s.chunk,
+        repeats=s.repeats,
+        warmup=s.warmup,
+        dtype=s.dtype,
+        param_dtype=s.param_dtype,
+        old_logp=s.old_logp,
+        attn_query_block=s.attn_query_block,
+        attn_impl=s.attn_impl,
+        devices=s.devices,
         turn_steps=s.turn_steps,
         tokens_per_step=s.tokens,
         cpu_time_ratio=peer["cpu_median_s"] / ours["cpu_median_s"] if peer else None,
-        ours_compile_s=ours["compile_s"], ours_warmup_s=ours["warmup_s"], ours_median_s=ours["median_s"],
-        ours_runs_s=ours["runs_s"], ours_cpu_median_s=ours["cpu_median_s"], ours_load_avg=ours["load_avg"],
-        ours_first_loss=ours["first_loss"], ours_rss_before_bytes=ours["rss_before_bytes"],
-        ours_compile_peak_bytes=ours["compile_peak_bytes"], ours_step_peak_bytes=ours["step_peak_bytes"],
+        ours_compile_s=ours["compile_s"],
+        ours_warmup_s=ours["warmup_s"],
+        ours_median_s=ours["median_s"],
+        ours_runs_s=ours["runs_s"],
+        ours_cpu_median_s=ours["cpu_median_s"],
+        ours_load_avg=ours["load_avg"],
+        ours_first_loss=ours["first_loss"],
+        ours_rss_before_bytes=ours["rss_before_bytes"],
+        ours_compile_peak_bytes=ours["compile_peak_bytes"],
+        ours_step_peak_bytes=ours["step_peak_bytes"],
         ours_xla_temp_bytes=ours["xla_temp_bytes"],
-        peer_warmup_s=pv("warmup_s"), peer_median_s=pv("median_s"), peer_runs_s=pv("runs_s"),
-        peer_cpu_median_s=pv("cpu_median_s"), peer_load_avg=pv("load_avg"), peer_first_loss=pv("first_loss"),
-        peer_rss_before_bytes=pv("rss_before_bytes"), peer_step_peak_bytes=pv("step_peak_bytes"),
-        peer_threads=pv("threads"), peer_attn_implementation=pv("attn_implementation"),
-        peer_grad_ckpt=s.peer_grad_ckpt if peer else None, peer_omp_wait=s.peer_omp_wait if peer else None,
+        peer_warmup_s=pv("warmup_s"),
+        peer_median_s=pv("median_s"),
+        peer_runs_s=pv("runs_s"),
+        peer_cpu_median_s=pv("cpu_median_s"),
+        peer_load_avg=pv("load_avg"),
+        peer_first_loss=pv("first_loss"),
+        peer_rss_before_bytes=pv("rss_before_bytes"),
+        peer_step_peak_bytes=pv("step_peak_bytes"),
+        peer_threads=pv("threads"),
+        peer_attn_implementation=pv("attn_implementation"),
+        peer_grad_ckpt=s.peer_grad_ckpt if peer else None,
+        peer_omp_wait=s.peer_omp_wait if peer else None,
         first_loss_abs_diff=abs(ours["first_loss"] - peer["first_loss"]) if peer else None,
-        device=ours["device"], device_kind=ours["device_kind"],
+        device=ours["device"],
+        device_kind=ours["device_kind"],
         **fl,
     )
     if "device_peak_bytes" in ours:
@@ -624,29 +722,39 @@ def _result(s: Settings, cfg, ours: dict, peer: dict | None, fl: dict) -> dict:
 
 def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
     cfg = model_config(s)
-    emit(f"bench train-step: model={s.model} ({cfg.architecture}, V={cfg.vocab_size}, "
-         f"{param_count(cfg) / 1e6:.2f}M params) dtype={s.dtype} params={s.param_dtype}; TGPO-Reg "
-         f"lambda_0={s.lambda_0}, AdamW lr={s.lr}")
-    emit(f"  B={s.batch} P={s.prompt_len} T={s.response_len} micro_batch={s.micro_batch} chunk={s.chunk} "
-         f"repeats={s.repeats} (median after compile + {s.warmup} warm-up step(s)); "
-         f"tokens/step = B*(P+T) = {s.tokens:,}")
+    emit(
+        f"bench train-step: model={s.model} ({cfg.architecture}, V={cfg.vocab_size}, "
+        f"{param_count(cfg) / 1e6:.2f}M params) dtype={s.dtype} params={s.param_dtype}; TGPO-Reg "
+        f"lambda_0={s.lambda_0}, AdamW lr={s.lr}"
+    )
+    emit(
+        f"  B={s.batch} P={s.prompt_len} T={s.response_len} micro_batch={s.micro_batch} chunk={s.chunk} "
+        f"repeats={s.repeats} (median after compile + {s.warmup} warm-up step(s)); "
+        f"tokens/step = B*(P+T) = {s.tokens:,}"
+    )
     ours, peer = _measure(s, cfg, emit)
     _table(s, ours, peer, emit)
     fl = full_logits_bytes(cfg, s)
-    emit(f"  full-logits path (analytic, fp32): logits [B, P+T, V] = {fl['full_logits_tensor_bytes'] / 1e9:.2f} GB, "
-         f">= {fl['full_logits_lower_bound_bytes'] / 1e9:.2f} GB with log_softmax + gradient; per micro-batch of "
-         f"{s.micro_batch}: {fl['full_logits_micro_batch_lower_bound_bytes'] / 1e9:.2f} GB")
+    emit(
+        f"  full-logits path (analytic, fp32): logits [B, P+T, V] = {fl['full_logits_tensor_bytes'] / 1e9:.2f} GB, "
+        f">= {fl['full_logits_lower_bound_bytes'] / 1e9:.2f} GB with log_softmax + gradient; per micro-batch of "
+        f"{s.micro_batch}: {fl['full_logits_micro_batch_lower_bound_bytes'] / 1e9:.2f} GB"
+    )
     result = _result(s, cfg, ours, peer, fl)
     if peer:
-        emit(f"  first-step loss: ours {ours['first_loss']:.6f}  peer {peer['first_loss']:.6f}  "
-             f"(|diff| {result['first_loss_abs_diff']:.2e}; same weights, same batch)")
+        emit(
+            f"  first-step loss: ours {ours['first_loss']:.6f}  peer {peer['first_loss']:.6f}  "
+            f"(|diff| {result['first_loss_abs_diff']:.2e}; same weights, same batch)"
+        )
     peak = s.peak_tflops if s.peak_tflops is not None else (DEFAULT_PEAK_TFLOPS if ours["device"] != "cpu" else None)
     if peak:
         mf = model_flops(cfg, s)
         achieved = mf["flops_per_step"] / ours["median_s"]
         result.update(mf, peak_tflops=peak, achieved_tflops=achieved / 1e12, mfu=achieved / (peak * 1e12))
-        emit(f"  model FLOPs/step {mf['flops_per_step'] / 1e12:.4g} T (remat not counted): {achieved / 1e12:.4g} "
-             f"TFLOP/s = MFU {result['mfu']:.1%} of {peak:.0f} TFLOP/s")
+        emit(
+            f"  model FLOPs/step {mf['flops_per_step'] / 1e12:.4g} T (remat not counted): {achieved / 1e12:.4g} "
+            f"TFLOP/s = MFU {result['mfu']:.1%} of {peak:.0f} TFLOP/s"
+        )
     return result
 
 
@@ -657,38 +765,79 @@ def add_arguments(p) -> None:
     p.add_argument("--response-len", type=int, default=None, help="response positions T")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (both sides)")
     p.add_argument("--chunk", type=int, default=None, help="our log-prob chunk along T")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed steps after the warm-up (default 10 for the demo model, else 3)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed steps after the compile (default 1; 0 for long memory-only runs)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="our compute dtype (the transformers peer is always float32)")
-    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="our parameter + optimizer-state dtype")
-    p.add_argument("--old-logp", choices=["model", "zeros"], default="model",
-                   help="old_logp of the mini-batch: the model's own log-probs (default) or zeros")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed steps after the warm-up (default 10 for the demo model, else 3)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed steps after the compile (default 1; 0 for long memory-only runs)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="our compute dtype (the transformers peer is always float32)",
+    )
+    p.add_argument(
+        "--param-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="our parameter + optimizer-state dtype",
+    )
+    p.add_argument(
+        "--old-logp",
+        choices=["model", "zeros"],
+        default="model",
+        help="old_logp of the mini-batch: the model's own log-probs (default) or zeros",
+    )
     p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer (accelerators, memory runs)")
     p.add_argument("--peer-grad-ckpt", action="store_true", help="gradient checkpointing in the peer")
     p.add_argument("--peer-threads", type=int, default=None, help="torch threads of the peer (default: all cores)")
-    p.add_argument("--peer-omp-wait", choices=["passive", "active"], default="passive",
-                   help="OMP_WAIT_POLICY of the peer (default passive: spinning threads collapse under any other load)")
+    p.add_argument(
+        "--peer-omp-wait",
+        choices=["passive", "active"],
+        default="passive",
+        help="OMP_WAIT_POLICY of the peer (default passive: spinning threads collapse under any other load)",
+    )
     p.add_argument("--quick", action="store_true", help="demo model, small batch: well under a minute on CPU")
     p.add_argument("--lambda-0", type=float, default=0.002, help="TGPO-Reg teacher coefficient lambda_0 of the step")
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate of the timed steps")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help=f"peak for the MFU (default {DEFAULT_PEAK_TFLOPS:.0f}, H100/H200 bf16 dense, on accelerators; "
-                        "no MFU on CPU unless given)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help=f"peak for the MFU (default {DEFAULT_PEAK_TFLOPS:.0f}, H100/H200 bf16 dense, on accelerators; "
+        "no MFU on CPU unless given)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and batch")
-    p.add_argument("--attn-query-block", type=int, default=-1,
-                   help="our causal attention in query blocks of this many rows (0: full scores; "
-                        "-1: auto, the train config's default)")
-    p.add_argument("--attn-impl", choices=["einsum", "sdpa", "cudnn", "cpu", "auto"], default="auto",
-                   help="our cache-free attention kernel (ModelConfig.attn_impl; cudnn: GPU only; cpu: the fused "
-                        "CPU kernel; auto, the default: cpu where it applies, else einsum)")
-    p.add_argument("--devices", type=int, default=1,
-                   help="ours data-parallel over this many devices (CPU: host devices, e.g. one per core; default 1)")
-    p.add_argument("--turn-steps", type=int, default=1,
-                   help="steps each side runs per lock-step turn (default 1: alternate every step)")
+    p.add_argument(
+        "--attn-query-block",
+        type=int,
+        default=-1,
+        help="our causal attention in query blocks of this many rows (0: full scores; "
+        "-1: auto, the train config's default)",
+    )
+    p.add_argument(
+        "--attn-impl",
+        choices=["einsum", "sdpa", "cudnn", "cpu", "auto"],
+        default="auto",
+        help="our cache-free attention kernel (ModelConfig.attn_impl; cudnn: GPU only; cpu: the fused "
+        "CPU kernel; auto, the default: cpu where it applies, else einsum)",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="ours data-parallel over this many devices (CPU: host devices, e.g. one per core; default 1)",
+    )
+    p.add_argument(
+        "--turn-steps",
+        type=int,
+        default=1,
+        help="steps each side runs per lock-step turn (default 1: alternate every step)",
+    )
     p.add_argument("--json-out", default=None, help="also write the result JSON to this file")
 
 
@@ -696,11 +845,26 @@ def settings_from_args(args) -> Settings:
     model = args.model or "demo"
     base = QUICK_DEFAULTS if args.quick and model == "demo" else MODEL_DEFAULTS[model]
     pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
-    return Settings(model=model, **pick, warmup=args.warmup, dtype=args.dtype, param_dtype=args.param_dtype,
-                    peer=not args.no_peer, peer_grad_ckpt=args.peer_grad_ckpt, peer_omp_wait=args.peer_omp_wait,
-                    peer_threads=args.peer_threads, old_logp=args.old_logp, lambda_0=args.lambda_0, lr=args.lr,
-                    seed=args.seed, peak_tflops=args.peak_tflops, attn_query_block=args.attn_query_block,
-                    attn_impl=args.attn_impl, devices=args.devices, turn_steps=args.turn_steps)
+    return Settings(
+        model=model,
+        **pick,
+        warmup=args.warmup,
+        dtype=args.dtype,
+        param_dtype=args.param_dtype,
+        peer=not args.no_peer,
+        peer_grad_ckpt=args.peer_grad_ckpt,
+        peer_omp_wait=args.peer_omp_wait,
+        peer_threads=args.peer_threads,
+        old_logp=args.old_logp,
+        lambda_0=args.lambda_0,
+        lr=args.lr,
+        seed=args.seed,
+        peak_tflops=args.peak_tflops,
+        attn_query_block=args.attn_query_block,
+        attn_impl=args.attn_impl,
+        devices=args.devices,
+        turn_steps=args.turn_steps,
+    )
 
 
 def main(args) -> int:

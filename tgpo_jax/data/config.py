@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # A system prompt in the spirit of the paper's: reasoning inside <think> ... </think>, final answer
 # in \boxed{}. Override it with `system_prompt` to match a particular checkpoint's training prompt.
@@ -73,7 +74,7 @@ class DataConfig:
             raise ValueError("bad data config: " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
         """Builds from a config mapping; an unknown key raises, listing the valid ones."""
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(valid))

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -47,10 +48,15 @@ class PromptBatch:
         return len(self.prompt_ids)
 
     @classmethod
-    def from_records(cls, records: Sequence[dict]) -> "PromptBatch":
-        return cls([r["prompt_ids"] for r in records], [r["problem"] for r in records],
-                   [r["answer"] for r in records], [r["data_source"] for r in records],
-                   [r["solution"] for r in records], np.asarray([r["index"] for r in records], np.int64))
+    def from_records(cls, records: Sequence[dict]) -> PromptBatch:
+        return cls(
+            [r["prompt_ids"] for r in records],
+            [r["problem"] for r in records],
+            [r["answer"] for r in records],
+            [r["data_source"] for r in records],
+            [r["solution"] for r in records],
+            np.asarray([r["index"] for r in records], np.int64),
+        )
 
     def left_padded(self, pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(tokens [P, T] int32, mask [P, T] int32)."""
@@ -71,8 +77,9 @@ def build_prompt_set(cfg: DataConfig, tokenizer=None, *, renderer: PromptRendere
         stats.per_source[rec["data_source"]] = stats.per_source.get(rec["data_source"], 0) + 1
     stats.kept = len(kept)
     if not kept:
-        raise EmptyDatasetError(f"no prompt left after filtering ({stats.summary()}); check the columns, the "
-                                "answers and max_prompt_len")
+        raise EmptyDatasetError(
+            f"no prompt left after filtering ({stats.summary()}); check the columns, the answers and max_prompt_len"
+        )
     return PromptSet(kept, stats)
 
 
@@ -94,8 +101,9 @@ def prompt_dataset(prompt_set: PromptSet, cfg: DataConfig, process_index: int, p
     per_process = cfg.batch_size // process_count
     n = len(prompt_set.records)
     if cfg.drop_remainder and (cfg.num_epochs or 1) * n < cfg.batch_size:
-        raise EmptyDatasetError(f"{n} prompts x {cfg.num_epochs or 1} epoch(s) do not fill one batch of "
-                                f"{cfg.batch_size}")
+        raise EmptyDatasetError(
+            f"{n} prompts x {cfg.num_epochs or 1} epoch(s) do not fill one batch of {cfg.batch_size}"
+        )
     ds = grain.MapDataset.source(prompt_set.records)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)  # a new permutation per epoch (grain seeds epoch e with seed + e)
@@ -106,8 +114,19 @@ def prompt_dataset(prompt_set: PromptSet, cfg: DataConfig, process_index: int, p
 
 def _fingerprint(prompt_set: PromptSet, cfg: DataConfig, process_index: int, process_count: int) -> str:
     h = hashlib.sha256()
-    h.update(repr((len(prompt_set.records), cfg.seed, cfg.shuffle, cfg.batch_size, cfg.num_epochs,
-                   process_index, process_count)).encode())
+    h.update(
+        repr(
+            (
+                len(prompt_set.records),
+                cfg.seed,
+                cfg.shuffle,
+                cfg.batch_size,
+                cfg.num_epochs,
+                process_index,
+                process_count,
+            )
+        ).encode()
+    )
     for rec in prompt_set.records[:: max(1, len(prompt_set.records) // 64)]:
         h.update(repr(rec["prompt_ids"]).encode())
     return h.hexdigest()[:16]
@@ -133,19 +152,31 @@ class DataIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict) -> None:
         if state.get("fingerprint") != self.fingerprint:
-            raise ValueError("the saved data-iterator state belongs to a different pipeline (data, seed, "
-                             "batch size or process layout changed): cannot resume it exactly")
+            raise ValueError(
+                "the saved data-iterator state belongs to a different pipeline (data, seed, "
+                "batch size or process layout changed): cannot resume it exactly"
+            )
         self._parent.set_state(state["grain"])
 
 
-def make_data_iterator(cfg: DataConfig, tokenizer=None, *, prompt_set: PromptSet | None = None,
-                       process_index: int | None = None, process_count: int | None = None) -> DataIterator:
+def make_data_iterator(
+    cfg: DataConfig,
+    tokenizer=None,
+    *,
+    prompt_set: PromptSet | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> DataIterator:
     """The training iterator of this process (defaults: jax.process_index() / jax.process_count())."""
     pi, pc = _process_info(process_index, process_count)
     prompt_set = prompt_set or build_prompt_set(cfg, tokenizer)
     ds = prompt_dataset(prompt_set, cfg, pi, pc)
-    return DataIterator(ds, prompt_set.stats, steps_per_epoch=len(prompt_set.records) // cfg.batch_size,
-                        fingerprint=_fingerprint(prompt_set, cfg, pi, pc))
+    return DataIterator(
+        ds,
+        prompt_set.stats,
+        steps_per_epoch=len(prompt_set.records) // cfg.batch_size,
+        fingerprint=_fingerprint(prompt_set, cfg, pi, pc),
+    )
 
 
 __all__ = ["PromptSet", "PromptBatch", "DataIterator", "build_prompt_set", "prompt_dataset", "make_data_iterator"]

@@ -8,7 +8,7 @@ longer than max_prompt_len.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,25 +20,39 @@ THINK_PREFIX = "<think>\n"
 class PromptRenderer:
     """Problem text -> prompt text -> token ids for one tokenizer."""
 
-    def __init__(self, tokenizer, *, system_prompt: str | None = None, template: str = "chat",
-                 plain_template: str = DEFAULT_PLAIN_TEMPLATE, think_suffix: bool = True):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        system_prompt: str | None = None,
+        template: str = "chat",
+        plain_template: str = DEFAULT_PLAIN_TEMPLATE,
+        think_suffix: bool = True,
+    ):
         if template == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template: set `template: plain` (base models) or use a "
-                             "tokenizer directory with a chat template")
+            raise ValueError(
+                "the tokenizer has no chat template: set `template: plain` (base models) or use a "
+                "tokenizer directory with a chat template"
+            )
         if template == "plain" and "{problem}" not in plain_template:
             raise ValueError(f"plain_template {plain_template!r} needs a {{problem}} field")
         self.tokenizer, self.system_prompt, self.template = tokenizer, system_prompt or "", template
         self.plain_template, self.think_suffix = plain_template, think_suffix
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, tokenizer) -> "PromptRenderer":
-        return cls(tokenizer, system_prompt=cfg.system_prompt, template=cfg.template,
-                   plain_template=cfg.plain_template, think_suffix=cfg.think_suffix)
+    def from_config(cls, cfg: DataConfig, tokenizer) -> PromptRenderer:
+        return cls(
+            tokenizer,
+            system_prompt=cfg.system_prompt,
+            template=cfg.template,
+            plain_template=cfg.plain_template,
+            think_suffix=cfg.think_suffix,
+        )
 
     def render(self, problem: str) -> str:
         """The full prompt text the model sees (ends in "<think>\\n" when think_suffix is on)."""
         if self.template == "chat":
-            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
             messages.append({"role": "user", "content": problem})
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
@@ -69,8 +83,8 @@ def left_pad(ids: Sequence[Sequence[int]], pad_id: int, length: int | None = Non
     mask = np.zeros((len(ids), T), np.int32)
     for b, row in enumerate(ids):
         if len(row):
-            tokens[b, T - len(row):] = row
-            mask[b, T - len(row):] = 1
+            tokens[b, T - len(row) :] = row
+            mask[b, T - len(row) :] = 1
     return tokens, mask
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from tgpo_jax.data.config import DataConfig
 
@@ -31,9 +32,11 @@ class LoadStats:
     per_source: dict = dataclasses.field(default_factory=dict)  # data_source -> kept rows
 
     def summary(self) -> str:
-        return (f"{self.rows_read} rows read, {self.skipped_no_problem} without a problem and "
-                f"{self.skipped_no_answer} without an answer skipped, {self.dropped_too_long} prompts over "
-                f"max_prompt_len dropped, {self.kept} kept")
+        return (
+            f"{self.rows_read} rows read, {self.skipped_no_problem} without a problem and "
+            f"{self.skipped_no_answer} without an answer skipped, {self.dropped_too_long} prompts over "
+            f"max_prompt_len dropped, {self.kept} kept"
+        )
 
 
 class EmptyDatasetError(ValueError):
@@ -100,8 +103,9 @@ def check_columns(path: str, columns: list[str], required: dict[str, str]) -> No
     """Raises naming each missing required column (role -> key) and listing the columns found."""
     missing = [f"{key!r} ({role})" for role, key in required.items() if key.split(".")[0] not in columns]
     if missing:
-        raise ValueError(f"{path}: column {', '.join(missing)} not found; columns found: "
-                         f"{', '.join(columns) or 'none (empty file)'}")
+        raise ValueError(
+            f"{path}: column {', '.join(missing)} not found; columns found: {', '.join(columns) or 'none (empty file)'}"
+        )
 
 
 def _as_problem(value: Any) -> str:
@@ -145,10 +149,12 @@ def load_file_records(cfg: DataConfig) -> tuple[list[dict], LoadStats]:
 def _file_record(row: dict, cfg: DataConfig, default_source: str) -> dict:
     source = get_field(row, cfg.data_source_column) if cfg.data_source_column else None
     solution = get_field(row, cfg.solution_column) if cfg.solution_column else None
-    return {"problem": _as_problem(get_field(row, cfg.problem_column)),
-            "answer": _as_answer(get_field(row, cfg.answer_column)),
-            "data_source": str(source) if source not in (None, "") else default_source,
-            "solution": None if solution is None else str(solution)}
+    return {
+        "problem": _as_problem(get_field(row, cfg.problem_column)),
+        "answer": _as_answer(get_field(row, cfg.answer_column)),
+        "data_source": str(source) if source not in (None, "") else default_source,
+        "solution": None if solution is None else str(solution),
+    }
 
 
 # ---------------------------------------------------------------------------------------- reasoning-gym
@@ -182,8 +188,15 @@ def load_rg_records(cfg: DataConfig) -> tuple[list[dict], LoadStats]:
             entry = ds[i]
             stats.rows_read += 1
             payload = {RG_KEY: task, "config": config_dict, "entry": entry}
-            records.append({"index": len(records), "problem": str(entry["question"]).strip(), "answer": payload,
-                            "data_source": task, "solution": None})
+            records.append(
+                {
+                    "index": len(records),
+                    "problem": str(entry["question"]).strip(),
+                    "answer": payload,
+                    "data_source": task,
+                    "solution": None,
+                }
+            )
     return records, stats
 
 
@@ -192,5 +205,15 @@ def load_records(cfg: DataConfig) -> tuple[list[dict], LoadStats]:
     return load_file_records(cfg) if cfg.files else load_rg_records(cfg)
 
 
-__all__ = ["LoadStats", "EmptyDatasetError", "read_table", "get_field", "check_columns", "load_file_records",
-           "load_rg_records", "load_records", "rg_dataset", "RG_KEY"]
+__all__ = [
+    "LoadStats",
+    "EmptyDatasetError",
+    "read_table",
+    "get_field",
+    "check_columns",
+    "load_file_records",
+    "load_rg_records",
+    "load_records",
+    "rg_dataset",
+    "RG_KEY",
+]

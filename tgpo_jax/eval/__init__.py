@@ -5,5 +5,18 @@ from tgpo_jax.eval.evaluator import EVAL_REWARD, EvalItem, EvalReport, Generatio
 from tgpo_jax.eval.model_policy import load_eval_items, run_eval, sampler_policy, stop_ids_for
 from tgpo_jax.eval.report import markdown_table, write_report
 
-__all__ = ["EVAL_REWARD", "EvalItem", "EvalReport", "Generation", "PolicyFn", "SourceResult", "evaluate",
-           "load_eval_items", "run_eval", "sampler_policy", "stop_ids_for", "markdown_table", "write_report"]
+__all__ = [
+    "EVAL_REWARD",
+    "EvalItem",
+    "EvalReport",
+    "Generation",
+    "PolicyFn",
+    "SourceResult",
+    "evaluate",
+    "load_eval_items",
+    "run_eval",
+    "sampler_policy",
+    "stop_ids_for",
+    "markdown_table",
+    "write_report",
+]

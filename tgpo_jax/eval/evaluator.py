@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -85,8 +86,9 @@ def _progress_bar(n_items: int, enabled: bool):
     also run between the iterations of a training run (whose own bar stays)."""
     from tqdm import tqdm
 
-    return tqdm(total=n_items, desc="eval", unit="item", file=sys.stderr, dynamic_ncols=True, leave=False,
-                disable=not enabled)
+    return tqdm(
+        total=n_items, desc="eval", unit="item", file=sys.stderr, dynamic_ncols=True, leave=False, disable=not enabled
+    )
 
 
 def _generate_and_submit(policy_fn: PolicyFn, items, k_per_item, batch_size, reward: RewardFn, bar):
@@ -96,8 +98,7 @@ def _generate_and_submit(policy_fn: PolicyFn, items, k_per_item, batch_size, rew
         chunk_items = [items[i] for i in chunk]
         gens = [list(g) for g in policy_fn(chunk_items, k)]
         if len(gens) != len(chunk) or any(len(g) != k for g in gens):
-            raise ValueError(f"the policy returned {[len(g) for g in gens]} generations for {len(chunk)} items "
-                             f"x k={k}")
+            raise ValueError(f"the policy returned {[len(g) for g in gens]} generations for {len(chunk)} items x k={k}")
         fut = reward.submit([g.text for gs in gens for g in gs], [it.answer for it in chunk_items for _ in range(k)])
         for j, i in enumerate(chunk):
             per_item[i] = (gens[j], fut, j * k)
@@ -111,13 +112,29 @@ def _source_result(source: str, k: int, scores: list[np.ndarray], gens: list[lis
     lengths = [g.num_tokens for gs in gens for g in gs]
     truncated = [g.truncated for gs in gens for g in gs]
     std_error = math.sqrt(float(np.sum(item_acc * (1 - item_acc))) / k) / n
-    return SourceResult(source, n, k, float(item_acc.mean()), std_error, float(np.mean(lengths)),
-                        float(np.mean(truncated)), item_acc.tolist())
+    return SourceResult(
+        source,
+        n,
+        k,
+        float(item_acc.mean()),
+        std_error,
+        float(np.mean(lengths)),
+        float(np.mean(truncated)),
+        item_acc.tolist(),
+    )
 
 
-def evaluate(policy_fn: PolicyFn, items: Sequence[EvalItem], k: int = 1, *,
-             k_per_source: Mapping[str, int] | None = None, reward_fn: RewardFn | None = None,
-             batch_size: int = 64, dropped_prompts: int = 0, progress: bool = True) -> "EvalReport":
+def evaluate(
+    policy_fn: PolicyFn,
+    items: Sequence[EvalItem],
+    k: int = 1,
+    *,
+    k_per_source: Mapping[str, int] | None = None,
+    reward_fn: RewardFn | None = None,
+    batch_size: int = 64,
+    dropped_prompts: int = 0,
+    progress: bool = True,
+) -> EvalReport:
     """avg@k of `policy_fn` on `items` (k samples per item; k_per_source overrides k by data source).
     `reward_fn` defaults to the paper's evaluation grader (EVAL_REWARD), created and closed here.
     `progress`: a bar over the items with an ETA on stderr (False: none)."""
@@ -137,7 +154,7 @@ def evaluate(policy_fn: PolicyFn, items: Sequence[EvalItem], k: int = 1, *,
     for i, it in enumerate(items):
         gens, fut, off = per_item[i]
         scores, gl = by_source.setdefault(it.data_source, ([], []))
-        scores.append(results[id(fut)][off:off + len(gens)])
+        scores.append(results[id(fut)][off : off + len(gens)])
         gl.append(gens)
     sources = {s: _source_result(s, _k_of(s, k, k_per_source), sc, gl) for s, (sc, gl) in sorted(by_source.items())}
     return EvalReport.build(sources, dropped_prompts)
@@ -155,13 +172,17 @@ class EvalReport:
     meta: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def build(cls, sources: dict[str, SourceResult], dropped_prompts: int = 0) -> "EvalReport":
+    def build(cls, sources: dict[str, SourceResult], dropped_prompts: int = 0) -> EvalReport:
         n_resp = np.asarray([r.n_items * r.k for r in sources.values()], np.float64)
         lengths = np.asarray([r.mean_length for r in sources.values()])
         trunc = np.asarray([r.truncation_rate for r in sources.values()])
-        return cls(sources, float(np.mean([r.accuracy for r in sources.values()])),
-                   float(np.sum(lengths * n_resp) / n_resp.sum()), float(np.sum(trunc * n_resp) / n_resp.sum()),
-                   dropped_prompts)
+        return cls(
+            sources,
+            float(np.mean([r.accuracy for r in sources.values()])),
+            float(np.sum(lengths * n_resp) / n_resp.sum()),
+            float(np.sum(trunc * n_resp) / n_resp.sum()),
+            dropped_prompts,
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

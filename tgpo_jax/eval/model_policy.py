@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from tgpo_jax.eval.evaluator import EVAL_REWARD, EvalItem, EvalReport, Generation, PolicyFn, evaluate
 
@@ -42,8 +43,17 @@ def policy_from_sampler(sampler, tokenizer, params, *, seed: int = 0, pad_to: in
     return policy
 
 
-def sampler_policy(model, tokenizer, *, max_new_tokens: int, temperature: float = 0.6, top_p: float = 1.0,
-                   seed: int = 0, pad_to: int | None = None, stop_ids: Sequence[int] = ()) -> PolicyFn:
+def sampler_policy(
+    model,
+    tokenizer,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.6,
+    top_p: float = 1.0,
+    seed: int = 0,
+    pad_to: int | None = None,
+    stop_ids: Sequence[int] = (),
+) -> PolicyFn:
     """policy_from_sampler over a new Sampler of `model` with the project's stop ids (+ `stop_ids`)."""
     from tgpo_jax.rollout.sampler import Sampler
     from tgpo_jax.rollout.sampling import SamplingParams
@@ -60,7 +70,7 @@ def _generation(tokenizer, out, row: int) -> Generation:
     return Generation(text=text, num_tokens=length, truncated=bool(out.finish_B[row] == 1))
 
 
-def load_eval_items(files: Sequence[str], tokenizer, **data_overrides) -> tuple[list[EvalItem], "LoadStats"]:
+def load_eval_items(files: Sequence[str], tokenizer, **data_overrides) -> tuple[list[EvalItem], LoadStats]:
     """Eval items of jsonl/parquet files (data_source column, else the file stem) rendered with the
     tokenizer; returns (items, LoadStats: rows skipped for a missing answer, prompts dropped as too long)."""
     from tgpo_jax.data import DataConfig, build_prompt_set
@@ -71,10 +81,23 @@ def load_eval_items(files: Sequence[str], tokenizer, **data_overrides) -> tuple[
     return items, ps.stats
 
 
-def run_eval(model_dir: str, files: Sequence[str], *, k: int = 1, k_per_source: Mapping[str, int] | None = None,
-             max_new_tokens: int = 8192, temperature: float = 0.6, top_p: float = 1.0, batch_size: int = 64,
-             seed: int = 0, timeout_s: float = 10.0, num_workers: int = 0, think_format: bool = True,
-             stop_ids: Sequence[int] = (), **data_overrides) -> EvalReport:
+def run_eval(
+    model_dir: str,
+    files: Sequence[str],
+    *,
+    k: int = 1,
+    k_per_source: Mapping[str, int] | None = None,
+    max_new_tokens: int = 8192,
+    temperature: float = 0.6,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    timeout_s: float = 10.0,
+    num_workers: int = 0,
+    think_format: bool = True,
+    stop_ids: Sequence[int] = (),
+    **data_overrides,
+) -> EvalReport:
     """Loads a HF checkpoint directory and evaluates it on `files` (see `evaluate`). config.json,
     the tokenizer and the prompts' lengths against the model's context are checked before the
     weights are read."""
@@ -87,20 +110,50 @@ def run_eval(model_dir: str, files: Sequence[str], *, k: int = 1, k_per_source: 
     tokenizer = load_tokenizer(model_dir, key="--model")
     items, stats = load_eval_items(files, tokenizer, think_suffix=think_format, **data_overrides)
     longest = max((len(it.prompt_ids) for it in items), default=0)
-    if problem := context_problem(longest, max_new_tokens, cfg.max_position_embeddings, prompt_desc=f"the longest prompt ({longest} tokens)",
-                                  new_label="--max-new-tokens", model_label=model_dir):
+    if problem := context_problem(
+        longest,
+        max_new_tokens,
+        cfg.max_position_embeddings,
+        prompt_desc=f"the longest prompt ({longest} tokens)",
+        new_label="--max-new-tokens",
+        model_label=model_dir,
+    ):
         raise ValueError(problem)
     model = load_model(model_dir)
-    policy = sampler_policy(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            seed=seed, pad_to=batch_size, stop_ids=stop_ids)
-    reward_cfg = dataclasses.replace(EVAL_REWARD, think_format=think_format, timeout_s=timeout_s,
-                                     num_workers=num_workers)
+    policy = sampler_policy(
+        model,
+        tokenizer,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        pad_to=batch_size,
+        stop_ids=stop_ids,
+    )
+    reward_cfg = dataclasses.replace(
+        EVAL_REWARD, think_format=think_format, timeout_s=timeout_s, num_workers=num_workers
+    )
     with RewardFn(reward_cfg) as reward:
-        report = evaluate(policy, items, k, k_per_source=k_per_source, reward_fn=reward, batch_size=batch_size,
-                          dropped_prompts=stats.dropped_too_long)
-    report.meta = {"model": model_dir, "files": list(files), "temperature": temperature, "top_p": top_p,
-                   "max_new_tokens": max_new_tokens, "seed": seed, "think_format": think_format,
-                   "stop_ids": list(stop_ids), "data_stats": dataclasses.asdict(stats)}
+        report = evaluate(
+            policy,
+            items,
+            k,
+            k_per_source=k_per_source,
+            reward_fn=reward,
+            batch_size=batch_size,
+            dropped_prompts=stats.dropped_too_long,
+        )
+    report.meta = {
+        "model": model_dir,
+        "files": list(files),
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "think_format": think_format,
+        "stop_ids": list(stop_ids),
+        "data_stats": dataclasses.asdict(stats),
+    }
     return report
 
 

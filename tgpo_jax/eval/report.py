@@ -8,14 +8,20 @@ import os
 
 def markdown_table(report) -> str:
     """| data source | items | k | accuracy | +- | mean length | truncated | plus the unweighted mean."""
-    lines = ["| data source | items | k | accuracy (%) | std err (%) | mean length | truncated (%) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| data source | items | k | accuracy (%) | std err (%) | mean length | truncated (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report.sources.values():
-        lines.append(f"| {r.data_source} | {r.n_items} | {r.k} | {100 * r.accuracy:.1f} | {100 * r.std_error:.1f} "
-                     f"| {r.mean_length:.1f} | {100 * r.truncation_rate:.1f} |")
-    lines.append(f"| **mean (unweighted)** | {sum(r.n_items for r in report.sources.values())} | | "
-                 f"**{100 * report.mean_accuracy:.1f}** | | {report.mean_length:.1f} | "
-                 f"{100 * report.truncation_rate:.1f} |")
+        lines.append(
+            f"| {r.data_source} | {r.n_items} | {r.k} | {100 * r.accuracy:.1f} | {100 * r.std_error:.1f} "
+            f"| {r.mean_length:.1f} | {100 * r.truncation_rate:.1f} |"
+        )
+    lines.append(
+        f"| **mean (unweighted)** | {sum(r.n_items for r in report.sources.values())} | | "
+        f"**{100 * report.mean_accuracy:.1f}** | | {report.mean_length:.1f} | "
+        f"{100 * report.truncation_rate:.1f} |"
+    )
     if report.dropped_prompts:
         lines.append(f"\n{report.dropped_prompts} item(s) not evaluated: prompt longer than max_prompt_len.")
     return "\n".join(lines) + "\n"

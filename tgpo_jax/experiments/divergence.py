@@ -38,11 +38,13 @@ class ExperimentConfig:
     out_dir: str = "runs/divergence"
     base_config: str = ""  # a `tgpo-jax train` config; "" = configs/demo.yaml
     task: TaskSpec = TaskSpec()
-    student: SFTSpec = SFTSpec(style_b_frac=1.0, seed=1, hidden_size=64, intermediate_size=192, head_dim=16,
-                               steps=400)
+    student: SFTSpec = SFTSpec(style_b_frac=1.0, seed=1, hidden_size=64, intermediate_size=192, head_dim=16, steps=400)
     teacher: SFTSpec = SFTSpec(style_b_frac=0.0, hidden_size=128, intermediate_size=384, head_dim=32, steps=500)
-    teachers: tuple[TeacherRung, ...] = (TeacherRung("same_style", 1.0), TeacherRung("partly_different", 0.5),
-                                         TeacherRung("very_different", 0.0))
+    teachers: tuple[TeacherRung, ...] = (
+        TeacherRung("same_style", 1.0),
+        TeacherRung("partly_different", 0.5),
+        TeacherRung("very_different", 0.0),
+    )
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
     train_overrides: tuple[str, ...] = ()  # key=value on the base config, for every cell
@@ -64,8 +66,9 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def load_experiment_config(path: str, *, quick: bool = False, out_dir: str | None = None,
-                           overrides=()) -> ExperimentConfig:
+def load_experiment_config(
+    path: str, *, quick: bool = False, out_dir: str | None = None, overrides=()
+) -> ExperimentConfig:
     """The typed config (unknown keys -> error listing the valid ones), checked before any work.
     `overrides`: key.path=value strings applied last (after the quick section)."""
     from tgpo_jax.objectives.registry import OBJECTIVES
@@ -77,15 +80,24 @@ def load_experiment_config(path: str, *, quick: bool = False, out_dir: str | Non
     if out_dir:
         d["out_dir"] = out_dir
     cfg = from_dict(ExperimentConfig, d)
-    problems = [f"methods: unknown objective {m!r}; accepted: {', '.join(OBJECTIVES)}"
-                for m in cfg.methods if m not in OBJECTIVES]
-    problems += [f"method_overrides: {m!r} is not in methods {list(cfg.methods)}"
-                 for m in cfg.method_overrides if m not in cfg.methods]
+    problems = [
+        f"methods: unknown objective {m!r}; accepted: {', '.join(OBJECTIVES)}"
+        for m in cfg.methods
+        if m not in OBJECTIVES
+    ]
+    problems += [
+        f"method_overrides: {m!r} is not in methods {list(cfg.methods)}"
+        for m in cfg.method_overrides
+        if m not in cfg.methods
+    ]
     names = [t.name for t in cfg.teachers]
     if len(set(names)) != len(names) or not names:
         problems.append(f"teachers: need at least one, with distinct names; got {names}")
-    problems += [f"teachers.{t.name}.style_b_frac must be in [0, 1]; got {t.style_b_frac}"
-                 for t in cfg.teachers if not 0.0 <= t.style_b_frac <= 1.0]
+    problems += [
+        f"teachers.{t.name}.style_b_frac must be in [0, 1]; got {t.style_b_frac}"
+        for t in cfg.teachers
+        if not 0.0 <= t.style_b_frac <= 1.0
+    ]
     if not cfg.seeds:
         problems.append("seeds: need at least one")
     base = resolve_config(cfg.base_config or DEFAULT_CONFIG)
@@ -117,8 +129,9 @@ def cells(cfg: ExperimentConfig) -> list[Cell]:
     return out
 
 
-def cell_train_dict(cfg: ExperimentConfig, cell: Cell, student: str, teacher: str | None, train_path: str,
-                    heldout_path: str) -> dict:
+def cell_train_dict(
+    cfg: ExperimentConfig, cell: Cell, student: str, teacher: str | None, train_path: str, heldout_path: str
+) -> dict:
     d = load_yaml(cfg.base_config or DEFAULT_CONFIG)
     d["run_dir"] = os.path.join(cfg.out_dir, "cells", cell.name + (f"__{cfg.variant}" if cfg.variant else ""))
     d.setdefault("models", {}).update(student=student, teacher=teacher or "")
@@ -142,9 +155,16 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, train_dict: dict, log=print) -> 
     from tgpo_jax.train.metrics import read_jsonl
 
     run_dir = train_dict["run_dir"]
-    key = _digest({"train": train_dict, "models": [_file_digest(os.path.join(p, "model.safetensors"))
-                                                   for p in (train_dict["models"]["student"],
-                                                             train_dict["models"]["teacher"]) if p]})
+    key = _digest(
+        {
+            "train": train_dict,
+            "models": [
+                _file_digest(os.path.join(p, "model.safetensors"))
+                for p in (train_dict["models"]["student"], train_dict["models"]["teacher"])
+                if p
+            ],
+        }
+    )
     done = os.path.join(run_dir, CELL_FILE)
     if os.path.exists(done):
         with open(done) as f:
@@ -169,8 +189,9 @@ def prepare_models(cfg: ExperimentConfig, log=print) -> tuple[str, str, str, dic
     """(train.jsonl, heldout.jsonl, student HF dir, {teacher name: HF dir}); SFT models cached."""
     train_path, heldout_path, stats = make_task_data(cfg.out_dir, cfg.task)
     log(f"[divergence] chain_sum: {stats['train']} train / {stats['heldout']} held-out problems")
-    data_section = {k: v for k, v in (load_yaml(cfg.base_config or DEFAULT_CONFIG).get("data") or {}).items()
-                    if k != "files"}
+    data_section = {
+        k: v for k, v in (load_yaml(cfg.base_config or DEFAULT_CONFIG).get("data") or {}).items() if k != "files"
+    }
     student, _ = sft_model(cfg.out_dir, "student", cfg.student, train_path, data_section, log)
     teachers = {}
     for rung in cfg.teachers:
@@ -179,15 +200,18 @@ def prepare_models(cfg: ExperimentConfig, log=print) -> tuple[str, str, str, dic
     return train_path, heldout_path, student, teachers
 
 
-def sft_accuracies(cfg: ExperimentConfig, cell: Cell, student: str, teachers: dict[str, str], train_path: str,
-                   heldout_path: str) -> dict:
+def sft_accuracies(
+    cfg: ExperimentConfig, cell: Cell, student: str, teachers: dict[str, str], train_path: str, heldout_path: str
+) -> dict:
     """Held-out accuracy of the SFT student and teachers with the cells' eval settings (cached)."""
     from tgpo_jax.demo import heldout_accuracy
     from tgpo_jax.train.config import load_train_config
 
     tcfg = load_train_config(cell_train_dict(cfg, cell, student, None, train_path, heldout_path))
-    return {"student": heldout_accuracy(student, heldout_path, tcfg),
-            "teachers": {t: heldout_accuracy(p, heldout_path, tcfg) for t, p in teachers.items()}}
+    return {
+        "student": heldout_accuracy(student, heldout_path, tcfg),
+        "teachers": {t: heldout_accuracy(p, heldout_path, tcfg) for t, p in teachers.items()},
+    }
 
 
 def enable_compile_cache(path: str) -> None:
@@ -214,20 +238,31 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     todo = cells(cfg)
     # The eval settings come from the base config; a teacher-free cell reads them without a teacher.
     baseline = sft_accuracies(cfg, Cell("grpo", None, cfg.seeds[0]), student, teachers, train_path, heldout_path)
-    log(f"[divergence] held-out accuracy before RL: student {100 * baseline['student']:.1f}%, teachers "
-        + ", ".join(f"{t} {100 * a:.1f}%" for t, a in baseline["teachers"].items()))
+    log(
+        f"[divergence] held-out accuracy before RL: student {100 * baseline['student']:.1f}%, teachers "
+        + ", ".join(f"{t} {100 * a:.1f}%" for t, a in baseline["teachers"].items())
+    )
     t_models = time.perf_counter() - t0
     results = []
     for i, cell in enumerate(todo, 1):
         d = cell_train_dict(cfg, cell, student, teachers.get(cell.teacher), train_path, heldout_path)
         r = run_cell(cfg, cell, d, log)
         final, took = final_accuracy(r["records"]), "cached" if r.get("cached") else f"{r['seconds']:.0f}s"
-        log(f"[divergence] {i}/{len(todo)} {cell.name}: final held-out accuracy "
-            f"{'n/a' if final is None else f'{100 * final:.1f}%'} ({took})")
+        log(
+            f"[divergence] {i}/{len(todo)} {cell.name}: final held-out accuracy "
+            f"{'n/a' if final is None else f'{100 * final:.1f}%'} ({took})"
+        )
         results.append(r)
     times = {"models_s": t_models, "total_s": time.perf_counter() - t0}
     return write_report(cfg, results, times, baseline, log)
 
 
-__all__ = ["ExperimentConfig", "TeacherRung", "Cell", "cells", "load_experiment_config", "run_experiment",
-           "cell_train_dict"]
+__all__ = [
+    "ExperimentConfig",
+    "TeacherRung",
+    "Cell",
+    "cells",
+    "load_experiment_config",
+    "run_experiment",
+    "cell_train_dict",
+]

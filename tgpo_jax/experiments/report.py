@@ -47,12 +47,17 @@ def aggregate(results: list[dict], teacher_names: list[str], methods: list[str])
                 lengths[r["method"]][t][rec["iteration"]].append(rec.get("response/length_mean", math.nan))
     return {
         "divergence": {t: {k: statistics.fmean(v) for k, v in gaps[t].items()} for t in teacher_names},
-        "accuracy": {m: {t: (*_mean_std(acc[m][t]), len(acc[m][t])) for t in teacher_names if acc[m][t]}
-                     for m in methods},
-        "curves": {m: {t: {it: statistics.fmean(v) for it, v in sorted(curves[m][t].items())} for t in teacher_names}
-                   for m in methods},
-        "lengths": {m: {t: {it: statistics.fmean(v) for it, v in sorted(lengths[m][t].items())} for t in teacher_names}
-                    for m in methods},
+        "accuracy": {
+            m: {t: (*_mean_std(acc[m][t]), len(acc[m][t])) for t in teacher_names if acc[m][t]} for m in methods
+        },
+        "curves": {
+            m: {t: {it: statistics.fmean(v) for it, v in sorted(curves[m][t].items())} for t in teacher_names}
+            for m in methods
+        },
+        "lengths": {
+            m: {t: {it: statistics.fmean(v) for it, v in sorted(lengths[m][t].items())} for t in teacher_names}
+            for m in methods
+        },
     }
 
 
@@ -70,20 +75,28 @@ def markdown_table(agg: dict, teacher_names: list[str], methods: list[str], base
     sep = "|---|" + "---:|" * len(teacher_names)
     rows = [head, sep]
     for k in GAP_KEYS:
-        rows.append(f"| *{k} at iteration 1* | " + " | ".join(
-            f"{div[t][k]:.3f}" if k in div.get(t, {}) else "n/a" for t in teacher_names) + " |")
+        rows.append(
+            f"| *{k} at iteration 1* | "
+            + " | ".join(f"{div[t][k]:.3f}" if k in div.get(t, {}) else "n/a" for t in teacher_names)
+            + " |"
+        )
     if baseline:
-        rows.append("| *teacher accuracy (SFT)* | " + " | ".join(
-            f"{100 * baseline['teachers'][t]:.1f}" for t in teacher_names) + " |")
+        rows.append(
+            "| *teacher accuracy (SFT)* | "
+            + " | ".join(f"{100 * baseline['teachers'][t]:.1f}" for t in teacher_names)
+            + " |"
+        )
     for m in methods:
         label = f"{m} (no teacher)" if m == "grpo" else m
-        rows.append(f"| {label} | " + " | ".join(_fmt_acc(agg["accuracy"].get(m, {}).get(t)) for t in teacher_names)
-                    + " |")
+        rows.append(
+            f"| {label} | " + " | ".join(_fmt_acc(agg["accuracy"].get(m, {}).get(t)) for t in teacher_names) + " |"
+        )
     return "\n".join(rows)
 
 
-def plot_accuracy_vs_divergence(agg: dict, teacher_names: list[str], methods: list[str], out_png: str,
-                                student_acc: float | None = None) -> str:
+def plot_accuracy_vs_divergence(
+    agg: dict, teacher_names: list[str], methods: list[str], out_png: str, student_acc: float | None = None
+) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,8 +111,15 @@ def plot_accuracy_vs_divergence(agg: dict, teacher_names: list[str], methods: li
         if not pts:
             continue
         x, y, e = zip(*pts)
-        ax.errorbar(x, [100 * v for v in y], yerr=[100 * v for v in e], marker="o", capsize=3,
-                    ls="--" if m == "grpo" else "-", label=m)
+        ax.errorbar(
+            x,
+            [100 * v for v in y],
+            yerr=[100 * v for v in e],
+            marker="o",
+            capsize=3,
+            ls="--" if m == "grpo" else "-",
+            label=m,
+        )
     if student_acc is not None:
         ax.axhline(100 * student_acc, color="gray", lw=0.8, ls=":", label="student before RL")
     ax.set_xticks(range(len(teacher_names)), [f"{t}\n{g:.3g}" for t, g in zip(teacher_names, gaps)], fontsize=8)
@@ -113,8 +133,9 @@ def plot_accuracy_vs_divergence(agg: dict, teacher_names: list[str], methods: li
     return out_png
 
 
-def plot_training_curves(agg: dict, teacher_names: list[str], methods: list[str], out_png: str,
-                         student_acc: float | None = None) -> str:
+def plot_training_curves(
+    agg: dict, teacher_names: list[str], methods: list[str], out_png: str, student_acc: float | None = None
+) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,12 +169,22 @@ def write_report(cfg, results: list[dict], times: dict, baseline: dict | None = 
     names = [t.name for t in cfg.teachers]
     agg = aggregate(results, names, list(cfg.methods))
     order = sorted(names, key=lambda t: agg["divergence"][t].get("gap/reverse_kl_k1", math.inf))
-    pngs = {"accuracy_vs_divergence": plot_accuracy_vs_divergence(
-                agg, order, list(cfg.methods), os.path.join(cfg.report_dir, "accuracy_vs_divergence.png"),
-                baseline["student"] if baseline else None),
-            "training_curves": plot_training_curves(agg, order, list(cfg.methods),
-                                                    os.path.join(cfg.report_dir, "training_curves.png"),
-                                                    baseline["student"] if baseline else None)}
+    pngs = {
+        "accuracy_vs_divergence": plot_accuracy_vs_divergence(
+            agg,
+            order,
+            list(cfg.methods),
+            os.path.join(cfg.report_dir, "accuracy_vs_divergence.png"),
+            baseline["student"] if baseline else None,
+        ),
+        "training_curves": plot_training_curves(
+            agg,
+            order,
+            list(cfg.methods),
+            os.path.join(cfg.report_dir, "training_curves.png"),
+            baseline["student"] if baseline else None,
+        ),
+    }
     table = markdown_table(agg, order, list(cfg.methods), baseline)
     lines = [
         "# Divergence experiment: final held-out accuracy (%), mean ± std over seeds",
@@ -169,8 +200,13 @@ def write_report(cfg, results: list[dict], times: dict, baseline: dict | None = 
     ]
     with open(os.path.join(cfg.report_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    out = {"teachers_by_divergence": order, "times": times, "baseline": baseline,
-           **{k: agg[k] for k in ("divergence", "accuracy", "curves")}, "pngs": pngs}
+    out = {
+        "teachers_by_divergence": order,
+        "times": times,
+        "baseline": baseline,
+        **{k: agg[k] for k in ("divergence", "accuracy", "curves")},
+        "pngs": pngs,
+    }
     with open(os.path.join(cfg.report_dir, "results.json"), "w") as f:
         json.dump(out, f, indent=2)
     log("\n" + table)

@@ -46,7 +46,8 @@ def _masked_scores(q_BKGTD, k_BKSD, key_mask_BS, t0: int, t1: int):
     # with the query block, they are loop-variant and stay fused into the select (measured 1.5-3.5%
     # faster train steps at the demo's training shape).
     q_block, key_mask_BS, fill = jax.lax.optimization_barrier(
-        (q_BKGTD[:, :, :, t0:t1], key_mask_BS, jnp.asarray(MASK_VALUE, jnp.float32)))
+        (q_BKGTD[:, :, :, t0:t1], key_mask_BS, jnp.asarray(MASK_VALUE, jnp.float32))
+    )
     s = jnp.einsum("bkgtd,bksd->bkgts", q_block, k_BKSD[:, :, :t1], preferred_element_type=jnp.float32) * scale
     t_pos, s_pos = jnp.arange(t0, t1), jnp.arange(t1)
     allowed = ((s_pos[None, :] <= t_pos[:, None])[None] & key_mask_BS[:, None, :t1])[:, None, None]
@@ -62,8 +63,9 @@ def _forward(q_BKGTD, k_BKSD, v_BKSD, key_mask_BS, block: int):
         m = jnp.max(s, axis=-1)
         p = jnp.exp(s - m[..., None])
         inv_l = 1.0 / jnp.sum(p, axis=-1)
-        o = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v_BKSD.dtype), v_BKSD[:, :, :t1],
-                       preferred_element_type=jnp.float32)
+        o = jnp.einsum(
+            "bkgts,bksd->bkgtd", p.astype(v_BKSD.dtype), v_BKSD[:, :, :t1], preferred_element_type=jnp.float32
+        )
         outs.append(o * inv_l[..., None])
         ms.append(m)
         inv_ls.append(inv_l)
@@ -101,12 +103,16 @@ def _attention_bwd(block: int, res, dout_BKGTD):
     for t0, t1 in _blocks(T, block):
         s, a = _masked_scores(q, k, key_mask_BS, t0, t1)
         p = jnp.exp(s - m[..., t0:t1, None]) * inv_l[..., t0:t1, None]
-        dv_T = dv_T.at[..., :t1].add(jnp.einsum("bkgdt,bkgts->bkds", do_T[..., t0:t1], p.astype(dt),
-                                                preferred_element_type=jnp.float32))
-        dp = jnp.einsum("bkgtd,bksd->bkgts", dout_BKGTD[:, :, :, t0:t1], v[:, :, :t1], preferred_element_type=jnp.float32)
+        dv_T = dv_T.at[..., :t1].add(
+            jnp.einsum("bkgdt,bkgts->bkds", do_T[..., t0:t1], p.astype(dt), preferred_element_type=jnp.float32)
+        )
+        dp = jnp.einsum(
+            "bkgtd,bksd->bkgts", dout_BKGTD[:, :, :, t0:t1], v[:, :, :t1], preferred_element_type=jnp.float32
+        )
         ds = (jnp.where(a, p * (dp - delta[..., t0:t1, None]), 0.0) * scale).astype(dt)
-        dk_T = dk_T.at[..., :t1].add(jnp.einsum("bkgdt,bkgts->bkds", q_T[..., t0:t1], ds,
-                                                preferred_element_type=jnp.float32))
+        dk_T = dk_T.at[..., :t1].add(
+            jnp.einsum("bkgdt,bkgts->bkds", q_T[..., t0:t1], ds, preferred_element_type=jnp.float32)
+        )
         dqs.append(jnp.einsum("bkgts,bksd->bkgtd", ds, k[:, :, :t1], preferred_element_type=jnp.float32))
     dq = jnp.concatenate(dqs, 3)
     return dq.astype(dt), jnp.swapaxes(dk_T, 2, 3).astype(k.dtype), jnp.swapaxes(dv_T, 2, 3).astype(v.dtype), None
@@ -115,14 +121,16 @@ def _attention_bwd(block: int, res, dout_BKGTD):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def blocked_causal_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array,
-                             block: int) -> jax.Array:
+def blocked_causal_attention(
+    q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array, block: int
+) -> jax.Array:
     """Grouped-query causal self-attention [B, T, H, D] in query blocks of `block` rows (see the
     module docstring); values equal `layers.attention`'s, fully masked rows included."""
     T, K = q_BTHD.shape[1], k_BSKD.shape[2]
     if k_BSKD.shape[1] != T:
         raise ValueError(f"blocked_causal_attention needs as many keys as queries; got {k_BSKD.shape[1]} vs {T}")
     # `allowed` is causal, so its last row is the key mask (see _masked_scores)
-    out = _attention(split_heads(q_BTHD, K), jnp.swapaxes(k_BSKD, 1, 2), jnp.swapaxes(v_BSKD, 1, 2),
-                     allowed_BTS[:, T - 1, :], block)
+    out = _attention(
+        split_heads(q_BTHD, K), jnp.swapaxes(k_BSKD, 1, 2), jnp.swapaxes(v_BSKD, 1, 2), allowed_BTS[:, T - 1, :], block
+    )
     return merge_heads(out)

@@ -11,8 +11,12 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen3MoeForCausalLM")
-_MODEL_TYPES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
-                "Qwen3MoeForCausalLM": "qwen3_moe"}
+_MODEL_TYPES = {
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "LlamaForCausalLM": "llama",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 # How the experts' SwiGLU is dispatched (see layers.moe_mlp): "auto" picks "ragged" (lax.ragged_dot,
 # a grouped matmul kernel) on GPU / TPU and "blocks" (sorted blocks in a loop) elsewhere; "dense"
@@ -22,13 +26,18 @@ AUTO_QUERY_BLOCK = -1
 MOE_IMPLS = ("auto", "ragged", "blocks", "dense")
 CACHE_LAYERS = ("auto", "unroll", "scan")  # see ModelConfig.cache_layers
 REMAT_POLICIES = ("auto", "nothing", "attn_out")  # see ModelConfig.remat_policy
+
+
 def runtime_option_problems(**options) -> list[str]:
     """What is wrong with the given runtime options (ModelConfig's non-HF fields attn_impl,
     remat_policy, cache_layers, attn_query_block), one message each; the one check that a
     ModelConfig, a train config's `models` section and the benchmarks share."""
     choices = {"attn_impl": ATTN_IMPLS, "remat_policy": REMAT_POLICIES, "cache_layers": CACHE_LAYERS}
-    problems = [f"{k}={v!r}; accepted: {', '.join(choices[k])}" for k, v in options.items()
-                if k in choices and v not in choices[k]]
+    problems = [
+        f"{k}={v!r}; accepted: {', '.join(choices[k])}"
+        for k, v in options.items()
+        if k in choices and v not in choices[k]
+    ]
     block = options.get("attn_query_block", 0)
     if block < AUTO_QUERY_BLOCK:
         problems.append(f"attn_query_block={block} must be >= 0 (0: off) or -1 (auto)")
@@ -139,8 +148,12 @@ class ModelConfig:
             raise ModelConfigError(f"num_experts={self.num_experts} given for dense architecture {self.architecture}")
         if self.moe_impl not in MOE_IMPLS:
             raise ModelConfigError(f"moe_impl={self.moe_impl!r}; accepted: {', '.join(MOE_IMPLS)}")
-        if problems := runtime_option_problems(attn_impl=self.attn_impl, remat_policy=self.remat_policy,
-                                               cache_layers=self.cache_layers, attn_query_block=self.attn_query_block):
+        if problems := runtime_option_problems(
+            attn_impl=self.attn_impl,
+            remat_policy=self.remat_policy,
+            cache_layers=self.cache_layers,
+            attn_query_block=self.attn_query_block,
+        ):
             raise ModelConfigError(problems[0])
         if self.moe_block_size < 1:
             raise ModelConfigError(f"moe_block_size={self.moe_block_size} must be positive")
@@ -148,7 +161,8 @@ class ModelConfig:
             return
         if not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ModelConfigError(
-                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]"
+            )
         if self.moe_intermediate_size < 1:
             raise ModelConfigError(f"moe_intermediate_size={self.moe_intermediate_size} must be positive")
         if self.decoder_sparse_step < 1:
@@ -193,12 +207,12 @@ class ModelConfig:
     def jnp_dtype(self):
         return _DTYPES[self.dtype]
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     # ---------------------------------------------------------------- HF config.json
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], *, param_dtype: str = "float32", dtype: str = "float32") -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any], *, param_dtype: str = "float32", dtype: str = "float32") -> ModelConfig:
         arch = _architecture_of(hf)
         if hf.get("use_sliding_window"):
             raise ModelConfigError("use_sliding_window=true is not supported (full attention only)")
@@ -237,7 +251,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_hf_dir(cls, path: str, **kw) -> "ModelConfig":
+    def from_hf_dir(cls, path: str, **kw) -> ModelConfig:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model directory not found: {path}")
@@ -287,10 +301,15 @@ class ModelConfig:
         if self.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
             hf["use_sliding_window"] = False
         if self.is_moe:
-            hf.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-                      moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
-                      decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers),
-                      output_router_logits=False)
+            hf.update(
+                num_experts=self.num_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                moe_intermediate_size=self.moe_intermediate_size,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=self.decoder_sparse_step,
+                mlp_only_layers=list(self.mlp_only_layers),
+                output_router_logits=False,
+            )
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self, k) is not None:
                 v = getattr(self, k)
@@ -319,9 +338,7 @@ def _architecture_of(hf: dict[str, Any]) -> str:
     if not archs and hf.get("model_type") in by_type:
         return by_type[hf["model_type"]]
     found = archs or [hf.get("model_type")]
-    raise ModelConfigError(
-        f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
+    raise ModelConfigError(f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 def _moe_of(hf: dict[str, Any]) -> dict[str, Any]:

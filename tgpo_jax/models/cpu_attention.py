@@ -63,15 +63,27 @@ def _compiler() -> str:
     named = os.environ.get("CXX")
     cxx = shutil.which(named) if named else (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++"))
     if not cxx:
-        raise CpuKernelUnavailable(f"C++ compiler {named!r} (from CXX) not found" if named else
-                                   "no C++ compiler found (set CXX, or install g++ or clang++)")
+        raise CpuKernelUnavailable(
+            f"C++ compiler {named!r} (from CXX) not found"
+            if named
+            else "no C++ compiler found (set CXX, or install g++ or clang++)"
+        )
     return cxx
 
 
 def library_path(cxx: str) -> Path:
     """Where the built library for this source, compiler, flags, jax version and CPU lives."""
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(_FLAGS).encode(), cxx.encode(),
-                                     jax.__version__.encode(), _cpu_model().encode()])).hexdigest()[:20]
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                SOURCE.read_bytes(),
+                " ".join(_FLAGS).encode(),
+                cxx.encode(),
+                jax.__version__.encode(),
+                _cpu_model().encode(),
+            ]
+        )
+    ).hexdigest()[:20]
     root = Path(os.environ.get("TGPO_KERNEL_CACHE") or Path.home() / ".cache" / "tgpo_jax" / "kernels")
     return root / f"libtgpo_causal_attention_{key}.so"
 
@@ -129,9 +141,11 @@ def supports(q_BTHD: jax.Array) -> str | None:
 
 def _forward(q, k, v, key_mask_BT):
     B, T, H, _ = q.shape
-    return jax.ffi.ffi_call(_FWD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                                   jax.ShapeDtypeStruct((B, H, T), jnp.float32)),
-                            vmap_method="sequential")(q, k, v, key_mask_BT)
+    return jax.ffi.ffi_call(
+        _FWD,
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, T), jnp.float32)),
+        vmap_method="sequential",
+    )(q, k, v, key_mask_BT)
 
 
 @jax.custom_vjp
@@ -164,6 +178,8 @@ def causal_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, ke
     if (why := supports(q_BTHD)) is not None:
         raise CpuKernelUnavailable(why)
     if k_BTKD.shape != v_BTKD.shape or k_BTKD.shape[:2] != q_BTHD.shape[:2] or q_BTHD.shape[2] % k_BTKD.shape[2]:
-        raise ValueError(f"causal_attention: q {q_BTHD.shape}, k {k_BTKD.shape}, v {v_BTKD.shape} are not "
-                         "[B, T, H, D], [B, T, K, D], [B, T, K, D] with H % K == 0")
+        raise ValueError(
+            f"causal_attention: q {q_BTHD.shape}, k {k_BTKD.shape}, v {v_BTKD.shape} are not "
+            "[B, T, H, D], [B, T, K, D], [B, T, K, D] with H % K == 0"
+        )
     return _attention(q_BTHD, k_BTKD.astype(jnp.float32), v_BTKD.astype(jnp.float32), key_mask_BT.astype(jnp.int32))

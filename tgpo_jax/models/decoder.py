@@ -28,7 +28,6 @@ from tgpo_jax.models.moe import moe_block
 from tgpo_jax.models.params import initializer, layer_param_specs, param_specs
 
 
-
 def remat_policy(cfg: ModelConfig):
     """The checkpoint policy of training's per-layer recomputation (ModelConfig.remat_policy).
     Keeping the attention output lets the recomputation of a layer's activations skip the attention
@@ -47,7 +46,7 @@ def _make_params(owner: nnx.Module, specs, prefix: str, cfg: ModelConfig, rngs: 
     for path, spec in specs.items():
         if not path.startswith(prefix):
             continue
-        name = path[len(prefix):]
+        name = path[len(prefix) :]
         if "." in name:
             continue
         value = initializer(spec.init)(rngs.params(), spec.shape, cfg.jnp_param_dtype)
@@ -84,8 +83,15 @@ class Decoder(nnx.Module):
         h_BTE, cache = self.hidden_states(tokens_BT, positions_BT, mask_BT, cache, layers=layers)
         return self.logits(h_BTE), cache
 
-    def hidden_states(self, tokens_BT, positions_BT, mask_BT, cache: KVCache | None = None, remat: bool = False,
-                      layers: list | None = None):
+    def hidden_states(
+        self,
+        tokens_BT,
+        positions_BT,
+        mask_BT,
+        cache: KVCache | None = None,
+        remat: bool = False,
+        layers: list | None = None,
+    ):
         """Final-norm hidden states [B, T, E] in the compute dtype.
 
         tokens/positions/mask are [B, T]; mask is 1 for real tokens (0 for left padding). Without a
@@ -103,8 +109,9 @@ class Decoder(nnx.Module):
         x_BTE = _constrain(sh, table_VE[tokens_BT], ("batch", "seq", "act_embed"))
         cos, sin = L.rope_cos_sin(positions_BT, L.rope_inv_freq(cfg), cfg.jnp_dtype)
         layer_params, stacks = self._scan_params()
-        run = functools.partial(_run_layers, cfg, sh, functools.partial(_layer, stacks=stacks), layer_params,
-                                cos=cos, sin=sin)
+        run = functools.partial(
+            _run_layers, cfg, sh, functools.partial(_layer, stacks=stacks), layer_params, cos=cos, sin=sin
+        )
         if cache is None:
             T = tokens_BT.shape[1]
             allowed = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & mask_BT.astype(bool)[:, None, :]
@@ -171,8 +178,20 @@ def _constrain(sharding, x, logical_axes):
     return x if sharding is None else sharding.constrain(x, logical_axes)
 
 
-def _run_layers(cfg: ModelConfig, sh, layer_fn, layer_params, x_BTE, allowed, cache: KVCache | None, *, cos, sin,
-                remat: bool = False, layers: list | None = None):
+def _run_layers(
+    cfg: ModelConfig,
+    sh,
+    layer_fn,
+    layer_params,
+    x_BTE,
+    allowed,
+    cache: KVCache | None,
+    *,
+    cos,
+    sin,
+    remat: bool = False,
+    layers: list | None = None,
+):
     """Every layer over x: a scan of one compiled body over the stacked parameters (no cache, or a
     stacked cache carried and written in place), or unrolled over per-layer cache buffers (each
     layer writes its new slots in place and reads its own buffer directly). Returns (x, (k, v))."""
@@ -212,8 +231,13 @@ _MLP_KEYS = ("moe", "dense_mlp", "mlp_select")  # MoE models' per-layer MLP entr
 
 
 def _dense_mlp(cfg: ModelConfig, sh, w: dict, h_BTE):
-    return L.swiglu(h_BTE, w["gate_kernel"], w["up_kernel"], w["down_kernel"],
-                    constrain_hidden=lambda a: _constrain(sh, a, ("batch", "seq", "act_mlp")))
+    return L.swiglu(
+        h_BTE,
+        w["gate_kernel"],
+        w["up_kernel"],
+        w["down_kernel"],
+        constrain_hidden=lambda a: _constrain(sh, a, ("batch", "seq", "act_mlp")),
+    )
 
 
 def _mlp(cfg: ModelConfig, sh, p: dict, h_BTE, stacks: dict):
@@ -228,9 +252,12 @@ def _mlp(cfg: ModelConfig, sh, p: dict, h_BTE, stacks: dict):
         return _dense_mlp(cfg, sh, cast(p["dense_mlp"]), h_BTE)
     is_sparse, i_moe, i_dense = p["mlp_select"]
     pick = lambda stack, i: cast(jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), stack))  # noqa: E731
-    return jax.lax.cond(is_sparse,
-                        lambda h: moe_block(cfg, sh, pick(stacks["moe"], i_moe), h),
-                        lambda h: _dense_mlp(cfg, sh, pick(stacks["dense_mlp"], i_dense), h), h_BTE)
+    return jax.lax.cond(
+        is_sparse,
+        lambda h: moe_block(cfg, sh, pick(stacks["moe"], i_moe), h),
+        lambda h: _dense_mlp(cfg, sh, pick(stacks["dense_mlp"], i_dense), h),
+        h_BTE,
+    )
 
 
 _Q_AXES, _KV_AXES = ("batch", "seq", "act_heads", None), ("batch", "seq", "act_kv_heads", None)
@@ -247,8 +274,10 @@ def _cpu_kernel_why_not(sh, q, k) -> str | None:
     if qs[1] is not None:
         return f"the sequence is sharded over {qs[1]!r}; the kernel needs whole rows"
     if qs[2] != ks[2]:  # a shard must hold each of its query heads' kv head
-        return (f"query heads ({q.shape[2]}) shard over {qs[2]!r} but kv heads ({k.shape[2]}) over {ks[2]!r}; "
-                "the kernel needs both split alike")
+        return (
+            f"query heads ({q.shape[2]}) shard over {qs[2]!r} but kv heads ({k.shape[2]}) over {ks[2]!r}; "
+            "the kernel needs both split alike"
+        )
     return None
 
 
@@ -268,8 +297,13 @@ def _cpu_attention(sh, q, k, v, key_mask_BT):
     if sh is None or sh.mesh.size == 1:
         return cpu_attention.causal_attention(q, k, v, key_mask_BT)
     qs, ks = sh.spec_for(q.shape, _Q_AXES), sh.spec_for(k.shape, _KV_AXES)
-    return jax.shard_map(cpu_attention.causal_attention, mesh=sh.mesh, in_specs=(qs, ks, ks, P(qs[0], None)),
-                         out_specs=qs, check_vma=False)(q, k, v, key_mask_BT)
+    return jax.shard_map(
+        cpu_attention.causal_attention,
+        mesh=sh.mesh,
+        in_specs=(qs, ks, ks, P(qs[0], None)),
+        out_specs=qs,
+        check_vma=False,
+    )(q, k, v, key_mask_BT)
 
 
 def _attend(cfg: ModelConfig, sh, q, k, v, allowed_BTS, kv, index):
@@ -339,4 +373,12 @@ def abstract_model(cfg: ModelConfig, sharding: Any = None) -> Decoder:
     return nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0), sharding))
 
 
-__all__ = ["Decoder", "StackedLayers", "apply", "init_model", "abstract_model", "left_pad_positions", "layer_param_specs"]
+__all__ = [
+    "Decoder",
+    "StackedLayers",
+    "apply",
+    "init_model",
+    "abstract_model",
+    "left_pad_positions",
+    "layer_param_specs",
+]

@@ -25,9 +25,21 @@ from tgpo_jax.models.hf_rules import active_rules, stack_entries, to_hf
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # What a model export may hold: the weights, their config and index, and what transformers writes for a
 # tokenizer or a generation config. Anything else (checkpoints/, metrics.jsonl, ...) is not ours to replace.
-MODEL_EXPORT_FILES = ("config.json", "generation_config.json", "*.safetensors", INDEX_FILE, "tokenizer.json",
-                      "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                      "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+MODEL_EXPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    INDEX_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 class OutputDirError(FileExistsError, ValueError):
@@ -41,13 +53,17 @@ def is_model_export(path: str) -> bool:
         entries = os.listdir(path)
     except OSError:
         return False
-    return ("config.json" in entries and any(e.endswith(".safetensors") for e in entries)
-            and all(os.path.isfile(os.path.join(path, e)) for e in entries)
-            and all(any(fnmatch.fnmatchcase(e, pat) for pat in MODEL_EXPORT_FILES) for e in entries))
+    return (
+        "config.json" in entries
+        and any(e.endswith(".safetensors") for e in entries)
+        and all(os.path.isfile(os.path.join(path, e)) for e in entries)
+        and all(any(fnmatch.fnmatchcase(e, pat) for pat in MODEL_EXPORT_FILES) for e in entries)
+    )
 
 
-def check_out_dir(path: str, *, overwrite: bool = False, name: str = "out_dir",
-                  overwrite_flag: str = "overwrite=True") -> None:
+def check_out_dir(
+    path: str, *, overwrite: bool = False, name: str = "out_dir", overwrite_flag: str = "overwrite=True"
+) -> None:
     """Raises OutputDirError unless `path` is absent, an empty directory, or (with `overwrite`) a
     previous model export. `name` / `overwrite_flag` are the option spellings the message uses."""
     if not os.path.lexists(path):
@@ -62,11 +78,15 @@ def check_out_dir(path: str, *, overwrite: bool = False, name: str = "out_dir",
     shown = ", ".join(e + ("/" if os.path.isdir(os.path.join(path, e)) else "") for e in entries[:6])
     shown += ", ..." if len(entries) > 6 else ""
     if not is_model_export(path):
-        raise OutputDirError(f"{name}: {path} is not empty and is not a model export (it holds {shown}); "
-                             f"refusing to replace it, even with {overwrite_flag}; choose a new or empty directory")
+        raise OutputDirError(
+            f"{name}: {path} is not empty and is not a model export (it holds {shown}); "
+            f"refusing to replace it, even with {overwrite_flag}; choose a new or empty directory"
+        )
     if not overwrite:
-        raise OutputDirError(f"{name}: {path} already holds a model export; choose a new or empty directory, "
-                             f"or pass {overwrite_flag} to replace it")
+        raise OutputDirError(
+            f"{name}: {path} already holds a model export; choose a new or empty directory, "
+            f"or pass {overwrite_flag} to replace it"
+        )
 
 
 _TORCH_DTYPE_NAMES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

@@ -14,7 +14,8 @@ import contextlib
 import itertools
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -54,9 +55,11 @@ def weight_files(path: str) -> dict[str, str]:
     if os.path.isfile(single):
         return {name: single for name in _open(single).keys()}
     found = sorted(os.listdir(path))
-    hint = " (pickled .bin/.pt weights are not read: convert them to safetensors)" if any(
-        f.endswith((".bin", ".pt", ".pth")) for f in found
-    ) else ""
+    hint = (
+        " (pickled .bin/.pt weights are not read: convert them to safetensors)"
+        if any(f.endswith((".bin", ".pt", ".pth")) for f in found)
+        else ""
+    )
     raise CheckpointError(
         f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}; files found: {', '.join(found) or 'none'}"
     )
@@ -94,7 +97,9 @@ def validate_checkpoint(cfg: ModelConfig, files: Mapping[str, str]) -> dict[str,
         if dtype not in ACCEPTED_DTYPES:
             problems.append(f"tensor {name} has dtype {dtype}; accepted: {', '.join(ACCEPTED_DTYPES)}")
     if problems:
-        raise CheckpointError(f"checkpoint does not match config.json ({cfg.architecture}):\n  " + "\n  ".join(problems))
+        raise CheckpointError(
+            f"checkpoint does not match config.json ({cfg.architecture}):\n  " + "\n  ".join(problems)
+        )
     return expected
 
 

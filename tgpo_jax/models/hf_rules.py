@@ -122,8 +122,10 @@ def stack_entries(cfg: ModelConfig, rule: Rule) -> list[tuple[tuple[int, ...], s
         return [((), rule.hf)]
     layers = stack_layer_ids(cfg, rule.ours.split(".")[0])
     experts = range(cfg.num_experts) if rule.stack_dims == 2 else [None]
-    return [((j, x) if x is not None else (j,), rule.hf.format(i=layer, x=x))
-            for (j, layer), x in itertools.product(enumerate(layers), experts)]
+    return [
+        ((j, x) if x is not None else (j,), rule.hf.format(i=layer, x=x))
+        for (j, layer), x in itertools.product(enumerate(layers), experts)
+    ]
 
 
 def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[Rule, tuple[int, ...], tuple[int, ...]]]:
@@ -131,7 +133,7 @@ def expected_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[Rule, tuple[int, ..
     specs = param_specs(cfg)
     out = {}
     for rule in active_rules(cfg):
-        inner = specs[rule.ours].shape[rule.stack_dims:]
+        inner = specs[rule.ours].shape[rule.stack_dims :]
         for idx, name in stack_entries(cfg, rule):
             out[name] = (rule, idx, hf_shape(rule, inner))
     return out

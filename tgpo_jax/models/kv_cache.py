@@ -34,7 +34,7 @@ class KVCache:
     index: jax.Array  # int32 scalar: the next slot to write
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
         dtype = dtype or cfg.jnp_dtype
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         if scans_cache(cfg):

@@ -68,7 +68,9 @@ def apply_rope(x_BTHD: jax.Array, cos_BTd: jax.Array, sin_BTd: jax.Array) -> jax
     return jnp.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
 
 
-def attention(q_BTHD: jax.Array, k: jax.Array, v: jax.Array, allowed_BTS: jax.Array, kv_layout: str = "bskd") -> jax.Array:
+def attention(
+    q_BTHD: jax.Array, k: jax.Array, v: jax.Array, allowed_BTS: jax.Array, kv_layout: str = "bskd"
+) -> jax.Array:
     """Grouped-query softmax attention. q has H heads, k/v have K heads (H % K == 0); query head h
     reads kv head h // (H / K). allowed[b, t, s] says whether query t may attend key slot s.
     k/v are [B, S, K, D] (kv_layout "bskd") or [B, K, S, D] ("bksd", the KV cache's layout).
@@ -111,14 +113,16 @@ def auto_query_block(setting: int, T: int, backend: str | None = None) -> int:
     return max(32, -(-T // 16))
 
 
-def sdpa_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array,
-                   implementation: str | None = None) -> jax.Array:
+def sdpa_attention(
+    q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array, implementation: str | None = None
+) -> jax.Array:
     """`attention` for cache-free causal self-attention through `jax.nn.dot_product_attention`
     (grouped-query heads as `attention`). `is_causal` lets a fused kernel (cuDNN flash attention on
     GPU) skip the upper triangle; `allowed` still masks left padding. implementation None: the
     backend's choice; "xla" or "cudnn" to force one."""
-    return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=allowed_BTS[:, None, :, :], is_causal=True,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q_BTHD, k_BSKD, v_BSKD, mask=allowed_BTS[:, None, :, :], is_causal=True, implementation=implementation
+    )
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None) -> jax.Array:
@@ -130,9 +134,9 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None
     slower dot. Measured on the 2-core CPU, a SwiGLU over 3,584 x 64 -> 128, forward + backward:
     10.4 ms as 3-D einsums, 3.8 ms as 2-D matmuls (torch: 5.7 ms)."""
     in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
-    lead = x.shape[:x.ndim - n_in]
-    if x.shape[x.ndim - n_in:] != in_shape:
-        raise ValueError(f"dense: input axes {x.shape[x.ndim - n_in:]} do not match the weight's {in_shape}")
+    lead = x.shape[: x.ndim - n_in]
+    if x.shape[x.ndim - n_in :] != in_shape:
+        raise ValueError(f"dense: input axes {x.shape[x.ndim - n_in :]} do not match the weight's {in_shape}")
     k, n = math.prod(in_shape), math.prod(out_shape)
     y = jnp.matmul(x.reshape(-1, k), w.reshape(k, n), preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *out_shape)

@@ -180,5 +180,6 @@ def _expert_parallel(sh, axis: str, local, x_BTE, w_BTK, ids_BTK, mats, num_expe
         return jax.lax.psum(local(x, wk, ids, g, u, d, offset), axis)
 
     act, wspec = P(bspec, None, None), P(axis, None, None)
-    return jax.shard_map(body, mesh=sh.mesh, in_specs=(act, act, act, wspec, wspec, wspec), out_specs=act,
-                         check_vma=False)(x_BTE, w_BTK, ids_BTK, *mats)
+    return jax.shard_map(
+        body, mesh=sh.mesh, in_specs=(act, act, act, wspec, wspec, wspec), out_specs=act, check_vma=False
+    )(x_BTE, w_BTK, ids_BTK, *mats)

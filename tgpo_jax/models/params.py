@@ -4,7 +4,7 @@ axes (for sharding rules) and its initialiser. Modules, HF import/export and sha
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from tgpo_jax.models.config import ModelConfig
 

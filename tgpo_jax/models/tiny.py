@@ -19,9 +19,17 @@ def tiny_config(arch: str = "qwen2", **overrides) -> ModelConfig:
         raise ValueError(f"unknown tiny arch {arch!r}; accepted: {', '.join(_ARCH)}")
     name = _ARCH[arch]
     kw = dict(
-        architecture=name, vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
-        qkv_bias=name == "Qwen2ForCausalLM", qk_norm=name == "Qwen3ForCausalLM",
+        architecture=name,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        qkv_bias=name == "Qwen2ForCausalLM",
+        qk_norm=name == "Qwen3ForCausalLM",
         tie_word_embeddings=arch == "qwen2",
     )
     kw.update(overrides)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -221,8 +222,11 @@ def check_tokenizers_agree(
             f"not refer to the same text.\n{report}\nIf the differences are harmless for this run, set "
             f"`allow_tokenizer_mismatch: true` in the config to proceed anyway."
         )
-    warnings.warn(f"proceeding with mismatched tokenizers (allow_tokenizer_mismatch: true)\n{report}",
-                  TokenizerMismatchWarning, stacklevel=2)
+    warnings.warn(
+        f"proceeding with mismatched tokenizers (allow_tokenizer_mismatch: true)\n{report}",
+        TokenizerMismatchWarning,
+        stacklevel=2,
+    )
     return report
 
 

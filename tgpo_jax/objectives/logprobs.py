@@ -11,7 +11,8 @@ log pi_T at given ids.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,15 +51,18 @@ class StudentStats(NamedTuple):
     entropy_BT: jax.Array  # full-vocab entropy of pi(. | prefix)
 
 
-def student_stats(h_BTE, head_EV, targets_BT, extra_ids_BTK, *, chunk: int, valid_vocab: int | None = None) -> StudentStats:
+def student_stats(
+    h_BTE, head_EV, targets_BT, extra_ids_BTK, *, chunk: int, valid_vocab: int | None = None
+) -> StudentStats:
     """log pi(y_t), log pi(extra ids), entropy; differentiable w.r.t. h and head, with the chunk
     logits recomputed in the backward pass (see `_student_chunk_bwd`).
 
       logp_t = z_t[y_t] - logsumexp(z_t)
       H_t    = -sum_v p_v log p_v,   log p = z_t - logsumexp(z_t)
     """
-    return _map_chunks(lambda h, y, ids: _student_chunk(h, head_EV, y, ids, valid_vocab), chunk,
-                       h_BTE, targets_BT, extra_ids_BTK)
+    return _map_chunks(
+        lambda h, y, ids: _student_chunk(h, head_EV, y, ids, valid_vocab), chunk, h_BTE, targets_BT, extra_ids_BTK
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -117,8 +121,18 @@ class TeacherStats(NamedTuple):
     at_logp_BTJ: jax.Array  # log pi_T at caller-given ids (e.g. the student's top-K)
 
 
-def teacher_stats(h_BTE, head_EV, targets_BT, at_ids_BTJ, key, *, chunk: int, top_k: int = 0, sample: bool = False,
-                  valid_vocab: int | None = None) -> TeacherStats:
+def teacher_stats(
+    h_BTE,
+    head_EV,
+    targets_BT,
+    at_ids_BTJ,
+    key,
+    *,
+    chunk: int,
+    top_k: int = 0,
+    sample: bool = False,
+    valid_vocab: int | None = None,
+) -> TeacherStats:
     """Teacher quantities at every response position (no gradient flows)."""
     h_BTE = jax.lax.stop_gradient(h_BTE)
     B, T = targets_BT.shape
@@ -131,26 +145,44 @@ def teacher_stats(h_BTE, head_EV, targets_BT, at_ids_BTJ, key, *, chunk: int, to
         ids = argmax
         if sample:
             # Gumbel-max with one key per position: the draw does not depend on the chunk size.
-            gumbel = jax.vmap(lambda t: jax.random.gumbel(jax.random.fold_in(key, t), (B, z.shape[-1])), out_axes=1)(pos_BC[0])
+            gumbel = jax.vmap(lambda t: jax.random.gumbel(jax.random.fold_in(key, t), (B, z.shape[-1])), out_axes=1)(
+                pos_BC[0]
+            )
             ids = jnp.argmax(logp + gumbel, -1).astype(jnp.int32)
         gather = lambda i: jnp.take_along_axis(logp, i, -1)  # noqa: E731
-        tk_logp, tk_ids = jax.lax.top_k(logp, top_k) if top_k else (logp[..., :0], jnp.zeros(logp.shape[:-1] + (0,), jnp.int32))
-        return TeacherStats(ids, argmax, gather(y_BC[..., None])[..., 0], gather(ids[..., None])[..., 0],
-                            tk_ids.astype(jnp.int32), tk_logp, gather(at_BCJ))
+        tk_logp, tk_ids = (
+            jax.lax.top_k(logp, top_k) if top_k else (logp[..., :0], jnp.zeros(logp.shape[:-1] + (0,), jnp.int32))
+        )
+        return TeacherStats(
+            ids,
+            argmax,
+            gather(y_BC[..., None])[..., 0],
+            gather(ids[..., None])[..., 0],
+            tk_ids.astype(jnp.int32),
+            tk_logp,
+            gather(at_BCJ),
+        )
 
     return _map_chunks(one, chunk, h_BTE, targets_BT, at_ids_BTJ, pos_BT)
 
 
-def student_old_stats(h_BTE, head_EV, targets_BT, at_ids_BTJ, *, chunk: int, top_k: int = 0,
-                      valid_vocab: int | None = None):
+def student_old_stats(
+    h_BTE, head_EV, targets_BT, at_ids_BTJ, *, chunk: int, top_k: int = 0, valid_vocab: int | None = None
+):
     """Old-student quantities (no grad): log pi_old(y_t), log pi_old(at ids), and its own top-K
     (ids, log-probs) for the RKL-centered / RKL-dist baselines."""
     h_BTE = jax.lax.stop_gradient(h_BTE)
 
     def one(h_BCE, y_BC, at_BCJ):
         logp = jax.nn.log_softmax(chunk_logits(h_BCE, head_EV, valid_vocab), -1)
-        tk_logp, tk_ids = jax.lax.top_k(logp, top_k) if top_k else (logp[..., :0], jnp.zeros(logp.shape[:-1] + (0,), jnp.int32))
-        return (jnp.take_along_axis(logp, y_BC[..., None], -1)[..., 0], jnp.take_along_axis(logp, at_BCJ, -1),
-                tk_ids.astype(jnp.int32), tk_logp)
+        tk_logp, tk_ids = (
+            jax.lax.top_k(logp, top_k) if top_k else (logp[..., :0], jnp.zeros(logp.shape[:-1] + (0,), jnp.int32))
+        )
+        return (
+            jnp.take_along_axis(logp, y_BC[..., None], -1)[..., 0],
+            jnp.take_along_axis(logp, at_BCJ, -1),
+            tk_ids.astype(jnp.int32),
+            tk_logp,
+        )
 
     return _map_chunks(one, chunk, h_BTE, targets_BT, at_ids_BTJ)

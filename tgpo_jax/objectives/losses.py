@@ -69,7 +69,7 @@ def rkl_centered_advantage(teacher_logp_BT, old_logp_BT, old_topk_logp_BTK, teac
 
 def rkl_loss(logp_BT, teacher_logp_BT, kind: str):
     """RKL as a loss with logr = log pi(y_t) - log pi_T(y_t) (current pi):
-        k1: stop_grad(logr) * log pi(y_t);  k2: 0.5 * logr^2;  k3: exp(-logr) - 1 + logr."""
+    k1: stop_grad(logr) * log pi(y_t);  k2: 0.5 * logr^2;  k3: exp(-logr) - 1 + logr."""
     logr = logp_BT - teacher_logp_BT
     if kind == "k1":
         return jax.lax.stop_gradient(logr) * logp_BT
@@ -82,7 +82,7 @@ def rkl_loss(logp_BT, teacher_logp_BT, kind: str):
 
 def rkl_dist(student_topk_logp_BTK, teacher_at_topk_logp_BTK):
     """Full reverse KL over the student's top-K support S, both renormalised over S:
-        sum_{v in S} q(v) [log q(v) - log p_T(v)]."""
+    sum_{v in S} q(v) [log q(v) - log p_T(v)]."""
     log_q = student_topk_logp_BTK - jax.nn.logsumexp(student_topk_logp_BTK, -1, keepdims=True)
     log_pt = teacher_at_topk_logp_BTK - jax.nn.logsumexp(teacher_at_topk_logp_BTK, -1, keepdims=True)
     return jnp.sum(jnp.exp(log_q) * (log_q - log_pt), -1)

@@ -11,7 +11,8 @@ built from the loss functions in losses.py. Batch keys (all [B, T] unless noted)
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax.numpy as jnp
 
@@ -45,13 +46,16 @@ class ObjectiveConfig:
             raise ValueError(f"loss_agg={self.loss_agg!r}; accepted: {', '.join(LOSS_AGGS)}")
 
     @property
-    def objective(self) -> "Objective":
+    def objective(self) -> Objective:
         return OBJECTIVES[self.name]
 
     def schedule(self) -> tuple[float, float, float]:
         lam0, decay = self.objective.lambda_defaults
-        return (lam0 if self.lambda_0 is None else self.lambda_0,
-                decay if self.lambda_decay is None else self.lambda_decay, self.lambda_min)
+        return (
+            lam0 if self.lambda_0 is None else self.lambda_0,
+            decay if self.lambda_decay is None else self.lambda_decay,
+            self.lambda_min,
+        )
 
 
 class Objective(NamedTuple):
@@ -95,7 +99,9 @@ def _tgpo_adv(cur, batch, cfg, lam):
 
 def _tgpo_fwd_topk(cur, batch, cfg, lam):
     t = _pg(cur, batch, cfg, _outcome_adv(batch))
-    t["fkl_teacher"] = lam * L.forward_topk_kl(cur.extra_logp_BTK, batch["teacher_topk_logp"], cfg.fwd_topk_student_renorm)
+    t["fkl_teacher"] = lam * L.forward_topk_kl(
+        cur.extra_logp_BTK, batch["teacher_topk_logp"], cfg.fwd_topk_student_renorm
+    )
     return t
 
 
@@ -108,22 +114,27 @@ def _rkl(cur, batch, cfg, lam):
 
 
 def _rkl_centered(cur, batch, cfg, lam):
-    adv = L.rkl_centered_advantage(batch["teacher_logp"], batch["old_logp"], batch["old_topk_logp"],
-                                   batch["teacher_at_student_topk"])
+    adv = L.rkl_centered_advantage(
+        batch["teacher_logp"], batch["old_logp"], batch["old_topk_logp"], batch["teacher_at_student_topk"]
+    )
     return _pg(cur, batch, cfg, adv * batch["mask"])
 
 
 def _rkl_reg(kind):
     def terms(cur, batch, cfg, lam):
-        return {"rkl": L.rkl_loss(cur.logp_BT, batch["teacher_logp"], kind),
-                "entropy": L.entropy_bonus(cur.entropy_BT, cfg.entropy_coef)}
+        return {
+            "rkl": L.rkl_loss(cur.logp_BT, batch["teacher_logp"], kind),
+            "entropy": L.entropy_bonus(cur.entropy_BT, cfg.entropy_coef),
+        }
 
     return terms
 
 
 def _rkl_reg_dist(cur, batch, cfg, lam):
-    return {"rkl": L.rkl_dist(cur.extra_logp_BTK, batch["teacher_at_student_topk"]),
-            "entropy": L.entropy_bonus(cur.entropy_BT, cfg.entropy_coef)}
+    return {
+        "rkl": L.rkl_dist(cur.extra_logp_BTK, batch["teacher_at_student_topk"]),
+        "entropy": L.entropy_bonus(cur.entropy_BT, cfg.entropy_coef),
+    }
 
 
 def _kdrl(cur, batch, cfg, lam):
@@ -141,15 +152,21 @@ OBJECTIVES: dict[str, Objective] = {
     "tgpo_reg": Objective(_tgpo_reg, _teacher_ids, lambda_defaults=(0.002, 1e-5)),
     "tgpo_adv": Objective(_tgpo_adv, _none, lambda_defaults=(0.02, 1e-4)),
     "tgpo_mc": Objective(_tgpo_reg, _teacher_ids, teacher_sample=True, lambda_defaults=(0.002, 1e-5)),
-    "tgpo_fwd_topk": Objective(_tgpo_fwd_topk, lambda b, c: b["teacher_topk_ids"], teacher_topk=lambda c: c.fwd_topk,
-                               lambda_defaults=(0.002, 1e-5)),
+    "tgpo_fwd_topk": Objective(
+        _tgpo_fwd_topk,
+        lambda b, c: b["teacher_topk_ids"],
+        teacher_topk=lambda c: c.fwd_topk,
+        lambda_defaults=(0.002, 1e-5),
+    ),
     "grpo": Objective(_grpo, _none, needs_teacher=False),
     "rkl": Objective(_rkl, _none),
     "rkl_centered": Objective(_rkl_centered, _none, student_topk=lambda c: c.rkl_centered_topk),
     "rkl_reg_k1": Objective(_rkl_reg("k1"), _none),
     "rkl_reg_k2": Objective(_rkl_reg("k2"), _none),
     "rkl_reg_k3": Objective(_rkl_reg("k3"), _none),
-    "rkl_reg_dist": Objective(_rkl_reg_dist, lambda b, c: b["student_topk_ids"], student_topk=lambda c: c.rkl_dist_topk),
+    "rkl_reg_dist": Objective(
+        _rkl_reg_dist, lambda b, c: b["student_topk_ids"], student_topk=lambda c: c.rkl_dist_topk
+    ),
     "kdrl": Objective(_kdrl, _none),
     "luffy": Objective(_luffy, _none, needs_teacher=False, luffy_agg=True),
 }

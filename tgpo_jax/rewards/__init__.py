@@ -6,5 +6,18 @@ from tgpo_jax.rewards.pool import PoolResult, VerifierPool
 from tgpo_jax.rewards.reward_fn import RewardConfig, RewardFn, RewardResult
 from tgpo_jax.rewards.scorers import THINK_END, answer_part, math_score, rg_score, score_one
 
-__all__ = ["RewardConfig", "RewardFn", "RewardResult", "VerifierPool", "PoolResult", "boxed_equal", "last_boxed",
-           "normalize_answer", "THINK_END", "answer_part", "math_score", "rg_score", "score_one"]
+__all__ = [
+    "RewardConfig",
+    "RewardFn",
+    "RewardResult",
+    "VerifierPool",
+    "PoolResult",
+    "boxed_equal",
+    "last_boxed",
+    "normalize_answer",
+    "THINK_END",
+    "answer_part",
+    "math_score",
+    "rg_score",
+    "score_one",
+]

@@ -51,8 +51,6 @@ def worker_main(conn, memory_limit_bytes: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     _die_with_parent()
     _limit_memory(memory_limit_bytes)
-    from tgpo_jax.rewards.scorers import score_one
-
     # Warm the heavy imports before announcing readiness: the pool's per-item clock starts at
     # hand-off, and a first item that paid a multi-second import would time out (and so would the
     # next one, in the replacement worker).
@@ -60,6 +58,7 @@ def worker_main(conn, memory_limit_bytes: int | None = None) -> None:
     import reasoning_gym  # noqa: F401
 
     from tgpo_jax.rewards import sandbox
+    from tgpo_jax.rewards.scorers import score_one
 
     sandbox.install()  # scorers that eval / sympify the answer: literals and sympy math only
     conn.send(("ready", os.getpid()))

@@ -41,12 +41,26 @@ def _balanced(text: str, open_at: int) -> str | None:
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                return text[open_at + 1:j]
+                return text[open_at + 1 : j]
     return None
 
 
-_REMOVE = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\quad", "\\displaystyle", "\\$", "$",
-           "^\\circ", "^{\\circ}", "\\%", "%")
+_REMOVE = (
+    "\\left",
+    "\\right",
+    "\\!",
+    "\\,",
+    "\\;",
+    "\\:",
+    "\\quad",
+    "\\displaystyle",
+    "\\$",
+    "$",
+    "^\\circ",
+    "^{\\circ}",
+    "\\%",
+    "%",
+)
 _REPLACE = (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\le ", "\\leq "), ("\\ge ", "\\geq "))
 _TEXT_WRAPPERS = ("\\text", "\\textbf", "\\mathrm", "\\mbox", "\\mathbf")
 _SIMPLE_FRAC = re.compile(r"^(-?\d+)/(\d+)$")  # anchored, no nested quantifiers: linear

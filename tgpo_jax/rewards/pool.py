@@ -19,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,8 +56,9 @@ class _Worker:
         from tgpo_jax.rewards._worker import worker_main
 
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = _MPProc(ctx.Process(target=worker_main, args=(child, memory_limit_bytes), daemon=True,
-                                        name="tgpo-verifier"))
+        self.proc = _MPProc(
+            ctx.Process(target=worker_main, args=(child, memory_limit_bytes), daemon=True, name="tgpo-verifier")
+        )
         child.close()
 
     def kill(self) -> None:
@@ -134,8 +136,15 @@ def _launch_subprocess(memory_limit_bytes: int | None):
 class VerifierPool:
     """`num_workers` scoring processes; `run` scores a batch with a hard per-item timeout."""
 
-    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, *, start_method: str = "subprocess",
-                 memory_limit_mb: int | None = 4096, startup_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        num_workers: int = 2,
+        timeout_s: float = 10.0,
+        *,
+        start_method: str = "subprocess",
+        memory_limit_mb: int | None = 4096,
+        startup_timeout_s: float = 120.0,
+    ):
         if num_workers < 1 or timeout_s <= 0:
             raise ValueError(f"need num_workers >= 1 and timeout_s > 0 (got {num_workers}, {timeout_s})")
         self.num_workers, self.timeout_s = num_workers, float(timeout_s)
@@ -255,8 +264,10 @@ class _BatchRun:
         if not w.ready:
             self.startup_deaths += 1
             if self.startup_deaths > 3 * self.pool.num_workers:
-                raise RuntimeError(f"verifier workers keep dying at start-up (last exit code {w.proc.exitcode}); "
-                                   "check that math-verify imports in a fresh process")
+                raise RuntimeError(
+                    f"verifier workers keep dying at start-up (last exit code {w.proc.exitcode}); "
+                    "check that math-verify imports in a fresh process"
+                )
         if w.task is not None:
             i = w.task
             self.failed[i], self.errors[i] = True, f"worker died (exit code {w.proc.exitcode})"
@@ -278,8 +289,10 @@ class _BatchRun:
             return
         if time.monotonic() - self.last_progress > self.pool.startup_timeout_s:
             codes = [w.proc.exitcode for w in self.pool._workers]
-            raise RuntimeError(f"no verifier worker became ready within {self.pool.startup_timeout_s:g}s "
-                               f"(exit codes {codes}); check that math-verify imports in a fresh process")
+            raise RuntimeError(
+                f"no verifier worker became ready within {self.pool.startup_timeout_s:g}s "
+                f"(exit codes {codes}); check that math-verify imports in a fresh process"
+            )
 
 
 __all__ = ["VerifierPool", "PoolResult"]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,15 +46,19 @@ class RewardConfig:
     def __post_init__(self):
         if self.start_method not in START_METHODS:
             raise ValueError(f"start_method={self.start_method!r}; accepted: {', '.join(START_METHODS)}")
-        problems = [f"{name}={value!r}: must be {accepted}" for name, value, ok, accepted in (
-            ("timeout_s", self.timeout_s, self.timeout_s > 0, "> 0 (seconds per graded response)"),
-            ("num_workers", self.num_workers, self.num_workers >= 0, ">= 0 (0: min(8, CPUs))"),
-        ) if not ok]
+        problems = [
+            f"{name}={value!r}: must be {accepted}"
+            for name, value, ok, accepted in (
+                ("timeout_s", self.timeout_s, self.timeout_s > 0, "> 0 (seconds per graded response)"),
+                ("num_workers", self.num_workers, self.num_workers >= 0, ">= 0 (0: min(8, CPUs))"),
+            )
+            if not ok
+        ]
         if problems:
             raise ValueError("; ".join(problems))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RewardConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> RewardConfig:
         """Builds from a config mapping; an unknown key raises, listing the valid ones."""
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(valid))
@@ -91,19 +96,26 @@ class RewardFn:
     def __init__(self, config: RewardConfig | None = None, **overrides):
         self.config = dataclasses.replace(config or RewardConfig(), **overrides)
         workers = self.config.num_workers or min(8, os.cpu_count() or 1)
-        self._pool = VerifierPool(workers, self.config.timeout_s, start_method=self.config.start_method,
-                                  memory_limit_mb=self.config.memory_limit_mb)
+        self._pool = VerifierPool(
+            workers,
+            self.config.timeout_s,
+            start_method=self.config.start_method,
+            memory_limit_mb=self.config.memory_limit_mb,
+        )
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tgpo-reward")
-        self._options = {"think_format": self.config.think_format, "boxed_fallback": self.config.boxed_fallback,
-                         "inner_timeout_s": self.config.inner_timeout_s()}
+        self._options = {
+            "think_format": self.config.think_format,
+            "boxed_fallback": self.config.boxed_fallback,
+            "inner_timeout_s": self.config.inner_timeout_s(),
+        }
         self.counters = {"items": 0, "timeouts": 0, "failures": 0}  # over the RewardFn's life (for logging)
 
-    def submit(self, texts: Sequence[str], answers: Sequence[Any]) -> "concurrent.futures.Future[np.ndarray]":
+    def submit(self, texts: Sequence[str], answers: Sequence[Any]) -> concurrent.futures.Future[np.ndarray]:
         """Starts scoring in the background; the future's result is float32 scores [B]. Batches
         submitted one after another are scored in submission order."""
         return self._submit(texts, answers, detailed=False)
 
-    def submit_detailed(self, texts: Sequence[str], answers: Sequence[Any]) -> "concurrent.futures.Future[RewardResult]":
+    def submit_detailed(self, texts: Sequence[str], answers: Sequence[Any]) -> concurrent.futures.Future[RewardResult]:
         """Like `submit`, but the future's result is a RewardResult (timeouts, failures, timings)."""
         return self._submit(texts, answers, detailed=True)
 

@@ -15,7 +15,8 @@ a reasoning-gym payload `{"reasoning_gym": task, "config": {...}, "entry": {...}
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tgpo_jax.rewards.boxed import boxed_equal, last_boxed
 
@@ -29,7 +30,7 @@ def answer_part(text: str, think_format: bool) -> str | None:
     if not think_format:
         return text
     i = text.rfind(THINK_END)
-    return None if i < 0 else text[i + len(THINK_END):]
+    return None if i < 0 else text[i + len(THINK_END) :]
 
 
 def _silence_math_verify() -> None:
@@ -55,13 +56,13 @@ def math_verify_equal(pred_text: str, gold: str, timeout_s: int | None = None) -
         g = parse(gold, parsing_timeout=timeout_s)
     if not g:
         return False
-    p = parse(pred_text, extraction_config=(ExprExtractionConfig(), LatexExtractionConfig()),
-              parsing_timeout=timeout_s)
+    p = parse(pred_text, extraction_config=(ExprExtractionConfig(), LatexExtractionConfig()), parsing_timeout=timeout_s)
     return bool(p) and bool(verify(g, p, timeout_seconds=timeout_s))
 
 
-def math_score(text: str, gold: str, *, think_format: bool = True, boxed_fallback: bool = False,
-               timeout_s: int | None = None) -> float:
+def math_score(
+    text: str, gold: str, *, think_format: bool = True, boxed_fallback: bool = False, timeout_s: int | None = None
+) -> float:
     """The paper's reward: 1.0 if the graded part (see `answer_part`) passes math-verify against
     `gold` (or, with `boxed_fallback`, the boxed string grader accepts it), else 0.0."""
     part = answer_part(text, think_format)
@@ -79,7 +80,7 @@ def extract_rg_answer(part: str) -> str:
     if i >= 0:
         j = part.find("</answer>", i)
         if j >= 0:
-            return part[i + len("<answer>"):j].strip()
+            return part[i + len("<answer>") : j].strip()
     boxed = last_boxed(part)
     return (boxed if boxed is not None else part).strip()
 
@@ -135,9 +136,22 @@ def score_one(text: str, answer: str | Mapping[str, Any], options: Mapping[str, 
     think = bool(options.get("think_format", True))
     if isinstance(answer, Mapping) and RG_KEY in answer:
         return rg_score(text, answer, think_format=think)
-    return math_score(text, str(answer), think_format=think, boxed_fallback=bool(options.get("boxed_fallback")),
-                      timeout_s=options.get("inner_timeout_s"))
+    return math_score(
+        text,
+        str(answer),
+        think_format=think,
+        boxed_fallback=bool(options.get("boxed_fallback")),
+        timeout_s=options.get("inner_timeout_s"),
+    )
 
 
-__all__ = ["THINK_END", "RG_KEY", "answer_part", "math_verify_equal", "math_score", "extract_rg_answer",
-           "rg_score", "score_one"]
+__all__ = [
+    "THINK_END",
+    "RG_KEY",
+    "answer_part",
+    "math_verify_equal",
+    "math_score",
+    "extract_rg_answer",
+    "rg_score",
+    "score_one",
+]

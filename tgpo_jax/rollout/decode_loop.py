@@ -46,8 +46,8 @@ def _prefill(model, prompt_PT, mask_PT, cache: KVCache, n: int):
     logits_PTV, small = model(prompt_PT, left_pad_positions(mask_PT), mask_PT, small)
     axes = cache.kv_axes
     fill = lambda big, part: _constrain_cache(  # noqa: E731
-        model, jax.lax.dynamic_update_slice(big, jnp.repeat(part, n, axis=axes.index("batch")), (0,) * big.ndim),
-        axes)
+        model, jax.lax.dynamic_update_slice(big, jnp.repeat(part, n, axis=axes.index("batch")), (0,) * big.ndim), axes
+    )
     k, v = jax.tree.map(fill, cache.k, small.k), jax.tree.map(fill, cache.v, small.v)
     rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
     slot_mask = jnp.zeros(cache.mask_BS.shape, bool).at[:, :T].set(rep(mask_PT.astype(bool)))
@@ -68,10 +68,15 @@ def rollout_fn(graphdef, state, cache, prompt_PT, mask_PT, key, *, params: Sampl
         """Records step t's token for the rows still running."""
         live = ~c["done"]
         hit = live & jnp.isin(tok, stops)
-        return dict(c, tok=tok, tokens=c["tokens"].at[:, t].set(jnp.where(live, tok, 0)),
-                    mask=c["mask"].at[:, t].set(live.astype(jnp.int32)),
-                    logp=c["logp"].at[:, t].set(jnp.where(live, logp, 0.0)),
-                    stopped=c["stopped"] | hit, done=c["done"] | hit)
+        return dict(
+            c,
+            tok=tok,
+            tokens=c["tokens"].at[:, t].set(jnp.where(live, tok, 0)),
+            mask=c["mask"].at[:, t].set(live.astype(jnp.int32)),
+            logp=c["logp"].at[:, t].set(jnp.where(live, logp, 0.0)),
+            stopped=c["stopped"] | hit,
+            done=c["done"] | hit,
+        )
 
     def cond(c):
         return (c["t"] < T_new) & ~jnp.all(c["done"])
@@ -84,8 +89,16 @@ def rollout_fn(graphdef, state, cache, prompt_PT, mask_PT, key, *, params: Sampl
         return dict(emit(c, t, tok, logp), cache=cache_t, t=t + 1)
 
     zeros = jnp.zeros((B, T_new), jnp.int32)
-    init = dict(t=jnp.ones((), jnp.int32), cache=cache, tok=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
-                stopped=jnp.zeros((B,), bool), tokens=zeros, mask=zeros, logp=jnp.zeros((B, T_new), jnp.float32))
+    init = dict(
+        t=jnp.ones((), jnp.int32),
+        cache=cache,
+        tok=jnp.zeros((B,), jnp.int32),
+        done=jnp.zeros((B,), bool),
+        stopped=jnp.zeros((B,), bool),
+        tokens=zeros,
+        mask=zeros,
+        logp=jnp.zeros((B, T_new), jnp.float32),
+    )
     tok0, logp0 = select(logits_BV, jax.random.fold_in(key, 0), params)
     c = jax.lax.while_loop(cond, body, emit(init, 0, tok0, logp0))
     finish = jnp.where(c["stopped"], FINISH_STOP, FINISH_LENGTH).astype(jnp.int32)

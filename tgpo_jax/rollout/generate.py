@@ -63,17 +63,38 @@ def _generate(graphdef, state, prompt_BP, prompt_mask_BP, key, *, max_new_tokens
         return t + 1, logits[:, -1], cache, done_B, out_tokens, out_mask, out_logp, key
 
     init = (
-        jnp.zeros((), jnp.int32), logits[:, -1], cache, jnp.zeros((B,), bool),
-        jnp.zeros((B, max_new_tokens), jnp.int32), jnp.zeros((B, max_new_tokens), jnp.int32),
-        jnp.zeros((B, max_new_tokens), jnp.float32), key,
+        jnp.zeros((), jnp.int32),
+        logits[:, -1],
+        cache,
+        jnp.zeros((B,), bool),
+        jnp.zeros((B, max_new_tokens), jnp.int32),
+        jnp.zeros((B, max_new_tokens), jnp.int32),
+        jnp.zeros((B, max_new_tokens), jnp.float32),
+        key,
     )
     _, _, _, _, tokens, mask, logp, _ = jax.lax.while_loop(cond, body, init)
     return Generation(tokens, mask, logp, mask.sum(-1))
 
 
-def generate(model, prompt_BP, prompt_mask_BP, key, *, max_new_tokens: int, temperature: float = 0.0,
-             eos_ids: tuple[int, ...] = ()) -> Generation:
+def generate(
+    model,
+    prompt_BP,
+    prompt_mask_BP,
+    key,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_ids: tuple[int, ...] = (),
+) -> Generation:
     """Left-padded prompts [B, P] -> responses [B, max_new_tokens]."""
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, jnp.asarray(prompt_BP, jnp.int32), jnp.asarray(prompt_mask_BP, jnp.int32), key,
-                     max_new_tokens=max_new_tokens, temperature=float(temperature), eos_ids=tuple(eos_ids))
+    return _generate(
+        graphdef,
+        state,
+        jnp.asarray(prompt_BP, jnp.int32),
+        jnp.asarray(prompt_mask_BP, jnp.int32),
+        key,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        eos_ids=tuple(eos_ids),
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +37,18 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if n <= b:
             return b
-    raise ValueError(f"a prompt of {n} tokens is longer than the largest prompt bucket ({buckets[-1]}); "
-                     "raise the buckets or drop the prompt")
+    raise ValueError(
+        f"a prompt of {n} tokens is longer than the largest prompt bucket ({buckets[-1]}); "
+        "raise the buckets or drop the prompt"
+    )
 
 
 class Sampler:
     """Samples n responses per prompt from `model` (a Decoder, sharded or not)."""
 
-    def __init__(self, model, *, stop_ids: Sequence[int], pad_id: int = 0,
-                 prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS):
+    def __init__(
+        self, model, *, stop_ids: Sequence[int], pad_id: int = 0, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS
+    ):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.sharding = getattr(model, "sharding", None)
@@ -82,7 +85,7 @@ class Sampler:
         tokens = np.full((P, T), self.pad_id, np.int32)
         mask = np.zeros((P, T), np.int32)
         for i, p in enumerate(prompts):
-            tokens[i, T - len(p):], mask[i, T - len(p):] = p, 1
+            tokens[i, T - len(p) :], mask[i, T - len(p) :] = p, 1
         for i in range(len(prompts), P):  # filler rows: one token, results dropped
             tokens[i, -1], mask[i, -1] = self.pad_id, 1
         return tokens, mask
@@ -91,11 +94,20 @@ class Sampler:
     def _executable(self, P: int, T: int, params: SamplingParams):
         key = (P, T, params)
         if key not in self._compiled:
-            fn = jax.jit(functools.partial(rollout_fn, params=params, stop_ids=self.stop_ids),
-                         static_argnums=(0,), donate_argnums=(2,))
+            fn = jax.jit(
+                functools.partial(rollout_fn, params=params, stop_ids=self.stop_ids),
+                static_argnums=(0,),
+                donate_argnums=(2,),
+            )
             cache = self._new_cache(P * params.n, T + params.max_new_tokens)
-            args = (self.graphdef, self.state, cache, self._put(np.zeros((P, T), np.int32)),
-                    self._put(np.ones((P, T), np.int32)), jax.random.key(0))
+            args = (
+                self.graphdef,
+                self.state,
+                cache,
+                self._put(np.zeros((P, T), np.int32)),
+                self._put(np.ones((P, T), np.int32)),
+                jax.random.key(0),
+            )
             t0 = time.perf_counter()
             self._compiled[key] = fn.lower(*args).compile()
             self.stats.compiles += 1
@@ -109,8 +121,12 @@ class Sampler:
             return KVCache.init(self.cfg, B, S)
         mesh, rules = self.sharding.mesh, self.sharding.rules
         shapes = jax.eval_shape(lambda: KVCache.init(self.cfg, B, S))
-        kv = jax.tree.map(lambda a: NamedSharding(mesh, _divisible_spec(rules, shapes.kv_axes, a.shape, mesh)), shapes.k)
-        shardings = KVCache(kv, kv, NamedSharding(mesh, rules.spec(("batch", None))), NamedSharding(mesh, PartitionSpec()))
+        kv = jax.tree.map(
+            lambda a: NamedSharding(mesh, _divisible_spec(rules, shapes.kv_axes, a.shape, mesh)), shapes.k
+        )
+        shardings = KVCache(
+            kv, kv, NamedSharding(mesh, rules.spec(("batch", None))), NamedSharding(mesh, PartitionSpec())
+        )
         # Created in place by a jit (no host or single-device copy first): works when the mesh spans processes.
         return jax.jit(lambda: KVCache.init(self.cfg, B, S), out_shardings=shardings)()
 

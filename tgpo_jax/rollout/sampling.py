@@ -50,8 +50,14 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS
 
     def __post_init__(self):
-        problems = sampling_problems(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                     min_p=self.min_p, max_new_tokens=self.max_new_tokens, n=self.n)
+        problems = sampling_problems(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            max_new_tokens=self.max_new_tokens,
+            n=self.n,
+        )
         if problems:
             raise ValueError("bad sampling parameters: " + "; ".join(problems))
 

@@ -11,6 +11,15 @@ from tgpo_jax.sharding.rules import (
 )
 
 __all__ = [
-    "MeshConfig", "ShardingConfigError", "build_mesh", "abstract_sharded_params", "init_sharded", "load_sharded",
-    "DEFAULT_RULES", "LOGICAL_AXES", "ActivationSharding", "ShardingRules", "param_shardings",
+    "MeshConfig",
+    "ShardingConfigError",
+    "build_mesh",
+    "abstract_sharded_params",
+    "init_sharded",
+    "load_sharded",
+    "DEFAULT_RULES",
+    "LOGICAL_AXES",
+    "ActivationSharding",
+    "ShardingRules",
+    "param_shardings",
 ]

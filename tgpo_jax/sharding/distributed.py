@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -26,8 +26,13 @@ ENV_VARS = {
 }
 # Set on Cloud TPU VMs (single- and multi-slice); JAX then finds the rest itself.
 TPU_ENV_VARS = (
-    "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE", "TPU_PROCESS_ADDRESSES",
-    "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES",
+    "TPU_WORKER_HOSTNAMES",
+    "TPU_WORKER_ID",
+    "TPU_ACCELERATOR_TYPE",
+    "TPU_PROCESS_ADDRESSES",
+    "CLOUD_TPU_TASK_ID",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "MEGASCALE_NUM_SLICES",
 )
 
 _state: dict[str, bool] = {}
@@ -98,7 +103,9 @@ def _validate_explicit(cfg: DistributedConfig) -> None:
         )
 
 
-def plan(cfg: DistributedConfig | None = None, environ: Mapping[str, str] | None = None) -> tuple[str, DistributedConfig]:
+def plan(
+    cfg: DistributedConfig | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[str, DistributedConfig]:
     """What `initialize` would do, without doing it: ("explicit" | "tpu" | "single", resolved cfg).
 
     Explicit settings (any field set) are validated strictly, except on a Cloud TPU VM, where
@@ -130,8 +137,10 @@ def initialize(cfg: DistributedConfig | None = None) -> bool:
     if mode != "single":
         ids = list(cfg.local_device_ids) if cfg.local_device_ids is not None else None
         jax.distributed.initialize(
-            coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
-            process_id=cfg.process_id, local_device_ids=ids,
+            coordinator_address=cfg.coordinator_address,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+            local_device_ids=ids,
         )
     _state["multi"] = mode != "single"
     return _state["multi"]
@@ -202,6 +211,17 @@ def process_batch_slice(global_batch: int, mesh: Mesh | None = None, spec: Parti
 
 
 __all__ = [
-    "DistributedConfig", "DistributedConfigError", "ENV_VARS", "TPU_ENV_VARS", "initialize", "plan",
-    "resolve_config", "is_cloud_tpu_env", "host_local_to_global", "put_global", "put_batch", "global_to_host", "process_batch_slice",
+    "DistributedConfig",
+    "DistributedConfigError",
+    "ENV_VARS",
+    "TPU_ENV_VARS",
+    "initialize",
+    "plan",
+    "resolve_config",
+    "is_cloud_tpu_env",
+    "host_local_to_global",
+    "put_global",
+    "put_batch",
+    "global_to_host",
+    "process_batch_slice",
 ]

@@ -42,7 +42,8 @@ import math
 import os
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import yaml
 
@@ -129,8 +130,11 @@ def load_estimate_config(source: str | os.PathLike | Mapping[str, Any]) -> Estim
     if isinstance(data, dict) and isinstance(data.get("teacher"), dict):
         data["teacher"] = {"trainable": False, **data["teacher"]}
     cfg = _build(EstimateConfig, data, "")
-    cfg = dataclasses.replace(cfg, student=_read_hf(cfg.student, "student", base),
-                              teacher=cfg.teacher and _read_hf(cfg.teacher, "teacher", base))
+    cfg = dataclasses.replace(
+        cfg,
+        student=_read_hf(cfg.student, "student", base),
+        teacher=cfg.teacher and _read_hf(cfg.teacher, "teacher", base),
+    )
     validate(cfg)
     return cfg
 
@@ -180,7 +184,9 @@ def _join(where: str, key: str) -> str:
 def _read_hf(entry: ModelEntry, role: str, base: str) -> ModelEntry:
     """Fills `entry.hf` from `hf_config` (a config.json or a directory holding one)."""
     if (entry.hf is None) == (entry.hf_config is None):
-        raise EstimateConfigError(f"{role}: give exactly one of hf_config (a path to config.json) or hf (its fields inline)")
+        raise EstimateConfigError(
+            f"{role}: give exactly one of hf_config (a path to config.json) or hf (its fields inline)"
+        )
     if entry.hf is not None:
         return entry
     path = entry.hf_config
@@ -235,7 +241,9 @@ def _check_values(cfg: EstimateConfig) -> None:
         one_of("optimizer.master_dtype", o.master_dtype, DTYPE_BYTES)
     one_of("remat", cfg.remat, REMAT_MODES)
     one_of("attention", cfg.attention, ATTENTION_KINDS)
-    for k, v in [("num_devices", cfg.num_devices)] + [(f"batch.{k}", v) for k, v in dataclasses.asdict(cfg.batch).items()]:
+    for k, v in [("num_devices", cfg.num_devices)] + [
+        (f"batch.{k}", v) for k, v in dataclasses.asdict(cfg.batch).items()
+    ]:
         if v < 1:
             raise EstimateConfigError(f"{k}={v} must be a positive integer")
     if cfg.device_memory_gb is not None and cfg.device_memory_gb <= 0:
@@ -266,7 +274,8 @@ def _rules(overrides: dict | None, sizes: dict[str, int]) -> ShardingRules:
         for a in (axes,) if isinstance(axes, str) else tuple(axes or ()):
             if a not in sizes:
                 raise ShardingConfigError(
-                    f"sharding rule {logical} -> {a!r} names an axis the mesh does not have; mesh axes: {', '.join(sizes)}"
+                    f"sharding rule {logical} -> {a!r} names an axis the mesh does not have; "
+                    f"mesh axes: {', '.join(sizes)}"
                 )
     return rules
 
@@ -304,7 +313,9 @@ def _local(m: _Model, sizes, logical: tuple, shape: tuple[int, ...], what: str, 
     for size, entry, name in zip(shape, m.rules.spec(logical), logical):
         n = _axes_size(entry, sizes)
         if size % n:
-            notes.append(f"{m.role}: {what} {name}={size} does not divide mesh axes {entry} ({n}); kept whole on each device")
+            notes.append(
+                f"{m.role}: {what} {name}={size} does not divide mesh axes {entry} ({n}); kept whole on each device"
+            )
             n = 1
         out.append(size // n)
     return tuple(out)
@@ -343,8 +354,9 @@ def moe_working_set(c: ModelConfig, d: Mapping[str, int], a: int) -> int:
     return N * c.num_experts * 4 + A * 8 + A * (2 * d["E"] + 3 * c.moe_intermediate_size) * a
 
 
-def layer_working_set(d: Mapping[str, int], a: int, attention: str, moe: int | None = None,
-                      dense_mlp: bool = True) -> int:
+def layer_working_set(
+    d: Mapping[str, int], a: int, attention: str, moe: int | None = None, dense_mlp: bool = True
+) -> int:
     """One decoder layer's forward intermediates, W = a*B*T*(2E + 2H*D + 2K*D + 3F) + A:
     2E the two RMSNorm outputs, 2H*D q and the attention output, 2K*D k and v, 3F gate, up and
     silu(gate)*up; A the attention scores with Tk = the full key length:
@@ -465,8 +477,10 @@ class Estimate:
         if self.fits:
             return f"fits: needs {gib(self.peak_bytes)} GiB of {gib(self.capacity_bytes)} GiB per device"
         top = ", ".join(f"{k} {gib(v)} GiB" for k, v in self.biggest())
-        return (f"DOES NOT FIT: needs {gib(self.peak_bytes)} GiB, has {gib(self.capacity_bytes)} GiB per device; "
-                f"biggest items: {top}")
+        return (
+            f"DOES NOT FIT: needs {gib(self.peak_bytes)} GiB, has {gib(self.capacity_bytes)} GiB per device; "
+            f"biggest items: {top}"
+        )
 
     def report(self) -> str:
         return format_report(self)

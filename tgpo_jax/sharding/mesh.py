@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -29,9 +29,11 @@ class MeshConfig:
     axes: tuple[tuple[str, int], ...] = DEFAULT_AXES
 
     @classmethod
-    def from_dict(cls, d: dict[str, int]) -> "MeshConfig":
+    def from_dict(cls, d: dict[str, int]) -> MeshConfig:
         if not isinstance(d, dict) or not d:
-            raise ShardingConfigError(f"mesh must be a mapping of axis name -> size, e.g. {{data: 1, fsdp: -1, tensor: 1}}; got {d!r}")
+            raise ShardingConfigError(
+                f"mesh must be a mapping of axis name -> size, e.g. {{data: 1, fsdp: -1, tensor: 1}}; got {d!r}"
+            )
         for k, v in d.items():
             if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
                 raise ShardingConfigError(f"mesh axis {k!r} has size {v!r}; accepted: a positive integer or -1")
@@ -73,4 +75,3 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     except Exception:  # non-TPU topologies or a device subset: plain row-major order
         arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, cfg.names, axis_types=(AxisType.Auto,) * len(shape))
-

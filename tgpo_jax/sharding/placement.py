@@ -34,5 +34,6 @@ def init_sharded(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules, seed: int =
 def load_sharded(path: str, mesh: Mesh, rules: ShardingRules, **kw) -> Decoder:
     """An HF checkpoint loaded straight into the shardings the rules give on `mesh`."""
     cfg = ModelConfig.from_hf_dir(path, param_dtype=kw.get("param_dtype", "float32"), dtype=kw.get("dtype", "float32"))
-    return load_model(path, shardings=param_shardings(cfg, rules, mesh),
-                      activation_sharding=ActivationSharding(mesh, rules), **kw)
+    return load_model(
+        path, shardings=param_shardings(cfg, rules, mesh), activation_sharding=ActivationSharding(mesh, rules), **kw
+    )

@@ -7,7 +7,7 @@ over `data` when it fits, or fully FSDP-sharded when it does not)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Union
+from collections.abc import Mapping
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -16,7 +16,7 @@ from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.params import param_specs
 from tgpo_jax.sharding.mesh import ShardingConfigError
 
-MeshAxes = Union[None, str, tuple[str, ...]]
+MeshAxes = None | str | tuple[str, ...]
 
 PARAM_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "expert", "moe_mlp", "router")
 ACTIVATION_AXES = ("batch", "seq", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab", "cache_seq")
@@ -60,11 +60,15 @@ class ShardingRules:
     table: tuple[tuple[str, MeshAxes], ...] = tuple(DEFAULT_RULES.items())
 
     @classmethod
-    def from_dict(cls, overrides: Mapping[str, MeshAxes] | None = None, *, base: Mapping[str, MeshAxes] = DEFAULT_RULES):
+    def from_dict(
+        cls, overrides: Mapping[str, MeshAxes] | None = None, *, base: Mapping[str, MeshAxes] = DEFAULT_RULES
+    ):
         merged = dict(base)
         for k, v in (overrides or {}).items():
             if k not in LOGICAL_AXES:
-                raise ShardingConfigError(f"unknown logical axis {k!r} in sharding rules; valid: {', '.join(LOGICAL_AXES)}")
+                raise ShardingConfigError(
+                    f"unknown logical axis {k!r} in sharding rules; valid: {', '.join(LOGICAL_AXES)}"
+                )
             merged[k] = tuple(v) if isinstance(v, list) else v
         return cls(tuple(merged.items()))
 

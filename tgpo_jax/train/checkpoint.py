@@ -43,8 +43,9 @@ _FINALIZE_TIMEOUT_S = 1200  # Orbax's own default limit for an async save
 
 
 class RunCheckpoints:
-    def __init__(self, run_dir: str, *, keep: int = 3, keep_best: int = 1, async_save: bool = True,
-                 read_only: bool = False):
+    def __init__(
+        self, run_dir: str, *, keep: int = 3, keep_best: int = 1, async_save: bool = True, read_only: bool = False
+    ):
         # read_only (`tgpo-jax export`): a bad step is skipped but left where it is, since a training
         # process may hold the run directory (export takes no lock) and moving steps under its
         # Orbax manager would upset it
@@ -57,14 +58,21 @@ class RunCheckpoints:
         self._watchers: list[threading.Thread] = []
         self._closing = threading.Event()
         opts = dict(enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
-        self.latest = ocp.CheckpointManager(paths.join(self.root, "latest"),
-                                            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
+        self.latest = ocp.CheckpointManager(
+            paths.join(self.root, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts)
+        )
         self.best = None
         if keep_best > 0:
             self.best = ocp.CheckpointManager(
                 paths.join(self.root, "best"),
-                options=ocp.CheckpointManagerOptions(max_to_keep=keep_best, best_fn=lambda m: m["eval/score"],
-                                                     best_mode="max", keep_checkpoints_without_metrics=False, **opts))
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep_best,
+                    best_fn=lambda m: m["eval/score"],
+                    best_mode="max",
+                    keep_checkpoints_without_metrics=False,
+                    **opts,
+                ),
+            )
 
     @staticmethod
     def _args(state, meta: dict[str, Any]):
@@ -81,8 +89,11 @@ class RunCheckpoints:
         else:
             with self._pending_lock:
                 self._pending.remove(iteration)
-            warnings.warn(f"checkpoint {iteration} was NOT saved: {self.latest.directory} already holds step "
-                          f"{self.latest.latest_step()} (Orbax only saves steps above its latest)", stacklevel=2)
+            warnings.warn(
+                f"checkpoint {iteration} was NOT saved: {self.latest.directory} already holds step "
+                f"{self.latest.latest_step()} (Orbax only saves steps above its latest)",
+                stacklevel=2,
+            )
         if self.best is not None and eval_score is not None:
             # best/ may already hold this step from before a resume: the same iteration of the same
             # run, so keeping the stored one (Orbax declines the save) loses nothing.
@@ -103,8 +114,7 @@ class RunCheckpoints:
         still change), so a thread waits for that name."""
         if not (self.checksums and self.primary):
             return
-        t = threading.Thread(target=self._manifest_when_final, args=(step,), daemon=True,
-                             name=f"tgpo-checksums-{step}")
+        t = threading.Thread(target=self._manifest_when_final, args=(step,), daemon=True, name=f"tgpo-checksums-{step}")
         t.start()
         self._watchers.append(t)
 
@@ -140,15 +150,22 @@ class RunCheckpoints:
                 problem = self._verify(step)
                 if problem is None:
                     try:
-                        restored = self.latest.restore(step, args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                        restored = self.latest.restore(
+                            step,
+                            args=ocp.args.Composite(
+                                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                            ),
+                        )
                         return step, restored.state, dict(restored.meta)
                     except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
                         problem = f"{type(e).__name__}: {str(e)[:200]}"
                 where = self._move_aside(step)
                 moved = True
-                warnings.warn(f"checkpoint {step} in {self.latest.directory} could not be restored ({problem}); "
-                              f"{where}; trying the one before", stacklevel=2)
+                warnings.warn(
+                    f"checkpoint {step} in {self.latest.directory} could not be restored ({problem}); "
+                    f"{where}; trying the one before",
+                    stacklevel=2,
+                )
             return None
         finally:
             if moved:
@@ -160,9 +177,11 @@ class RunCheckpoints:
         if not self.checksums:
             return None
         if not manifest.has_manifest(step_dir):
-            warnings.warn(f"checkpoint {step} in {self.latest.directory} has no checksum manifest (saved by older "
-                          "code, or the run stopped before the manifest was written): restoring it unverified",
-                          stacklevel=3)
+            warnings.warn(
+                f"checkpoint {step} in {self.latest.directory} has no checksum manifest (saved by older "
+                "code, or the run stopped before the manifest was written): restoring it unverified",
+                stacklevel=3,
+            )
             return None
         return manifest.verify(step_dir)
 
@@ -172,7 +191,7 @@ class RunCheckpoints:
             return "skipped and left in place (read-only access)"
         if not self.primary:
             return "process 0 moves it aside"
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         corrupt = paths.join(self.root, "corrupt")
         dest = paths.join(corrupt, f"{step}-{stamp}")
         paths.makedirs(corrupt)

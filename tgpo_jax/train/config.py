@@ -33,8 +33,12 @@ class ModelsConfig:
     remat_policy: str = "auto"  # what the train step's layer recomputation keeps: nothing | attn_out | auto
 
     def model_overrides(self) -> dict:
-        return {"attn_impl": self.attn_impl, "attn_query_block": self.attn_query_block,
-                "cache_layers": self.cache_layers, "remat_policy": self.remat_policy}
+        return {
+            "attn_impl": self.attn_impl,
+            "attn_query_block": self.attn_query_block,
+            "cache_layers": self.cache_layers,
+            "remat_policy": self.remat_policy,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,21 +152,38 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     obj = cfg.objective.objective
     if obj.needs_teacher and not cfg.models.teacher:
         p.append(f"objective {cfg.objective.name!r} needs a teacher: set models.teacher")
-    group_adv = cfg.objective.name not in ("rkl", "rkl_centered", "rkl_reg_k1", "rkl_reg_k2", "rkl_reg_k3", "rkl_reg_dist")
+    group_adv = cfg.objective.name not in (
+        "rkl",
+        "rkl_centered",
+        "rkl_reg_k1",
+        "rkl_reg_k2",
+        "rkl_reg_k3",
+        "rkl_reg_dist",
+    )
     if group_adv and cfg.rollout.n < 2:
-        p.append(f"rollout.n={cfg.rollout.n}: objective {cfg.objective.name!r} uses GRPO group advantages, "
-                 "which need a group size >= 2")
+        p.append(
+            f"rollout.n={cfg.rollout.n}: objective {cfg.objective.name!r} uses GRPO group advantages, "
+            "which need a group size >= 2"
+        )
     p += _range_problems(cfg)
     if cfg.train.mini_batches < 1 or cfg.rollout_batch % cfg.train.mini_batches:
-        p.append(f"train.mini_batches={cfg.train.mini_batches} does not divide the rollout batch "
-                 f"of {cfg.rollout_batch} (= prompts_per_iteration x n)")
+        p.append(
+            f"train.mini_batches={cfg.train.mini_batches} does not divide the rollout batch "
+            f"of {cfg.rollout_batch} (= prompts_per_iteration x n)"
+        )
     elif cfg.train.micro_batch < 1 or cfg.mini_batch % cfg.train.micro_batch:
-        p.append(f"train.micro_batch={cfg.train.micro_batch} does not divide the mini-batch of {cfg.mini_batch} sequences")
+        p.append(
+            f"train.micro_batch={cfg.train.micro_batch} does not divide the mini-batch of {cfg.mini_batch} sequences"
+        )
     if cfg.train.logprob_chunk < 1:
         p.append(f"train.logprob_chunk={cfg.train.logprob_chunk}: must be >= 1")
-    elif cfg.rollout.max_new_tokens >= 1 and cfg.rollout.max_new_tokens % min(cfg.train.logprob_chunk,
-                                                                                cfg.rollout.max_new_tokens):
-        p.append(f"train.logprob_chunk={cfg.train.logprob_chunk} must divide rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
+    elif cfg.rollout.max_new_tokens >= 1 and cfg.rollout.max_new_tokens % min(
+        cfg.train.logprob_chunk, cfg.rollout.max_new_tokens
+    ):
+        p.append(
+            f"train.logprob_chunk={cfg.train.logprob_chunk} must divide "
+            f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
+        )
     if cfg.train.iterations < 1:
         p.append("train.iterations must be >= 1")
     if cfg.objective.name == "luffy" and not cfg.data.get("solution_column"):
@@ -177,10 +198,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def _range_problems(cfg: TrainConfig) -> list[str]:
     """Values outside what their key accepts, named as `key=value: must be ...`."""
     r, e, c, w = cfg.rollout, cfg.eval, cfg.checkpoint, cfg.rewards
-    p = sampling_problems(prefix="rollout.", temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                          max_new_tokens=r.max_new_tokens, n=r.n)
-    p += sampling_problems(prefix="eval.", temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
-                           k=e.k)
+    p = sampling_problems(
+        prefix="rollout.",
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        n=r.n,
+    )
+    p += sampling_problems(
+        prefix="eval.", temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens, k=e.k
+    )
     checks = (
         ("rollout.prompts_per_iteration", r.prompts_per_iteration, r.prompts_per_iteration >= 1, ">= 1"),
         ("eval.every", e.every, e.every >= 0, ">= 0 (0: never)"),
@@ -191,8 +219,11 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         ("rewards.workers", w.workers, w.workers >= 0, ">= 0 (0: min(8, CPUs))"),
         ("rewards.timeout_s", w.timeout_s, w.timeout_s > 0, "> 0 (seconds per graded response)"),
     )
-    return p + [f"{key}={value!r}: must be {accepted}" for key, value, ok, accepted in checks if not ok] + \
-        _bucket_problems(cfg)
+    return (
+        p
+        + [f"{key}={value!r}: must be {accepted}" for key, value, ok, accepted in checks if not ok]
+        + _bucket_problems(cfg)
+    )
 
 
 def _bucket_problems(cfg: TrainConfig) -> list[str]:
@@ -206,10 +237,17 @@ def _bucket_problems(cfg: TrainConfig) -> list[str]:
     default = DataConfig.max_prompt_len
     lens = [("data.max_prompt_len", cfg.data.get("max_prompt_len", default))]
     if cfg.eval.data:
-        lens.append(("the eval set's max_prompt_len (eval.data, else data)",
-                     {**cfg.data, **cfg.eval.data}.get("max_prompt_len", default)))
-    return [f"{key}={n} exceeds the largest of rollout.prompt_buckets={list(buckets)}: add a bucket >= {n} or "
-            f"lower it" for key, n in lens if isinstance(n, int) and n > max(buckets)]
+        lens.append(
+            (
+                "the eval set's max_prompt_len (eval.data, else data)",
+                {**cfg.data, **cfg.eval.data}.get("max_prompt_len", default),
+            )
+        )
+    return [
+        f"{key}={n} exceeds the largest of rollout.prompt_buckets={list(buckets)}: add a bucket >= {n} or lower it"
+        for key, n in lens
+        if isinstance(n, int) and n > max(buckets)
+    ]
 
 
 def load_train_config(path_or_dict: str | dict, overrides: list[str] | None = None) -> TrainConfig:

@@ -46,8 +46,7 @@ def export_run(path: str, out_dir: str, *, dtype: str | None = None, overwrite: 
         cfg = load_train_config(json.load(f))
     m = cfg.models
     student_cfg = ModelConfig.from_hf_dir(m.student, param_dtype=m.param_dtype, dtype=m.dtype)
-    ckpt = RunCheckpoints(run_dir, keep=cfg.checkpoint.keep, keep_best=0, async_save=False,
-                           read_only=True)
+    ckpt = RunCheckpoints(run_dir, keep=cfg.checkpoint.keep, keep_best=0, async_save=False, read_only=True)
     try:
         found = ckpt.restore_latest(_abstract_state(student_cfg, make_optimizer(cfg.optimizer)))
     finally:
@@ -57,6 +56,12 @@ def export_run(path: str, out_dir: str, *, dtype: str | None = None, overwrite: 
     iteration, state, _ = found
     graphdef, _ = nnx.split(abstract_model(student_cfg))
     model = nnx.merge(graphdef, state.params)
-    save_hf(model, out_dir, dtype=dtype, tokenizer=load_tokenizer(m.tokenizer or m.student), overwrite=overwrite,
-            names=names)
+    save_hf(
+        model,
+        out_dir,
+        dtype=dtype,
+        tokenizer=load_tokenizer(m.tokenizer or m.student),
+        overwrite=overwrite,
+        names=names,
+    )
     return out_dir, iteration

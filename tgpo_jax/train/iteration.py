@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -52,15 +53,26 @@ def _replace_offpolicy(rollout_arrays: dict, examples: Sequence[Example], n: int
         row, ids = i * n, ex.solution_ids[:T]
         rollout_arrays["tokens"][row] = 0
         rollout_arrays["mask"][row] = 0
-        rollout_arrays["tokens"][row, :len(ids)] = ids
-        rollout_arrays["mask"][row, :len(ids)] = 1
+        rollout_arrays["tokens"][row, : len(ids)] = ids
+        rollout_arrays["mask"][row, : len(ids)] = 1
         off[row] = True
     return off
 
 
-def run_iteration(models: Models, train_state, examples: Sequence[Example], iteration: int, key, *,
-                  sampling: SamplingParams, obj_cfg, reward_fn: RewardFn, mini_batches: int, chunk: int,
-                  luffy: bool = False):
+def run_iteration(
+    models: Models,
+    train_state,
+    examples: Sequence[Example],
+    iteration: int,
+    key,
+    *,
+    sampling: SamplingParams,
+    obj_cfg,
+    reward_fn: RewardFn,
+    mini_batches: int,
+    chunk: int,
+    luffy: bool = False,
+):
     """Returns (new train state, metrics dict)."""
     t0 = time.perf_counter()
     k_sample, k_score, k_train = jax.random.split(jax.random.fold_in(key, iteration), 3)
@@ -68,25 +80,40 @@ def run_iteration(models: Models, train_state, examples: Sequence[Example], iter
     compiles0, compile_s0 = models.sampler.stats.compiles, models.sampler.stats.compile_s
     r = models.sampler.sample([ex.prompt_ids for ex in examples], sampling, k_sample)
     t_rollout = time.perf_counter() - t0 - (models.sampler.stats.compile_s - compile_s0)
-    arrays = {"prompt": r.prompt_tokens_BP, "prompt_mask": r.prompt_mask_BP,
-              "tokens": r.tokens_BT.copy(), "mask": r.mask_BT.copy()}
-    off = _replace_offpolicy(arrays, examples, sampling.n, r.tokens_BT.shape[1]) if luffy else np.zeros(len(r.tokens_BT), bool)
+    arrays = {
+        "prompt": r.prompt_tokens_BP,
+        "prompt_mask": r.prompt_mask_BP,
+        "tokens": r.tokens_BT.copy(),
+        "mask": r.mask_BT.copy(),
+    }
+    off = (
+        _replace_offpolicy(arrays, examples, sampling.n, r.tokens_BT.shape[1])
+        if luffy
+        else np.zeros(len(r.tokens_BT), bool)
+    )
     answers = [ex.answer for ex in examples for _ in range(sampling.n)]
-    texts = [models.decode(t[:m.sum()]) for t, m in zip(arrays["tokens"], arrays["mask"])]
+    texts = [models.decode(t[: m.sum()]) for t, m in zip(arrays["tokens"], arrays["mask"])]
     pending = reward_fn.submit(texts, answers)  # host workers grade while the device scores
     batch = models.put_batch(arrays)
-    scored, gap = score(models.s_graphdef, train_state.params, models.t_graphdef, models.t_state, batch, k_score,
-                        obj_cfg=obj_cfg, chunk=chunk)
+    scored, gap = score(
+        models.s_graphdef,
+        train_state.params,
+        models.t_graphdef,
+        models.t_state,
+        batch,
+        k_score,
+        obj_cfg=obj_cfg,
+        chunk=chunk,
+    )
     rewards = np.asarray(pending.result(), np.float32)
     adv = grpo_advantages(rewards, sampling.n) if sampling.n > 1 else np.zeros_like(rewards)
-    full = dict(batch, **scored, adv_B=models.put_batch({"a": adv})["a"],
-                offpolicy_B=models.put_batch({"o": off})["o"])
+    full = dict(batch, **scored, adv_B=models.put_batch({"a": adv})["a"], offpolicy_B=models.put_batch({"o": off})["o"])
     t1 = time.perf_counter()
     B = len(rewards)
     step_metrics = []
     for j in range(mini_batches):
         sl = slice(j * B // mini_batches, (j + 1) * B // mini_batches)
-        mb = jax.tree.map(lambda x: x[sl], full)
+        mb = jax.tree.map(lambda x, sl=sl: x[sl], full)
         train_state, m = models.train_step(train_state, mb, k_train, iteration)
         step_metrics.append(m)
     step_metrics = jax.device_get(step_metrics)
@@ -107,15 +134,17 @@ def _iteration_metrics(step_metrics, gap, rewards, r, arrays, t_rollout, t_train
     lengths = np.asarray(arrays["mask"]).sum(-1)
     n_resp = int(r.mask_BT.sum())
     n_train = int(np.asarray(arrays["mask"]).sum() + np.asarray(arrays["prompt_mask"]).sum())
-    out.update({
-        "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.std()),
-        "response/length_mean": float(lengths.mean()),
-        "response/length_max": float(lengths.max()),
-        "response/truncated_frac": float((r.finish_B == 1).mean()),
-        "perf/rollout_s": t_rollout,
-        "perf/rollout_tokens_per_s": n_resp / max(t_rollout, 1e-9),
-        "perf/train_s": t_train,
-        "perf/train_tokens_per_s": n_train / max(t_train, 1e-9),
-    })
+    out.update(
+        {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()),
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
+            "response/truncated_frac": float((r.finish_B == 1).mean()),
+            "perf/rollout_s": t_rollout,
+            "perf/rollout_tokens_per_s": n_resp / max(t_rollout, 1e-9),
+            "perf/train_s": t_train,
+            "perf/train_tokens_per_s": n_train / max(t_train, 1e-9),
+        }
+    )
     return out

@@ -27,8 +27,14 @@ class TrainingDiverged(RuntimeError):
 
 def _sampling(cfg: TrainConfig) -> SamplingParams:
     r = cfg.rollout
-    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                          n=r.n, stop_ids=r.stop_ids)
+    return SamplingParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        n=r.n,
+        stop_ids=r.stop_ids,
+    )
 
 
 def _resume(parts: RunParts, ckpt: RunCheckpoints, cfg: TrainConfig):
@@ -48,8 +54,9 @@ def _check_finite(metrics: dict, iteration: int, last_saved: int | None) -> None
     loss = metrics.get("loss/total", 0.0)
     if not math.isfinite(loss):
         where = f"iteration {last_saved}" if last_saved else "none saved yet"
-        raise TrainingDiverged(f"non-finite loss ({loss}) at iteration {iteration}; stopping. "
-                               f"The last good checkpoint is kept ({where}).")
+        raise TrainingDiverged(
+            f"non-finite loss ({loss}) at iteration {iteration}; stopping. The last good checkpoint is kept ({where})."
+        )
 
 
 def train(cfg: TrainConfig, *, resume_with_changes: bool = False) -> dict:
@@ -66,20 +73,30 @@ def train(cfg: TrainConfig, *, resume_with_changes: bool = False) -> dict:
     paths.makedirs(cfg.run_dir)  # run_dir may be a gs:// URL
     with run_dir_lock(cfg.run_dir) if primary else contextlib.nullcontext():
         config = to_dict(cfg)
-        changes = check_config(cfg.run_dir, config, resume=cfg.checkpoint.resume,
-                               resume_with_changes=resume_with_changes)
+        changes = check_config(
+            cfg.run_dir, config, resume=cfg.checkpoint.resume, resume_with_changes=resume_with_changes
+        )
         parts = build_run(cfg)
         ckpt = writer = None
         try:
-            ckpt = RunCheckpoints(cfg.run_dir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
-                                  async_save=cfg.checkpoint.async_save)
+            ckpt = RunCheckpoints(
+                cfg.run_dir,
+                keep=cfg.checkpoint.keep,
+                keep_best=cfg.checkpoint.keep_best,
+                async_save=cfg.checkpoint.async_save,
+            )
             start, state = _resume(parts, ckpt, cfg)
             if primary:
                 record_start(cfg.run_dir, config, start, changes)
             log = cfg.logging
-            writer = MetricsWriter(cfg.run_dir, jsonl=log.jsonl and primary, tensorboard=log.tensorboard and primary,
-                                   progress=log.progress and primary, total_iterations=cfg.train.iterations,
-                                   initial_iteration=start - 1)
+            writer = MetricsWriter(
+                cfg.run_dir,
+                jsonl=log.jsonl and primary,
+                tensorboard=log.tensorboard and primary,
+                progress=log.progress and primary,
+                total_iterations=cfg.train.iterations,
+                initial_iteration=start - 1,
+            )
             metrics = _iterate(cfg, parts, ckpt, writer, start, state)
         finally:
             for part in (ckpt, writer, parts):  # checkpoints first: close() waits for the last save
@@ -90,18 +107,26 @@ def train(cfg: TrainConfig, *, resume_with_changes: bool = False) -> dict:
     return metrics
 
 
-def _iterate(cfg: TrainConfig, parts: RunParts, ckpt: RunCheckpoints, writer: MetricsWriter, start: int,
-             state) -> dict:
+def _iterate(cfg: TrainConfig, parts: RunParts, ckpt: RunCheckpoints, writer: MetricsWriter, start: int, state) -> dict:
     """Iterations start..train.iterations (log, evaluate, checkpoint); returns the last metrics."""
     key = jax.random.key(cfg.train.seed)
     sampling = _sampling(cfg)
     last_saved, metrics = (start - 1 if start > 1 else None), {}
     for it in range(start, cfg.train.iterations + 1):
         examples = parts.data.next_batch()
-        state, metrics = run_iteration(parts.models, state, examples, it, key, sampling=sampling,
-                                       obj_cfg=cfg.objective, reward_fn=parts.reward_fn,
-                                       mini_batches=cfg.train.mini_batches, chunk=cfg.train.logprob_chunk,
-                                       luffy=cfg.objective.name == "luffy")
+        state, metrics = run_iteration(
+            parts.models,
+            state,
+            examples,
+            it,
+            key,
+            sampling=sampling,
+            obj_cfg=cfg.objective,
+            reward_fn=parts.reward_fn,
+            mini_batches=cfg.train.mini_batches,
+            chunk=cfg.train.logprob_chunk,
+            luffy=cfg.objective.name == "luffy",
+        )
         _check_finite(metrics, it, last_saved)
         score = None
         if cfg.eval.every and (it % cfg.eval.every == 0 or it == cfg.train.iterations):
@@ -111,7 +136,16 @@ def _iterate(cfg: TrainConfig, parts: RunParts, ckpt: RunCheckpoints, writer: Me
             score = eval_metrics.get("eval/score")
         writer.write(it, int(state.step), metrics)
         if cfg.checkpoint.every and (it % cfg.checkpoint.every == 0 or it == cfg.train.iterations):
-            ckpt.save(it, state, {"iteration": it, "optimizer_step": int(state.step), "seed": cfg.train.seed,
-                                  "data_state": parts.data.get_state()}, eval_score=score)
+            ckpt.save(
+                it,
+                state,
+                {
+                    "iteration": it,
+                    "optimizer_step": int(state.step),
+                    "seed": cfg.train.seed,
+                    "data_state": parts.data.get_state(),
+                },
+                eval_score=score,
+            )
             last_saved = it
     return metrics

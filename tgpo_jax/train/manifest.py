@@ -43,8 +43,10 @@ def _files(step_dir: str) -> list[str]:
 
 def write(step_dir: str) -> dict:
     """Checksums every file of a finished step; written atomically (temp + rename). Returns it."""
-    files = {f: {"size": os.path.getsize(os.path.join(step_dir, f)), "crc32": _crc32(os.path.join(step_dir, f))}
-             for f in _files(step_dir)}
+    files = {
+        f: {"size": os.path.getsize(os.path.join(step_dir, f)), "crc32": _crc32(os.path.join(step_dir, f))}
+        for f in _files(step_dir)
+    }
     manifest = {"algorithm": "crc32", "files": files}
     tmp = os.path.join(step_dir, f"{MANIFEST}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:

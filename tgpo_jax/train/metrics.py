@@ -21,8 +21,16 @@ from typing import Any
 
 from tgpo_jax import paths
 
-MAIN_CURVES = ("reward/mean", "eval/score", "loss/total", "gap/reverse_kl_k1", "gap/mismatch_ratio",
-               "response/length_mean", "actor/entropy", "teacher/lambda")
+MAIN_CURVES = (
+    "reward/mean",
+    "eval/score",
+    "loss/total",
+    "gap/reverse_kl_k1",
+    "gap/mismatch_ratio",
+    "response/length_mean",
+    "actor/entropy",
+    "teacher/lambda",
+)
 
 
 def _scalar(v) -> float:
@@ -43,15 +51,17 @@ class _LineAppender:
     def _write_bytes(self, data: bytes) -> None:
         view = memoryview(data)
         while view:  # a write may be short (e.g. the last bytes before a full disk)
-            view = view[self._f.write(view):]
+            view = view[self._f.write(view) :]
 
     def write(self, text: str) -> None:
         try:
             self._write_bytes(text.encode())
             os.fsync(self._f.fileno())
         except OSError as e:
-            raise OSError(e.errno, f"could not append a metrics record to {self.path}: "
-                                   f"{e.strerror or os.strerror(e.errno or errno.EIO)}") from e
+            raise OSError(
+                e.errno,
+                f"could not append a metrics record to {self.path}: {e.strerror or os.strerror(e.errno or errno.EIO)}",
+            ) from e
 
     def flush(self) -> None:
         pass  # unbuffered; fsynced per record
@@ -86,8 +96,9 @@ def truncate_jsonl(path: str, last_iteration: int, key: str = "iteration") -> in
     text = paths.read_text(path)
     records, problems = _parse_lines(path, text)
     for p in problems:
-        warnings.warn(f"dropping a metrics line that does not parse (a crash or a full disk mid-write): {p}",
-                      stacklevel=2)
+        warnings.warn(
+            f"dropping a metrics line that does not parse (a crash or a full disk mid-write): {p}", stacklevel=2
+        )
     keep = [r for r in records if isinstance(r.get(key), (int, float)) and r[key] <= last_iteration]
     dropped = len(problems) + len(records) - len(keep)
     if dropped or (text and not text.endswith("\n")):
@@ -96,8 +107,16 @@ def truncate_jsonl(path: str, last_iteration: int, key: str = "iteration") -> in
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str, *, jsonl: bool = True, tensorboard: bool = True, progress: bool = True,
-                 total_iterations: int = 0, initial_iteration: int = 0):
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        jsonl: bool = True,
+        tensorboard: bool = True,
+        progress: bool = True,
+        total_iterations: int = 0,
+        initial_iteration: int = 0,
+    ):
         """`initial_iteration`: the iterations (SFT: steps) already done; records of later ones in an
         existing metrics.jsonl are dropped, since this run writes them again."""
         paths.makedirs(run_dir)
@@ -119,8 +138,9 @@ class MetricsWriter:
         if progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_iterations, initial=initial_iteration, desc="iteration", unit="it",
-                             dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_iterations, initial=initial_iteration, desc="iteration", unit="it", dynamic_ncols=True
+            )
 
     def write(self, iteration: int, optimizer_step: int, metrics: dict[str, Any]) -> None:
         record = {"iteration": iteration, "optimizer_step": optimizer_step}
@@ -174,8 +194,9 @@ def plot_curves(jsonl_path: str, out_png: str, keys=MAIN_CURVES) -> str | None:
         return None
     n = len(present)
     cols = min(3, n)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.5 * cols, 3.2 * ((n + cols - 1) // cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        (n + cols - 1) // cols, cols, figsize=(4.5 * cols, 3.2 * ((n + cols - 1) // cols)), squeeze=False
+    )
     for ax, k in zip(axes.flat, present):
         pts = [(r["iteration"], r[k]) for r in rows if k in r and math.isfinite(r[k])]
         ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3)

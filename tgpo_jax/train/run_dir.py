@@ -22,7 +22,8 @@ import fcntl
 import json
 import os
 import socket
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from tgpo_jax import paths
 from tgpo_jax.configtree import from_dict, to_dict
@@ -38,10 +39,14 @@ RESUME_NEUTRAL_KEYS = (
     "logging.*",
     "checkpoint.*",  # every / keep / keep_best / async_save / resume
     "eval.every",
-    "rewards.workers", "rewards.timeout_s",
+    "rewards.workers",
+    "rewards.timeout_s",
     "sharding.*",  # mesh layout, partition rules, process layout: resuming onto another mesh is a feature
     # runtime kernels of the same forward pass (see ModelsConfig), chosen per hardware
-    "models.attn_impl", "models.attn_query_block", "models.cache_layers", "models.remat_policy",
+    "models.attn_impl",
+    "models.attn_query_block",
+    "models.cache_layers",
+    "models.remat_policy",
 )
 
 CONFIG_FILE, HISTORY_FILE, LOCK_FILE = "config.json", "history.jsonl", ".lock"
@@ -88,8 +93,11 @@ def _normalised(config: dict) -> dict:
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old, new)} for every leaf that differs, in key order."""
     a, b = _flatten(_normalised(old)), _flatten(_normalised(new))
-    return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(a.keys() | b.keys())
-            if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+    return {
+        k: (a.get(k, _ABSENT), b.get(k, _ABSENT))
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+    }
 
 
 def _existing_steps(run_dir: str) -> list[int]:
@@ -114,13 +122,16 @@ def check_config(run_dir: str, config: dict, *, resume: bool, resume_with_change
         raise RunDirConflict(
             f"checkpoint.resume=false, but run_dir {run_dir} holds checkpoints up to iteration {steps[-1]}: "
             "training again from iteration 1 would mix two runs (Orbax keeps only steps above its latest). "
-            "Use a new run_dir, set checkpoint.resume=true, or move its checkpoints/ away.")
+            "Use a new run_dir, set checkpoint.resume=true, or move its checkpoints/ away."
+        )
     if not paths.exists(stored):
         metrics = paths.join(run_dir, "metrics.jsonl")
         if (steps or paths.exists(metrics)) and not resume_with_changes:
-            raise RunDirConflict(f"run_dir {run_dir} holds checkpoints or metrics.jsonl but no {CONFIG_FILE}, so "
-                                 "what it was started with is unknown. Use a new run_dir, or pass "
-                                 "--resume-with-changes to `tgpo-jax train` to continue it with this config.")
+            raise RunDirConflict(
+                f"run_dir {run_dir} holds checkpoints or metrics.jsonl but no {CONFIG_FILE}, so "
+                "what it was started with is unknown. Use a new run_dir, or pass "
+                "--resume-with-changes to `tgpo-jax train` to continue it with this config."
+            )
         return {}
     changes = config_changes(json.loads(paths.read_text(stored)), config)
     refused = {k: v for k, v in changes.items() if not is_neutral(k)}
@@ -130,20 +141,26 @@ def check_config(run_dir: str, config: dict, *, resume: bool, resume_with_change
             f"run_dir {run_dir} was started with a different config ({stored}); resuming would mix two runs:\n"
             f"{lines}\nUse a new run_dir, or pass --resume-with-changes to `tgpo-jax train` to continue this run "
             f"with the new values (recorded in {paths.join(run_dir, HISTORY_FILE)}). "
-            f"Keys that may differ: {', '.join(RESUME_NEUTRAL_KEYS)}.")
+            f"Keys that may differ: {', '.join(RESUME_NEUTRAL_KEYS)}."
+        )
     return changes
 
 
 def _utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def record_start(run_dir: str, config: dict, start_iteration: int, changes: dict) -> dict:
     """Writes config.json (the config from now on) and appends the start to history.jsonl."""
     history = paths.join(run_dir, HISTORY_FILE)
     first = not paths.exists(history) and start_iteration == 1
-    record = {"time": _utc_now(), "event": "start" if first else "resume", "start_iteration": start_iteration,
-              "pid": os.getpid(), "host": socket.gethostname()}
+    record = {
+        "time": _utc_now(),
+        "event": "start" if first else "resume",
+        "start_iteration": start_iteration,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
     if changes:
         record["changes"] = {k: {"old": o, "new": n, "neutral": is_neutral(k)} for k, (o, n) in changes.items()}
     paths.replace_text(paths.join(run_dir, CONFIG_FILE), json.dumps(config, indent=2))
@@ -179,8 +196,10 @@ def run_dir_lock(run_dir: str) -> Iterator[str | None]:
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise
-        raise RunDirBusy(f"run_dir {run_dir} is in use by another process (pid {holder}, from {path}); wait for it "
-                         "to finish, stop it, or use another run_dir") from None
+        raise RunDirBusy(
+            f"run_dir {run_dir} is in use by another process (pid {holder}, from {path}); wait for it "
+            "to finish, stop it, or use another run_dir"
+        ) from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)

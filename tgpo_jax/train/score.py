@@ -25,7 +25,7 @@ def response_hidden(model, prompt_BP, prompt_mask_BP, resp_BT, resp_mask_BT, rem
     mask = jnp.concatenate([prompt_mask_BP, resp_mask_BT], 1)
     h, _ = model.hidden_states(tokens, left_pad_positions(mask), mask, remat=remat)
     P, T = prompt_BP.shape[1], resp_BT.shape[1]
-    return h[:, P - 1:P + T - 1]
+    return h[:, P - 1 : P + T - 1]
 
 
 def _vocab(cfg):
@@ -47,22 +47,41 @@ def score(s_graphdef, s_state, t_graphdef, t_state, batch, key, *, obj_cfg: Obje
     zeros_k = lambda k, dt=jnp.float32: jnp.zeros((B, T, k), dt)  # noqa: E731
     hS = response_hidden(student, batch["prompt"], batch["prompt_mask"], y, mask)
     s_vocab, s_head = _vocab(student.cfg), student.lm_head_EV()
-    out = {"student_topk_ids": zeros_k(0, jnp.int32), "old_topk_logp": zeros_k(0),
-           "teacher_at_student_topk": zeros_k(0), "teacher_topk_ids": zeros_k(0, jnp.int32),
-           "teacher_topk_logp": zeros_k(0)}
+    out = {
+        "student_topk_ids": zeros_k(0, jnp.int32),
+        "old_topk_logp": zeros_k(0),
+        "teacher_at_student_topk": zeros_k(0),
+        "teacher_topk_ids": zeros_k(0, jnp.int32),
+        "teacher_topk_logp": zeros_k(0),
+    }
     s_topk = obj.student_topk(obj_cfg)
     if s_topk:  # the teacher must be read at the student's own top-K ids: student pass first
         old_logp, _, out["student_topk_ids"], out["old_topk_logp"] = student_old_stats(
-            hS, s_head, y, zeros_k(0, jnp.int32), chunk=chunk, top_k=s_topk, valid_vocab=s_vocab)
+            hS, s_head, y, zeros_k(0, jnp.int32), chunk=chunk, top_k=s_topk, valid_vocab=s_vocab
+        )
     if not obj.needs_teacher:
         old_logp, *_ = student_old_stats(hS, s_head, y, zeros_k(0, jnp.int32), chunk=chunk, valid_vocab=s_vocab)
-        out.update(old_logp=old_logp, teacher_ids=jnp.zeros_like(y), teacher_valid=jnp.zeros_like(mask_f),
-                   teacher_logp=jnp.zeros_like(mask_f), old_p_teacher=jnp.zeros_like(mask_f))
+        out.update(
+            old_logp=old_logp,
+            teacher_ids=jnp.zeros_like(y),
+            teacher_valid=jnp.zeros_like(mask_f),
+            teacher_logp=jnp.zeros_like(mask_f),
+            old_p_teacher=jnp.zeros_like(mask_f),
+        )
         return out, {}
     teacher = nnx.merge(t_graphdef, t_state)
     hT = response_hidden(teacher, batch["prompt"], batch["prompt_mask"], y, mask)
-    t = teacher_stats(hT, teacher.lm_head_EV(), y, out["student_topk_ids"], key, chunk=chunk,
-                      top_k=obj.teacher_topk(obj_cfg), sample=obj.teacher_sample, valid_vocab=_vocab(teacher.cfg))
+    t = teacher_stats(
+        hT,
+        teacher.lm_head_EV(),
+        y,
+        out["student_topk_ids"],
+        key,
+        chunk=chunk,
+        top_k=obj.teacher_topk(obj_cfg),
+        sample=obj.teacher_sample,
+        valid_vocab=_vocab(teacher.cfg),
+    )
     # A teacher id the student cannot decode is masked out of the CE term and counted.
     valid = (t.ids_BT < s_vocab).astype(jnp.float32)
     ids = jnp.where(valid > 0, t.ids_BT, 0)
@@ -71,11 +90,16 @@ def score(s_graphdef, s_state, t_graphdef, t_state, batch, key, *, obj_cfg: Obje
         out["old_p_teacher"] = jnp.exp(at_logp[..., 0]) * valid
     else:
         out["old_p_teacher"] = jnp.zeros_like(mask_f)
-    out.update(old_logp=old_logp, teacher_ids=ids, teacher_valid=valid, teacher_logp=t.logp_y_BT,
-               # top-K ids the student cannot decode drop out of the renormalised support
-               teacher_topk_ids=jnp.where(t.topk_ids_BTK < s_vocab, t.topk_ids_BTK, 0),
-               teacher_topk_logp=jnp.where(t.topk_ids_BTK < s_vocab, t.topk_logp_BTK, MASK_VALUE),
-               teacher_at_student_topk=t.at_logp_BTJ)
+    out.update(
+        old_logp=old_logp,
+        teacher_ids=ids,
+        teacher_valid=valid,
+        teacher_logp=t.logp_y_BT,
+        # top-K ids the student cannot decode drop out of the renormalised support
+        teacher_topk_ids=jnp.where(t.topk_ids_BTK < s_vocab, t.topk_ids_BTK, 0),
+        teacher_topk_logp=jnp.where(t.topk_ids_BTK < s_vocab, t.topk_logp_BTK, MASK_VALUE),
+        teacher_at_student_topk=t.at_logp_BTJ,
+    )
     metrics = {
         "gap/reverse_kl_k1": _masked_mean(old_logp - t.logp_y_BT, mask_f),
         "gap/mismatch_ratio": _masked_mean((t.argmax_BT != y).astype(jnp.float32), mask_f),

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -42,8 +43,9 @@ class RunParts:
 
 
 def _load(path, mesh, rules_dict, param_dtype, dtype, overrides):
-    return load_sharded(path, mesh, ShardingRules.from_dict(rules_dict), param_dtype=param_dtype, dtype=dtype,
-                        cfg_overrides=overrides)
+    return load_sharded(
+        path, mesh, ShardingRules.from_dict(rules_dict), param_dtype=param_dtype, dtype=dtype, cfg_overrides=overrides
+    )
 
 
 def _teacher_on_student_vocab(teacher, student_cfg: ModelConfig, tokenizer_len: int, mesh, rules: ShardingRules):
@@ -68,10 +70,17 @@ def build_models(cfg: TrainConfig):
     teacher = None
     if cfg.objective.objective.needs_teacher:
         check_tokenizers_agree(tokenizer, load_tokenizer(m.teacher), allow_mismatch=m.allow_tokenizer_mismatch)
-        teacher = _load(m.teacher, mesh, cfg.sharding.teacher_rules, m.teacher_param_dtype or m.param_dtype,
-                        m.teacher_dtype or m.dtype, m.model_overrides())
-        teacher = _teacher_on_student_vocab(teacher, student.cfg, len(tokenizer), mesh,
-                                            ShardingRules.from_dict(cfg.sharding.teacher_rules))
+        teacher = _load(
+            m.teacher,
+            mesh,
+            cfg.sharding.teacher_rules,
+            m.teacher_param_dtype or m.param_dtype,
+            m.teacher_dtype or m.dtype,
+            m.model_overrides(),
+        )
+        teacher = _teacher_on_student_vocab(
+            teacher, student.cfg, len(tokenizer), mesh, ShardingRules.from_dict(cfg.sharding.teacher_rules)
+        )
     return mesh, student, teacher, tokenizer
 
 
@@ -92,13 +101,26 @@ def build_model_parts(cfg: TrainConfig):
     # The stop ids `tgpo-jax eval` and `sample` use too (+ rollout.stop_ids): rollouts and the in-run
     # evaluator stop where an evaluation of the exported model would.
     stop_ids = stop_ids_for(tokenizer, student.cfg, cfg.rollout.stop_ids)
-    sampler = Sampler(student, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id or 0,
-                      prompt_buckets=cfg.rollout.prompt_buckets)
-    step = make_train_step(s_graphdef, optimizer, obj_cfg=cfg.objective, micro_batch=cfg.train.micro_batch,
-                           chunk=cfg.train.logprob_chunk, state=train_state)
-    models = Models(s_graphdef, t_graphdef, t_state, sampler, step,
-                    batch_putter(mesh, ShardingRules.from_dict(cfg.sharding.student_rules)),
-                    lambda ids: tokenizer.decode(list(map(int, ids)), skip_special_tokens=False))
+    sampler = Sampler(
+        student, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id or 0, prompt_buckets=cfg.rollout.prompt_buckets
+    )
+    step = make_train_step(
+        s_graphdef,
+        optimizer,
+        obj_cfg=cfg.objective,
+        micro_batch=cfg.train.micro_batch,
+        chunk=cfg.train.logprob_chunk,
+        state=train_state,
+    )
+    models = Models(
+        s_graphdef,
+        t_graphdef,
+        t_state,
+        sampler,
+        step,
+        batch_putter(mesh, ShardingRules.from_dict(cfg.sharding.student_rules)),
+        lambda ids: tokenizer.decode(list(map(int, ids)), skip_special_tokens=False),
+    )
     return models, train_state, tokenizer
 
 
@@ -111,7 +133,9 @@ class PromptStream:
     def next_batch(self) -> list[Example]:
         b = next(self.it)
         enc = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else None  # noqa: E731
-        return [Example(p, a, s, enc(sol)) for p, a, s, sol in zip(b.prompt_ids, b.answers, b.data_sources, b.solutions)]
+        return [
+            Example(p, a, s, enc(sol)) for p, a, s, sol in zip(b.prompt_ids, b.answers, b.data_sources, b.solutions)
+        ]
 
     def get_state(self):
         return self.it.get_state()
@@ -141,23 +165,32 @@ class InRunEvaluator:
     def __init__(self, cfg: TrainConfig, models: Models, tokenizer):
         data_cfg = DataConfig.from_dict({**cfg.data, **cfg.eval.data, "shuffle": False})
         records = build_prompt_set(data_cfg, tokenizer).records
-        self.items = [EvalItem(r["problem"], r["answer"], r["data_source"], r["index"], r["prompt_ids"])
-                      for r in records]
-        self.params = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                                     max_new_tokens=cfg.eval.max_new_tokens, n=cfg.eval.k)
+        self.items = [
+            EvalItem(r["problem"], r["answer"], r["data_source"], r["index"], r["prompt_ids"]) for r in records
+        ]
+        self.params = SamplingParams(
+            temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=cfg.eval.max_new_tokens, n=cfg.eval.k
+        )
         self.k, self.seed = cfg.eval.k, cfg.train.seed
         self.progress = cfg.logging.progress and jax.process_index() == 0
         self.sampler, self.tokenizer = models.sampler, tokenizer
-        self.reward = RewardFn(dataclasses.replace(EVAL_REWARD, think_format=cfg.rewards.think_format,
-                                                   timeout_s=cfg.rewards.timeout_s, num_workers=cfg.rewards.workers))
+        self.reward = RewardFn(
+            dataclasses.replace(
+                EVAL_REWARD,
+                think_format=cfg.rewards.think_format,
+                timeout_s=cfg.rewards.timeout_s,
+                num_workers=cfg.rewards.workers,
+            )
+        )
         self.last_report = None
 
     def __call__(self, train_params, iteration: int) -> dict:
         del iteration  # the same keys at every evaluation (see the class docstring)
         self.sampler.state = train_params
         policy = policy_from_sampler(self.sampler, self.tokenizer, self.params, seed=self.seed)
-        rep = evaluate(policy, self.items, self.k, reward_fn=self.reward, batch_size=len(self.items),
-                       progress=self.progress)
+        rep = evaluate(
+            policy, self.items, self.k, reward_fn=self.reward, batch_size=len(self.items), progress=self.progress
+        )
         self.last_report = rep
         out = {"eval/score": rep.mean_accuracy}
         for src, s in rep.sources.items():
@@ -192,13 +225,27 @@ def preflight(cfg: TrainConfig) -> ModelConfig:
     prompt_len = int(cfg.data.get("max_prompt_len", DataConfig.max_prompt_len))
     eval_prompt_len = int({**cfg.data, **cfg.eval.data}.get("max_prompt_len", DataConfig.max_prompt_len))
     ctx = student.max_position_embeddings
-    problems = [context_problem(prompt_len, cfg.rollout.max_new_tokens, ctx,
-                                prompt_desc=f"data.max_prompt_len={prompt_len}", new_label="rollout.max_new_tokens",
-                                model_label="models.student")]
+    problems = [
+        context_problem(
+            prompt_len,
+            cfg.rollout.max_new_tokens,
+            ctx,
+            prompt_desc=f"data.max_prompt_len={prompt_len}",
+            new_label="rollout.max_new_tokens",
+            model_label="models.student",
+        )
+    ]
     if cfg.eval.data:
-        problems.append(context_problem(eval_prompt_len, cfg.eval.max_new_tokens, ctx,
-                                        prompt_desc=f"the eval set's max_prompt_len={eval_prompt_len}",
-                                        new_label="eval.max_new_tokens", model_label="models.student"))
+        problems.append(
+            context_problem(
+                eval_prompt_len,
+                cfg.eval.max_new_tokens,
+                ctx,
+                prompt_desc=f"the eval set's max_prompt_len={eval_prompt_len}",
+                new_label="eval.max_new_tokens",
+                model_label="models.student",
+            )
+        )
     if problems := [p for p in problems if p]:
         raise ConfigError("; ".join(problems))
     return student
@@ -209,8 +256,11 @@ def build_run(cfg: TrainConfig) -> RunParts:
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student)
     data = build_data(cfg, tokenizer)
     models, train_state, tokenizer = build_model_parts(cfg)
-    reward_fn = RewardFn(RewardConfig(think_format=cfg.rewards.think_format, timeout_s=cfg.rewards.timeout_s,
-                                      num_workers=cfg.rewards.workers))
+    reward_fn = RewardFn(
+        RewardConfig(
+            think_format=cfg.rewards.think_format, timeout_s=cfg.rewards.timeout_s, num_workers=cfg.rewards.workers
+        )
+    )
     evaluate_fn = build_evaluator(cfg, models, tokenizer)
 
     def close():

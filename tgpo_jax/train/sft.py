@@ -22,8 +22,8 @@ from flax import nnx
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
 from tgpo_jax.data import DataConfig, build_prompt_set, make_data_iterator
 from tgpo_jax.data.prompts import bucket_for
-from tgpo_jax.models.hf_export import check_out_dir, save_hf
 from tgpo_jax.models.config import runtime_option_problems
+from tgpo_jax.models.hf_export import check_out_dir, save_hf
 from tgpo_jax.models.hf_import import load_tokenizer
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
 from tgpo_jax.train.checkpoint import RunCheckpoints, abstract_of
@@ -88,8 +88,10 @@ def _dir_problems(cfg: SFTConfig) -> list[str]:
     problems = []
     out, run = os.path.abspath(export_dir(cfg)), os.path.abspath(cfg.run_dir)
     if out == run or run.startswith(out.rstrip(os.sep) + os.sep):
-        problems.append(f"out_dir={cfg.out_dir!r} would hold run_dir={cfg.run_dir!r} (checkpoints, metrics): the "
-                        f"export needs a directory of its own, e.g. the default <run_dir>/hf")
+        problems.append(
+            f"out_dir={cfg.out_dir!r} would hold run_dir={cfg.run_dir!r} (checkpoints, metrics): the "
+            f"export needs a directory of its own, e.g. the default <run_dir>/hf"
+        )
     if cfg.checkpoint_every < 0:
         problems.append(f"checkpoint_every={cfg.checkpoint_every}: accepted: 0 (no checkpoints) or a number of steps")
     return problems
@@ -112,7 +114,7 @@ def _solutions(batch, tokenizer, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     for i, sol in enumerate(batch.solutions):
         ids = tokenizer(sol or "", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = ids[:max_len]
-        toks[i, :len(ids)], mask[i, :len(ids)] = ids, 1
+        toks[i, : len(ids)], mask[i, : len(ids)] = ids, 1
     return toks, mask
 
 
@@ -126,8 +128,10 @@ def _resume(cfg: SFTConfig, ckpt: RunCheckpoints | None, state, data, log=print)
         return 0, state
     step, state, meta = found
     if step > cfg.steps:
-        raise ValueError(f"run_dir={cfg.run_dir!r} holds a checkpoint at step {step}, beyond steps={cfg.steps}: "
-                         f"choose another run_dir, or steps >= {step} to continue that run")
+        raise ValueError(
+            f"run_dir={cfg.run_dir!r} holds a checkpoint at step {step}, beyond steps={cfg.steps}: "
+            f"choose another run_dir, or steps >= {step} to continue that run"
+        )
     data.set_state(meta["data_state"])
     log(f"[sft] resumed from step {step} (checkpoint in {ckpt.latest.directory}); {cfg.steps - step} steps to go")
     return step, state
@@ -137,8 +141,15 @@ def _progress_bar(cfg: SFTConfig, done: int):
     """Steps done / steps with an ETA, on stderr (stdout stays for results)."""
     from tqdm import tqdm
 
-    return tqdm(total=cfg.steps, initial=done, desc="sft", unit="step", file=sys.stderr, dynamic_ncols=True,
-                disable=not cfg.progress)
+    return tqdm(
+        total=cfg.steps,
+        initial=done,
+        desc="sft",
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not cfg.progress,
+    )
 
 
 @dataclasses.dataclass

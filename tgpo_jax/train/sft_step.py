@@ -21,8 +21,14 @@ def _sft_micro_loss(params, graphdef, mb, denom, chunk: int):
     h = response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["tokens"], mb["mask"], remat=True)
     cfg = model.cfg
     y = mb["tokens"]
-    stats = student_stats(h, model.lm_head_EV(), y, jnp.zeros(y.shape + (0,), jnp.int32), chunk=chunk,
-                          valid_vocab=cfg.valid_vocab_size or cfg.vocab_size)
+    stats = student_stats(
+        h,
+        model.lm_head_EV(),
+        y,
+        jnp.zeros(y.shape + (0,), jnp.int32),
+        chunk=chunk,
+        valid_vocab=cfg.valid_vocab_size or cfg.vocab_size,
+    )
     mask = mb["mask"].astype(jnp.float32)
     return -jnp.sum(stats.logp_BT * mask) / denom
 

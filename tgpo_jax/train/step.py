@@ -38,12 +38,19 @@ class OptimizerConfig:
     def __post_init__(self):
         # Checked here so that train and sft configs (both `optimizer:` sections) reject the same
         # values; configtree.from_dict puts the section name in front ("optimizer.lr=...").
-        problems = [f"{name}={getattr(self, name)!r}: must be {accepted}" for name, ok, accepted in (
-            ("lr", self.lr >= 0, ">= 0 (a negative rate would ascend the loss)"),
-            ("b1", 0 <= self.b1 < 1, "in [0, 1)"), ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
-            ("eps", self.eps > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("max_grad_norm", self.max_grad_norm > 0, "> 0"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-        ) if not ok]
+        problems = [
+            f"{name}={getattr(self, name)!r}: must be {accepted}"
+            for name, ok, accepted in (
+                ("lr", self.lr >= 0, ">= 0 (a negative rate would ascend the loss)"),
+                ("b1", 0 <= self.b1 < 1, "in [0, 1)"),
+                ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
+                ("eps", self.eps > 0, "> 0"),
+                ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
+                ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            )
+            if not ok
+        ]
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -52,8 +59,10 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """clip_by_global_norm -> AdamW with a constant (optionally warmed-up) learning rate. The
     schedule starts at step 1 with the full rate (the authors' lr=0 first step is not copied)."""
     lr = cfg.lr if cfg.warmup_steps == 0 else optax.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps)
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                       optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+    )
 
 
 @struct.dataclass
@@ -71,8 +80,12 @@ def init_train_state(model, optimizer: optax.GradientTransformation) -> tuple[An
         # Counters (step, Adam's count) must sit on the params' mesh, replicated: a checkpoint
         # restores them committed where they were, and jit rejects mixed device sets.
         replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-        state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-                             else put_global(np.asarray(x), replicated), state)
+        state = jax.tree.map(
+            lambda x: (
+                x if isinstance(x.sharding, jax.sharding.NamedSharding) else put_global(np.asarray(x), replicated)
+            ),
+            state,
+        )
     return graphdef, state
 
 
@@ -82,8 +95,14 @@ def _micro_loss(params, graphdef, mb, denom, lam, obj_cfg: ObjectiveConfig, chun
     model = nnx.merge(graphdef, params)
     h = response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["tokens"], mb["mask"], remat=True)
     cfg = model.cfg
-    cur = student_stats(h, model.lm_head_EV(), mb["tokens"], obj.extra_ids(mb, obj_cfg), chunk=chunk,
-                        valid_vocab=cfg.valid_vocab_size or cfg.vocab_size)
+    cur = student_stats(
+        h,
+        model.lm_head_EV(),
+        mb["tokens"],
+        obj.extra_ids(mb, obj_cfg),
+        chunk=chunk,
+        valid_vocab=cfg.valid_vocab_size or cfg.vocab_size,
+    )
     mask = mb["mask"].astype(jnp.float32)
     terms = obj.terms(cur, mb, obj_cfg, lam)
     parts = {f"loss/{k}": aggregate(v, mask, denom) for k, v in terms.items()}
@@ -91,13 +110,16 @@ def _micro_loss(params, graphdef, mb, denom, lam, obj_cfg: ObjectiveConfig, chun
     ratio = jnp.exp(cur.logp_BT - mb["old_logp"])
     lo, hi = 1.0 - obj_cfg.clip_eps_low, 1.0 + obj_cfg.clip_eps_high
     big = jnp.finfo(jnp.float32).max
-    stats = dict(parts, **{
-        "actor/entropy": aggregate(cur.entropy_BT, mask, denom),
-        "actor/ratio_mean": aggregate(ratio, mask, denom),
-        "actor/clip_frac": aggregate(((ratio < lo) | (ratio > hi)).astype(jnp.float32), mask, denom),
-        "actor/ratio_max": jnp.max(jnp.where(mask > 0, ratio, -big)),
-        "actor/ratio_min": jnp.min(jnp.where(mask > 0, ratio, big)),
-    })
+    stats = dict(
+        parts,
+        **{
+            "actor/entropy": aggregate(cur.entropy_BT, mask, denom),
+            "actor/ratio_mean": aggregate(ratio, mask, denom),
+            "actor/clip_frac": aggregate(((ratio < lo) | (ratio > hi)).astype(jnp.float32), mask, denom),
+            "actor/ratio_max": jnp.max(jnp.where(mask > 0, ratio, -big)),
+            "actor/ratio_min": jnp.min(jnp.where(mask > 0, ratio, big)),
+        },
+    )
     return loss, stats
 
 
@@ -128,8 +150,18 @@ def _denominators(mb_M, obj_cfg: ObjectiveConfig):
     return jnp.full((M,), mask.sum())
 
 
-def train_step(graphdef, optimizer, state: TrainState, minibatch, rng, iteration, *, obj_cfg: ObjectiveConfig,
-               micro_batch: int, chunk: int):
+def train_step(
+    graphdef,
+    optimizer,
+    state: TrainState,
+    minibatch,
+    rng,
+    iteration,
+    *,
+    obj_cfg: ObjectiveConfig,
+    micro_batch: int,
+    chunk: int,
+):
     """One optimizer step on a mini-batch; returns (new state, metrics)."""
     del rng  # no stochastic term in the current objectives; kept in the signature for dropout etc.
     mb_M = split_micro_batches(minibatch, micro_batch)
@@ -145,8 +177,11 @@ def train_step(graphdef, optimizer, state: TrainState, minibatch, rng, iteration
         return (jax.tree.map(jnp.add, g_acc, g), _accumulate(s_acc, stats)), None
 
     zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-    names = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, jax.tree.map(lambda x: x[0], mb_M),
-                                               denoms[0], lam, obj_cfg, chunk)[1])
+    names = jax.eval_shape(
+        lambda: _micro_loss(state.params, graphdef, jax.tree.map(lambda x: x[0], mb_M), denoms[0], lam, obj_cfg, chunk)[
+            1
+        ]
+    )
     (grads, sums), _ = jax.lax.scan(body, (zeros_g, _initial(names)), (mb_M, denoms))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -154,9 +189,13 @@ def train_step(graphdef, optimizer, state: TrainState, minibatch, rng, iteration
     if obj_cfg.loss_agg == "microbatch_sum" and not obj_cfg.objective.luffy_agg:
         # the loss is a sum of micro-batch means; report the diagnostics as means
         metrics.update({k: v / M for k, v in sums.items() if k in _MEAN_DIAGNOSTICS})
-    metrics.update({"loss/total": sum(v for k, v in metrics.items() if k.startswith("loss/")),
-                    "actor/grad_norm": optax.tree.norm(grads),
-                    "teacher/masked_ids": jnp.sum((1.0 - minibatch.get("teacher_valid", 1.0)) * minibatch["mask"])})
+    metrics.update(
+        {
+            "loss/total": sum(v for k, v in metrics.items() if k.startswith("loss/")),
+            "actor/grad_norm": optax.tree.norm(grads),
+            "teacher/masked_ids": jnp.sum((1.0 - minibatch.get("teacher_valid", 1.0)) * minibatch["mask"]),
+        }
+    )
     if obj_cfg.objective.lambda_defaults != (0.0, 0.0):  # only objectives with a teacher coefficient
         metrics["teacher/lambda"] = lam
     return TrainState(params, opt_state, state.step + 1), metrics
@@ -167,13 +206,25 @@ _MEAN_DIAGNOSTICS = ("actor/entropy", "actor/ratio_mean", "actor/clip_frac")
 
 def _initial(names):
     """Running extremes for *_min / *_max metrics, sums for the rest."""
-    return {k: jnp.full((), jnp.inf) if k.endswith("_min") else jnp.full((), -jnp.inf) if k.endswith("_max")
-            else jnp.zeros((), jnp.float32) for k in names}
+    return {
+        k: jnp.full((), jnp.inf)
+        if k.endswith("_min")
+        else jnp.full((), -jnp.inf)
+        if k.endswith("_max")
+        else jnp.zeros((), jnp.float32)
+        for k in names
+    }
 
 
 def _accumulate(acc, stats):
-    return {k: jnp.minimum(acc[k], v) if k.endswith("_min") else jnp.maximum(acc[k], v) if k.endswith("_max")
-            else acc[k] + v for k, v in stats.items()}
+    return {
+        k: jnp.minimum(acc[k], v)
+        if k.endswith("_min")
+        else jnp.maximum(acc[k], v)
+        if k.endswith("_max")
+        else acc[k] + v
+        for k, v in stats.items()
+    }
 
 
 def pinned_out_shardings(state: TrainState):
@@ -187,8 +238,15 @@ def pinned_out_shardings(state: TrainState):
     return sh, jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec())
 
 
-def make_train_step(graphdef, optimizer, *, obj_cfg: ObjectiveConfig, micro_batch: int, chunk: int = 256,
-                    state: TrainState | None = None):
+def make_train_step(
+    graphdef,
+    optimizer,
+    *,
+    obj_cfg: ObjectiveConfig,
+    micro_batch: int,
+    chunk: int = 256,
+    state: TrainState | None = None,
+):
     """The jitted step: (state, minibatch, rng, iteration) -> (state, metrics); state donated.
     Pass the initial `state` to pin the output shardings to its own."""
     fn = functools.partial(train_step, graphdef, optimizer, obj_cfg=obj_cfg, micro_batch=micro_batch, chunk=chunk)
