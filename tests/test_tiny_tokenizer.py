@@ -118,7 +118,7 @@ def test_same_special_tokens_whatever_the_model_family(tmp_path):
     tokenizer must report identical special tokens under both, or student/teacher checks fail."""
     from tgpo_jax.models.hf_import import load_tokenizer
     from tgpo_jax.models.tiny import make_tiny_checkpoint
-    from tgpo_jax.models.vocab import check_tokenizers_agree
+    from tgpo_jax.models.tokenizer_check import check_tokenizers_agree
 
     a = load_tokenizer(make_tiny_checkpoint(str(tmp_path / "q"), arch="qwen2"))
     b = load_tokenizer(make_tiny_checkpoint(str(tmp_path / "l"), arch="llama"))

@@ -20,14 +20,8 @@ from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.decoder import Decoder, abstract_model, left_pad_positions
 from tgpo_jax.models.params import param_specs
 from tgpo_jax.models.tiny_tokenizer import build_tiny_tokenizer
-from tgpo_jax.models.vocab import (
-    TokenizerMismatchError,
-    TokenizerMismatchWarning,
-    VocabAlignmentError,
-    align_vocab,
-    check_tokenizers_agree,
-    common_vocab_size,
-)
+from tgpo_jax.models.tokenizer_check import TokenizerMismatchError, TokenizerMismatchWarning, check_tokenizers_agree
+from tgpo_jax.models.vocab import VocabAlignmentError, align_vocab, common_vocab_size
 
 V, E = 40, 16  # real vocabulary and hidden size of the tiny model
 

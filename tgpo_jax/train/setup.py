@@ -18,7 +18,8 @@ from tgpo_jax.eval.model_policy import policy_from_sampler
 from tgpo_jax.models.config import ModelConfig, read_model_config
 from tgpo_jax.models.hf_export import flat_params
 from tgpo_jax.models.hf_import import TOKENIZER_FILES, load_tokenizer, model_from_flat
-from tgpo_jax.models.vocab import align_vocab, check_tokenizers_agree
+from tgpo_jax.models.tokenizer_check import check_tokenizers_agree
+from tgpo_jax.models.vocab import align_vocab
 from tgpo_jax.rewards import RewardConfig, RewardFn
 from tgpo_jax.rollout.sampler import Sampler
 from tgpo_jax.rollout.sampling import SamplingParams
