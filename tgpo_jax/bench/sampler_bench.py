@@ -52,7 +52,7 @@ class BenchSettings:
     cache_layers: str = "auto"  # ours: ModelConfig.cache_layers (unroll | scan | auto)
 
     def __post_init__(self):
-        from tgpo_jax.models.config import runtime_option_problems
+        from tgpo_jax.models.runtime_options import runtime_option_problems
 
         if problems := runtime_option_problems(cache_layers=self.cache_layers):
             raise ValueError(problems[0])

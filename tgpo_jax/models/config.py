@@ -10,6 +10,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from tgpo_jax.models.runtime_options import RuntimeOptions
+
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen3MoeForCausalLM")
 _MODEL_TYPES = {
     "Qwen2ForCausalLM": "qwen2",
@@ -18,30 +20,6 @@ _MODEL_TYPES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
-# How the experts' SwiGLU is dispatched (see layers.moe_mlp): "auto" picks "ragged" (lax.ragged_dot,
-# a grouped matmul kernel) on GPU / TPU and "blocks" (sorted blocks in a loop) elsewhere; "dense"
-# runs every expert on every token (a reference for tests only, never a default).
-ATTN_IMPLS = ("einsum", "sdpa", "cudnn", "cpu", "auto")
-AUTO_QUERY_BLOCK = -1
-MOE_IMPLS = ("auto", "ragged", "blocks", "dense")
-CACHE_LAYERS = ("auto", "unroll", "scan")  # see ModelConfig.cache_layers
-REMAT_POLICIES = ("auto", "nothing", "attn_out")  # see ModelConfig.remat_policy
-
-
-def runtime_option_problems(**options) -> list[str]:
-    """What is wrong with the given runtime options (ModelConfig's non-HF fields attn_impl,
-    remat_policy, cache_layers, attn_query_block), one message each; the one check that a
-    ModelConfig, a train config's `models` section and the benchmarks share."""
-    choices = {"attn_impl": ATTN_IMPLS, "remat_policy": REMAT_POLICIES, "cache_layers": CACHE_LAYERS}
-    problems = [
-        f"{k}={v!r}; accepted: {', '.join(choices[k])}"
-        for k, v in options.items()
-        if k in choices and v not in choices[k]
-    ]
-    block = options.get("attn_query_block", 0)
-    if block < AUTO_QUERY_BLOCK:
-        problems.append(f"attn_query_block={block} must be >= 0 (0: off) or -1 (auto)")
-    return problems
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -64,7 +42,11 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(RuntimeOptions):
+    """What a decoder is (the fields of its HF config.json), plus how it is computed: the
+    keyword-only runtime options it inherits (models/runtime_options.py: attention kernel, query
+    blocks, KV-cache layout, remat policy, MoE dispatch), which never come from or go to config.json."""
+
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -99,30 +81,6 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
-    moe_impl: str = "auto"  # runtime choice, not an HF field (see MOE_IMPLS)
-    moe_block_size: int = 64  # rows per block of the "blocks" dispatch
-    # Runtime, not an HF field: > 0 computes cache-free causal self-attention (training, scoring)
-    # in query blocks of this many rows, each reading only the keys up to its last row (exact).
-    # -1 (AUTO_QUERY_BLOCK): chosen per sequence length and backend (layers.auto_query_block).
-    attn_query_block: int = 0
-    # Runtime, not an HF field: the cache-free attention kernel. "einsum": ours (fp32 scores);
-    # "sdpa": jax.nn.dot_product_attention, backend's choice (cuDNN flash attention on GPU where it
-    # applies, else XLA); "cudnn": that, cuDNN forced (GPU only, bf16/fp16); "cpu": the fused C++
-    # kernel for XLA:CPU (models/cpu_attention.py: fp32, built on first use); "auto": "cpu" where it
-    # applies on CPU devices (per shard on a multi-device mesh), else "einsum". attn_query_block
-    # applies to "einsum" (and "auto").
-    attn_impl: str = "einsum"
-    # Runtime, not an HF field: how the KV-cache path (prefill, decode) runs the layers. "unroll":
-    # one cache buffer per layer, layers unrolled (no per-step copy of a layer's cache or weights;
-    # compile time grows with depth). "scan": one stacked [L, B, K, S, D] cache, one compiled layer
-    # body scanned over the layers (compile time independent of depth). "auto": unroll on CPU
-    # (measured faster there), scan on accelerators.
-    cache_layers: str = "auto"
-    # Runtime, not an HF field: what training's per-layer recomputation keeps (decoder.remat_policy).
-    # "nothing": only each layer's input; "attn_out": also its attention output [B, T, H, D], so the
-    # recomputation skips the attention forward (12% faster CPU train steps at the demo shape, one
-    # more [B, T, H*D] tensor per layer); "auto": attn_out on CPU, nothing on accelerators.
-    remat_policy: str = "auto"
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -146,17 +104,8 @@ class ModelConfig:
         is_moe_arch = self.architecture in MOE_ARCHITECTURES
         if not is_moe_arch and self.num_experts:
             raise ModelConfigError(f"num_experts={self.num_experts} given for dense architecture {self.architecture}")
-        if self.moe_impl not in MOE_IMPLS:
-            raise ModelConfigError(f"moe_impl={self.moe_impl!r}; accepted: {', '.join(MOE_IMPLS)}")
-        if problems := runtime_option_problems(
-            attn_impl=self.attn_impl,
-            remat_policy=self.remat_policy,
-            cache_layers=self.cache_layers,
-            attn_query_block=self.attn_query_block,
-        ):
+        if problems := self.runtime_problems():
             raise ModelConfigError(problems[0])
-        if self.moe_block_size < 1:
-            raise ModelConfigError(f"moe_block_size={self.moe_block_size} must be positive")
         if not is_moe_arch or self.num_experts == 0:
             return
         if not 0 < self.num_experts_per_tok <= self.num_experts:

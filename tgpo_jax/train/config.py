@@ -7,7 +7,8 @@ import dataclasses
 from typing import Any
 
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
-from tgpo_jax.models.config import DTYPES, runtime_option_problems
+from tgpo_jax.models.config import DTYPES
+from tgpo_jax.models.runtime_options import runtime_option_problems
 from tgpo_jax.objectives.registry import ObjectiveConfig
 from tgpo_jax.rollout.sampling import sampling_problems
 from tgpo_jax.sharding.distributed import DistributedConfig, DistributedConfigError, plan

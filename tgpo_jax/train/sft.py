@@ -22,9 +22,9 @@ from flax import nnx
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
 from tgpo_jax.data import DataConfig, build_prompt_set, make_data_iterator
 from tgpo_jax.data.prompts import bucket_for
-from tgpo_jax.models.config import runtime_option_problems
 from tgpo_jax.models.hf_export import check_out_dir, save_hf
 from tgpo_jax.models.hf_import import load_tokenizer
+from tgpo_jax.models.runtime_options import runtime_option_problems
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
 from tgpo_jax.train.checkpoint import RunCheckpoints, abstract_of
 from tgpo_jax.train.metrics import MetricsWriter, plot_curves
