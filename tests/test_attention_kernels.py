@@ -234,7 +234,7 @@ def test_blocked_mask_is_not_hoisted_out_of_the_layer_loop(monkeypatch):
     the barrier in `_masked_scores` do produce them."""
     import re
 
-    from tgpo_jax.bench import train_step_bench as tb
+    from tgpo_jax.bench import train_step_workload as tb
     from tgpo_jax.models import blocked_attention as BA
     from tgpo_jax.objectives.registry import ObjectiveConfig
     from tgpo_jax.train.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step

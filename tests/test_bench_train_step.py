@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from tgpo_jax.bench.train_step_bench import Settings, full_logits_bytes, model_config, model_flops, param_count
+from tgpo_jax.bench.flops import full_logits_bytes, model_flops, param_count
+from tgpo_jax.bench.train_step_workload import Settings, model_config
 from tgpo_jax.cli import main
 
 SMALL = [

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +24,8 @@ from collections.abc import Callable
 import numpy as np
 
 from tgpo_jax.bench import emit_table
+from tgpo_jax.bench.flops import param_count
+from tgpo_jax.bench.harness import print_result
 
 MODELS = ("tiny", "smollm2-135m", "qwen2.5-1.5b")
 
@@ -113,12 +112,6 @@ def model_config(name: str, dtype: str = "float32"):
     else:
         raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODELS)}")
     return cfg.replace(param_dtype=dtype, dtype=dtype, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-
-
-def param_count(cfg) -> int:
-    from tgpo_jax.models.params import param_specs
-
-    return sum(math.prod(s.shape) for s in param_specs(cfg).values())
 
 
 def roofline(cfg, s: BenchSettings, hbm_gbps: float) -> dict:
@@ -416,12 +409,5 @@ def settings_from_args(args) -> BenchSettings:
 
 def main(args) -> int:
     s = settings_from_args(args)
-    result = run(s, emit=lambda line: print(line, flush=True))
-    line = json.dumps(result)
-    if args.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    sys.stdout.flush()
-    print(line, flush=True)  # the LAST line of stdout: one JSON object
+    print_result(run(s, emit=lambda line: print(line, flush=True)), args.json_out)
     return 0
