@@ -154,3 +154,46 @@ def test_distributed_settings_come_from_the_config_and_are_checked(monkeypatch):
         _load(sharding={"distributed": {"coordinator_address": "10.0.0.2:8476", "process_id": 0}})
     with pytest.raises(ConfigError, match=r"coordinator_addres"):  # unknown key: the valid ones are listed
         _load(sharding={"distributed": {"coordinator_addres": "x:1"}})
+
+
+def test_every_section_is_typed_and_checked_at_load_by_its_full_key():
+    """data, eval.data, the mesh and both rule tables are checked when the config is read, each error
+    naming its full key; config.json (to_dict) keeps the YAML form."""
+    from tgpo_jax.configtree import to_dict
+    from tgpo_jax.data.config import DataSection
+    from tgpo_jax.sharding import MeshConfig, ShardingRules
+
+    bad = [
+        ({"data": {"max_promt_len": 9}}, r"unknown key 'max_promt_len' in data; valid keys: files, "),
+        ({"data": {"max_prompt_len": "long"}}, r"data.max_prompt_len: expected int, got str 'long'"),
+        ({"eval": {"data": {"shufle": False}}}, r"unknown key 'shufle' in eval.data; valid keys: files"),
+        ({"sharding": {"mesh": {"data": 0}}}, r"sharding.mesh: mesh axis 'data' has size 0"),
+        ({"sharding": {"mesh": {"data": -1, "fsdp": -1}}}, r"sharding.mesh: at most one mesh axis may be -1"),
+        ({"sharding": {"teacher_rules": {"embd": None}}}, r"unknown logical axis 'embd'.*sharding.teacher_rules"),
+        ({"sharding": {"student_rules": {"embed": 3}}}, r"sharding.student_rules.embed must be null, a mesh axis"),
+    ]
+    for patch, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            _load(**patch)
+    given = {
+        "data": {"files": "a.jsonl", "max_prompt_len": 64},
+        "eval": {"data": {"files": ["b.jsonl"]}},
+        "sharding": {"mesh": {"data": 2, "fsdp": -1}, "student_rules": {"embed": None, "batch": ["data"]}},
+    }
+    cfg = _load(**given, rollout={"prompt_buckets": [64]})
+    assert isinstance(cfg.data, DataSection) and cfg.data.build().files == ("a.jsonl",)
+    assert isinstance(cfg.sharding.mesh, MeshConfig) and cfg.sharding.mesh.resolve(4) == (2, 2)
+    assert (
+        isinstance(cfg.sharding.student_rules, ShardingRules) and cfg.sharding.student_rules.mesh_axes("embed") is None
+    )
+    d = to_dict(cfg)
+    assert d["data"] == {"files": ["a.jsonl"], "max_prompt_len": 64} and d["eval"]["data"] == {"files": ["b.jsonl"]}
+    assert d["sharding"]["mesh"] == {"data": 2, "fsdp": -1}
+    assert d["sharding"]["student_rules"] == {"embed": None, "batch": ["data"]} and d["sharding"]["teacher_rules"] == {}
+    assert load_train_config(d) == cfg  # config.json reads back as the same config
+
+
+def test_rewards_section_sets_the_graders_workers():
+    cfg = _load(rewards={"workers": 3, "timeout_s": 2.5, "think_format": False})
+    r = cfg.rewards.reward_config()
+    assert (r.num_workers, r.timeout_s, r.think_format) == (3, 2.5, False)

@@ -1,8 +1,17 @@
 """Typed, validated config trees from plain dicts (YAML via yaml.safe_load).
 
 `from_dict(cls, d)` builds a (frozen) dataclass tree: an unknown key is an error listing the valid
-keys, a wrong type is an error naming the dotted path, the expected type and the value found.
-`apply_overrides(d, ["a.b=3", ...])` applies CLI `key=value` overrides (values parsed as YAML).
+keys, a missing required key or a wrong type is an error naming the dotted path, the expected type
+and the value found. `apply_overrides(d, ["a.b=3", ...])` applies CLI `key=value` overrides (values
+parsed as YAML). This is the one way a config section is built from YAML: every section class of
+the train, sft and estimate configs goes through here.
+
+Two hooks for sections whose YAML form is not "one key per field":
+- a class with `from_config(value, path)` (classmethod) and `to_config()` is built by the former and
+  written back by the latter (the mesh: `{data: 1, fsdp: -1}`; sharding rules: overrides only);
+- `Overlay` (a dict subclass naming a `schema` dataclass) keeps only the keys given, each checked
+  against the schema's field types, for sections merged with others before use (`data` under
+  `eval.data`); `.build(**extra)` makes the schema instance.
 """
 
 from __future__ import annotations
@@ -23,10 +32,18 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def build(tp, value, path: str = ""):
+    """`value` (YAML data) as type `tp`: a dataclass, a class with `from_config`, an Overlay, ..."""
+    return _coerce(tp, value, path)
+
+
 def _coerce(tp, value, path: str):
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    parse = getattr(tp, "from_config", None) if isinstance(tp, type) else None
+    if parse is not None:  # checked before the dataclass case: such a section has its own YAML form
+        return value if isinstance(value, tp) else parse(value, path)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -47,9 +64,11 @@ def _coerce(tp, value, path: str):
             raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, path)
     if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str) and args and args[0] is str:  # one string for a list of strings
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
         elem = args[0] if args else Any
         return tuple(_coerce(elem, v, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is dict or tp is dict:
@@ -75,17 +94,15 @@ def from_dict(cls, d: dict | None, path: str = ""):
     """Builds dataclass `cls` from dict `d`, recursively, validating keys and types."""
     d = dict(d or {})
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(d) - set(fields))
     where = path or "config"
-    if unknown:
-        raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in unknown)} in "
-            f"{where}; valid keys: {', '.join(fields)}"
-        )
+    _check_keys(list(fields), d, where)
+    missing = [n for n, f in fields.items() if n not in d and f.default is f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing key{'s' if len(missing) > 1 else ''} {', '.join(_join(path, m) for m in missing)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in d.items():
-        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
+        kwargs[name] = _coerce(hints[name], value, _join(path, name))
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -98,8 +115,44 @@ def from_dict(cls, d: dict | None, path: str = ""):
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _check_keys(valid, keys, where: str) -> None:
+    unknown = sorted(set(keys) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in unknown)} in "
+            f"{where}; valid keys: {', '.join(valid)}"
+        )
+
+
+class Overlay(dict):
+    """A section given as some of the keys of dataclass `schema` (set by a subclass), each checked
+    against its field's type at load; the rest keep their defaults when `build` makes the instance.
+    It stays a dict (and `to_dict` writes only the keys given) because such a section is merged with
+    another before use: `eval.data` over `data`, the batch size from the rollout section."""
+
+    schema: typing.ClassVar[type]
+
+    @classmethod
+    def from_config(cls, value, path: str):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping for {cls.schema.__name__}, got {value!r}")
+        _check_keys([f.name for f in dataclasses.fields(cls.schema) if f.init], value, path or "config")
+        hints = typing.get_type_hints(cls.schema)
+        return cls({k: _coerce(hints[k], v, _join(path, k)) for k, v in value.items()})
+
+    def build(self, path: str = "", **extra):
+        """The schema instance of these keys (and `extra`), through `from_dict`."""
+        return from_dict(self.schema, {**self, **extra}, path)
+
+
 def to_dict(obj) -> Any:
     """A plain, YAML/JSON-serialisable dict of a config tree."""
+    if hasattr(obj, "to_config"):
+        return to_dict(obj.to_config())
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from tgpo_jax.configtree import Overlay, from_dict
+
 # A system prompt in the spirit of the paper's: reasoning inside <think> ... </think>, final answer
 # in \boxed{}. Override it with `system_prompt` to match a particular checkpoint's training prompt.
 DEFAULT_SYSTEM_PROMPT = (
@@ -74,16 +76,21 @@ class DataConfig:
             raise ValueError("bad data config: " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
-        """Builds from a config mapping; an unknown key raises, listing the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; valid keys: {', '.join(valid)}")
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any], path: str = "data") -> DataConfig:
+        """configtree.from_dict: an unknown key raises, listing the valid ones, keys named `data.<key>`."""
+        return from_dict(cls, dict(d), path)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-__all__ = ["DataConfig", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_PLAIN_TEMPLATE", "TEMPLATES"]
+class DataSection(Overlay):
+    """The `data:` (and `eval.data:`) section of a train / sft config: the keys given, typed and
+    checked against DataConfig at load. The DataConfig itself is built when the run starts, after
+    the merges (`eval.data` over `data`; `batch_size` from the rollout section), which is also when a
+    missing source is reported: a config may name its files later (the demo fills them in)."""
+
+    schema = DataConfig
+
+
+__all__ = ["DataConfig", "DataSection", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_PLAIN_TEMPLATE", "TEMPLATES"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,8 @@ class RewardConfig:
     boxed_fallback: also accept when the boxed string grader matches (paper: off for the training
       reward, on for evaluation: "math-verify OR boxed grader").
     timeout_s: hard limit per item; a slower item scores 0 and its worker is replaced.
-    num_workers: scoring processes (0: min(8, CPU count)).
+    num_workers: scoring processes (0: min(8, CPU count)); a train config sets it from `rewards.workers`
+      (train.config.RewardsSection.reward_config), the eval CLI from --num-workers.
     start_method: 'subprocess' (default: fresh interpreters, no __main__ guard needed), 'forkserver'
       (faster worker restarts; the main script needs an `if __name__ == "__main__"` guard) or 'spawn'.
     memory_limit_mb: extra address space a worker may map beyond its start-up size (None: no cap), so
@@ -56,15 +57,6 @@ class RewardConfig:
         ]
         if problems:
             raise ValueError("; ".join(problems))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RewardConfig:
-        """Builds from a config mapping; an unknown key raises, listing the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown reward config key(s) {unknown}; valid keys: {', '.join(valid)}")
-        return cls(**d)
 
     def inner_timeout_s(self) -> int | None:
         """math-verify's own (signal) timeout inside the worker: below the hard limit, >= 1 s."""

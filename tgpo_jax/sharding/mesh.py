@@ -11,8 +11,10 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from tgpo_jax.configtree import ConfigError, build
 
-class ShardingConfigError(ValueError):
+
+class ShardingConfigError(ConfigError):
     """A mesh or sharding-rule configuration that cannot work; raised before any compile."""
 
 
@@ -29,15 +31,29 @@ class MeshConfig:
     axes: tuple[tuple[str, int], ...] = DEFAULT_AXES
 
     @classmethod
-    def from_dict(cls, d: dict[str, int]) -> MeshConfig:
+    def from_config(cls, d, path: str = "") -> MeshConfig:
+        """The YAML form, a mapping axis name -> size (configtree's hook); `path` names the key."""
+        where = path or "mesh"
         if not isinstance(d, dict) or not d:
             raise ShardingConfigError(
-                f"mesh must be a mapping of axis name -> size, e.g. {{data: 1, fsdp: -1, tensor: 1}}; got {d!r}"
+                f"{where} must be a mapping of axis name -> size, e.g. {{data: 1, fsdp: -1, tensor: 1}}; got {d!r}"
             )
         for k, v in d.items():
             if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
-                raise ShardingConfigError(f"mesh axis {k!r} has size {v!r}; accepted: a positive integer or -1")
+                raise ShardingConfigError(
+                    f"{where}: mesh axis {k!r} has size {v!r}; accepted: a positive integer or -1"
+                )
+        if list(d.values()).count(-1) > 1:
+            raise ShardingConfigError(f"{where}: at most one mesh axis may be -1; got {d}")
         return cls(tuple(d.items()))
+
+    @classmethod
+    def from_dict(cls, d) -> MeshConfig:
+        """configtree.build: a mapping (or a MeshConfig, returned as is)."""
+        return build(cls, d)
+
+    def to_config(self) -> dict[str, int]:
+        return dict(self.axes)
 
     @property
     def names(self) -> tuple[str, ...]:

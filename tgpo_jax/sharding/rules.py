@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tgpo_jax.configtree import build
 from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.params import param_specs
 from tgpo_jax.sharding.mesh import ShardingConfigError
@@ -53,6 +54,10 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 EXPERT_PARALLEL_RULES: dict[str, MeshAxes] = {"expert": "expert"}
 
 
+def _is_str(x) -> bool:
+    return isinstance(x, str)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
     """logical axis name -> mesh axis name(s) or None. Hashable, so it can be static in jit."""
@@ -60,17 +65,36 @@ class ShardingRules:
     table: tuple[tuple[str, MeshAxes], ...] = tuple(DEFAULT_RULES.items())
 
     @classmethod
-    def from_dict(
-        cls, overrides: Mapping[str, MeshAxes] | None = None, *, base: Mapping[str, MeshAxes] = DEFAULT_RULES
-    ):
-        merged = dict(base)
+    def from_config(cls, overrides: Mapping[str, MeshAxes] | None, path: str = "") -> ShardingRules:
+        """The YAML form, overrides of DEFAULT_RULES (configtree's hook); `path` names the key."""
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise ShardingConfigError(
+                f"{path or 'rules'}: expected a mapping logical axis -> mesh axes, got {overrides!r}"
+            )
+        merged = dict(DEFAULT_RULES)
         for k, v in (overrides or {}).items():
             if k not in LOGICAL_AXES:
                 raise ShardingConfigError(
-                    f"unknown logical axis {k!r} in sharding rules; valid: {', '.join(LOGICAL_AXES)}"
+                    f"unknown logical axis {k!r} in sharding rules{f' ({path})' if path else ''}; "
+                    f"valid: {', '.join(LOGICAL_AXES)}"
+                )
+            if not (
+                v is None or isinstance(v, str) or (isinstance(v, list | tuple) and all(isinstance(a, str) for a in v))
+            ):
+                raise ShardingConfigError(
+                    f"{path or 'rules'}.{k} must be null, a mesh axis name or a list of them; got {v!r}"
                 )
             merged[k] = tuple(v) if isinstance(v, list) else v
         return cls(tuple(merged.items()))
+
+    @classmethod
+    def from_dict(cls, overrides: Mapping[str, MeshAxes] | ShardingRules | None = None) -> ShardingRules:
+        """configtree.build: overrides of DEFAULT_RULES (or a ShardingRules, returned as is)."""
+        return build(cls, overrides)
+
+    def to_config(self) -> dict[str, MeshAxes]:
+        """The overrides of DEFAULT_RULES: what a config file holds (`{}` for the defaults)."""
+        return {k: v for k, v in self.table if k not in DEFAULT_RULES or DEFAULT_RULES[k] != v}
 
     def mesh_axes(self, logical: str | None) -> MeshAxes:
         if logical is None:

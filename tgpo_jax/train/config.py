@@ -7,16 +7,23 @@ import dataclasses
 from typing import Any
 
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
+from tgpo_jax.data.config import DataSection
 from tgpo_jax.models.config import DTYPES
 from tgpo_jax.models.runtime_options import runtime_option_problems
 from tgpo_jax.objectives.registry import ObjectiveConfig
+from tgpo_jax.rewards.reward_fn import RewardConfig
 from tgpo_jax.rollout.sampling import sampling_problems
 from tgpo_jax.sharding.distributed import DistributedConfig, DistributedConfigError, plan
+from tgpo_jax.sharding.mesh import MeshConfig
+from tgpo_jax.sharding.rules import ShardingRules
 from tgpo_jax.train.step import OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelsConfig:
+class ModelPairConfig:
+    """The `models:` section: the student / teacher directories and both models' runtime options
+    (the architecture of each is models.config.ModelConfig, read from its config.json)."""
+
     student: str = ""  # local HF directory
     teacher: str | None = None  # local HF directory; required by teacher objectives
     tokenizer: str | None = None  # default: the student's directory
@@ -44,9 +51,11 @@ class ModelsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ShardingSection:
-    mesh: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
-    student_rules: dict = dataclasses.field(default_factory=dict)
-    teacher_rules: dict = dataclasses.field(default_factory=dict)
+    # In YAML the mesh is `{axis: size}` and each rules key holds only the overrides of DEFAULT_RULES
+    # (configtree's from_config / to_config hooks), so config.json keeps that form.
+    mesh: MeshConfig = MeshConfig()
+    student_rules: ShardingRules = ShardingRules()
+    teacher_rules: ShardingRules = ShardingRules()
     # Multi-process start-up: coordinator_address ("host:port" of process 0), num_processes and
     # process_id together, or none (single process; on a Cloud TPU VM JAX detects them). Unset
     # fields are read from the environment (TGPO_COORDINATOR_ADDRESS, TGPO_NUM_PROCESSES, ...).
@@ -75,10 +84,18 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardsConfig:
+class RewardsSection:
+    """The `rewards:` section; the grader's own settings (rewards.RewardConfig) derive from it."""
+
     think_format: bool = True
     timeout_s: float = 5.0
     workers: int = 2
+
+    def reward_config(self, base: RewardConfig | None = None) -> RewardConfig:
+        """`base` (default RewardConfig()) with this section's think_format, timeout and workers."""
+        return dataclasses.replace(
+            base or RewardConfig(), think_format=self.think_format, timeout_s=self.timeout_s, num_workers=self.workers
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +108,7 @@ class EvalConfig:
     temperature: float = 0.6
     top_p: float = 1.0
     max_new_tokens: int = 8192
-    data: dict = dataclasses.field(default_factory=dict)  # a data section for the eval set
+    data: DataSection = dataclasses.field(default_factory=DataSection)  # keys over `data` for the eval set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,14 +131,14 @@ class LoggingConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/default"
-    models: ModelsConfig = ModelsConfig()
+    models: ModelPairConfig = ModelPairConfig()
     sharding: ShardingSection = ShardingSection()
     rollout: RolloutConfig = RolloutConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainSection = TrainSection()
-    data: dict = dataclasses.field(default_factory=dict)
-    rewards: RewardsConfig = RewardsConfig()
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    rewards: RewardsSection = RewardsSection()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()

@@ -42,7 +42,7 @@ RESUME_NEUTRAL_KEYS = (
     "rewards.workers",
     "rewards.timeout_s",
     "sharding.*",  # mesh layout, partition rules, process layout: resuming onto another mesh is a feature
-    # runtime kernels of the same forward pass (see ModelsConfig), chosen per hardware
+    # runtime kernels of the same forward pass (see ModelPairConfig), chosen per hardware
     "models.attn_impl",
     "models.attn_query_block",
     "models.cache_layers",

@@ -21,6 +21,7 @@ from flax import nnx
 
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
 from tgpo_jax.data import DataConfig, build_prompt_set, make_data_iterator
+from tgpo_jax.data.config import DataSection
 from tgpo_jax.data.prompts import bucket_for
 from tgpo_jax.models.hf_export import check_out_dir, save_hf
 from tgpo_jax.models.hf_import import load_tokenizer
@@ -38,9 +39,10 @@ class SFTConfig:
     run_dir: str = "runs/sft"
     model: str = ""  # local HF directory to start from
     out_dir: str = ""  # where the fine-tuned model is exported (default: <run_dir>/hf)
-    mesh: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
-    rules: dict = dataclasses.field(default_factory=dict)
-    data: dict = dataclasses.field(default_factory=dict)  # needs a solution_column
+    # the same sections (and YAML forms) as a train config's sharding.mesh, sharding.student_rules, data
+    mesh: MeshConfig = MeshConfig()
+    rules: ShardingRules = ShardingRules()
+    data: DataSection = dataclasses.field(default_factory=DataSection)  # needs a solution_column
     steps: int = 200
     batch_size: int = 16
     micro_batch: int = 16
