@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tgpo_jax.cli import main
-from tgpo_jax.eval import EvalItem, Generation, evaluate
+from tgpo_jax.eval import Completion, EvalItem, evaluate
 from tgpo_jax.rewards import RewardFn
 
 MAX_TOKENS = 50
@@ -31,7 +31,7 @@ class SyntheticPolicy:
     def __init__(self, items, probs, seed=1):
         self.p = {it.index: p for it, p in zip(items, probs)}
         self.rng = np.random.default_rng(seed)
-        self.log: list[Generation] = []
+        self.log: list[Completion] = []
 
     def __call__(self, items, n):
         out = []
@@ -45,10 +45,10 @@ class SyntheticPolicy:
         length = int(self.rng.integers(5, MAX_TOKENS + 1))
         if self.rng.random() < self.p[it.index]:
             form = "<think>reasoning</think> The answer is $\\boxed{%s}$." if length % 2 else "<think>r</think> %s"
-            return Generation(form % it.answer, length, False)
+            return Completion(form % it.answer, length, False)
         if length == MAX_TOKENS:  # truncated mid-thought: no "</think>"
-            return Generation(f"<think>still thinking about {it.answer}", length, True)
-        return Generation(f"<think>hmm</think> \\boxed{{{int(it.answer) + 1}}}", length, False)
+            return Completion(f"<think>still thinking about {it.answer}", length, True)
+        return Completion(f"<think>hmm</think> \\boxed{{{int(it.answer) + 1}}}", length, False)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_avg_at_k_recovers_known_success_probabilities(reward, tmp_path):
 def test_evaluator_rejects_a_policy_with_the_wrong_number_of_samples(reward):
     items, _ = _items()
     with pytest.raises(ValueError, match="generations for"):
-        evaluate(lambda its, n: [[Generation("x", 1, False)] * (n - 1) for _ in its], items[:2], k=2, reward_fn=reward)
+        evaluate(lambda its, n: [[Completion("x", 1, False)] * (n - 1) for _ in its], items[:2], k=2, reward_fn=reward)
     with pytest.raises(ValueError, match="no evaluation items"):
         evaluate(lambda its, n: [], [], reward_fn=reward)
 

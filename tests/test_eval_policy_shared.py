@@ -19,12 +19,12 @@ def setup(tmp_path_factory):
 
 
 def _record(monkeypatch) -> list:
-    """Every Generation made by the shared policy, in order."""
+    """Every Completion made by the shared policy, in order."""
     import tgpo_jax.eval.model_policy as mp
 
     monkeypatch.undo()  # the previous recorder off: each list sees only its own run
-    seen, real = [], mp._generation
-    monkeypatch.setattr(mp, "_generation", lambda *a: seen.append(g := real(*a)) or g)
+    seen, real = [], mp._completion
+    monkeypatch.setattr(mp, "_completion", lambda *a: seen.append(g := real(*a)) or g)
     return seen
 
 

@@ -2,7 +2,7 @@
 
 import re
 
-from tgpo_jax.eval.evaluator import EvalItem, Generation, evaluate
+from tgpo_jax.eval.evaluator import Completion, EvalItem, evaluate
 from tgpo_jax.rewards.reward_fn import RewardConfig, RewardFn
 
 
@@ -14,7 +14,7 @@ def _items(n):
 
 
 def _policy(items, k):
-    return [[Generation(f"</think>\\boxed{{{int(it.answer)}}}", 4, False)] * k for it in items]
+    return [[Completion(f"</think>\\boxed{{{int(it.answer)}}}", 4, False)] * k for it in items]
 
 
 def test_eval_progress_on_stderr_and_switchable(capsys):

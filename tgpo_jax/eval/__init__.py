@@ -1,7 +1,7 @@
 """avg@k evaluation: a model-independent core (`evaluate` on any PolicyFn) and the model-backed
 driver of `tgpo-jax eval` (`run_eval`)."""
 
-from tgpo_jax.eval.evaluator import EVAL_REWARD, EvalItem, EvalReport, Generation, PolicyFn, SourceResult, evaluate
+from tgpo_jax.eval.evaluator import EVAL_REWARD, Completion, EvalItem, EvalReport, PolicyFn, SourceResult, evaluate
 from tgpo_jax.eval.model_policy import load_eval_items, run_eval, sampler_policy, stop_ids_for
 from tgpo_jax.eval.report import markdown_table, write_report
 
@@ -9,7 +9,7 @@ __all__ = [
     "EVAL_REWARD",
     "EvalItem",
     "EvalReport",
-    "Generation",
+    "Completion",
     "PolicyFn",
     "SourceResult",
     "evaluate",

@@ -3,7 +3,7 @@ the reward function grades them (math-verify OR boxed grader after "</think>" by
 report gives accuracy per data source, their unweighted mean, mean response length and truncation
 rate.
 
-    PolicyFn = (items: Sequence[EvalItem], n: int) -> per item, a list of n Generation
+    PolicyFn = (items: Sequence[EvalItem], n: int) -> per item, a list of n Completion
 
 Scoring of one chunk runs in the reward workers while the policy generates the next chunk.
 """
@@ -33,15 +33,15 @@ class EvalItem:
 
 
 @dataclasses.dataclass
-class Generation:
-    """One sampled response."""
+class Completion:
+    """One sampled response, as text (rollout.generate.Generation is the sampler's token-level output)."""
 
     text: str
     num_tokens: int
     truncated: bool  # stopped by the length limit (finish == length)
 
 
-PolicyFn = Callable[[Sequence[EvalItem], int], Sequence[Sequence[Generation]]]
+PolicyFn = Callable[[Sequence[EvalItem], int], Sequence[Sequence[Completion]]]
 
 # The paper's evaluation grader: math-verify OR the boxed grader, on the text after "</think>".
 EVAL_REWARD = RewardConfig(think_format=True, boxed_fallback=True)
@@ -93,7 +93,7 @@ def _progress_bar(n_items: int, enabled: bool):
 
 def _generate_and_submit(policy_fn: PolicyFn, items, k_per_item, batch_size, reward: RewardFn, bar):
     """Runs the policy chunk by chunk; returns per item (generations, future-of-scores, offset)."""
-    per_item: dict[int, tuple[list[Generation], Any, int]] = {}
+    per_item: dict[int, tuple[list[Completion], Any, int]] = {}
     for k, chunk in _chunks(items, k_per_item, batch_size):
         chunk_items = [items[i] for i in chunk]
         gens = [list(g) for g in policy_fn(chunk_items, k)]
@@ -106,7 +106,7 @@ def _generate_and_submit(policy_fn: PolicyFn, items, k_per_item, batch_size, rew
     return per_item
 
 
-def _source_result(source: str, k: int, scores: list[np.ndarray], gens: list[list[Generation]]) -> SourceResult:
+def _source_result(source: str, k: int, scores: list[np.ndarray], gens: list[list[Completion]]) -> SourceResult:
     item_acc = np.asarray([s.mean() for s in scores], np.float64)
     n = len(item_acc)
     lengths = [g.num_tokens for gs in gens for g in gs]
@@ -198,4 +198,4 @@ class EvalReport:
         return write_report(self, out_dir, name)
 
 
-__all__ = ["EvalItem", "Generation", "PolicyFn", "SourceResult", "EvalReport", "evaluate", "EVAL_REWARD"]
+__all__ = ["EvalItem", "Completion", "PolicyFn", "SourceResult", "EvalReport", "evaluate", "EVAL_REWARD"]

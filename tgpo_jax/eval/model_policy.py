@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from tgpo_jax.eval.evaluator import EVAL_REWARD, EvalItem, EvalReport, Generation, PolicyFn, evaluate
+from tgpo_jax.eval.evaluator import EVAL_REWARD, Completion, EvalItem, EvalReport, PolicyFn, evaluate
 
 if TYPE_CHECKING:
     from tgpo_jax.data.sources import LoadStats
@@ -29,7 +29,7 @@ def policy_from_sampler(sampler, tokenizer, params, *, seed: int = 0, pad_to: in
 
     calls = [0]
 
-    def policy(items: Sequence[EvalItem], n: int) -> list[list[Generation]]:
+    def policy(items: Sequence[EvalItem], n: int) -> list[list[Completion]]:
         prompts = [it.prompt_ids for it in items]
         if any(p is None for p in prompts):
             raise ValueError("sampler_policy needs rendered prompt_ids on every EvalItem")
@@ -38,7 +38,7 @@ def policy_from_sampler(sampler, tokenizer, params, *, seed: int = 0, pad_to: in
         key = jax.random.fold_in(jax.random.key(seed), calls[0])
         out = sampler.sample(prompts, dataclasses.replace(params, n=n), key)
         calls[0] += 1
-        return [[_generation(tokenizer, out, i * n + j) for j in range(n)] for i in range(len(items))]
+        return [[_completion(tokenizer, out, i * n + j) for j in range(n)] for i in range(len(items))]
 
     return policy
 
@@ -64,10 +64,10 @@ def sampler_policy(
     return policy_from_sampler(sampler, tokenizer, params, seed=seed, pad_to=pad_to)
 
 
-def _generation(tokenizer, out, row: int) -> Generation:
+def _completion(tokenizer, out, row: int) -> Completion:
     length = int(out.lengths_B[row])
     text = tokenizer.decode(out.tokens_BT[row, :length].tolist(), skip_special_tokens=True)
-    return Generation(text=text, num_tokens=length, truncated=bool(out.finish_B[row] == 1))
+    return Completion(text=text, num_tokens=length, truncated=bool(out.finish_B[row] == 1))
 
 
 def load_eval_items(files: Sequence[str], tokenizer, **data_overrides) -> tuple[list[EvalItem], LoadStats]:
