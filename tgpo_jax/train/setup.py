@@ -20,7 +20,7 @@ from tgpo_jax.models.hf_export import flat_params
 from tgpo_jax.models.hf_import import TOKENIZER_FILES, load_tokenizer, model_from_flat
 from tgpo_jax.models.tokenizer_check import check_tokenizers_agree
 from tgpo_jax.models.vocab import align_vocab
-from tgpo_jax.rewards import RewardConfig, RewardFn
+from tgpo_jax.rewards import RewardFn
 from tgpo_jax.rollout.sampler import Sampler
 from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.rollout.text import context_problem, stop_ids_for
@@ -175,14 +175,7 @@ class InRunEvaluator:
         self.k, self.seed = cfg.eval.k, cfg.train.seed
         self.progress = cfg.logging.progress and jax.process_index() == 0
         self.sampler, self.tokenizer = models.sampler, tokenizer
-        self.reward = RewardFn(
-            dataclasses.replace(
-                EVAL_REWARD,
-                think_format=cfg.rewards.think_format,
-                timeout_s=cfg.rewards.timeout_s,
-                num_workers=cfg.rewards.workers,
-            )
-        )
+        self.reward = RewardFn(cfg.rewards.reward_config(EVAL_REWARD))
         self.last_report = None
 
     def __call__(self, train_params, iteration: int) -> dict:
@@ -257,11 +250,7 @@ def build_run(cfg: TrainConfig) -> RunParts:
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student)
     data = build_data(cfg, tokenizer)
     models, train_state, tokenizer = build_model_parts(cfg)
-    reward_fn = RewardFn(
-        RewardConfig(
-            think_format=cfg.rewards.think_format, timeout_s=cfg.rewards.timeout_s, num_workers=cfg.rewards.workers
-        )
-    )
+    reward_fn = RewardFn(cfg.rewards.reward_config())
     evaluate_fn = build_evaluator(cfg, models, tokenizer)
 
     def close():
