@@ -14,17 +14,10 @@ import pytest
 
 from tgpo_jax.cli import main
 from tgpo_jax.configtree import load_yaml
-from tgpo_jax.demo import (
-    KEY_FILE,
-    MARKER,
-    QUICK,
-    _claim_dir,
-    make_task_data,
-    sft_checkpoint_every,
-    sft_model,
-    style_a,
-    style_b,
-)
+from tgpo_jax.demo import QUICK
+from tgpo_jax.demo_dirs import KEY_FILE, MARKER, claim_dir
+from tgpo_jax.tasks.chain_sum import make_task_data, style_a, style_b
+from tgpo_jax.train.sft_cache import sft_checkpoint_every, sft_model
 
 
 def test_solution_styles_are_correct_and_different():
@@ -133,29 +126,29 @@ def test_foreign_directory_under_out_is_refused_and_kept(tmp_path, capsys):
 def test_claim_dir_marks_continues_and_refuses(tmp_path):
     key = {"spec": {"steps": 3}}
     d = tmp_path / "teacher"
-    assert _claim_dir(str(d), "sft", key) is False and json.loads((d / MARKER).read_text()) == {"key": key}
+    assert claim_dir(str(d), "sft", key) is False and json.loads((d / MARKER).read_text()) == {"key": key}
     (d / "sft").mkdir()
     (d / ".export-abc").mkdir()  # an export a kill interrupted
-    assert _claim_dir(str(d), "sft", key) is True  # same key: the work in it is continued
+    assert claim_dir(str(d), "sft", key) is True  # same key: the work in it is continued
     assert sorted(os.listdir(d)) == [MARKER, "sft"]
-    assert _claim_dir(str(d), "sft", {"spec": {"steps": 4}}) is False  # another key: started over
+    assert claim_dir(str(d), "sft", {"spec": {"steps": 4}}) is False  # another key: started over
     assert os.listdir(d) == [MARKER]
     # left half-written by a demo from before the marker: only names the demo writes there
     legacy = tmp_path / "student"
     legacy.mkdir()
     (legacy / "sft_data.jsonl").write_text("")
     (legacy / "init").mkdir()
-    assert _claim_dir(str(legacy), "sft", key) is False and os.listdir(legacy) == [MARKER]
+    assert claim_dir(str(legacy), "sft", key) is False and os.listdir(legacy) == [MARKER]
     foreign = tmp_path / "data"
     foreign.mkdir()
     (foreign / "train.jsonl").write_text("")
     (foreign / "mine.txt").write_text("")
     with pytest.raises(ValueError, match="was not written by the demo"):
-        _claim_dir(str(foreign), "data")
+        claim_dir(str(foreign), "data")
     assert sorted(os.listdir(foreign)) == ["mine.txt", "train.jsonl"]
     (tmp_path / "tgpo").write_text("a file")
     with pytest.raises(ValueError, match="exists and is not a directory"):
-        _claim_dir(str(tmp_path / "tgpo"), "tgpo")
+        claim_dir(str(tmp_path / "tgpo"), "tgpo")
 
 
 def test_full_demo_shows_tgpo_progress_and_quick_does_not():

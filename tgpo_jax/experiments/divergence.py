@@ -1,6 +1,6 @@
 """`tgpo-jax experiment divergence`: the paper's central claim in miniature, on CPU.
 
-One student (style B, see tgpo_jax/demo.py) and a ladder of teachers made by `sft` that write
+One student (style B, see tgpo_jax/tasks/chain_sum.py) and a ladder of teachers made by `sft` that write
 style A on a growing share of their training problems (style_b_frac 1 -> 0: same style, partly
 different, very different). Every method x teacher x seed cell is a plain `tgpo-jax train` run of
 the base config (configs/demo.yaml) with the cell's objective, seed and teacher; GRPO has no
@@ -21,7 +21,10 @@ import time
 
 from tgpo_jax.bundled import resolve_config
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from tgpo_jax.demo import DEFAULT_CONFIG, SFTSpec, TaskSpec, _digest, _file_digest, make_task_data, sft_model
+from tgpo_jax.demo import DEFAULT_CONFIG
+from tgpo_jax.demo_dirs import digest, file_digest
+from tgpo_jax.tasks.chain_sum import TaskSpec, make_task_data
+from tgpo_jax.train.sft_cache import SFTSpec, heldout_accuracy, sft_model
 
 METHODS = ("grpo", "rkl", "kdrl", "tgpo_reg", "tgpo_adv")  # the ones the report knows how to label
 CELL_FILE = "cell.json"
@@ -155,11 +158,11 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, train_dict: dict, log=print) -> 
     from tgpo_jax.train.metrics import read_jsonl
 
     run_dir = train_dict["run_dir"]
-    key = _digest(
+    key = digest(
         {
             "train": train_dict,
             "models": [
-                _file_digest(os.path.join(p, "model.safetensors"))
+                file_digest(os.path.join(p, "model.safetensors"))
                 for p in (train_dict["models"]["student"], train_dict["models"]["teacher"])
                 if p
             ],
@@ -204,7 +207,6 @@ def sft_accuracies(
     cfg: ExperimentConfig, cell: Cell, student: str, teachers: dict[str, str], train_path: str, heldout_path: str
 ) -> dict:
     """Held-out accuracy of the SFT student and teachers with the cells' eval settings (cached)."""
-    from tgpo_jax.demo import heldout_accuracy
     from tgpo_jax.train.config import load_train_config
 
     tcfg = load_train_config(cell_train_dict(cfg, cell, student, None, train_path, heldout_path))

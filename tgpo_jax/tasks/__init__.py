@@ -1,0 +1,1 @@
+"""Toy tasks with generated data (`tgpo-jax demo`, `tgpo-jax experiment divergence`)."""
