@@ -271,41 +271,13 @@ def _table(ours: dict, peer: dict | None, tokens: int, decode_tps: float | None,
         )
 
 
-def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
-    import jax
-    from flax import nnx
-
-    from tgpo_jax.models.decoder import Decoder
+def _result(s: BenchSettings, cfg, dev, ours: dict, peer: dict | None, tokens: int, decode_tps) -> dict:
+    """The JSON report: the required fields first, then settings and per-side details."""
     from tgpo_jax.models.kv_cache import scans_cache
 
-    cfg = model_config(s.model, s.dtype).replace(cache_layers=s.cache_layers)
-    dev = jax.devices()[0]
-    emit(
-        f"bench sampler: model={s.model} ({cfg.architecture}, {param_count(cfg) / 1e6:.1f}M params) "
-        f"dtype={s.dtype} device={dev.platform} ({dev.device_kind})"
-    )
-    emit(
-        f"  prompts={s.prompts} x n={s.n} = {s.batch} rows, prompt_len={s.prompt_len}, "
-        f"new_tokens={s.new_tokens}, repeats={s.repeats} (median after 1 warm-up)"
-    )
-    model = Decoder(cfg, nnx.Rngs(s.seed))
-    prompts = random_prompts(cfg, s)
-    tokens = s.batch * s.new_tokens
-
-    hbm = s.hbm_gbps if s.hbm_gbps is not None else (DEFAULT_HBM_GBPS if dev.platform != "cpu" else None)
-    ours = bench_ours(model, prompts, s, decode_split=s.decode_split or hbm is not None)
     ours_tps = tokens / ours["median_s"]
-    decode_tps = None
-    if ours["prefill_median_s"] is not None and s.new_tokens > 1:
-        decode_s = ours["median_s"] - ours["prefill_median_s"]
-        decode_tps = s.batch * (s.new_tokens - 1) / decode_s if decode_s > 0 else None
-
-    peer = bench_peer(model, prompts, s) if s.peer else None
     peer_tps = tokens / peer["median_s"] if peer else None
-
-    _table(ours, peer, tokens, decode_tps, emit)
-
-    result = dict(
+    return dict(
         ours_tokens_per_s=ours_tps,
         peer_tokens_per_s=peer_tps,
         ratio=ours_tps / peer_tps if peer_tps else None,
@@ -333,6 +305,39 @@ def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
         device=dev.platform,
         device_kind=dev.device_kind,
     )
+
+
+def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
+    import jax
+    from flax import nnx
+
+    from tgpo_jax.models.decoder import Decoder
+
+    cfg = model_config(s.model, s.dtype).replace(cache_layers=s.cache_layers)
+    dev = jax.devices()[0]
+    emit(
+        f"bench sampler: model={s.model} ({cfg.architecture}, {param_count(cfg) / 1e6:.1f}M params) "
+        f"dtype={s.dtype} device={dev.platform} ({dev.device_kind})"
+    )
+    emit(
+        f"  prompts={s.prompts} x n={s.n} = {s.batch} rows, prompt_len={s.prompt_len}, "
+        f"new_tokens={s.new_tokens}, repeats={s.repeats} (median after 1 warm-up)"
+    )
+    model = Decoder(cfg, nnx.Rngs(s.seed))
+    prompts = random_prompts(cfg, s)
+    tokens = s.batch * s.new_tokens
+
+    hbm = s.hbm_gbps if s.hbm_gbps is not None else (DEFAULT_HBM_GBPS if dev.platform != "cpu" else None)
+    ours = bench_ours(model, prompts, s, decode_split=s.decode_split or hbm is not None)
+    decode_tps = None
+    if ours["prefill_median_s"] is not None and s.new_tokens > 1:
+        decode_s = ours["median_s"] - ours["prefill_median_s"]
+        decode_tps = s.batch * (s.new_tokens - 1) / decode_s if decode_s > 0 else None
+
+    peer = bench_peer(model, prompts, s) if s.peer else None
+
+    _table(ours, peer, tokens, decode_tps, emit)
+    result = _result(s, cfg, dev, ours, peer, tokens, decode_tps)
     if hbm is not None:
         rf = roofline(cfg, s, hbm)
         result.update(rf, roofline_fraction=decode_tps / rf["roofline_tokens_per_s"] if decode_tps else None)
