@@ -150,14 +150,14 @@ def test_cli_hf_config_path_and_no_memory(tmp_path, capsys):
             EstimateConfigError,
             "unknown key 'micro_batchh' in batch; valid keys: rollout_batch, micro_batch, prompt_len, response_len, logits_chunk",
         ),
-        ({"typo": 1}, EstimateConfigError, "unknown key 'typo' in the config; valid keys: mesh, num_devices, student"),
+        ({"typo": 1}, EstimateConfigError, "unknown key 'typo' in config; valid keys: mesh, num_devices, student"),
         (
             {"student__trainables": True},
             EstimateConfigError,
             "unknown key 'trainables' in student; valid keys: hf_config, hf,",
         ),
-        ({"batch__micro_batch": "eight"}, EstimateConfigError, "batch.micro_batch must be an integer; got str 'eight'"),
-        ({"student__trainable": "yes"}, EstimateConfigError, "student.trainable must be a boolean; got str 'yes'"),
+        ({"batch__micro_batch": "eight"}, EstimateConfigError, "batch.micro_batch: expected int, got str 'eight'"),
+        ({"student__trainable": "yes"}, EstimateConfigError, "student.trainable: expected bool, got str 'yes'"),
         ({"batch__micro_batch": 3}, EstimateConfigError, "batch.micro_batch=3 does not divide batch.rollout_batch=8"),
         ({"remat": "some"}, EstimateConfigError, "remat='some'; accepted: full, attn_out, none"),
         ({"student__dtype": "fp8"}, EstimateConfigError, "student.dtype='fp8'; accepted: float32, bfloat16, float16"),
@@ -170,7 +170,7 @@ def test_cli_hf_config_path_and_no_memory(tmp_path, capsys):
         (
             {"student__rules": {"embd": "fsdp"}},
             ShardingConfigError,
-            "student: unknown logical axis 'embd' in sharding rules; valid:",
+            "unknown logical axis 'embd' in sharding rules (student.rules); valid:",
         ),
         (
             {"teacher__rules": {"mlp": "model"}},
@@ -219,7 +219,59 @@ def test_qwen25_math_7b_param_bytes():
 def test_example_config_runs(capsys):
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "estimate_example.yaml")
     assert main(["estimate", "--config", path]) == 0  # fits a 32 GiB device
-    assert "peak (resident + largest phase)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "peak (resident + largest phase)" in out and "mesh: data=1 fsdp=2 tensor=2 (4 devices)" in out
+    assert main(["estimate", "--config", path, "--num-devices", "8", "sharding.mesh.fsdp=4"]) == 0
+    assert "mesh: data=1 fsdp=4 tensor=2 (8 devices)" in capsys.readouterr().out
+
+
+def _train_config(tmp_path, **estimate_section) -> dict:
+    """A train config of the TINY run: rollout 2 x 4 = 8 sequences, micro-batch 4, prompts of 16
+    tokens, responses of 48, log-prob chunks of 16, both models in bf16 in directories here."""
+    for name, hf in (("student", TINY_HF), ("teacher", TINY["teacher"]["hf"])):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "config.json").write_text(json.dumps(hf))
+    d = {
+        "models": {"student": "student", "teacher": "teacher", "param_dtype": "bfloat16", "dtype": "bfloat16"},
+        "sharding": {"mesh": {"data": 1, "fsdp": 2, "tensor": 2}},
+        "rollout": {"prompts_per_iteration": 2, "n": 4, "max_new_tokens": 48, "prompt_buckets": [16]},
+        "train": {"mini_batches": 2, "micro_batch": 4, "logprob_chunk": 16},
+        "data": {"files": ["prompts.jsonl"], "max_prompt_len": 16},
+    }
+    return {**d, "estimate": estimate_section} if estimate_section else d
+
+
+def test_train_config_is_estimated_as_its_view(tmp_path, capsys):
+    """A train config plus the target's hardware gives the estimate of the view it implies: the batch
+    from rollout / train / data, the mesh and rules from sharding, the train step's buffers in the
+    student's param_dtype (no master copy), the teacher frozen."""
+    view = tiny(
+        batch__logits_chunk=16, optimizer={"state_dtype": "bfloat16", "master_dtype": None, "grad_dtype": "bfloat16"}
+    )
+    want = estimate(load_estimate_config(view))
+    path = write(tmp_path, _train_config(tmp_path, num_devices=4, device_memory_gb=1))
+    got = estimate(load_estimate_config(path))
+    assert got == want
+    assert main(["estimate", "--config", path]) == 0
+    assert want.report() in capsys.readouterr().out
+    # the hardware as flags instead of an `estimate:` section; a CLI override of the train config
+    path = write(tmp_path, _train_config(tmp_path))
+    assert main(["estimate", "--config", path, "--num-devices", "4", "--device-memory-gb", "1"]) == 0
+    assert want.report() in capsys.readouterr().out
+    assert main(["estimate", "--config", path, "--num-devices", "4", "--device-memory-gb", "1", "rollout.n=8"]) == 0
+    assert "rollout" in capsys.readouterr().out
+    assert main(["estimate", "--config", path]) == 2
+    assert "estimate.num_devices: the target's device count is required" in capsys.readouterr().err
+    for bad, msg in (
+        ({"num_device": 4}, "unknown key 'num_device' in estimate; valid keys: num_devices"),
+        ({"num_devices": 4, "remat": "some"}, "remat='some'; accepted: full, attn_out, none"),
+    ):
+        assert main(["estimate", "--config", write(tmp_path, _train_config(tmp_path, **bad))]) == 2
+        assert msg in capsys.readouterr().err
+    d = _train_config(tmp_path, num_devices=4)
+    d["models"]["student"] = "elsewhere/student"  # not here: the estimate section names its config.json
+    d["estimate"]["student_hf_config"] = "student"
+    assert estimate(load_estimate_config(write(tmp_path, d), device_memory_gb=1)) == want
 
 
 def test_indivisible_activation_stays_whole_and_is_noted():

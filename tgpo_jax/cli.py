@@ -95,13 +95,11 @@ def cmd_demo(args) -> int:
 
 def cmd_estimate(args) -> int:
     """Per-device memory estimate; exit 0 if it fits (or no memory given), 3 if it does not."""
-    import dataclasses
-
     from tgpo_jax.sharding.estimate import estimate, load_estimate_config
 
-    cfg = load_estimate_config(args.config)
-    if args.device_memory_gb is not None:
-        cfg = dataclasses.replace(cfg, device_memory_gb=args.device_memory_gb)
+    cfg = load_estimate_config(
+        args.config, num_devices=args.num_devices, device_memory_gb=args.device_memory_gb, overrides=args.overrides
+    )
     est = estimate(cfg)
     print(est.report())
     return 3 if est.fits is False else 0
@@ -309,10 +307,17 @@ def _add_tool_commands(sub) -> None:
     s = sub.add_parser(
         "estimate", help="per-device memory of student + teacher on a target mesh (exit 3: does not fit)"
     )
-    s.add_argument("--config", required=True, help="estimate YAML (see configs/estimate_example.yaml)")
+    s.add_argument(
+        "--config",
+        required=True,
+        help="a train config (a preset render, configs/demo.yaml, ...) with the target's hardware from the flags "
+        "or an `estimate:` section (see configs/estimate_example.yaml), or the estimator's own view",
+    )
+    s.add_argument("--num-devices", type=int, default=None, help="the target's device count (overrides the config)")
     s.add_argument(
         "--device-memory-gb", type=float, default=None, help="per-device memory in GiB (overrides the config)"
     )
+    s.add_argument("overrides", nargs="*", help="key.path=value overrides of the config")
     s.set_defaults(fn=cmd_estimate)
 
     s = sub.add_parser(

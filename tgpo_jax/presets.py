@@ -182,46 +182,15 @@ def bundled_hf_config(name: str, patch: dict | None = None) -> dict:
 
 # ------------------------------------------------------------------------------------------ checks
 def estimate_config(preset: Preset, train_cfg, hw: Hardware):
-    """The memory estimator's view of a rendered TrainConfig on `hw`. The train step keeps params,
-    gradients and AdamW moments in the student's param_dtype (no separate master copy)."""
+    """The memory estimator's view of a rendered TrainConfig on `hw`, with the bundled config.json
+    of each model (the preset's student context patch applied)."""
     from tgpo_jax.sharding import estimate as est
 
-    m, t = train_cfg.models, train_cfg
-    student = est.ModelEntry(
-        hf=bundled_hf_config(preset.student, preset.student_context),
-        param_dtype=m.param_dtype,
-        dtype=m.dtype,
-        rules=t.sharding.student_rules,
-        trainable=True,
+    target = est.TargetHardware(
+        num_devices=hw.devices, device_memory_gb=hw.hbm_gib * HEADROOM, remat="full", attention="materialized"
     )
-    teacher = None
-    if preset.teacher:
-        teacher = est.ModelEntry(
-            hf=bundled_hf_config(preset.teacher),
-            param_dtype=m.teacher_param_dtype or m.param_dtype,
-            dtype=m.teacher_dtype or m.dtype,
-            rules=t.sharding.teacher_rules,
-            trainable=False,
-        )
-    batch = est.BatchConfig(
-        rollout_batch=t.rollout_batch,
-        micro_batch=t.train.micro_batch,
-        prompt_len=int(t.data.get("max_prompt_len", 1024)),
-        response_len=t.rollout.max_new_tokens,
-        logits_chunk=t.train.logprob_chunk,
-    )
-    opt = est.OptimizerConfig(state_dtype=m.param_dtype, master_dtype=None, grad_dtype=m.param_dtype)
-    return est.EstimateConfig(
-        mesh=dict(t.sharding.mesh),
-        num_devices=hw.devices,
-        student=student,
-        teacher=teacher,
-        device_memory_gb=hw.hbm_gib * HEADROOM,
-        batch=batch,
-        optimizer=opt,
-        remat="full",
-        attention="materialized",
-    )
+    teacher = bundled_hf_config(preset.teacher) if preset.teacher else None
+    return est.from_train_config(train_cfg, target, bundled_hf_config(preset.student, preset.student_context), teacher)
 
 
 def abstract_param_count(hf: dict, param_dtype: str, dtype: str) -> int:

@@ -1,7 +1,10 @@
 """Per-device memory estimate for a TGPO run (student + optional teacher) on a target mesh.
 
 Pure arithmetic over the parameter table (`param_specs`) and the sharding rules: no jax devices, no
-weights. The mesh is the TARGET hardware's (`num_devices`), not this machine's.
+weights. The mesh is the TARGET hardware's (`num_devices`), not this machine's. Input: a train config
+plus the target's device count and memory (`from_train_config`; `tgpo-jax estimate` takes them as
+flags or an `estimate:` section), or the EstimateConfig view written out with inline config.json
+fields.
 
 Notation (all sizes per device unless marked global):
   L layers, E hidden, H heads, K kv heads, D head_dim, F intermediate, V vocab;
@@ -15,11 +18,12 @@ the report).
 
 Items per model:
   params      = sum over parameters of prod(local shape) * p
-  grads       = N_local * g                         (trainable only; g = optimizer.grad_dtype, default
-                float32: the accumulator over micro-batches, kept in fp32 so summing many bf16
-                micro-batch gradients does not lose precision)
-  optimizer   = N_local * (2 s + m)                 (trainable only; AdamW mu and nu in state_dtype, plus
-                a master copy in master_dtype when it differs from param_dtype; m = 0 otherwise)
+  grads       = N_local * g                         (trainable only; g = optimizer.grad_dtype: the
+                accumulator over micro-batches. The train step sums in the params' dtype
+                (zeros_like(params)), so a view of a train config uses param_dtype)
+  optimizer   = N_local * (2 s + m)                 (trainable only; AdamW mu and nu in state_dtype (the
+                train step: param_dtype), plus a master copy in master_dtype when it differs from
+                param_dtype (the train step keeps none); m = 0 otherwise)
   kv_cache    = L * 2 * R_l * S * K_l * D * a       (student only: rollout sampling; R over `batch`,
                 K over `act_kv_heads`, S over `cache_seq`)
   activations = see `activation_bytes` (micro-batch Bm over `batch`)
@@ -40,14 +44,11 @@ import dataclasses
 import json
 import math
 import os
-import types
-import typing
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
 from tgpo_jax.bundled import resolve_config
+from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml
 from tgpo_jax.models.config import ModelConfig, ModelConfigError
 from tgpo_jax.models.params import param_specs
 from tgpo_jax.sharding.mesh import MeshConfig, ShardingConfigError
@@ -59,11 +60,15 @@ REMAT_MODES = ("full", "attn_out", "none")  # full / attn_out: ModelConfig.remat
 ATTENTION_KINDS = ("materialized", "flash")
 
 
-class EstimateConfigError(ValueError):
+class EstimateConfigError(ConfigError):
     """An estimate config that is malformed (unknown key, wrong type, impossible batch)."""
 
 
 # ------------------------------------------------------------------------------------------ config
+# The estimator reads an EstimateConfig: the arithmetic's view of a run (model shapes, dtypes, rules,
+# batch shape, mesh, target hardware). `tgpo-jax estimate` builds it from a train config plus the
+# target's hardware (`from_train_config`); the view can also be written out directly, with each
+# model's config.json fields inline, for a model that has no directory here.
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
     """One model: its HF config (a path to config.json / its directory, or the inline dict)."""
@@ -72,7 +77,7 @@ class ModelEntry:
     hf: dict | None = None
     param_dtype: str = "bfloat16"
     dtype: str = "bfloat16"
-    rules: dict | None = None  # overrides of DEFAULT_RULES
+    rules: ShardingRules = ShardingRules()  # in YAML: overrides of DEFAULT_RULES, as in a train config
     trainable: bool = True  # the teacher section defaults to false
 
     def model_config(self) -> ModelConfig:
@@ -92,7 +97,10 @@ class BatchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
+class OptimizerMemory:
+    """The dtypes of the optimizer's per-parameter buffers (not train.step.OptimizerConfig, the
+    update rule's settings): the train step keeps all of them in the student's param_dtype."""
+
     state_dtype: str = "float32"  # AdamW's two moments
     master_dtype: str | None = "float32"  # null: no master copy
     grad_dtype: str = "float32"  # the gradient accumulator
@@ -100,89 +108,140 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EstimateConfig:
-    mesh: dict
+    mesh: MeshConfig  # in YAML {axis: size}, as a train config's sharding.mesh
     num_devices: int
     student: ModelEntry
     teacher: ModelEntry | None = None
     device_memory_gb: float | None = None  # per-device HBM in GiB (v4 32, v5e 16, v5p 95)
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-    remat: str = "full"  # full | none
-    attention: str = "materialized"  # materialized (layers.attention today) | flash
+    optimizer: OptimizerMemory = dataclasses.field(default_factory=OptimizerMemory)
+    remat: str = "full"  # full | attn_out | none
+    # materialized: fp32 [T, S] scores per head (layers.attention, the einsum / sdpa / cpu paths);
+    # flash: a blockwise kernel keeping only the logsumexp per query (attn_impl cudnn)
+    attention: str = "materialized"
 
 
-def load_estimate_config(source: str | os.PathLike | Mapping[str, Any]) -> EstimateConfig:
-    """Reads a YAML file (or takes its dict), checks keys and types, reads `hf_config` files
-    (relative to the YAML's directory, else the cwd) and validates mesh, rules and batch."""
+@dataclasses.dataclass(frozen=True)
+class TargetHardware:
+    """The `estimate:` section of a train config given to `tgpo-jax estimate` (flags override it):
+    the target machine, and the estimator's choices the train config does not settle."""
+
+    num_devices: int | None = None  # required here or as --num-devices
+    device_memory_gb: float | None = None  # per-device HBM in GiB; none: no verdict
+    remat: str | None = None  # default: models.remat_policy (attn_out -> attn_out, else full)
+    attention: str | None = None  # default: flash for models.attn_impl cudnn, else materialized
+    # where each model's config.json is read when models.student / models.teacher is no directory here
+    student_hf_config: str | None = None
+    teacher_hf_config: str | None = None
+
+
+def load_estimate_config(
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    num_devices: int | None = None,
+    device_memory_gb: float | None = None,
+    overrides: list[str] | None = None,
+) -> EstimateConfig:
+    """A train config (with an `estimate:` section or the flags' hardware) or the estimator's view
+    written out, from a YAML file or its dict; `hf_config` / model directories are read relative to
+    the YAML's directory, else the cwd. Every config error is raised before any arithmetic."""
     base = "."
     if isinstance(source, Mapping):
         data = dict(source)
     else:
-        source = resolve_config(os.fspath(source))
-        base = os.path.dirname(os.path.abspath(source))
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"estimate config not found: {source}")
-        try:
-            with open(source) as f:
-                data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise EstimateConfigError(f"{source} is not valid YAML: {e}") from None
-    if isinstance(data, dict) and isinstance(data.get("teacher"), dict):
-        data["teacher"] = {"trainable": False, **data["teacher"]}
-    cfg = _build(EstimateConfig, data, "")
-    cfg = dataclasses.replace(
-        cfg,
-        student=_read_hf(cfg.student, "student", base),
-        teacher=cfg.teacher and _read_hf(cfg.teacher, "teacher", base),
-    )
+        path = resolve_config(os.fspath(source))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"estimate config not found: {path}")
+        base, data = os.path.dirname(os.path.abspath(path)), load_yaml(path)
+    data = apply_overrides(data, overrides or [])
+    hw = {"num_devices": num_devices, "device_memory_gb": device_memory_gb}
+    try:
+        if _is_train_config(data):
+            cfg = _from_train_dict(data, {k: v for k, v in hw.items() if v is not None}, base)
+        else:
+            cfg = _from_view_dict({**data, **{k: v for k, v in hw.items() if v is not None}}, base)
+    except (ShardingConfigError, EstimateConfigError):
+        raise
+    except ConfigError as e:
+        raise EstimateConfigError(str(e)) from None
     validate(cfg)
     return cfg
 
 
-def _build(cls, data: Any, where: str):
-    """cls(**data) with unknown / missing keys and wrong value types reported by name."""
-    if not isinstance(data, dict):
-        raise EstimateConfigError(f"{where or 'the config'} must be a mapping; got {type(data).__name__} {data!r}")
-    fields = dataclasses.fields(cls)
-    names = [f.name for f in fields]
-    for k in data:
-        if k not in names:
-            raise EstimateConfigError(f"unknown key {k!r} in {where or 'the config'}; valid keys: {', '.join(names)}")
-    for f in fields:
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and f.name not in data:
-            raise EstimateConfigError(f"missing key {_join(where, f.name)!r}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()})
+def _is_train_config(data: dict) -> bool:
+    from tgpo_jax.train.config import TrainConfig
+
+    view_keys = {f.name for f in dataclasses.fields(EstimateConfig)}
+    return "estimate" in data or bool(set(data) & ({f.name for f in dataclasses.fields(TrainConfig)} - view_keys))
 
 
-def _coerce(tp, v: Any, where: str):
-    """Checks one value against its annotation (bool / int / float / str / dict / dataclass / X | None)."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        if v is None:
-            return None
-        (tp,) = [t for t in typing.get_args(tp) if t is not type(None)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, v, where)
-    ok = {
-        bool: isinstance(v, bool),
-        int: isinstance(v, int) and not isinstance(v, bool),
-        float: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: isinstance(v, str),
-        dict: isinstance(v, dict),
-    }[tp]
-    if not ok:
-        want = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}[tp]
-        raise EstimateConfigError(f"{where} must be {want}; got {type(v).__name__} {v!r}")
-    return float(v) if tp is float else v
+def _from_view_dict(data: dict, base: str) -> EstimateConfig:
+    if isinstance(data.get("teacher"), dict):
+        data["teacher"] = {"trainable": False, **data["teacher"]}
+    cfg = from_dict(EstimateConfig, data)
+    return dataclasses.replace(
+        cfg,
+        student=_read_hf(cfg.student, "student", base),
+        teacher=cfg.teacher and _read_hf(cfg.teacher, "teacher", base),
+    )
 
 
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+def _from_train_dict(data: dict, flags: dict, base: str) -> EstimateConfig:
+    """A train config's dict (its `estimate:` section split off and overridden by the flags)."""
+    from tgpo_jax.train.config import load_train_config
+
+    data = dict(data)
+    section = {**(data.pop("estimate", None) or {}), **flags}
+    hw = from_dict(TargetHardware, section, "estimate")
+    if hw.num_devices is None:
+        raise EstimateConfigError("estimate.num_devices: the target's device count is required (or --num-devices)")
+    train = load_train_config(data)
+    m = train.models
+    student = _read_hf(ModelEntry(hf_config=hw.student_hf_config or m.student), "models.student", base).hf
+    teacher = None
+    if m.teacher or hw.teacher_hf_config:
+        teacher = _read_hf(ModelEntry(hf_config=hw.teacher_hf_config or m.teacher), "models.teacher", base).hf
+    return from_train_config(train, hw, student, teacher)
+
+
+def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: dict | None = None) -> EstimateConfig:
+    """The estimator's view of TrainConfig `train` on `hw`, with each model's config.json fields.
+    The train step keeps params, gradients and AdamW moments in the student's param_dtype (no
+    separate master copy); the teacher is frozen; a prompt takes data.max_prompt_len tokens."""
+    from tgpo_jax.data.config import DataConfig
+
+    m, shard = train.models, train.sharding
+    student = ModelEntry(hf=student_hf, param_dtype=m.param_dtype, dtype=m.dtype, rules=shard.student_rules)
+    teacher = teacher_hf and ModelEntry(
+        hf=teacher_hf,
+        param_dtype=m.teacher_param_dtype or m.param_dtype,
+        dtype=m.teacher_dtype or m.dtype,
+        rules=shard.teacher_rules,
+        trainable=False,
+    )
+    batch = BatchConfig(
+        rollout_batch=train.rollout_batch,
+        micro_batch=train.train.micro_batch,
+        prompt_len=int(train.data.get("max_prompt_len", DataConfig.max_prompt_len)),
+        response_len=train.rollout.max_new_tokens,
+        logits_chunk=train.train.logprob_chunk,
+    )
+    return EstimateConfig(
+        mesh=shard.mesh,
+        num_devices=hw.num_devices,
+        student=student,
+        teacher=teacher,
+        device_memory_gb=hw.device_memory_gb,
+        batch=batch,
+        optimizer=OptimizerMemory(state_dtype=m.param_dtype, master_dtype=None, grad_dtype=m.param_dtype),
+        remat=hw.remat or ("attn_out" if m.remat_policy == "attn_out" else "full"),
+        attention=hw.attention or ("flash" if m.attn_impl == "cudnn" else "materialized"),
+    )
 
 
 def _read_hf(entry: ModelEntry, role: str, base: str) -> ModelEntry:
-    """Fills `entry.hf` from `hf_config` (a config.json or a directory holding one)."""
+    """Fills `entry.hf` from `hf_config` (a config.json or a directory holding one; a bundled
+    `configs/hf_configs/...` path is found in the package)."""
     if (entry.hf is None) == (entry.hf_config is None):
         raise EstimateConfigError(
             f"{role}: give exactly one of hf_config (a path to config.json) or hf (its fields inline)"
@@ -192,15 +251,16 @@ def _read_hf(entry: ModelEntry, role: str, base: str) -> ModelEntry:
     path = entry.hf_config
     if not os.path.isabs(path) and os.path.exists(os.path.join(base, path)):
         path = os.path.join(base, path)
+    path = resolve_config(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{role}.hf_config: no such file: {entry.hf_config}")
+        raise FileNotFoundError(f"{role}: no config.json at {entry.hf_config}")
     try:
         with open(path) as f:
             return dataclasses.replace(entry, hf=json.load(f))
     except json.JSONDecodeError as e:
-        raise EstimateConfigError(f"{role}.hf_config {path} is not valid JSON: {e}") from None
+        raise EstimateConfigError(f"{role}: {path} is not valid JSON: {e}") from None
 
 
 # -------------------------------------------------------------------------------------- validation
@@ -217,7 +277,7 @@ def validate(cfg: EstimateConfig) -> tuple[dict[str, int], list[_Model]]:
     """Every config error, before any arithmetic: values, mesh vs num_devices, rules' axis names,
     parameter divisibility. Returns the resolved mesh sizes and the prepared models."""
     _check_values(cfg)
-    mesh = MeshConfig.from_dict(cfg.mesh)
+    mesh = cfg.mesh
     sizes = dict(zip(mesh.names, mesh.resolve(cfg.num_devices)))
     models = [_prepare("student", cfg.student, sizes)]
     if cfg.teacher is not None:
@@ -264,12 +324,8 @@ def _prepare(role: str, entry: ModelEntry, sizes: dict[str, int]) -> _Model:
     return _Model(role, entry, mcfg, rules, shards)
 
 
-def _rules(overrides: dict | None, sizes: dict[str, int]) -> ShardingRules:
-    """ShardingRules.from_dict plus the mesh-axis check of ShardingRules.validate, without a Mesh."""
-    for k, v in (overrides or {}).items():
-        if not (v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(a, str) for a in v))):
-            raise EstimateConfigError(f"rules.{k} must be null, a mesh axis name or a list of them; got {v!r}")
-    rules = ShardingRules.from_dict(overrides)
+def _rules(rules: ShardingRules, sizes: dict[str, int]) -> ShardingRules:
+    """The mesh-axis check of ShardingRules.validate, with mesh sizes instead of a Mesh."""
     for logical, axes in rules.table:
         for a in (axes,) if isinstance(axes, str) else tuple(axes or ()):
             if a not in sizes:
@@ -342,7 +398,7 @@ def _act_dims(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> dict[str, i
 
 
 def moe_working_set(c: ModelConfig, d: Mapping[str, int], a: int) -> int:
-    """A sparse layer's MLP intermediates (models/moe.py, the grouped-matmul path), with
+    """A sparse layer's MLP intermediates (models/moe.py, the sorted-rows paths: ragged / blocks), with
     N = B*T local tokens, k experts per token, A = N*k assignments, X experts, M expert width:
       W_moe = N*X*4 + A*8 + A*(2E + 3M)*a: fp32 router probs [N, X]; the routing weight and id of
       each assignment (8 bytes); in the compute dtype a, the expert-sorted token copy and its
@@ -473,7 +529,7 @@ class Estimate:
 
     def verdict(self) -> str:
         if self.capacity_bytes is None:
-            return "no device memory given (device_memory_gb / --device-memory-gb): no verdict"
+            return "no device memory given (estimate.device_memory_gb / --device-memory-gb): no verdict"
         if self.fits:
             return f"fits: needs {gib(self.peak_bytes)} GiB of {gib(self.capacity_bytes)} GiB per device"
         top = ", ".join(f"{k} {gib(v)} GiB" for k, v in self.biggest())
