@@ -236,6 +236,7 @@ def test_blocked_mask_is_not_hoisted_out_of_the_layer_loop(monkeypatch):
 
     from tgpo_jax.bench import train_step_workload as tb
     from tgpo_jax.models import blocked_attention as BA
+    from tgpo_jax.objectives.batch import Batch
     from tgpo_jax.objectives.registry import ObjectiveConfig
     from tgpo_jax.train.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
 
@@ -252,7 +253,7 @@ def test_blocked_mask_is_not_hoisted_out_of_the_layer_loop(monkeypatch):
     )  # "auto" would take the fused CPU kernel
     cfg = tb.model_config(s)
     assert L.auto_query_block(cfg.attn_query_block, s.seq_len) == 32  # the blocked kernel is in use
-    mb = {k: jnp.asarray(v) for k, v in tb.make_minibatch(s, cfg.vocab_size).items()}
+    mb = Batch.from_arrays({k: jnp.asarray(v) for k, v in tb.make_minibatch(s, cfg.vocab_size).items()})
     opt = make_optimizer(OptimizerConfig())
     B, K, G = s.micro_batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
     # a top-level (unfused) fusion producing a [B, K, G, t, s] pred, or a broadcast f32 of that shape
@@ -266,7 +267,7 @@ def test_blocked_mask_is_not_hoisted_out_of_the_layer_loop(monkeypatch):
         step = make_train_step(
             gd, opt, obj_cfg=ObjectiveConfig(name="tgpo_reg"), micro_batch=s.micro_batch, chunk=s.chunk
         )
-        return hoisted.findall(step.lower(state, mb, jax.random.key(0), 1).compile().as_text())
+        return hoisted.findall(step.lower(state, mb, 1).compile().as_text())
 
     assert score_sized_constants() == []
 

@@ -280,6 +280,7 @@ def test_router_matches_hand_softmax_topk():
 # ------------------------------------------------------------------------------ scoring, estimate, errors
 def test_teacher_scoring_with_moe_teacher(ckpt):
     from tgpo_jax.models.tiny import tiny_config
+    from tgpo_jax.objectives.batch import Batch
     from tgpo_jax.objectives.registry import ObjectiveConfig
     from tgpo_jax.train.score import score
 
@@ -288,26 +289,28 @@ def test_teacher_scoring_with_moe_teacher(ckpt):
     student = Decoder(tiny_config("qwen3", vocab_size=VOCAB), nnx.Rngs(0))
     prompt, pmask = left_padded_batch(VOCAB, lengths=(3, 5, 2, 4), seed=3)
     resp = np.random.default_rng(4).integers(0, VOCAB, (4, 6)).astype(np.int32)
-    batch = dict(
-        prompt=jnp.asarray(prompt),
-        prompt_mask=jnp.asarray(pmask),
-        tokens=jnp.asarray(resp),
-        mask=jnp.ones((4, 6), jnp.int32),
+    batch = Batch(
+        prompt_BP=jnp.asarray(prompt),
+        prompt_mask_BP=jnp.asarray(pmask),
+        tokens_BT=jnp.asarray(resp),
+        mask_BT=jnp.ones((4, 6), jnp.int32),
     )
     sg, ss = nnx.split(student)
     tg, ts = nnx.split(teacher)
-    out, _ = score(
-        sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=ObjectiveConfig(name="tgpo_fwd_topk", fwd_topk=5), chunk=3
-    )
+
+    def scored(name, **kw):  # each objective gets only the teacher fields it reads
+        return score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=ObjectiveConfig(name=name, **kw), chunk=3)[0]
+
+    out = scored("tgpo_fwd_topk", fwd_topk=5)
     toks, m = np.concatenate([prompt, resp], 1), np.concatenate([pmask, np.ones((4, 6), np.int32)], 1)
     z = _logits(teacher, toks, m)[:, prompt.shape[1] - 1 : -1]
     lp = z - z.max(-1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
     np.testing.assert_allclose(
-        np.asarray(out["teacher_logp"]), np.take_along_axis(lp, resp[..., None], -1)[..., 0], atol=1e-4
+        np.asarray(scored("kdrl").teacher_logp_BT), np.take_along_axis(lp, resp[..., None], -1)[..., 0], atol=1e-4
     )
-    assert np.array_equal(np.asarray(out["teacher_ids"]), z.argmax(-1))
-    np.testing.assert_allclose(np.asarray(out["teacher_topk_logp"]), -np.sort(-lp, -1)[..., :5], atol=1e-4)
+    assert np.array_equal(np.asarray(scored("tgpo_reg").teacher_ids_BT), z.argmax(-1))
+    np.testing.assert_allclose(np.asarray(out.teacher_topk_logp_BTK), -np.sort(-lp, -1)[..., :5], atol=1e-4)
 
 
 def test_qwen3_30b_a3b_config_and_estimate():

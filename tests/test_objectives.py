@@ -18,8 +18,9 @@ import pytest
 from tgpo_jax.models.layers import MASK_VALUE
 from tgpo_jax.objectives import losses as L
 from tgpo_jax.objectives.advantages import grpo_advantages, teacher_coef
+from tgpo_jax.objectives.batch import SCORED_FIELDS, Batch
 from tgpo_jax.objectives.logprobs import StudentStats, student_stats
-from tgpo_jax.objectives.registry import OBJECTIVES, ObjectiveConfig
+from tgpo_jax.objectives.registry import OBJECTIVES, ObjectiveConfig, get_objective
 
 FD_EPS = 1e-6
 FD_RTOL = 1e-6
@@ -73,8 +74,8 @@ def stats_from_logits(z_BTV, y_BT, ids_BTK):
 
 
 def make_batch(rng, B=2, T=3, V=6, K=3, adv_B=None, float_dtype=np.float32):
-    """A full batch dict with every key of registry.py's docstring, probabilities consistent with
-    the given random 'old student' / 'teacher' logit tables."""
+    """A Batch with every optional field set (batch.py), probabilities consistent with the given
+    random 'old student' / 'teacher' logit tables."""
     z_old = rng.normal(size=(B, T, V))
     z_t = rng.normal(size=(B, T, V)) * 2
     lp_old, lp_t = np_log_softmax(z_old), np_log_softmax(z_t)
@@ -88,19 +89,22 @@ def make_batch(rng, B=2, T=3, V=6, K=3, adv_B=None, float_dtype=np.float32):
     s_topk = np.argsort(-lp_old, -1)[..., :K]
     g = lambda a, i: np.take_along_axis(a, i, -1)  # noqa: E731
     f = lambda a: jnp.asarray(a, float_dtype)  # noqa: E731
-    batch = dict(
-        mask=f(mask),
+    batch = Batch(
+        prompt_BP=jnp.ones((B, 1), jnp.int32),  # the terms never read the prompt
+        prompt_mask_BP=jnp.ones((B, 1), jnp.int32),
+        tokens_BT=jnp.asarray(y, jnp.int32),
+        mask_BT=f(mask),
         adv_B=f(np.array([1.0, -0.5]) if adv_B is None else adv_B),
-        old_logp=f(g(lp_old, y[..., None])[..., 0]),
-        teacher_ids=jnp.asarray(t_ids, jnp.int32),
-        teacher_valid=f(valid),
-        teacher_logp=f(g(lp_t, y[..., None])[..., 0]),
-        old_p_teacher=f(np.exp(g(lp_old, t_ids[..., None])[..., 0]) * valid),
-        teacher_topk_ids=jnp.asarray(t_topk, jnp.int32),
-        teacher_topk_logp=f(g(lp_t, t_topk)),
-        student_topk_ids=jnp.asarray(s_topk, jnp.int32),
-        old_topk_logp=f(g(lp_old, s_topk)),
-        teacher_at_student_topk=f(g(lp_t, s_topk)),
+        old_logp_BT=f(g(lp_old, y[..., None])[..., 0]),
+        teacher_ids_BT=jnp.asarray(t_ids, jnp.int32),
+        teacher_valid_BT=f(valid),
+        teacher_logp_BT=f(g(lp_t, y[..., None])[..., 0]),
+        old_p_teacher_BT=f(np.exp(g(lp_old, t_ids[..., None])[..., 0]) * valid),
+        teacher_topk_ids_BTK=jnp.asarray(t_topk, jnp.int32),
+        teacher_topk_logp_BTK=f(g(lp_t, t_topk)),
+        student_topk_ids_BTK=jnp.asarray(s_topk, jnp.int32),
+        old_topk_logp_BTK=f(g(lp_old, s_topk)),
+        teacher_at_student_topk_BTK=f(g(lp_t, s_topk)),
         offpolicy_B=jnp.asarray([True, False]),
     )
     return batch, z_old, y
@@ -299,11 +303,9 @@ def test_step_denominators():
     from tgpo_jax.train.step import _denominators
 
     mask = jnp.array([[[1, 1, 0], [1, 0, 0]], [[1, 1, 1], [1, 1, 0]]])  # [M=2, b=2, T=3]: 3 and 5 tokens
-    np.testing.assert_allclose(_denominators({"mask": mask}, ObjectiveConfig(name="grpo")), [8.0, 8.0])
-    np.testing.assert_allclose(
-        _denominators({"mask": mask}, ObjectiveConfig(name="grpo", loss_agg="microbatch_sum")), [3.0, 5.0]
-    )
-    np.testing.assert_allclose(_denominators({"mask": mask}, ObjectiveConfig(name="luffy")), [12.0, 12.0])
+    np.testing.assert_allclose(_denominators(mask, ObjectiveConfig(name="grpo")), [8.0, 8.0])
+    np.testing.assert_allclose(_denominators(mask, ObjectiveConfig(name="grpo", loss_agg="microbatch_sum")), [3.0, 5.0])
+    np.testing.assert_allclose(_denominators(mask, ObjectiveConfig(name="luffy")), [12.0, 12.0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -459,12 +461,15 @@ def test_tgpo_reg_raises_logp_of_teacher_argmax_where_advantage_is_zero(x64):
     teacher = np.array(jnp.argmin(z0, -1))  # the student's least likely token: far from its own choice
     teacher[0, 0] = int(jnp.argmax(z0[0, 0]))  # ... and once its own argmax
     mask = jnp.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    batch = dict(
-        mask=mask,
+    batch = Batch(
+        prompt_BP=jnp.ones((B, 1), jnp.int32),
+        prompt_mask_BP=jnp.ones((B, 1), jnp.int32),
+        tokens_BT=y,
+        mask_BT=mask,
         adv_B=jnp.zeros((B,)),
-        teacher_ids=jnp.asarray(teacher, jnp.int32),
-        teacher_valid=jnp.ones((B, T)),
-        old_logp=jnp.take_along_axis(jax.nn.log_softmax(z0, -1), y[..., None], -1)[..., 0],
+        teacher_ids_BT=jnp.asarray(teacher, jnp.int32),
+        teacher_valid_BT=jnp.ones((B, T)),
+        old_logp_BT=jnp.take_along_axis(jax.nn.log_softmax(z0, -1), y[..., None], -1)[..., 0],
     )
     ids = obj.extra_ids(batch, cfg)
     assert ids.shape == (B, T, 1)
@@ -507,9 +512,9 @@ def test_tgpo_adv_adds_lambda_times_probability(x64):
     cur = stats_from_logits(jnp.asarray(z_old), jnp.asarray(y), obj.extra_ids(batch, cfg))
     lam = 0.02
     a_new = -np.asarray(obj.terms(cur, batch, cfg, lam)["pg"])
-    a_out = np.asarray(batch["adv_B"])[:, None] * np.asarray(batch["mask"])
-    p_old = np.exp(np.take_along_axis(np_log_softmax(z_old), np.asarray(batch["teacher_ids"])[..., None], -1)[..., 0])
-    np.testing.assert_allclose(a_new - a_out, lam * p_old * np.asarray(batch["teacher_valid"]), rtol=1e-10, atol=1e-14)
+    a_out = np.asarray(batch.adv_B)[:, None] * np.asarray(batch.mask_BT)
+    p_old = np.exp(np.take_along_axis(np_log_softmax(z_old), np.asarray(batch.teacher_ids_BT)[..., None], -1)[..., 0])
+    np.testing.assert_allclose(a_new - a_out, lam * p_old * np.asarray(batch.teacher_valid_BT), rtol=1e-10, atol=1e-14)
     assert set(obj.terms(cur, batch, cfg, lam)) == {"pg", "entropy"}  # no CE term
 
 
@@ -525,7 +530,7 @@ def test_rkl_family_ignores_outcome_reward(name):
     z_cur = z_old + 0.1 * rng.normal(size=z_old.shape)  # ratio != 1
     cur = _stats_for(name, batch, z_cur, y, cfg)
     a = OBJECTIVES[name].terms(cur, batch, cfg, 0.002)
-    b = OBJECTIVES[name].terms(cur, dict(batch, adv_B=jnp.array([-3.0, 7.0])), cfg, 0.002)
+    b = OBJECTIVES[name].terms(cur, batch.replace(adv_B=jnp.array([-3.0, 7.0])), cfg, 0.002)
     assert set(a) == set(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
@@ -539,25 +544,25 @@ def test_outcome_objectives_depend_on_reward(name):
     z_cur = z_old + 0.1 * rng.normal(size=z_old.shape)
     cur = _stats_for(name, batch, z_cur, y, cfg)
     a = OBJECTIVES[name].terms(cur, batch, cfg, 0.002)["pg"]
-    b = OBJECTIVES[name].terms(cur, dict(batch, adv_B=jnp.array([-3.0, 7.0])), cfg, 0.002)["pg"]
-    m = np.asarray(batch["mask"]) > 0
+    b = OBJECTIVES[name].terms(cur, batch.replace(adv_B=jnp.array([-3.0, 7.0])), cfg, 0.002)["pg"]
+    m = np.asarray(batch.mask_BT) > 0
     assert np.all(np.asarray(a)[m] != np.asarray(b)[m])
 
 
 def _expected_advantage(name, batch, lam):
     """Per-token advantage of each PG objective, restated from the spec in numpy."""
-    mask = np.asarray(batch["mask"], np.float64)
-    out = np.asarray(batch["adv_B"], np.float64)[:, None] * mask
+    mask = np.asarray(batch.mask_BT, np.float64)
+    out = np.asarray(batch.adv_B, np.float64)[:, None] * mask
     if name in ("grpo", "tgpo_reg", "tgpo_mc", "tgpo_fwd_topk", "kdrl"):
         return out
     if name == "tgpo_adv":
-        return out + lam * np.asarray(batch["old_p_teacher"]) * np.asarray(batch["teacher_valid"])
-    R_y = np.asarray(batch["teacher_logp"], np.float64) - np.asarray(batch["old_logp"], np.float64)
+        return out + lam * np.asarray(batch.old_p_teacher_BT) * np.asarray(batch.teacher_valid_BT)
+    R_y = np.asarray(batch.teacher_logp_BT, np.float64) - np.asarray(batch.old_logp_BT, np.float64)
     if name == "rkl":
         return R_y * mask
     if name == "rkl_centered":
-        lo = np.asarray(batch["old_topk_logp"], np.float64)
-        base = np.sum(np.exp(lo) * (np.asarray(batch["teacher_at_student_topk"], np.float64) - lo), -1)
+        lo = np.asarray(batch.old_topk_logp_BTK, np.float64)
+        base = np.sum(np.exp(lo) * (np.asarray(batch.teacher_at_student_topk_BTK, np.float64) - lo), -1)
         return (R_y - base) * mask
     raise AssertionError(name)
 
@@ -589,49 +594,49 @@ def test_registry_teacher_terms():
 
     cfg = ObjectiveConfig(name="tgpo_reg")
     t = OBJECTIVES["tgpo_reg"].terms(_stats_for("tgpo_reg", batch, z_cur, y, cfg), batch, cfg, lam)
-    lp_teacher = np.take_along_axis(lp, np.asarray(batch["teacher_ids"])[..., None], -1)[..., 0]
-    np.testing.assert_allclose(t["ce_teacher"], -lam * lp_teacher * np.asarray(batch["teacher_valid"]), rtol=1e-5)
+    lp_teacher = np.take_along_axis(lp, np.asarray(batch.teacher_ids_BT)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(t["ce_teacher"], -lam * lp_teacher * np.asarray(batch.teacher_valid_BT), rtol=1e-5)
     assert set(t) == {"pg", "entropy", "ce_teacher"}
 
     cfg = ObjectiveConfig(name="kdrl")
     t = OBJECTIVES["kdrl"].terms(_stats_for("kdrl", batch, z_cur, y, cfg), batch, cfg, lam)
     np.testing.assert_allclose(
-        t["kdrl"], 0.002 * 0.5 * (np.asarray(batch["teacher_logp"]) - lp_y) ** 2, rtol=1e-4, atol=1e-9
+        t["kdrl"], 0.002 * 0.5 * (np.asarray(batch.teacher_logp_BT) - lp_y) ** 2, rtol=1e-4, atol=1e-9
     )
 
     for kind in ("k1", "k2", "k3"):
         name = f"rkl_reg_{kind}"
         cfg = ObjectiveConfig(name=name)
         t = OBJECTIVES[name].terms(_stats_for(name, batch, z_cur, y, cfg), batch, cfg, lam)
-        logr = lp_y - np.asarray(batch["teacher_logp"])
+        logr = lp_y - np.asarray(batch.teacher_logp_BT)
         want = {"k1": logr * lp_y, "k2": 0.5 * logr**2, "k3": np.exp(-logr) - 1 + logr}[kind]
         np.testing.assert_allclose(t["rkl"], want, rtol=1e-4, atol=1e-6)
         assert set(t) == {"rkl", "entropy"}
 
     cfg = ObjectiveConfig(name="rkl_reg_dist")
     t = OBJECTIVES["rkl_reg_dist"].terms(_stats_for("rkl_reg_dist", batch, z_cur, y, cfg), batch, cfg, lam)
-    s = np.take_along_axis(lp, np.asarray(batch["student_topk_ids"]), -1)
+    s = np.take_along_axis(lp, np.asarray(batch.student_topk_ids_BTK), -1)
     q = np.exp(s) / np.exp(s).sum(-1, keepdims=True)
-    pt = np.exp(np.asarray(batch["teacher_at_student_topk"], np.float64))
+    pt = np.exp(np.asarray(batch.teacher_at_student_topk_BTK, np.float64))
     pt = pt / pt.sum(-1, keepdims=True)
     np.testing.assert_allclose(t["rkl"], np.sum(q * (np.log(q) - np.log(pt)), -1), rtol=1e-4, atol=1e-6)
 
     for renorm in (True, False):
         cfg = ObjectiveConfig(name="tgpo_fwd_topk", fwd_topk_student_renorm=renorm)
         t = OBJECTIVES["tgpo_fwd_topk"].terms(_stats_for("tgpo_fwd_topk", batch, z_cur, y, cfg), batch, cfg, lam)
-        s = np.take_along_axis(lp, np.asarray(batch["teacher_topk_ids"]), -1)
+        s = np.take_along_axis(lp, np.asarray(batch.teacher_topk_ids_BTK), -1)
         if renorm:
             s = s - np.log(np.exp(s).sum(-1, keepdims=True))
-        ptl = np.asarray(batch["teacher_topk_logp"], np.float64)
+        ptl = np.asarray(batch.teacher_topk_logp_BTK, np.float64)
         ptl = ptl - np.log(np.exp(ptl).sum(-1, keepdims=True))
         np.testing.assert_allclose(t["fkl_teacher"], lam * np.sum(np.exp(ptl) * (ptl - s), -1), rtol=1e-4, atol=1e-8)
 
     cfg = ObjectiveConfig(name="luffy")
     t = OBJECTIVES["luffy"].terms(_stats_for("luffy", batch, z_cur, y, cfg), batch, cfg, lam)
-    A = np.asarray(batch["adv_B"])[:, None] * np.asarray(batch["mask"])
+    A = np.asarray(batch.adv_B)[:, None] * np.asarray(batch.mask_BT)
     p = np.exp(lp_y)
-    ratio = np.exp(lp_y - np.asarray(batch["old_logp"]))
-    want = np.where(np.asarray(batch["offpolicy_B"])[:, None], -A * p / (p + 0.1), -A * ratio)
+    ratio = np.exp(lp_y - np.asarray(batch.old_logp_BT))
+    want = np.where(np.asarray(batch.offpolicy_B)[:, None], -A * p / (p + 0.1), -A * ratio)
     np.testing.assert_allclose(t["pg"], want, rtol=1e-4, atol=1e-7)
 
 
@@ -765,3 +770,36 @@ def test_objective_config_bad_loss_agg():
     with pytest.raises(ValueError, match="token_mean, microbatch_sum"):
         ObjectiveConfig(loss_agg="seq_mean")
     ObjectiveConfig(loss_agg="microbatch_sum")
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_terms_read_only_the_fields_the_objective_asks_the_score_step_for(name):
+    """Every optional Batch field outside `Objective.scored` (and offpolicy_B outside LUFFY) set to
+    None, as the score step and the iteration leave them: the terms are unchanged."""
+    obj = OBJECTIVES[name]
+    batch, z_old, y = make_batch(np.random.default_rng(9))
+    keep = obj.scored | ({"offpolicy_B"} if obj.offpolicy_rows else set())
+    slim = batch.replace(**{f: None for f in (*SCORED_FIELDS, "offpolicy_B") if f not in keep})
+    cfg = ObjectiveConfig(name=name, fwd_topk=3, rkl_centered_topk=3, rkl_dist_topk=3)
+    cur = stats_from_logits(jnp.asarray(z_old, jnp.float32), jnp.asarray(y), obj.extra_ids(slim, cfg))
+    want, got = obj.terms(cur, batch, cfg, 0.002), obj.terms(cur, slim, cfg, 0.002)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+
+
+def test_objective_traits():
+    assert get_objective("tgpo_reg").has_lambda and not get_objective("grpo").has_lambda
+    assert [n for n, o in OBJECTIVES.items() if not o.needs_teacher] == ["grpo", "luffy"]
+    assert [n for n, o in OBJECTIVES.items() if o.offpolicy_rows] == ["luffy"]
+    assert {n for n, o in OBJECTIVES.items() if not o.group_advantages} == {
+        "rkl",
+        "rkl_centered",
+        "rkl_reg_k1",
+        "rkl_reg_k2",
+        "rkl_reg_k3",
+        "rkl_reg_dist",
+    }
+    assert ObjectiveConfig(name="grpo").schedule() == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="unknown objective 'nope'; accepted: tgpo_reg"):
+        get_objective("nope")

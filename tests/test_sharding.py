@@ -196,6 +196,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tgpo_jax.models import left_pad_positions
 from tgpo_jax.models.hf_import import model_from_flat
 from tgpo_jax.models.tiny import tiny_config
+from tgpo_jax.objectives.batch import Batch
 from tgpo_jax.objectives.registry import ObjectiveConfig
 from tgpo_jax.sharding import MeshConfig, ShardingRules, abstract_sharded_params, build_mesh
 from tgpo_jax.sharding.rules import ActivationSharding
@@ -229,18 +230,17 @@ for name, md in MESHES.items():
     for role, m in (("student", student), ("teacher", teacher)):
         mark(f"{name} forward {role}")
         hlo[f"{name} {role}"] = fwd.lower(m, sds((B, PL + TL), jnp.int32)).compile().as_text()
-    batch = dict(prompt=sds((B, PL), jnp.int32), prompt_mask=sds((B, PL), jnp.int32),
-                 tokens=sds((B, TL), jnp.int32), mask=sds((B, TL), jnp.int32))
+    batch = Batch(prompt_BP=sds((B, PL), jnp.int32), prompt_mask_BP=sds((B, PL), jnp.int32),
+                  tokens_BT=sds((B, TL), jnp.int32), mask_BT=sds((B, TL), jnp.int32))
     obj = ObjectiveConfig(name="tgpo_reg", lambda_0=0.5)
     (sg, ss), (tg, ts) = nnx.split(student), nnx.split(teacher)
     scored, _ = jax.eval_shape(lambda *a: score(*a, obj_cfg=obj, chunk=8), sg, ss, tg, ts, batch, jax.random.key(0))
-    mb = dict(batch, **{k: sds(v.shape, v.dtype) for k, v in scored.items()},
-              adv_B=sds((B,), jnp.float32), offpolicy_B=sds((B,), jnp.bool_))
+    mb = jax.tree.map(lambda v: sds(v.shape, v.dtype), scored).replace(adv_B=sds((B,), jnp.float32))
     opt = make_optimizer(OptimizerConfig())
     graphdef, state = init_train_state(student, opt)
     mark(f"{name} train_step")
     make_train_step(graphdef, opt, obj_cfg=obj, micro_batch=4, chunk=8, state=state).lower(
-        state, mb, jax.random.key(0), 1).compile()
+        state, mb, 1).compile()
 mark("control")
 mesh = build_mesh(MeshConfig.from_dict({"data": 2, "fsdp": 2, "tensor": 2}))
 wsc = lambda x, *s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*s)))

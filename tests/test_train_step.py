@@ -9,6 +9,7 @@ from flax import nnx
 from tgpo_jax.models import Decoder, left_pad_positions
 from tgpo_jax.models.tiny import tiny_config
 from tgpo_jax.objectives.advantages import grpo_advantages
+from tgpo_jax.objectives.batch import SCORED_FIELDS, Batch
 from tgpo_jax.objectives.logprobs import student_stats
 from tgpo_jax.objectives.registry import ObjectiveConfig
 from tgpo_jax.rollout.sampler import Sampler
@@ -85,20 +86,20 @@ def rollout():
     # first 16 - (i % 5) * 3 tokens.
     keep = 16 - (np.arange(16) % 5) * 3
     mask = (np.arange(16)[None] < keep[:, None]).astype(np.int32) * r.mask_BT
-    batch = dict(
-        prompt=jnp.asarray(r.prompt_tokens_BP),
-        prompt_mask=jnp.asarray(r.prompt_mask_BP),
-        tokens=jnp.asarray(r.tokens_BT * mask),
-        mask=jnp.asarray(mask),
+    batch = Batch(
+        prompt_BP=jnp.asarray(r.prompt_tokens_BP),
+        prompt_mask_BP=jnp.asarray(r.prompt_mask_BP),
+        tokens_BT=jnp.asarray(r.tokens_BT * mask),
+        mask_BT=jnp.asarray(mask),
     )
     rewards = (r.tokens_BT[:, 0] % 3 == 0).astype(np.float32)
     return student, teacher, batch, jnp.asarray(grpo_advantages(rewards, 4))
 
 
 def _full_logits(model, batch):
-    toks = jnp.concatenate([batch["prompt"], batch["tokens"]], 1)
-    mask = jnp.concatenate([batch["prompt_mask"], batch["mask"]], 1)
-    P, T = batch["prompt"].shape[1], batch["tokens"].shape[1]
+    toks = jnp.concatenate([batch.prompt_BP, batch.tokens_BT], 1)
+    mask = jnp.concatenate([batch.prompt_mask_BP, batch.mask_BT], 1)
+    P, T = batch.prompt_BP.shape[1], batch.tokens_BT.shape[1]
     return np.asarray(model(toks, left_pad_positions(mask), mask)[0][:, P - 1 : P + T - 1])
 
 
@@ -106,10 +107,19 @@ def test_score_step_matches_full_forward(rollout):
     student, teacher, batch, _ = rollout
     sg, ss = nnx.split(student)
     tg, ts = nnx.split(teacher)
-    cfg = ObjectiveConfig(name="tgpo_fwd_topk", fwd_topk=5)
-    out, metrics = score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=cfg, chunk=8)
+
+    def scored(name, **kw):
+        return score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=ObjectiveConfig(name=name, **kw), chunk=8)
+
+    out, metrics = scored("tgpo_fwd_topk", fwd_topk=5)
+    # only what the objective reads is computed (plus old_logp_BT, always)
+    assert {f for f in SCORED_FIELDS if getattr(out, f) is not None} == {
+        "teacher_topk_ids_BTK",
+        "teacher_topk_logp_BTK",
+    }
+    out_kdrl, out_reg = scored("kdrl")[0], scored("tgpo_reg")[0]
     zs, zt = _full_logits(student, batch), _full_logits(teacher, batch)
-    y, m = np.asarray(batch["tokens"]), np.asarray(batch["mask"]).astype(bool)
+    y, m = np.asarray(batch.tokens_BT), np.asarray(batch.mask_BT).astype(bool)
     lps = zs - np.log(np.exp(zs - zs.max(-1, keepdims=True)).sum(-1, keepdims=True)) - zs.max(-1, keepdims=True)
     zt_valid = np.where(np.arange(zt.shape[-1]) < 560, zt, -np.inf)
     lpt = (
@@ -119,24 +129,24 @@ def test_score_step_matches_full_forward(rollout):
     )
     old = np.take_along_axis(lps, y[..., None], -1)[..., 0]
     tlp = np.take_along_axis(lpt, y[..., None], -1)[..., 0]
-    np.testing.assert_allclose(np.asarray(out["old_logp"])[m], old[m], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out["teacher_logp"])[m], tlp[m], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.old_logp_BT)[m], old[m], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out_kdrl.teacher_logp_BT)[m], tlp[m], atol=1e-5)
     argmax = zt_valid.argmax(-1)
     in_vocab = argmax < S_CFG.vocab_size
-    assert (np.asarray(out["teacher_valid"]) == in_vocab).all()
-    assert np.array_equal(np.asarray(out["teacher_ids"])[in_vocab], argmax[in_vocab])
+    assert (np.asarray(out_reg.teacher_valid_BT) == in_vocab).all()
+    assert np.array_equal(np.asarray(out_reg.teacher_ids_BT)[in_vocab], argmax[in_vocab])
     assert float(metrics["teacher/masked_ids"]) == (~in_vocab & m).sum()
     np.testing.assert_allclose(float(metrics["gap/reverse_kl_k1"]), (old - tlp)[m].mean(), atol=1e-5)
     np.testing.assert_allclose(float(metrics["gap/mismatch_ratio"]), (argmax != y)[m].mean(), atol=1e-6)
     # teacher top-5 = the 5 largest teacher log-probs (ids beyond the student vocab dropped)
     top5 = np.sort(lpt, -1)[..., ::-1][..., :5]
-    tk = np.asarray(out["teacher_topk_logp"])
+    tk = np.asarray(out.teacher_topk_logp_BTK)
     kept = tk > -1e30
     np.testing.assert_allclose(tk[kept], top5[kept], atol=1e-5)
     # p_old(teacher id) for TGPO-Adv
-    out2, _ = score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=ObjectiveConfig(name="tgpo_adv"), chunk=8)
-    want = np.exp(np.take_along_axis(lps, np.asarray(out2["teacher_ids"])[..., None], -1)[..., 0]) * in_vocab
-    np.testing.assert_allclose(np.asarray(out2["old_p_teacher"])[m], want[m], atol=1e-6)
+    out2, _ = scored("tgpo_adv")
+    want = np.exp(np.take_along_axis(lps, np.asarray(out_reg.teacher_ids_BT)[..., None], -1)[..., 0]) * in_vocab
+    np.testing.assert_allclose(np.asarray(out2.old_p_teacher_BT)[m], want[m], atol=1e-6)
 
 
 def _minibatch(rollout, name="tgpo_reg", **kw):
@@ -145,7 +155,8 @@ def _minibatch(rollout, name="tgpo_reg", **kw):
     sg, ss = nnx.split(student)
     tg, ts = nnx.split(teacher)
     scored, _ = score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=cfg, chunk=8)
-    return cfg, dict(batch, **scored, adv_B=adv, offpolicy_B=jnp.arange(16) % 4 == 0)
+    off = jnp.arange(16) % 4 == 0 if cfg.objective.offpolicy_rows else None  # as the iteration sets it
+    return cfg, scored.replace(adv_B=adv, offpolicy_B=off)
 
 
 def test_train_step_lowers_the_loss(rollout):
@@ -155,7 +166,7 @@ def test_train_step_lowers_the_loss(rollout):
     step = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=4, chunk=8)
     losses = []
     for _ in range(5):
-        state, met = step(state, mb, jax.random.key(0), 1)
+        state, met = step(state, mb, 1)
         losses.append(float(met["loss/total"]))
     assert losses[-1] < losses[0] - 0.05, losses
     assert int(state.step) == 5
@@ -171,19 +182,19 @@ def test_microbatch_sum_and_token_mean_differ_as_specified(rollout):
         cfg, mb = _minibatch(rollout, loss_agg=agg)
         opt = make_optimizer(OptimizerConfig(lr=0.0, weight_decay=0.0))
         graphdef, state = init_train_state(Decoder(S_CFG, nnx.Rngs(0)), opt)
-        _, met = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=4, chunk=8)(state, mb, jax.random.key(0), 1)
+        _, met = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=4, chunk=8)(state, mb, 1)
         results[agg] = met
     # micro-batch m holds rows m, m + 4, m + 8, m + 12 (strided; see split_micro_batches)
     by_micro = lambda a: np.swapaxes(np.asarray(a).reshape(4, 4, -1), 0, 1)  # noqa: E731
-    mask = by_micro(mb["mask"]).astype(np.float64)
+    mask = by_micro(mb.mask_BT).astype(np.float64)
     ce_tok = results["token_mean"]["loss/ce_teacher"]
     ce_mb = results["microbatch_sum"]["loss/ce_teacher"]
     # Recompute both from per-token values, with no model in the loop: the CE term is
     # lam * -log pi(teacher id), and before any update pi == pi_old, whose probability of the
     # teacher id the tgpo_adv scoring returns.
     cfg, mb = _minibatch(rollout, name="tgpo_adv")
-    p = by_micro(mb["old_p_teacher"])
-    valid = by_micro(mb["teacher_valid"])
+    p = by_micro(mb.old_p_teacher_BT)
+    valid = by_micro(mb.teacher_valid_BT)
     ce_BT = -0.002 * np.log(np.where(valid > 0, p, 1.0)) * valid
     want_tok = (ce_BT * mask).sum() / mask.sum()
     want_mb = sum((ce_BT[i] * mask[i]).sum() / mask[i].sum() for i in range(4))
@@ -211,7 +222,7 @@ def test_sharded_train_step_equals_single_device(rollout, attn_impl):
         graphdef, state = init_train_state(model, opt)
         step = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=4, chunk=8)
         for _ in range(2):
-            state, met = step(state, mb, jax.random.key(0), 1)
+            state, met = step(state, mb, 1)
         results.append((state, met))
     (s1, m1), (s2, m2) = results
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
@@ -237,16 +248,16 @@ def test_data_parallel_step_splits_the_compute(rollout):
     from tgpo_jax.sharding.distributed import put_batch
 
     cfg, mb = _minibatch(rollout)
-    mb = {k: np.concatenate([np.asarray(v)] * 2) for k, v in mb.items()}  # 32 rows: 4 per device
+    mb = jax.tree.map(lambda v: np.concatenate([np.asarray(v)] * 2), mb)  # 32 rows: 4 per device
     opt = make_optimizer(OptimizerConfig(lr=1e-3))
     flops = {}
     for n in (1, 8):
         rules = ShardingRules()
         mesh = build_mesh(MeshConfig.from_dict({"data": n, "fsdp": 1, "tensor": 1}), jax.devices()[:n])
         graphdef, state = init_train_state(init_sharded(S_CFG, mesh, rules, seed=0), opt)
-        batch = {k: put_batch(np.asarray(v), mesh, rules) for k, v in mb.items()}
+        batch = jax.tree.map(lambda v, mesh=mesh: put_batch(v, mesh, rules), mb)
         step = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=8, chunk=8, state=state)
-        compiled = step.lower(state, batch, jax.random.key(0), 1).compile()
+        compiled = step.lower(state, batch, 1).compile()
         flops[n] = _per_device_flops(compiled)
     hlo = compiled.as_text()
     moves = {op: hlo.count(op + "(") for op in ("all-gather", "collective-permute", "all-to-all")}

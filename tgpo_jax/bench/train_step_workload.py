@@ -230,6 +230,7 @@ def prepare_ours(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
     import jax
     import jax.numpy as jnp
 
+    from tgpo_jax.objectives.batch import Batch
     from tgpo_jax.objectives.registry import ObjectiveConfig
     from tgpo_jax.train.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
 
@@ -242,6 +243,7 @@ def prepare_ours(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
     mb = {k: jnp.asarray(v) for k, v in np.load(os.path.join(work, "minibatch.npz")).items()}
     if s.devices > 1:
         state, mb = _data_parallel(state, mb, s.devices)
+    mb = Batch.from_arrays(mb)  # the .npz's names are Batch fields without the shape suffix
     obj = ObjectiveConfig(
         name="tgpo_reg",
         lambda_0=s.lambda_0,
@@ -251,12 +253,11 @@ def prepare_ours(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
         entropy_coef=ENTROPY_COEF,
     )
     step = make_train_step(graphdef, opt, obj_cfg=obj, micro_batch=s.micro_batch, chunk=s.chunk)
-    key = jax.random.key(s.seed)
     it = jnp.asarray(1, jnp.int32)  # lambda_1 = lambda_0 at every timed step
     jax.block_until_ready((state, mb))
     rss_before = rss_now()
     t0 = time.perf_counter()
-    compiled = step.lower(state, mb, key, it).compile()
+    compiled = step.lower(state, mb, it).compile()
     compile_s = time.perf_counter() - t0
     info = dict(
         compile_s=compile_s,
@@ -269,7 +270,7 @@ def prepare_ours(s: Settings, work: str) -> tuple[Callable[[], float], dict]:
     holder = [state]
 
     def one_step() -> float:
-        new_state, met = compiled(holder[0], mb, key, it)
+        new_state, met = compiled(holder[0], mb, it)
         holder[0] = new_state
         jax.block_until_ready((new_state, met))
         return float(met["loss/total"])

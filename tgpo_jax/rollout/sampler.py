@@ -44,7 +44,8 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 
 
 class Sampler:
-    """Samples n responses per prompt from `model` (a Decoder, sharded or not)."""
+    """Samples n responses per prompt from `model` (a Decoder, sharded or not). New weights of the
+    same structure are set by assigning `sampler.state` (an nnx.State): no recompilation."""
 
     def __init__(
         self, model, *, stop_ids: Sequence[int], pad_id: int = 0, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS
@@ -58,10 +59,6 @@ class Sampler:
         self.stats = CompileStats()
         self._compiled: dict = {}
         self._caches: dict = {}
-
-    def update_weights(self, model) -> None:
-        """New parameters (same structure): no recompilation."""
-        self.state = nnx.state(model)
 
     # ------------------------------------------------------------------ host -> device
     def _batch_shards(self) -> int:

@@ -170,15 +170,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     obj = cfg.objective.objective
     if obj.needs_teacher and not cfg.models.teacher:
         p.append(f"objective {cfg.objective.name!r} needs a teacher: set models.teacher")
-    group_adv = cfg.objective.name not in (
-        "rkl",
-        "rkl_centered",
-        "rkl_reg_k1",
-        "rkl_reg_k2",
-        "rkl_reg_k3",
-        "rkl_reg_dist",
-    )
-    if group_adv and cfg.rollout.n < 2:
+    if obj.group_advantages and cfg.rollout.n < 2:
         p.append(
             f"rollout.n={cfg.rollout.n}: objective {cfg.objective.name!r} uses GRPO group advantages, "
             "which need a group size >= 2"
@@ -204,8 +196,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if cfg.train.iterations < 1:
         p.append("train.iterations must be >= 1")
-    if cfg.objective.name == "luffy" and not cfg.data.get("solution_column"):
-        p.append("objective 'luffy' needs off-policy traces: set data.solution_column")
+    if cfg.objective.objective.offpolicy_rows and not cfg.data.get("solution_column"):
+        p.append(f"objective {cfg.objective.name!r} needs off-policy traces: set data.solution_column")
     if len(p) == 1:
         raise ConfigError(f"invalid config: {p[0]}")  # one line: the common case reads as one
     if p:

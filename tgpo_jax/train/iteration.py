@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from tgpo_jax.objectives.advantages import grpo_advantages
+from tgpo_jax.objectives.batch import Batch
 from tgpo_jax.rollout.sampler import Sampler
 from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.train.score import score
@@ -39,24 +40,31 @@ class Models:
     t_graphdef: Any
     t_state: Any
     sampler: Sampler
-    train_step: Any  # jitted (state, minibatch, rng, iteration) -> (state, metrics)
-    put_batch: Any  # host arrays -> device arrays sharded over the batch axes
+    train_step: Any  # jitted (state, minibatch: Batch, iteration) -> (state, metrics)
+    put_batch: Any  # a pytree of host arrays [B, ...] (a Batch, an array) -> device arrays sharded over the batch axes
     decode: Any  # token ids -> text
 
 
-def _replace_offpolicy(rollout_arrays: dict, examples: Sequence[Example], n: int, T: int) -> np.ndarray:
-    """LUFFY: the first sample of each group becomes the teacher-written solution."""
+def _replace_offpolicy(tokens_BT: np.ndarray, mask_BT: np.ndarray, examples: Sequence[Example], n: int) -> np.ndarray:
+    """LUFFY: the first sample of each group becomes the teacher-written solution (truncated to
+    T), in place; returns offpolicy_B, True on the replaced rows."""
     off = np.zeros(len(examples) * n, bool)
     for i, ex in enumerate(examples):
         if ex.solution_ids is None:
             continue
-        row, ids = i * n, ex.solution_ids[:T]
-        rollout_arrays["tokens"][row] = 0
-        rollout_arrays["mask"][row] = 0
-        rollout_arrays["tokens"][row, : len(ids)] = ids
-        rollout_arrays["mask"][row, : len(ids)] = 1
+        row, ids = i * n, ex.solution_ids[: tokens_BT.shape[1]]
+        tokens_BT[row], mask_BT[row] = 0, 0
+        tokens_BT[row, : len(ids)] = ids
+        mask_BT[row, : len(ids)] = 1
         off[row] = True
     return off
+
+
+def _rollout_batch(r, examples: Sequence[Example], n: int, offpolicy_rows: bool) -> tuple[Batch, np.ndarray | None]:
+    """The host-side rollout Batch and, for an objective with off-policy rows, offpolicy_B."""
+    tokens, mask = r.tokens_BT.copy(), r.mask_BT.copy()
+    off = _replace_offpolicy(tokens, mask, examples, n) if offpolicy_rows else None
+    return Batch(r.prompt_tokens_BP, r.prompt_mask_BP, tokens, mask), off
 
 
 def run_iteration(
@@ -71,30 +79,21 @@ def run_iteration(
     reward_fn: RewardFn,
     mini_batches: int,
     chunk: int,
-    luffy: bool = False,
 ):
     """Returns (new train state, metrics dict)."""
     t0 = time.perf_counter()
-    k_sample, k_score, k_train = jax.random.split(jax.random.fold_in(key, iteration), 3)
+    # the third key was the train step's, which draws nothing: still split in 3 so that rollouts
+    # and teacher samples draw the numbers they always have (runs stay comparable across versions)
+    k_sample, k_score, _ = jax.random.split(jax.random.fold_in(key, iteration), 3)
     models.sampler.state = train_state.params
     compiles0, compile_s0 = models.sampler.stats.compiles, models.sampler.stats.compile_s
     r = models.sampler.sample([ex.prompt_ids for ex in examples], sampling, k_sample)
     t_rollout = time.perf_counter() - t0 - (models.sampler.stats.compile_s - compile_s0)
-    arrays = {
-        "prompt": r.prompt_tokens_BP,
-        "prompt_mask": r.prompt_mask_BP,
-        "tokens": r.tokens_BT.copy(),
-        "mask": r.mask_BT.copy(),
-    }
-    off = (
-        _replace_offpolicy(arrays, examples, sampling.n, r.tokens_BT.shape[1])
-        if luffy
-        else np.zeros(len(r.tokens_BT), bool)
-    )
+    host, off = _rollout_batch(r, examples, sampling.n, obj_cfg.objective.offpolicy_rows)
     answers = [ex.answer for ex in examples for _ in range(sampling.n)]
-    texts = [models.decode(t[: m.sum()]) for t, m in zip(arrays["tokens"], arrays["mask"])]
+    texts = [models.decode(t[: m.sum()]) for t, m in zip(host.tokens_BT, host.mask_BT)]
     pending = reward_fn.submit(texts, answers)  # host workers grade while the device scores
-    batch = models.put_batch(arrays)
+    batch = models.put_batch(host)
     scored, gap = score(
         models.s_graphdef,
         train_state.params,
@@ -107,33 +106,33 @@ def run_iteration(
     )
     rewards = np.asarray(pending.result(), np.float32)
     adv = grpo_advantages(rewards, sampling.n) if sampling.n > 1 else np.zeros_like(rewards)
-    full = dict(batch, **scored, adv_B=models.put_batch({"a": adv})["a"], offpolicy_B=models.put_batch({"o": off})["o"])
+    full = scored.replace(adv_B=models.put_batch(adv), offpolicy_B=None if off is None else models.put_batch(off))
     t1 = time.perf_counter()
     B = len(rewards)
     step_metrics = []
     for j in range(mini_batches):
         sl = slice(j * B // mini_batches, (j + 1) * B // mini_batches)
         mb = jax.tree.map(lambda x, sl=sl: x[sl], full)
-        train_state, m = models.train_step(train_state, mb, k_train, iteration)
+        train_state, m = models.train_step(train_state, mb, iteration)
         step_metrics.append(m)
     step_metrics = jax.device_get(step_metrics)
     t_train = time.perf_counter() - t1
-    metrics = _iteration_metrics(step_metrics, jax.device_get(gap), rewards, r, arrays, t_rollout, t_train)
+    metrics = _iteration_metrics(step_metrics, jax.device_get(gap), rewards, r, host, t_rollout, t_train)
     metrics["perf/iteration_s"] = time.perf_counter() - t0
     metrics["perf/compile_s"] = models.sampler.stats.compile_s - compile_s0
     metrics["perf/compiles"] = models.sampler.stats.compiles - compiles0
     return train_state, metrics
 
 
-def _iteration_metrics(step_metrics, gap, rewards, r, arrays, t_rollout, t_train) -> dict[str, float]:
+def _iteration_metrics(step_metrics, gap, rewards, r, host: Batch, t_rollout, t_train) -> dict[str, float]:
     out = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
     for k in ("actor/ratio_max",):
         out[k] = float(np.max([m[k] for m in step_metrics]))
     out["actor/ratio_min"] = float(np.min([m["actor/ratio_min"] for m in step_metrics]))
     out.update({k: float(v) for k, v in gap.items()})
-    lengths = np.asarray(arrays["mask"]).sum(-1)
+    lengths = host.mask_BT.sum(-1)
     n_resp = int(r.mask_BT.sum())
-    n_train = int(np.asarray(arrays["mask"]).sum() + np.asarray(arrays["prompt_mask"]).sum())
+    n_train = int(host.mask_BT.sum() + host.prompt_mask_BP.sum())
     out.update(
         {
             "reward/mean": float(rewards.mean()),

@@ -125,7 +125,6 @@ def _iterate(cfg: TrainConfig, parts: RunParts, ckpt: RunCheckpoints, writer: Me
             reward_fn=parts.reward_fn,
             mini_batches=cfg.train.mini_batches,
             chunk=cfg.train.logprob_chunk,
-            luffy=cfg.objective.name == "luffy",
         )
         _check_finite(metrics, it, last_saved)
         score = None

@@ -25,7 +25,7 @@ from tgpo_jax.rollout.sampler import Sampler
 from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.rollout.text import context_problem, stop_ids_for
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
-from tgpo_jax.sharding.distributed import initialize, put_batch
+from tgpo_jax.sharding.distributed import put_batch
 from tgpo_jax.sharding.rules import ActivationSharding, param_shardings
 from tgpo_jax.train.config import TrainConfig
 from tgpo_jax.train.iteration import Example, Models
@@ -61,13 +61,14 @@ def _teacher_on_student_vocab(teacher, student_cfg: ModelConfig, tokenizer_len: 
     return model_from_flat(cfg, flat, ActivationSharding(mesh, rules))
 
 
-def build_models(cfg: TrainConfig):
-    """(mesh, student, teacher or None, tokenizer)."""
-    initialize(cfg.sharding.distributed)
+def build_models(cfg: TrainConfig, tokenizer=None):
+    """(mesh, student, teacher or None, tokenizer). `tokenizer`: the run's, if already loaded
+    (build_run loads it once for the data); else it is loaded here. jax.distributed must already
+    be initialised for a multi-process run (`train` does it first)."""
     mesh = build_mesh(MeshConfig.from_dict(cfg.sharding.mesh))
     m = cfg.models
     student = _load(m.student, mesh, cfg.sharding.student_rules, m.param_dtype, m.dtype, m.model_overrides())
-    tokenizer = load_tokenizer(m.tokenizer or m.student)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(m.tokenizer or m.student)
     teacher = None
     if cfg.objective.objective.needs_teacher:
         check_tokenizers_agree(tokenizer, load_tokenizer(m.teacher), allow_mismatch=m.allow_tokenizer_mismatch)
@@ -86,16 +87,19 @@ def build_models(cfg: TrainConfig):
 
 
 def batch_putter(mesh, rules: ShardingRules):
-    """Host arrays with a leading batch axis -> global device arrays sharded over the batch axes.
+    """A pytree of host arrays with a leading batch axis (a Batch, a dict, one array) -> the same
+    pytree of global device arrays sharded over the batch axes; None fields (a Batch's absent
+    optional fields) stay None.
 
     Multi-process: every process holds the same whole batch (same seeded data pipeline, same
     rollouts gathered back) and places only its own devices' rows."""
 
-    return lambda arrays: {k: put_batch(v, mesh, rules) for k, v in arrays.items()}
+    return lambda arrays: jax.tree.map(lambda v: put_batch(v, mesh, rules), arrays)
 
 
-def build_model_parts(cfg: TrainConfig):
-    mesh, student, teacher, tokenizer = build_models(cfg)
+def build_model_parts(cfg: TrainConfig, tokenizer=None):
+    """(Models, initial train state, tokenizer); `tokenizer` as in build_models."""
+    mesh, student, teacher, tokenizer = build_models(cfg, tokenizer)
     optimizer = make_optimizer(cfg.optimizer)
     s_graphdef, train_state = init_train_state(student, optimizer)
     t_graphdef, t_state = nnx.split(teacher) if teacher is not None else (None, None)
@@ -249,7 +253,7 @@ def build_run(cfg: TrainConfig) -> RunParts:
     preflight(cfg)
     tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student)
     data = build_data(cfg, tokenizer)
-    models, train_state, tokenizer = build_model_parts(cfg)
+    models, train_state, tokenizer = build_model_parts(cfg, tokenizer)
     reward_fn = RewardFn(cfg.rewards.reward_config())
     evaluate_fn = build_evaluator(cfg, models, tokenizer)
 

@@ -1,8 +1,8 @@
 """The jit-compiled TGPO train step: micro-batch gradient accumulation with `lax.scan`, the
 selected objective, global-norm clipping and optax AdamW. The old state is donated.
 
-A mini-batch is a dict of arrays with a leading batch axis: prompt/prompt_mask [B, P], tokens/mask
-[B, T] (the response), adv_B [B], and the score step's outputs (see objectives/registry.py).
+A mini-batch is an objectives.batch.Batch (rollout, advantages and the score step's outputs;
+fields the objective does not read are None).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import optax
 from flax import nnx, struct
 
 from tgpo_jax.objectives.advantages import teacher_coef
+from tgpo_jax.objectives.batch import Batch
 from tgpo_jax.objectives.logprobs import student_stats
 from tgpo_jax.objectives.losses import aggregate
 from tgpo_jax.objectives.registry import ObjectiveConfig
@@ -89,25 +90,28 @@ def init_train_state(model, optimizer: optax.GradientTransformation) -> tuple[An
     return graphdef, state
 
 
-def _micro_loss(params, graphdef, mb, denom, lam, obj_cfg: ObjectiveConfig, chunk: int):
-    """Loss of one micro-batch (already divided by the aggregation denominator) and its metric sums."""
+def _micro_loss(params, graphdef, mb: Batch, denom, lam, obj_cfg: ObjectiveConfig, chunk: int):
+    """Loss of one micro-batch (already divided by the aggregation denominator) and its metric sums.
+
+    loss = sum over the objective's terms of agg(term_BT, mask_BT) / denom; the PPO ratio
+    r_t = exp(log pi(y_t) - log pi_old(y_t)) is reported (mean, clip fraction, extremes)."""
     obj = obj_cfg.objective
     model = nnx.merge(graphdef, params)
-    h = response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["tokens"], mb["mask"], remat=True)
+    h = response_hidden(model, mb.prompt_BP, mb.prompt_mask_BP, mb.tokens_BT, mb.mask_BT, remat=True)
     cfg = model.cfg
     cur = student_stats(
         h,
         model.lm_head_EV(),
-        mb["tokens"],
+        mb.tokens_BT,
         obj.extra_ids(mb, obj_cfg),
         chunk=chunk,
         valid_vocab=cfg.valid_vocab_size or cfg.vocab_size,
     )
-    mask = mb["mask"].astype(jnp.float32)
+    mask = mb.mask_BT.astype(jnp.float32)
     terms = obj.terms(cur, mb, obj_cfg, lam)
     parts = {f"loss/{k}": aggregate(v, mask, denom) for k, v in terms.items()}
     loss = sum(parts.values())
-    ratio = jnp.exp(cur.logp_BT - mb["old_logp"])
+    ratio = jnp.exp(cur.logp_BT - mb.old_logp_BT)
     lo, hi = 1.0 - obj_cfg.clip_eps_low, 1.0 + obj_cfg.clip_eps_high
     big = jnp.finfo(jnp.float32).max
     stats = dict(
@@ -123,7 +127,7 @@ def _micro_loss(params, graphdef, mb, denom, lam, obj_cfg: ObjectiveConfig, chun
     return loss, stats
 
 
-def split_micro_batches(minibatch: dict, micro_batch: int) -> dict:
+def split_micro_batches(minibatch: Batch, micro_batch: int) -> Batch:
     """[B, ...] -> [M, micro_batch, ...] with M = B / micro_batch; micro-batch m holds rows
     m, m + M, m + 2M, ... (strided, not contiguous).
 
@@ -132,18 +136,18 @@ def split_micro_batches(minibatch: dict, micro_batch: int) -> dict:
     gather the batch to every device and repeat each micro-batch's compute there (measured: 4x the
     ideal per-device FLOPs on 8 devices). Strided, every micro-batch is spread evenly over the
     blocks and the step runs with no gather of the batch."""
-    B = minibatch["mask"].shape[0]
+    B = minibatch.size
     if B % micro_batch:
         raise ValueError(f"micro_batch={micro_batch} does not divide the mini-batch of {B} sequences")
     M = B // micro_batch
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(micro_batch, M, *x.shape[1:]), 0, 1), minibatch)
 
 
-def _denominators(mb_M, obj_cfg: ObjectiveConfig):
-    """Per-micro-batch aggregation denominators [M]."""
-    mask = mb_M["mask"].astype(jnp.float32)
+def _denominators(mask_MbT, obj_cfg: ObjectiveConfig):
+    """Per-micro-batch aggregation denominators [M] from the micro-batched response mask [M, b, T]."""
+    mask = mask_MbT.astype(jnp.float32)
     M, b, T = mask.shape
-    if obj_cfg.objective.luffy_agg:  # sum / T_max per sequence, mean over the mini-batch
+    if obj_cfg.objective.offpolicy_rows:  # sum / T_max per sequence, mean over the mini-batch
         return jnp.full((M,), float(T * M * b))
     if obj_cfg.loss_agg == "microbatch_sum":
         return mask.sum((1, 2))
@@ -154,19 +158,19 @@ def train_step(
     graphdef,
     optimizer,
     state: TrainState,
-    minibatch,
-    rng,
+    minibatch: Batch,
     iteration,
     *,
     obj_cfg: ObjectiveConfig,
     micro_batch: int,
     chunk: int,
 ):
-    """One optimizer step on a mini-batch; returns (new state, metrics)."""
-    del rng  # no stochastic term in the current objectives; kept in the signature for dropout etc.
+    """One optimizer step on a mini-batch; returns (new state, metrics). The objectives are
+    deterministic given the batch (the teacher's sample, if any, is drawn by the score step), so
+    the step takes no random key."""
     mb_M = split_micro_batches(minibatch, micro_batch)
-    M = mb_M["mask"].shape[0]
-    denoms = _denominators(mb_M, obj_cfg)
+    M = mb_M.mask_BT.shape[0]
+    denoms = _denominators(mb_M.mask_BT, obj_cfg)
     lam = teacher_coef(iteration, *obj_cfg.schedule())
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
@@ -186,17 +190,18 @@ def train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(sums)
-    if obj_cfg.loss_agg == "microbatch_sum" and not obj_cfg.objective.luffy_agg:
+    if obj_cfg.loss_agg == "microbatch_sum" and not obj_cfg.objective.offpolicy_rows:
         # the loss is a sum of micro-batch means; report the diagnostics as means
         metrics.update({k: v / M for k, v in sums.items() if k in _MEAN_DIAGNOSTICS})
     metrics.update(
         {
             "loss/total": sum(v for k, v in metrics.items() if k.startswith("loss/")),
             "actor/grad_norm": optax.tree.norm(grads),
-            "teacher/masked_ids": jnp.sum((1.0 - minibatch.get("teacher_valid", 1.0)) * minibatch["mask"]),
         }
     )
-    if obj_cfg.objective.lambda_defaults != (0.0, 0.0):  # only objectives with a teacher coefficient
+    if minibatch.teacher_valid_BT is not None:  # objectives that read a teacher target id
+        metrics["teacher/masked_ids"] = jnp.sum((1.0 - minibatch.teacher_valid_BT) * minibatch.mask_BT)
+    if obj_cfg.objective.has_lambda:
         metrics["teacher/lambda"] = lam
     return TrainState(params, opt_state, state.step + 1), metrics
 
@@ -247,7 +252,7 @@ def make_train_step(
     chunk: int = 256,
     state: TrainState | None = None,
 ):
-    """The jitted step: (state, minibatch, rng, iteration) -> (state, metrics); state donated.
+    """The jitted step: (state, minibatch: Batch, iteration) -> (state, metrics); state donated.
     Pass the initial `state` to pin the output shardings to its own."""
     fn = functools.partial(train_step, graphdef, optimizer, obj_cfg=obj_cfg, micro_batch=micro_batch, chunk=chunk)
     out = pinned_out_shardings(state) if state is not None else None
