@@ -153,13 +153,14 @@ def load_estimate_config(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"estimate config not found: {path}")
         base, data = os.path.dirname(os.path.abspath(path)), load_yaml(path)
-    data = apply_overrides(data, overrides or [])
-    hw = {"num_devices": num_devices, "device_memory_gb": device_memory_gb}
+    if overrides:
+        data = apply_overrides(data, overrides)
+    flags = {k: v for k, v in (("num_devices", num_devices), ("device_memory_gb", device_memory_gb)) if v is not None}
     try:
         if _is_train_config(data):
-            cfg = _from_train_dict(data, {k: v for k, v in hw.items() if v is not None}, base)
+            cfg = _from_train_dict(data, flags, base)
         else:
-            cfg = _from_view_dict({**data, **{k: v for k, v in hw.items() if v is not None}}, base)
+            cfg = _from_view_dict({**data, **flags}, base)
     except (ShardingConfigError, EstimateConfigError):
         raise
     except ConfigError as e:
@@ -197,10 +198,12 @@ def _from_train_dict(data: dict, flags: dict, base: str) -> EstimateConfig:
         raise EstimateConfigError("estimate.num_devices: the target's device count is required (or --num-devices)")
     train = load_train_config(data)
     m = train.models
-    student = _read_hf(ModelEntry(hf_config=hw.student_hf_config or m.student), "models.student", base).hf
+    hint = " (for a model not here, give estimate.student_hf_config: a config.json or its directory)"
+    student = _read_hf(ModelEntry(hf_config=hw.student_hf_config or m.student), "models.student", base, hint).hf
     teacher = None
     if m.teacher or hw.teacher_hf_config:
-        teacher = _read_hf(ModelEntry(hf_config=hw.teacher_hf_config or m.teacher), "models.teacher", base).hf
+        entry = ModelEntry(hf_config=hw.teacher_hf_config or m.teacher)
+        teacher = _read_hf(entry, "models.teacher", base, hint.replace("student", "teacher")).hf
     return from_train_config(train, hw, student, teacher)
 
 
@@ -239,7 +242,7 @@ def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: d
     )
 
 
-def _read_hf(entry: ModelEntry, role: str, base: str) -> ModelEntry:
+def _read_hf(entry: ModelEntry, role: str, base: str, hint: str = "") -> ModelEntry:
     """Fills `entry.hf` from `hf_config` (a config.json or a directory holding one; a bundled
     `configs/hf_configs/...` path is found in the package)."""
     if (entry.hf is None) == (entry.hf_config is None):
@@ -255,7 +258,7 @@ def _read_hf(entry: ModelEntry, role: str, base: str) -> ModelEntry:
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{role}: no config.json at {entry.hf_config}")
+        raise FileNotFoundError(f"{role}: no config.json at {entry.hf_config}{hint}")
     try:
         with open(path) as f:
             return dataclasses.replace(entry, hf=json.load(f))
