@@ -197,3 +197,40 @@ def test_rewards_section_sets_the_graders_workers():
     cfg = _load(rewards={"workers": 3, "timeout_s": 2.5, "think_format": False})
     r = cfg.rewards.reward_config()
     assert (r.num_workers, r.timeout_s, r.think_format) == (3, 2.5, False)
+
+
+def test_sft_config_reuses_the_train_configs_sections():
+    from tgpo_jax.sharding import MeshConfig, ShardingRules
+    from tgpo_jax.train.sft import load_sft_config
+
+    base = {"model": "m", "data": {"solution_column": "solution"}}
+    cfg = load_sft_config({**base, "mesh": {"data": 2, "fsdp": -1}, "rules": {"embed": None}})
+    assert isinstance(cfg.mesh, MeshConfig) and cfg.mesh.to_config() == {"data": 2, "fsdp": -1}
+    assert isinstance(cfg.rules, ShardingRules) and cfg.rules.to_config() == {"embed": None}
+    for patch, match in (
+        ({"data": {"solution_column": "s", "colum": 1}}, r"unknown key 'colum' in data; valid keys: files"),
+        ({"mesh": {"data": "two"}}, r"mesh: mesh axis 'data' has size 'two'"),
+        ({"rules": {"hidden": None}}, r"unknown logical axis 'hidden' in sharding rules \(rules\)"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_sft_config({**base, **patch})
+
+
+def test_an_old_config_json_reads_as_the_same_run():
+    """config.json written before the sections were typed (plain dicts, a rule equal to its default)
+    compares equal to today's config of the same YAML: a resume of an old run is not refused."""
+    import json
+
+    from tgpo_jax.train.config import config_dict
+    from tgpo_jax.train.run_dir import config_changes
+
+    old = json.loads(json.dumps(config_dict(_load())))
+    old["sharding"] = {
+        **old["sharding"],
+        "student_rules": {"embed": "fsdp"},
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+    }
+    old["data"], old["eval"]["data"] = {"files": ["a.jsonl"], "max_prompt_len": 64}, {}
+    new = config_dict(_load(data={"files": "a.jsonl", "max_prompt_len": 64}, rollout={"prompt_buckets": [64]}))
+    old["rollout"]["prompt_buckets"] = [64]
+    assert config_changes(old, new) == {}
