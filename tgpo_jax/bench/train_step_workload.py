@@ -54,9 +54,9 @@ class Settings:
     lambda_decay: float = 1e-5
     lr: float = 1e-6
     seed: int = 0
-    peak_tflops: float | None = None  # None: DEFAULT_PEAK_TFLOPS on accelerators, no MFU on CPU
+    peak_tflops: float | None = None  # None: train_step_bench.DEFAULT_PEAK_TFLOPS on accelerators, no MFU on CPU
     # ours: ModelConfig.attn_query_block; -1 (auto, the train config's default): query blocks on CPU
-    # at T >= 96, full scores otherwise; 0: full scores
+    # at P + T >= 96 positions, full scores otherwise (layers.auto_query_block); 0: full scores
     attn_query_block: int = -1
     attn_impl: str = "auto"  # ours: ModelConfig.attn_impl (auto: the train config's default)
     # ours: data-parallel over this many devices (on CPU: host devices, e.g. one per core), the
