@@ -127,7 +127,7 @@ def _micro_loss(params, graphdef, mb: Batch, denom, lam, obj_cfg: ObjectiveConfi
     return loss, stats
 
 
-def split_micro_batches(minibatch: Batch, micro_batch: int) -> Batch:
+def split_micro_batches(minibatch, micro_batch: int):
     """[B, ...] -> [M, micro_batch, ...] with M = B / micro_batch; micro-batch m holds rows
     m, m + M, m + 2M, ... (strided, not contiguous).
 
@@ -136,7 +136,7 @@ def split_micro_batches(minibatch: Batch, micro_batch: int) -> Batch:
     gather the batch to every device and repeat each micro-batch's compute there (measured: 4x the
     ideal per-device FLOPs on 8 devices). Strided, every micro-batch is spread evenly over the
     blocks and the step runs with no gather of the batch."""
-    B = minibatch.size
+    B = jax.tree.leaves(minibatch)[0].shape[0]  # any pytree of [B, ...] arrays: a Batch, SFT's dict
     if B % micro_batch:
         raise ValueError(f"micro_batch={micro_batch} does not divide the mini-batch of {B} sequences")
     M = B // micro_batch
