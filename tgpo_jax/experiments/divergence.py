@@ -23,6 +23,7 @@ from tgpo_jax.bundled import resolve_config
 from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from tgpo_jax.demo import DEFAULT_CONFIG
 from tgpo_jax.demo_dirs import digest, file_digest
+from tgpo_jax.objectives.registry import ObjectiveConfig, get_objective
 from tgpo_jax.tasks.chain_sum import TaskSpec, make_task_data
 from tgpo_jax.train.sft_cache import SFTSpec, heldout_accuracy, sft_model
 
@@ -127,7 +128,7 @@ def cells(cfg: ExperimentConfig) -> list[Cell]:
     out = []
     for seed in cfg.seeds:
         for m in cfg.methods:
-            teachers = [None] if m == "grpo" else [t.name for t in cfg.teachers]
+            teachers = [t.name for t in cfg.teachers] if get_objective(m).needs_teacher else [None]
             out += [Cell(m, t, seed) for t in teachers]
     return out
 
@@ -140,9 +141,10 @@ def cell_train_dict(
     d.setdefault("models", {}).update(student=student, teacher=teacher or "")
     d.setdefault("data", {})["files"] = [train_path]
     d.setdefault("eval", {}).setdefault("data", {})["files"] = [heldout_path]
-    d.setdefault("objective", {})["name"] = cell.method
-    for k in ("lambda_0", "lambda_decay", "lambda_min"):  # the base config's TGPO-Reg schedule is not theirs
-        if cell.method != "tgpo_reg":
+    base_objective = d.setdefault("objective", {}).get("name", ObjectiveConfig.name)
+    d["objective"]["name"] = cell.method
+    for k in ("lambda_0", "lambda_decay", "lambda_min"):  # the base objective's schedule is not the others'
+        if cell.method != base_objective:
             d["objective"].pop(k, None)
     d.setdefault("train", {})["seed"] = cell.seed
     d.setdefault("checkpoint", {}).update(every=0, resume=False)

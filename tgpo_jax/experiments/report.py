@@ -11,6 +11,8 @@ import os
 import statistics
 from collections import defaultdict
 
+from tgpo_jax.objectives.registry import get_objective
+
 GAP_KEYS = ("gap/reverse_kl_k1", "gap/mismatch_ratio")
 
 
@@ -87,7 +89,7 @@ def markdown_table(agg: dict, teacher_names: list[str], methods: list[str], base
             + " |"
         )
     for m in methods:
-        label = f"{m} (no teacher)" if m == "grpo" else m
+        label = m if get_objective(m).needs_teacher else f"{m} (no teacher)"
         rows.append(
             f"| {label} | " + " | ".join(_fmt_acc(agg["accuracy"].get(m, {}).get(t)) for t in teacher_names) + " |"
         )
@@ -117,7 +119,7 @@ def plot_accuracy_vs_divergence(
             yerr=[100 * v for v in e],
             marker="o",
             capsize=3,
-            ls="--" if m == "grpo" else "-",
+            ls="-" if get_objective(m).needs_teacher else "--",
             label=m,
         )
     if student_acc is not None:
