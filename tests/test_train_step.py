@@ -174,6 +174,24 @@ def test_train_step_lowers_the_loss(rollout):
     assert 0 < float(met["actor/grad_norm"]) and float(met["actor/ratio_min"]) <= 1 <= float(met["actor/ratio_max"])
 
 
+@pytest.mark.parametrize("name", ["grpo", "luffy", "rkl_reg_dist"])
+def test_train_step_compiles_once_per_objective(rollout, name):
+    """The mini-batches of an iteration (row slices of one scored Batch, absent fields None) share
+    one compiled step; the scored batch holds exactly the objective's fields."""
+    cfg, full = _minibatch(rollout, name, rkl_dist_topk=4)
+    present = {f for f in SCORED_FIELDS if getattr(full, f) is not None}
+    assert present == set(cfg.objective.scored)
+    assert (full.offpolicy_B is not None) == cfg.objective.offpolicy_rows
+    opt = make_optimizer(OptimizerConfig(lr=1e-3))
+    graphdef, state = init_train_state(Decoder(S_CFG, nnx.Rngs(0)), opt)
+    step = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=4, chunk=8)
+    for j in range(2):
+        state, met = step(state, jax.tree.map(lambda x, j=j: x[j * 8 : (j + 1) * 8], full), j + 1)
+        assert np.isfinite(float(met["loss/total"]))
+    assert step._cache_size() == 1
+    assert "teacher/lambda" not in met  # none of these has a teacher coefficient
+
+
 def test_microbatch_sum_and_token_mean_differ_as_specified(rollout):
     """token_mean: one global mean over the mini-batch's valid tokens. microbatch_sum: each
     micro-batch's own token mean, SUMMED over micro-batches (the authors' behaviour)."""
