@@ -234,3 +234,15 @@ def test_an_old_config_json_reads_as_the_same_run():
     new = config_dict(_load(data={"files": "a.jsonl", "max_prompt_len": 64}, rollout={"prompt_buckets": [64]}))
     old["rollout"]["prompt_buckets"] = [64]
     assert config_changes(old, new) == {}
+
+
+def test_data_values_are_checked_at_load_by_key():
+    with pytest.raises(ConfigError) as e:
+        _load(data={"template": "chatml", "num_epochs": 0}, eval={"data": {"seed": -1}})
+    for problem in (
+        "data.template='chatml': must be one of chat, plain",
+        "data.num_epochs=0: must be >= 1 or None (repeat forever)",
+        "eval.data.seed=-1: must be in [0, 2**32)",
+    ):
+        assert problem in str(e.value)
+    assert _load(data={}).data == {}  # no source yet: named when the run builds its data

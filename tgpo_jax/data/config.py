@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,14 +65,7 @@ class DataConfig:
         problems = []
         if bool(self.files) == bool(self.rg_tasks):
             problems.append("give exactly one source: `files` (jsonl/parquet) or `rg_tasks` (reasoning-gym)")
-        if self.template not in TEMPLATES:
-            problems.append(f"template={self.template!r}; accepted: {', '.join(TEMPLATES)}")
-        if self.max_prompt_len < 1 or self.batch_size < 1 or self.rg_size < 1:
-            problems.append("max_prompt_len, batch_size and rg_size must be >= 1")
-        if self.num_epochs is not None and self.num_epochs < 1:
-            problems.append(f"num_epochs={self.num_epochs} must be >= 1 or None (repeat forever)")
-        if not 0 <= self.seed < 2**32:
-            problems.append(f"seed={self.seed} must be in [0, 2**32)")
+        problems += value_problems(self)
         if problems:
             raise ValueError("bad data config: " + "; ".join(problems))
 
@@ -84,6 +78,20 @@ class DataConfig:
         return dataclasses.asdict(self)
 
 
+def value_problems(c) -> list[str]:
+    """Values outside what their key accepts, as `key=value: must be ...` (`c`: a DataConfig or a
+    namespace of its fields). The source check is not here: a section may name its files later."""
+    checks = (
+        ("template", c.template in TEMPLATES, f"one of {', '.join(TEMPLATES)}"),
+        ("max_prompt_len", c.max_prompt_len >= 1, ">= 1"),
+        ("batch_size", c.batch_size >= 1, ">= 1"),
+        ("rg_size", c.rg_size >= 1, ">= 1"),
+        ("num_epochs", c.num_epochs is None or c.num_epochs >= 1, ">= 1 or None (repeat forever)"),
+        ("seed", 0 <= c.seed < 2**32, "in [0, 2**32)"),
+    )
+    return [f"{name}={getattr(c, name)!r}: must be {accepted}" for name, ok, accepted in checks if not ok]
+
+
 class DataSection(Overlay):
     """The `data:` (and `eval.data:`) section of a train / sft config: the keys given, typed and
     checked against DataConfig at load. The DataConfig itself is built when the run starts, after
@@ -91,6 +99,11 @@ class DataSection(Overlay):
     missing source is reported: a config may name its files later (the demo fills them in)."""
 
     schema = DataConfig
+
+    def problems(self, path: str = "data") -> list[str]:
+        """value_problems of these keys over the defaults, named `<path>.<key>=...`."""
+        fields = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+        return [f"{path}.{p}" for p in value_problems(types.SimpleNamespace(**{**fields, **self}))]
 
 
 __all__ = ["DataConfig", "DataSection", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_PLAIN_TEMPLATE", "TEMPLATES"]

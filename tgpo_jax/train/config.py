@@ -176,6 +176,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "which need a group size >= 2"
         )
     p += _range_problems(cfg)
+    # the data values now, the data source when the run starts (a config may name its files later)
+    p += DataSection(cfg.data).problems("data") + DataSection(cfg.eval.data).problems("eval.data")
     if cfg.train.mini_batches < 1 or cfg.rollout_batch % cfg.train.mini_batches:
         p.append(
             f"train.mini_batches={cfg.train.mini_batches} does not divide the rollout batch "
