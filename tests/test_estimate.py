@@ -284,3 +284,12 @@ def test_indivisible_activation_stays_whole_and_is_noted():
     r = 1 * 64 * 64 * 2  # B stays 1 on every device
     w = 2 * 1 * 64 * (2 * 64 + 2 * 2 * 16 + 2 * 1 * 16 + 3 * 64) + 1 * 2 * 64 * 64 * 6
     assert est.models["student"].items["activations"] == 2 * r + 2 * w
+
+
+def test_missing_keys_are_named(tmp_path, capsys):
+    d = copy.deepcopy(TINY)
+    del d["num_devices"], d["mesh"]
+    with pytest.raises(EstimateConfigError, match="missing keys mesh, num_devices"):
+        load_estimate_config(d)
+    assert main(["estimate", "--config", write(tmp_path, d), "--num-devices", "4"]) == 2  # the mesh still
+    assert "missing key mesh" in capsys.readouterr().err

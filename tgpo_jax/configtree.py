@@ -96,7 +96,8 @@ def from_dict(cls, d: dict | None, path: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     where = path or "config"
     _check_keys(list(fields), d, where)
-    missing = [n for n, f in fields.items() if n not in d and f.default is f.default_factory is dataclasses.MISSING]
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING is f.default_factory]
+    missing = [n for n in required if n not in d]
     if missing:
         raise ConfigError(f"missing key{'s' if len(missing) > 1 else ''} {', '.join(_join(path, m) for m in missing)}")
     hints = typing.get_type_hints(cls)

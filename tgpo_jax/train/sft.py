@@ -70,6 +70,7 @@ def load_sft_config(path_or_dict, overrides=None) -> SFTConfig:
         problems.append("model: a local HF model directory is required")
     if not cfg.data.get("solution_column"):
         problems.append("data.solution_column: SFT needs a column of solutions")
+    problems += DataSection(cfg.data).problems("data")
     if cfg.batch_size % cfg.micro_batch:
         problems.append(f"micro_batch={cfg.micro_batch} does not divide batch_size={cfg.batch_size}")
     if cfg.max_solution_len % min(cfg.logprob_chunk, cfg.max_solution_len):
