@@ -168,7 +168,7 @@ class InRunEvaluator:
     the exported model scores the same in `tgpo-jax eval`. `last_report` keeps the latest EvalReport."""
 
     def __init__(self, cfg: TrainConfig, models: Models, tokenizer):
-        data_cfg = DataConfig.from_dict({**cfg.data, **cfg.eval.data, "shuffle": False})
+        data_cfg = DataConfig.from_dict({**cfg.data, **cfg.eval.data, "shuffle": False}, path="eval.data")
         records = build_prompt_set(data_cfg, tokenizer).records
         self.items = [
             EvalItem(r["problem"], r["answer"], r["data_source"], r["index"], r["prompt_ids"]) for r in records
