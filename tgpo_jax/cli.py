@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_run_commands(sub)
     _add_tool_commands(sub)
+    _add_study_commands(sub)
     return p
 
 
@@ -303,7 +304,7 @@ def _add_run_commands(sub) -> None:
 
 
 def _add_tool_commands(sub) -> None:
-    """estimate, sweep, preset, experiment, eval, bench."""
+    """estimate, sweep, preset, eval."""
     s = sub.add_parser(
         "estimate", help="per-device memory of student + teacher on a target mesh (exit 3: does not fit)"
     )
@@ -336,6 +337,15 @@ def _add_tool_commands(sub) -> None:
     _preset_args(s)
     s.set_defaults(fn=cmd_preset)
 
+    s = sub.add_parser("eval", help="avg@k accuracy of a HF checkpoint on eval files (JSON + Markdown report)")
+    from tgpo_jax.eval.cli import add_arguments as _eval_args
+
+    _eval_args(s)
+    s.set_defaults(fn=cmd_eval)
+
+
+def _add_study_commands(sub) -> None:
+    """experiment, bench."""
     s = sub.add_parser(
         "experiment",
         help="experiments: divergence (TGPO vs RKL vs KDRL vs GRPO across a ladder "
@@ -356,12 +366,6 @@ def _add_tool_commands(sub) -> None:
         help="key.path=value overrides of the experiment config, e.g. variant=lam002 'methods=[tgpo_reg]' 'seeds=[0]'",
     )
     s.set_defaults(fn=cmd_experiment)
-
-    s = sub.add_parser("eval", help="avg@k accuracy of a HF checkpoint on eval files (JSON + Markdown report)")
-    from tgpo_jax.eval.cli import add_arguments as _eval_args
-
-    _eval_args(s)
-    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser(
         "bench",

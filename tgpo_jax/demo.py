@@ -83,7 +83,9 @@ def _eval_subset(cfg, settings: DemoSettings, out_dir: str, heldout_path: str):
     if not settings.eval_items:
         return cfg, heldout_path
     eval_path = _head(heldout_path, settings.eval_items, os.path.join(out_dir, "data", "heldout_head.jsonl"))
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, data={**cfg.eval.data, "files": [eval_path]}))
+    cfg = dataclasses.replace(
+        cfg, eval=dataclasses.replace(cfg.eval, data=type(cfg.eval.data)({**cfg.eval.data, "files": [eval_path]}))
+    )
     return cfg, eval_path
 
 

@@ -81,6 +81,19 @@ def load_eval_items(files: Sequence[str], tokenizer, **data_overrides) -> tuple[
     return items, ps.stats
 
 
+def _check_context(items: Sequence[EvalItem], max_new_tokens: int, context: int, model_dir: str) -> None:
+    """The longest rendered prompt plus the response limit must fit the model's context (before any
+    weight is read)."""
+    from tgpo_jax.rollout.text import context_problem
+
+    longest = max((len(it.prompt_ids) for it in items), default=0)
+    desc = f"the longest prompt ({longest} tokens)"
+    if problem := context_problem(
+        longest, max_new_tokens, context, prompt_desc=desc, new_label="--max-new-tokens", model_label=model_dir
+    ):
+        raise ValueError(problem)
+
+
 def run_eval(
     model_dir: str,
     files: Sequence[str],
@@ -104,21 +117,11 @@ def run_eval(
     from tgpo_jax.models.config import read_model_config
     from tgpo_jax.models.hf_import import load_model, load_tokenizer
     from tgpo_jax.rewards import RewardFn
-    from tgpo_jax.rollout.text import context_problem
 
     cfg = read_model_config(model_dir, "--model")
     tokenizer = load_tokenizer(model_dir, key="--model")
     items, stats = load_eval_items(files, tokenizer, think_suffix=think_format, **data_overrides)
-    longest = max((len(it.prompt_ids) for it in items), default=0)
-    if problem := context_problem(
-        longest,
-        max_new_tokens,
-        cfg.max_position_embeddings,
-        prompt_desc=f"the longest prompt ({longest} tokens)",
-        new_label="--max-new-tokens",
-        model_label=model_dir,
-    ):
-        raise ValueError(problem)
+    _check_context(items, max_new_tokens, cfg.max_position_embeddings, model_dir)
     model = load_model(model_dir)
     policy = sampler_policy(
         model,
