@@ -128,9 +128,10 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
-def supports(q_BTHD: jax.Array) -> str | None:
-    """None if the kernel can run this attention, else the reason (backend, dtype, head_dim, build)."""
-    if (backend := jax.default_backend()) != "cpu":
+def supports(q_BTHD: jax.Array, platform: str | None = None) -> str | None:
+    """None if the kernel can run this attention on `platform` (default: the default backend's),
+    else the reason (platform, dtype, head_dim, build)."""
+    if (backend := platform or jax.default_backend()) != "cpu":
         return f"the fused attention kernel is for the CPU backend, not {backend}"
     if q_BTHD.dtype != jnp.float32:
         return f"the fused CPU attention kernel is fp32 only, got {q_BTHD.dtype}"

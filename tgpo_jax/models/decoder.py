@@ -36,7 +36,7 @@ def remat_policy(cfg: ModelConfig):
     training shape, 130 -> 122 ms at 320 positions."""
     name = cfg.remat_policy
     if name == "auto":
-        name = "attn_out" if jax.default_backend() == "cpu" else "nothing"
+        name = "attn_out" if cfg.target_platform() == "cpu" else "nothing"
     if name == "attn_out":
         return jax.checkpoint_policies.save_only_these_names(ATTN_OUT)
     return jax.checkpoint_policies.nothing_saveable
@@ -67,6 +67,8 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None, sharding: Any = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
+        if sharding is not None and not cfg.platform:  # auto choices follow the mesh, not the process
+            cfg = cfg.replace(platform=sharding.mesh.devices.flat[0].platform)
         self.cfg = cfg
         self.sharding = sharding
         specs = param_specs(cfg)
@@ -263,10 +265,10 @@ def _mlp(cfg: ModelConfig, sh, p: dict, h_BTE, stacks: dict):
 _Q_AXES, _KV_AXES = ("batch", "seq", "act_heads", None), ("batch", "seq", "act_kv_heads", None)
 
 
-def _cpu_kernel_why_not(sh, q, k) -> str | None:
-    """None if the fused CPU kernel can run this attention, per shard when the mesh has several
-    devices, else why not."""
-    if (why := cpu_attention.supports(q)) is not None or sh is None or sh.mesh.size == 1:
+def _cpu_kernel_why_not(platform: str, sh, q, k) -> str | None:
+    """None if the fused CPU kernel can run this attention on `platform` (the model's), per shard
+    when the mesh has several devices, else why not."""
+    if (why := cpu_attention.supports(q, platform)) is not None or sh is None or sh.mesh.size == 1:
         return why
     if (platform := sh.mesh.devices.flat[0].platform) != "cpu":
         return f"the mesh is on {platform}, not cpu"
@@ -285,10 +287,10 @@ def _use_cpu_kernel(cfg: ModelConfig, sh, q, k) -> bool:
     """attn_impl "cpu": the fused CPU kernel, or an error saying why it cannot run; "auto": the
     kernel where it applies (see `_cpu_kernel_why_not`), else what "einsum" does."""
     if cfg.attn_impl == "cpu":
-        if (why := _cpu_kernel_why_not(sh, q, k)) is not None:
+        if (why := _cpu_kernel_why_not(cfg.target_platform(), sh, q, k)) is not None:
             raise cpu_attention.CpuKernelUnavailable(f"attn_impl='cpu': {why}")
         return True
-    return cfg.attn_impl == "auto" and _cpu_kernel_why_not(sh, q, k) is None
+    return cfg.attn_impl == "auto" and _cpu_kernel_why_not(cfg.target_platform(), sh, q, k) is None
 
 
 def _cpu_attention(sh, q, k, v, key_mask_BT):
@@ -318,7 +320,7 @@ def _attend(cfg: ModelConfig, sh, q, k, v, allowed_BTS, kv, index):
         return _cpu_attention(sh, q, k, v, allowed_BTS[:, -1, :]), kv
     elif cfg.attn_impl in ("sdpa", "cudnn"):
         attn = L.sdpa_attention(q, k, v, allowed_BTS, None if cfg.attn_impl == "sdpa" else cfg.attn_impl)
-    elif 0 < (block := L.auto_query_block(cfg.attn_query_block, q.shape[1])) < q.shape[1]:
+    elif 0 < (block := L.auto_query_block(cfg.attn_query_block, q.shape[1], cfg.target_platform())) < q.shape[1]:
         return blocked_causal_attention(q, k, v, allowed_BTS, block), kv
     else:
         attn = L.attention(q, k, v, allowed_BTS)

@@ -22,7 +22,7 @@ from tgpo_jax.models.config import ModelConfig
 def scans_cache(cfg: ModelConfig) -> bool:
     """True when the KV-cache path scans a stacked cache (`cache_layers`: "scan", or "auto" off CPU)."""
     if cfg.cache_layers == "auto":
-        return jax.default_backend() != "cpu"
+        return cfg.target_platform() != "cpu"
     return cfg.cache_layers == "scan"
 
 

@@ -120,10 +120,12 @@ def experts_sorted(x_NE, w_NK, ids_NK, gate_XEM, up_XEM, down_XME, *, impl: str,
     return jnp.zeros_like(x_NE).at[token_A].add(contrib_AE.astype(x_NE.dtype))
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The experts' dispatch: `impl`, or for "auto" ragged_dot on accelerators and sorted blocks on
+    CPU, by `platform` (the model's target platform; default: the default backend's)."""
     if impl != "auto":
         return impl
-    return "ragged" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "blocks"
+    return "ragged" if (platform or jax.default_backend()) in ("gpu", "cuda", "rocm", "tpu") else "blocks"
 
 
 def _expert_axis(sh, num_experts: int):
@@ -145,7 +147,7 @@ def moe_block(cfg: ModelConfig, sh, w: dict, x_BTE: jax.Array) -> jax.Array:
     B, T, E = x_BTE.shape
     w_BTK, ids_BTK = route(x_BTE.reshape(B * T, E), w["router_kernel"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
     w_BTK, ids_BTK = w_BTK.reshape(B, T, -1), ids_BTK.reshape(B, T, -1)
-    impl = resolve_impl(cfg.moe_impl)
+    impl = resolve_impl(cfg.moe_impl, cfg.target_platform())
     run = functools.partial(experts_sorted, impl=impl, block=cfg.moe_block_size)
 
     def local(x, wk, ids, g, u, d, offset):

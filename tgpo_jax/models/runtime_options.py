@@ -55,6 +55,19 @@ class RuntimeOptions:
     # the attention forward (12% faster CPU train steps at the demo shape, one more [B, T, H*D]
     # tensor per layer); "auto": attn_out on CPU, nothing on accelerators.
     remat_policy: str = "auto"
+    # The platform of the devices the model runs on ("cpu", "gpu", "tpu"), which every "auto" above
+    # resolves against. A Decoder built with an activation sharding takes it from its mesh's devices,
+    # so a program built in a CPU process for a TPU mesh (AOT compilation) gets the TPU choices; ""
+    # (a model without a mesh) means the process's default backend.
+    platform: str = ""
+
+    def target_platform(self) -> str:
+        """`platform`, else the default backend's."""
+        if self.platform:
+            return self.platform
+        import jax
+
+        return jax.default_backend()
 
     def runtime_options(self) -> RuntimeOptions:
         """These options alone (e.g. of a ModelConfig), as a plain RuntimeOptions."""
