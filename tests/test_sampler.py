@@ -178,3 +178,31 @@ def test_sharded_and_unsharded_sampling_agree(tiny):
     b = Sampler(sharded, stop_ids=(5,)).sample(prompts, params, jax.random.key(11))
     assert np.array_equal(a.tokens_BT, b.tokens_BT) and np.array_equal(a.mask_BT, b.mask_BT)
     assert np.abs(a.logp_BT - b.logp_BT).max() <= 1e-5
+
+
+def test_prefill_computes_only_the_last_positions_logits():
+    """The prefill's next-token logits equal, bit for bit, those of the same forward computing
+    logits at every prompt position (the unbounded version), and no [P, T, V] array exists in its
+    program."""
+    from flax import nnx
+
+    from tests.jaxpr_helpers import iter_eqns
+    from tgpo_jax.models.decoder import Decoder
+    from tgpo_jax.models.kv_cache import KVCache
+    from tgpo_jax.models.tiny import tiny_config
+    from tgpo_jax.rollout.decode_loop import _prefill
+
+    cfg = tiny_config("qwen2", vocab_size=97)
+    model = Decoder(cfg, nnx.Rngs(3))
+    P, T, n = 3, 6, 2
+    prompt = jax.random.randint(jax.random.key(0), (P, T), 1, cfg.vocab_size)
+    mask = jnp.asarray([[1] * T, [0, 0, 1, 1, 1, 1], [0] * (T - 1) + [1]], jnp.int32)
+    cache = KVCache.init(cfg, P * n, T + 4)
+    logits_BV, _ = _prefill(model, prompt, mask, cache, n)
+    # the unbounded version: the same cached forward with logits at every prompt position
+    full_PTV, _ = model(prompt, left_pad_positions(mask), mask, KVCache.init(cfg, P, T))
+    np.testing.assert_array_equal(np.asarray(logits_BV), np.repeat(np.asarray(full_PTV[:, -1]), n, axis=0))
+    graph, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda st: _prefill(nnx.merge(graph, st), prompt, mask, cache, n)[0])(state).jaxpr
+    shapes = {tuple(v.aval.shape) for e in iter_eqns(jaxpr) for v in e.outvars if hasattr(v.aval, "shape")}
+    assert (P, T, cfg.vocab_size) not in shapes and (P, cfg.vocab_size) in shapes

@@ -41,7 +41,8 @@ def _generate(graphdef, state, prompt_BP, prompt_mask_BP, key, *, max_new_tokens
     B, P = prompt_BP.shape
     cache = KVCache.init(model.cfg, B, P + max_new_tokens)
     pos_BP = left_pad_positions(prompt_mask_BP)
-    logits, cache = model(prompt_BP, pos_BP, prompt_mask_BP, cache)
+    h_BPE, cache = model.hidden_states(prompt_BP, pos_BP, prompt_mask_BP, cache)
+    last_logits_BV = model.logits(h_BPE[:, -1])  # the prompt's last position only (see decode_loop._prefill)
     layers = None if cache.stacked else model.layer_list()  # sliced once, not in every decode step
     next_pos_B = pos_BP[:, -1] + 1
     eos = jnp.asarray(eos_ids, jnp.int32)
@@ -64,7 +65,7 @@ def _generate(graphdef, state, prompt_BP, prompt_mask_BP, key, *, max_new_tokens
 
     init = (
         jnp.zeros((), jnp.int32),
-        logits[:, -1],
+        last_logits_BV,
         cache,
         jnp.zeros((B,), bool),
         jnp.zeros((B, max_new_tokens), jnp.int32),
