@@ -72,43 +72,16 @@ DEFAULT_HBM_GBPS = 4800.0  # NVIDIA H200 SXM: 4.8 TB/s
 
 def model_config(name: str, dtype: str = "float32"):
     """The ModelConfig of a benchmark model shape (random weights; no checkpoint needed)."""
-    from tgpo_jax.models.config import ModelConfig
+    from tgpo_jax.bench import shapes
 
     if name == "tiny":
         from tgpo_jax.models.tiny import tiny_config  # imports tokenizers / transformers: tiny only
 
         cfg = tiny_config("qwen2")
     elif name == "smollm2-135m":
-        cfg = ModelConfig(
-            architecture="LlamaForCausalLM",
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_layers=30,
-            num_heads=9,
-            num_kv_heads=3,
-            head_dim=64,
-            rms_norm_eps=1e-5,
-            rope_theta=100000.0,
-            max_position_embeddings=8192,
-            tie_word_embeddings=True,
-        )
+        cfg = shapes.smollm2_135m()
     elif name == "qwen2.5-1.5b":
-        cfg = ModelConfig(
-            architecture="Qwen2ForCausalLM",
-            vocab_size=151936,
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_layers=28,
-            num_heads=12,
-            num_kv_heads=2,
-            head_dim=128,
-            rms_norm_eps=1e-6,
-            rope_theta=1e6,
-            max_position_embeddings=32768,
-            qkv_bias=True,
-            tie_word_embeddings=True,
-        )
+        cfg = shapes.qwen2_5_1_5b()
     else:
         raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODELS)}")
     return cfg.replace(param_dtype=dtype, dtype=dtype, eos_token_id=None, bos_token_id=None, pad_token_id=None)

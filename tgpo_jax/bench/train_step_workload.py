@@ -23,7 +23,6 @@ from tgpo_jax.bench.harness import hwm, rss_now
 from tgpo_jax.demo import FULL
 
 MODELS = ("demo", "qwen-vocab-tiny", "qwen2.5-1.5b")
-QWEN_VOCAB = 151936
 
 # The objective of the timed step, fixed on both sides (tgpo_reg: symmetric PPO clip, entropy bonus).
 ENTROPY_COEF = 0.001
@@ -101,29 +100,15 @@ class Settings:
 
 # ---------------------------------------------------------------------- model shapes (no jax import)
 def model_config(s: Settings):
-    from tgpo_jax.models.config import ModelConfig
+    from tgpo_jax.bench import shapes
     from tgpo_jax.models.tiny import tiny_config
 
     if s.model == "demo":  # the student `tgpo-jax demo` trains: tiny Qwen2, 512-token vocabulary
         cfg = tiny_config(FULL.student.arch, **FULL.student.model_kwargs())
     elif s.model == "qwen-vocab-tiny":  # tiny_config's Qwen2 body with Qwen's real vocabulary
-        cfg = tiny_config("qwen2", vocab_size=QWEN_VOCAB)
-    else:  # Qwen2.5-1.5B shape
-        cfg = ModelConfig(
-            architecture="Qwen2ForCausalLM",
-            vocab_size=QWEN_VOCAB,
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_layers=28,
-            num_heads=12,
-            num_kv_heads=2,
-            head_dim=128,
-            rms_norm_eps=1e-6,
-            rope_theta=1e6,
-            max_position_embeddings=32768,
-            qkv_bias=True,
-            tie_word_embeddings=True,
-        )
+        cfg = tiny_config("qwen2", vocab_size=shapes.QWEN_VOCAB)
+    else:
+        cfg = shapes.qwen2_5_1_5b()
     return cfg.replace(
         param_dtype=s.param_dtype,
         dtype=s.dtype,
