@@ -197,6 +197,8 @@ _OVERWRITE_HELP = (
 
 
 def _add_model_commands(sub) -> None:
+    from tgpo_jax.rollout.flags import add_sampling_arguments
+
     """info, convert, sample: HF checkpoints in and out."""
     s = sub.add_parser("info", help="print a HF checkpoint's parsed config and parameter count")
     s.add_argument("--model", required=True, help="local HF model directory")
@@ -225,24 +227,7 @@ def _add_model_commands(sub) -> None:
         required=True,
         help="prompt text, non-empty (repeatable: one response per prompt, sampled as one batch)",
     )
-    s.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=32,
-        help="response length limit in tokens (>= 1; prompt + this must fit the model's context)",
-    )
-    s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (>= 0; 0 = greedy)")
-    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (>= 0; 0 = off)")
-    s.add_argument(
-        "--stop-id",
-        type=int,
-        action="append",
-        default=[],
-        metavar="ID",
-        dest="stop_ids",
-        help="extra stop token id besides EOS and <|im_end|> (repeatable)",
-    )
+    add_sampling_arguments(s, max_new_tokens=32, temperature=0.0, top_k=True)
     s.add_argument("--seed", type=int, default=0, help="sampling seed (unused when greedy)")
     s.add_argument("--no-chat", action="store_true", help="feed the raw prompt, no chat template")
     s.set_defaults(fn=cmd_sample)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tgpo_jax.rollout.flags import add_sampling_arguments
+
 
 def _k_pair(s: str) -> tuple[str, int]:
     name, sep, k = s.rpartition("=")
@@ -30,14 +32,6 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         metavar="SOURCE=K",
         help="k for one data source, e.g. aime24=32 (repeatable)",
     )
-    s.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=8192,
-        help="response length limit in tokens (>= 1; prompt + this must fit the model's context)",
-    )
-    s.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (>= 0; 0 = greedy)")
-    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     s.add_argument("--batch-size", type=int, default=64, help="items per sampler call")
     s.add_argument(
         "--seed",
@@ -46,15 +40,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         help="sampling seed; a training run's in-run eval uses its train.seed, so the same seed, k and "
         "--batch-size (= the eval set size) reproduce its scores",
     )
-    s.add_argument(
-        "--stop-id",
-        type=int,
-        action="append",
-        default=[],
-        metavar="ID",
-        dest="stop_ids",
-        help="extra stop token id besides EOS and <|im_end|> (repeatable; a run's rollout.stop_ids)",
-    )
+    add_sampling_arguments(s, max_new_tokens=8192, temperature=0.6, top_k=False, stop_note="; a run's rollout.stop_ids")
     s.add_argument("--out", default="runs/eval", help="directory for eval.json and eval.md")
     s.add_argument(
         "--system-prompt",
