@@ -27,6 +27,7 @@ from typing import Any
 
 from tgpo_jax import paths
 from tgpo_jax.configtree import from_dict, to_dict
+from tgpo_jax.train.metrics import read_jsonl
 
 # Key paths (dotted; "x.*" = everything under x) that may differ between the config a run was
 # started with and the one it resumes with, silently: they change how long, how often, where or
@@ -173,10 +174,10 @@ def record_start(run_dir: str, config: dict, start_iteration: int, changes: dict
 
 
 def read_history(run_dir: str) -> list[dict]:
+    """The start / resume records; a partial last line (a crash mid-append) is skipped with a warning,
+    as in metrics.jsonl."""
     path = paths.join(run_dir, HISTORY_FILE)
-    if not paths.exists(path):
-        return []
-    return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+    return read_jsonl(path) if paths.exists(path) else []
 
 
 @contextlib.contextmanager
