@@ -274,6 +274,23 @@ def test_train_config_is_estimated_as_its_view(tmp_path, capsys):
     assert estimate(load_estimate_config(write(tmp_path, d), device_memory_gb=1)) == want
 
 
+def test_score_micro_batch_sizes_teacher_scoring_only(tmp_path):
+    """batch.score_micro_batch (train.score_micro_batch in a train config) sets the rows of the
+    teacher scoring forward; 0 is micro_batch; the student's train step keeps micro_batch."""
+    base = estimate(load_estimate_config(tiny()))
+    assert estimate(load_estimate_config(tiny(batch__score_micro_batch=4))).models == base.models
+    half = estimate(load_estimate_config(tiny(batch__score_micro_batch=2)))
+    assert half.models["student"] == base.models["student"]
+    for item in ("activations", "logits"):  # every term is linear in the local rows (2 -> 1 per device)
+        assert 2 * half.models["teacher"].items[item] == base.models["teacher"].items[item], item
+    d = _train_config(tmp_path, num_devices=4, device_memory_gb=1)
+    d["train"]["score_micro_batch"] = 2
+    view = estimate(load_estimate_config(tiny(batch__score_micro_batch=2, batch__logits_chunk=16)))
+    assert estimate(load_estimate_config(write(tmp_path, d))).models["teacher"] == view.models["teacher"]
+    with pytest.raises(EstimateConfigError, match=r"batch.score_micro_batch=3 must be 0 \(= micro_batch\) or divide"):
+        load_estimate_config(tiny(batch__score_micro_batch=3))
+
+
 def test_indivisible_activation_stays_whole_and_is_noted():
     est = estimate(load_estimate_config(tiny(batch__micro_batch=1)))
     assert (

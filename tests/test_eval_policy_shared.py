@@ -28,7 +28,15 @@ def _record(monkeypatch) -> list:
     return seen
 
 
-def test_in_run_evaluator_and_eval_command_agree(setup, monkeypatch):
+# eval.batch_size -> the prompts per sampler call (5 items; k = 2; rollout batch 2 x 2 = 4 rows):
+# 0 -> 4 // k = 2 (calls of 2, 2, 1 padded to 2); 3 (3, 2 padded to 3); 8 -> capped at the 5 items.
+EVAL_BATCHES = {0: 2, 3: 3, 8: 5}
+
+
+@pytest.mark.parametrize("eval_batch", EVAL_BATCHES)
+def test_in_run_evaluator_and_eval_command_agree(setup, monkeypatch, eval_batch):
+    """In-run eval with eval.batch_size = eval_batch == `tgpo-jax eval --batch-size b` (b resolved,
+    capped at the eval set); the sampler gets b prompts per call, never more."""
     from tgpo_jax.eval.model_policy import run_eval
     from tgpo_jax.rollout.text import stop_ids_for
     from tgpo_jax.train.config import load_train_config
@@ -45,10 +53,13 @@ def test_in_run_evaluator_and_eval_command_agree(setup, monkeypatch):
             "data": {"max_prompt_len": 256},
             "train": {"micro_batch": 2, "logprob_chunk": 8, "seed": 7},
             "rewards": {"workers": 1},
-            "eval": {"every": 1, **settings, "data": {"files": [data]}},
+            "eval": {"every": 1, **settings, "batch_size": eval_batch, "data": {"files": [data]}},
         }
     )
+    b = EVAL_BATCHES[eval_batch]
     models, train_state, tokenizer = build_model_parts(cfg)
+    calls, sample = [], models.sampler.sample
+    models.sampler.sample = lambda prompts, *a: calls.append(len(prompts)) or sample(prompts, *a)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert models.sampler.stop_ids == stop_ids_for(tokenizer, models.sampler.cfg)
     assert {tokenizer.eos_token_id, im_end} <= set(models.sampler.stop_ids) and im_end != tokenizer.eos_token_id
@@ -60,10 +71,11 @@ def test_in_run_evaluator_and_eval_command_agree(setup, monkeypatch):
     finally:
         evaluator.close()
     in_run = evaluator.last_report
+    n_items = len(evaluator.items)
+    assert calls == [b] * -(-n_items // b)  # a short last call is padded to b, as `tgpo-jax eval` pads
 
     eval_gens = _record(monkeypatch)
-    n_items = len(evaluator.items)
-    rep = run_eval(model_dir, [data], seed=cfg.train.seed, batch_size=n_items, num_workers=1, **settings)
+    rep = run_eval(model_dir, [data], seed=cfg.train.seed, batch_size=b, num_workers=1, **settings)
 
     assert [(g.text, g.num_tokens, g.truncated) for g in in_run_gens] == [
         (g.text, g.num_tokens, g.truncated) for g in eval_gens
@@ -74,7 +86,10 @@ def test_in_run_evaluator_and_eval_command_agree(setup, monkeypatch):
     }
     assert metrics["eval/score"] == rep.mean_accuracy
 
-    # The equality is not vacuous: another seed draws other samples.
+    # The equality is not vacuous: another seed, or another batch size, draws other samples.
     other = _record(monkeypatch)
-    run_eval(model_dir, [data], seed=cfg.train.seed + 1, batch_size=n_items, num_workers=1, **settings)
-    assert [g.text for g in other] != [g.text for g in eval_gens]
+    if eval_batch == 0:
+        run_eval(model_dir, [data], seed=cfg.train.seed, batch_size=n_items, num_workers=1, **settings)
+    else:
+        run_eval(model_dir, [data], seed=cfg.train.seed + 1, batch_size=b, num_workers=1, **settings)
+    assert sorted(g.text for g in other) != sorted(g.text for g in eval_gens)

@@ -83,6 +83,8 @@ def test_neutral_keys_resume_silently(tmp_path):
     }
     assert all(rd.is_neutral(k) for k in changes)
     assert not rd.is_neutral("train.seed") and not rd.is_neutral("eval.k") and not rd.is_neutral("rewards.think_format")
+    # scoring micro-batches change no score (tests/test_score_microbatch.py); eval batches change the draws
+    assert rd.is_neutral("train.score_micro_batch") and not rd.is_neutral("eval.batch_size")
 
 
 def test_a_run_without_resume_does_not_write_over_checkpoints(tmp_path):

@@ -27,6 +27,23 @@ def test_valid_config_and_defaults():
     assert cfg.objective.name == "tgpo_reg" and cfg.optimizer.lr == 1e-6 and cfg.train.mini_batches == 2
 
 
+def test_score_micro_batch_and_eval_batch_resolve_and_are_checked():
+    cfg = _load()  # rollout batch 16, train.micro_batch 4, eval.k 1
+    assert cfg.score_micro_batch_rows == 4 and cfg.eval_batch_prompts == 16
+    cfg = _load(train={"score_micro_batch": 8}, eval={"batch_size": 3, "k": 4})
+    assert cfg.score_micro_batch_rows == 8 and cfg.eval_batch_prompts == 3
+    assert _load(eval={"k": 5}).eval_batch_prompts == 3 and _load(eval={"k": 32}).eval_batch_prompts == 1
+    for bad in (-1, 3, 32):
+        with pytest.raises(
+            ConfigError,
+            match=rf"train.score_micro_batch={bad}: must be 0 \(= train.micro_batch\) or a divisor >= 1 of the "
+            r"rollout batch of 16",
+        ):
+            _load(train={"score_micro_batch": bad})
+    with pytest.raises(ConfigError, match=r"eval.batch_size=-1: must be >= 0"):
+        _load(eval={"batch_size": -1})
+
+
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(
         ConfigError, match=r"unknown key 'temprature' in rollout; valid keys: prompts_per_iteration, n, temperature"

@@ -38,7 +38,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="sampling seed; a training run's in-run eval uses its train.seed, so the same seed, k and "
-        "--batch-size (= the eval set size) reproduce its scores",
+        "--batch-size (= min(its eval.batch_size, resolved as TrainConfig.eval_batch_prompts, and the eval "
+        "set size)) reproduce its scores",
     )
     add_sampling_arguments(s, max_new_tokens=8192, temperature=0.6, top_k=False, stop_note="; a run's rollout.stop_ids")
     s.add_argument("--out", default="runs/eval", help="directory for eval.json and eval.md")

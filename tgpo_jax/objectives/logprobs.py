@@ -132,23 +132,25 @@ def teacher_stats(
     top_k: int = 0,
     sample: bool = False,
     valid_vocab: int | None = None,
+    rows_B: jax.Array | None = None,
 ) -> TeacherStats:
-    """Teacher quantities at every response position (no gradient flows)."""
+    """Teacher quantities at every response position (no gradient flows).
+
+    rows_B: int32 [B], each row's index in the whole rollout batch (default 0..B-1); with `sample`,
+    row r's draw at position t is keyed by (key, r, t), so it does not depend on how the batch was
+    split into micro-batches or the sequence into chunks."""
     h_BTE = jax.lax.stop_gradient(h_BTE)
     B, T = targets_BT.shape
     pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    rows_B = jnp.arange(B, dtype=jnp.int32) if rows_B is None else rows_B
 
     def one(h_BCE, y_BC, at_BCJ, pos_BC):
         z = chunk_logits(h_BCE, head_EV, valid_vocab)
         logp = jax.nn.log_softmax(z, -1)
         argmax = jnp.argmax(z, -1).astype(jnp.int32)
         ids = argmax
-        if sample:
-            # Gumbel-max with one key per position: the draw does not depend on the chunk size.
-            gumbel = jax.vmap(lambda t: jax.random.gumbel(jax.random.fold_in(key, t), (B, z.shape[-1])), out_axes=1)(
-                pos_BC[0]
-            )
-            ids = jnp.argmax(logp + gumbel, -1).astype(jnp.int32)
+        if sample:  # Gumbel-max: argmax_v (log p_v + g_v) is a draw from p
+            ids = jnp.argmax(logp + _gumbel_BCV(key, rows_B, pos_BC[0], z.shape[-1]), -1).astype(jnp.int32)
         gather = lambda i: jnp.take_along_axis(logp, i, -1)  # noqa: E731
         tk_logp, tk_ids = (
             jax.lax.top_k(logp, top_k) if top_k else (logp[..., :0], jnp.zeros(logp.shape[:-1] + (0,), jnp.int32))
@@ -164,6 +166,12 @@ def teacher_stats(
         )
 
     return _map_chunks(one, chunk, h_BTE, targets_BT, at_ids_BTJ, pos_BT)
+
+
+def _gumbel_BCV(key, rows_B, pos_C, V: int) -> jax.Array:
+    """Standard Gumbel noise [B, C, V]; row b, position t drawn with fold_in(fold_in(key, rows_B[b]), t)."""
+    one = lambda r, t: jax.random.gumbel(jax.random.fold_in(jax.random.fold_in(key, r), t), (V,))  # noqa: E731
+    return jax.vmap(lambda r: jax.vmap(lambda t: one(r, t))(pos_C))(rows_B)
 
 
 def student_old_stats(

@@ -9,7 +9,8 @@ fields.
 Notation (all sizes per device unless marked global):
   L layers, E hidden, H heads, K kv heads, D head_dim, F intermediate, V vocab;
   p / a / s / g / m = bytes of param_dtype / dtype (compute) / optimizer state / gradient / master copy;
-  R = rollout_batch, Bm = micro_batch, T = S = prompt_len + response_len, C = min(logits_chunk, response_len).
+  R = rollout_batch, Bm = micro_batch (the train step) or score_micro_batch (teacher scoring; 0 = micro_batch),
+  T = S = prompt_len + response_len, C = min(logits_chunk, response_len).
 A dimension's local size is its global size divided by the product of the mesh axes its logical axis
 maps to, through `ShardingRules.spec` (a mesh axis is used at most once per array). Parameters must
 divide exactly (a config error names the parameter, as `rules.param_shardings` does); an activation
@@ -90,10 +91,11 @@ class ModelEntry:
 @dataclasses.dataclass(frozen=True)
 class BatchConfig:
     rollout_batch: int = 1024  # sequences per iteration (prompts x n)
-    micro_batch: int = 8  # sequences per micro-batch in the train step and teacher scoring
+    micro_batch: int = 8  # sequences per micro-batch in the train step
     prompt_len: int = 1024
     response_len: int = 8192
     logits_chunk: int = 1024  # tokens per chunk when computing log-probs over the vocab
+    score_micro_batch: int = 0  # sequences per micro-batch of teacher scoring; 0 = micro_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +227,7 @@ def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: d
     batch = BatchConfig(
         rollout_batch=train.rollout_batch,
         micro_batch=train.train.micro_batch,
+        score_micro_batch=train.train.score_micro_batch,  # 0 = micro_batch, here as in the train config
         prompt_len=int(train.data.get("max_prompt_len", DataConfig.max_prompt_len)),
         response_len=train.rollout.max_new_tokens,
         logits_chunk=train.train.logprob_chunk,
@@ -305,7 +308,7 @@ def _check_values(cfg: EstimateConfig) -> None:
     one_of("remat", cfg.remat, REMAT_MODES)
     one_of("attention", cfg.attention, ATTENTION_KINDS)
     for k, v in [("num_devices", cfg.num_devices)] + [
-        (f"batch.{k}", v) for k, v in dataclasses.asdict(cfg.batch).items()
+        (f"batch.{k}", v) for k, v in dataclasses.asdict(cfg.batch).items() if k != "score_micro_batch"
     ]:
         if v < 1:
             raise EstimateConfigError(f"{k}={v} must be a positive integer")
@@ -314,6 +317,11 @@ def _check_values(cfg: EstimateConfig) -> None:
     if cfg.batch.rollout_batch % cfg.batch.micro_batch:
         raise EstimateConfigError(
             f"batch.micro_batch={cfg.batch.micro_batch} does not divide batch.rollout_batch={cfg.batch.rollout_batch}"
+        )
+    if cfg.batch.score_micro_batch < 0 or cfg.batch.rollout_batch % _rows(cfg.batch, trainable=False):
+        raise EstimateConfigError(
+            f"batch.score_micro_batch={cfg.batch.score_micro_batch} must be 0 (= micro_batch) or divide "
+            f"batch.rollout_batch={cfg.batch.rollout_batch}"
         )
 
 
@@ -390,10 +398,16 @@ def kv_cache_bytes(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> int:
     return 2 * math.prod(local) * DTYPE_BYTES[c.dtype]
 
 
+def _rows(b: BatchConfig, trainable: bool) -> int:
+    """Sequences per micro-batch: the train step's (trainable) or teacher scoring's."""
+    return b.micro_batch if trainable else b.score_micro_batch or b.micro_batch
+
+
 def _act_dims(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> dict[str, int]:
-    """Per-device B (micro_batch), T (sequence), E, H, K, F under the model's activation rules."""
+    """Per-device B (micro-batch rows, `_rows`), T (sequence), E, H, K, F under the model's activation rules."""
     c, T = m.cfg, b.prompt_len + b.response_len
-    B, Tl, E = _local(m, sizes, ("batch", "seq", "act_embed"), (b.micro_batch, T, c.hidden_size), "activation", notes)
+    shape = (_rows(b, m.entry.trainable), T, c.hidden_size)
+    B, Tl, E = _local(m, sizes, ("batch", "seq", "act_embed"), shape, "activation", notes)
     H = _local(m, sizes, (None, None, "act_heads"), (1, 1, c.num_heads), "activation", notes)[2]
     K = _local(m, sizes, (None, None, "act_kv_heads"), (1, 1, c.num_kv_heads), "activation", notes)[2]
     F = _local(m, sizes, (None, None, "act_mlp"), (1, 1, c.intermediate_size), "activation", notes)[2]
@@ -455,7 +469,7 @@ def activation_bytes(m: _Model, cfg: EstimateConfig, sizes, notes: list[str]) ->
 
 def logits_bytes(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> int:
     """Bm_l * C * V_l * 4 (fp32), x2 when trainable (the chunk's gradient); C = min(logits_chunk, response_len)."""
-    shape = (b.micro_batch, min(b.logits_chunk, b.response_len), m.cfg.vocab_size)
+    shape = (_rows(b, m.entry.trainable), min(b.logits_chunk, b.response_len), m.cfg.vocab_size)
     local = _local(m, sizes, ("batch", "seq", "act_vocab"), shape, "logits", notes)
     return math.prod(local) * 4 * (2 if m.entry.trainable else 1)
 

@@ -79,6 +79,10 @@ class TrainSection:
     iterations: int = 300
     mini_batches: int = 2  # optimizer steps per iteration (one epoch over the rollout batch)
     micro_batch: int = 8  # sequences per gradient-accumulation step
+    # Rows per micro-batch of the score step (student and teacher forward over the rollout batch,
+    # one micro-batch at a time); 0 = micro_batch: the scoring forward keeps no activations for a
+    # backward pass, so it fits wherever a train micro-batch does. Must divide the rollout batch.
+    score_micro_batch: int = 0
     logprob_chunk: int = 256
     seed: int = 0
 
@@ -102,9 +106,13 @@ class RewardsSection:
 class EvalConfig:
     # Sampled with train.seed and the rollout stop ids, through the policy `tgpo-jax eval` uses: the
     # same random numbers at every evaluation (iterations differ only by the model), and an exported
-    # checkpoint scores the same under `tgpo-jax eval --seed <train.seed> --batch-size <eval items>`.
+    # checkpoint scores the same under `tgpo-jax eval --seed <train.seed> --batch-size <b>`, with
+    # b = min(TrainConfig.eval_batch_prompts, eval items) (the draws depend on the batch size).
     every: int = 20  # iterations; 0 = never
     k: int = 1
+    # Prompts per sampler call (each with k rows and a max_new_tokens KV cache); 0 = as many as
+    # make one rollout batch of rows, max(1, prompts_per_iteration x n // k): that batch fits.
+    batch_size: int = 0
     temperature: float = 0.6
     top_p: float = 1.0
     max_new_tokens: int = 8192
@@ -151,6 +159,16 @@ class TrainConfig:
     def mini_batch(self) -> int:
         return self.rollout_batch // self.train.mini_batches
 
+    @property
+    def eval_batch_prompts(self) -> int:
+        """Prompts per in-run eval sampler call: eval.batch_size, 0 meaning max(1, rollout batch // eval.k)."""
+        return self.eval.batch_size or max(1, self.rollout_batch // max(self.eval.k, 1))
+
+    @property
+    def score_micro_batch_rows(self) -> int:
+        """Rows per score-step micro-batch: train.score_micro_batch, 0 meaning train.micro_batch."""
+        return self.train.score_micro_batch or self.train.micro_batch
+
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks; every problem is named, all at once."""
@@ -187,6 +205,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         p.append(
             f"train.micro_batch={cfg.train.micro_batch} does not divide the mini-batch of {cfg.mini_batch} sequences"
         )
+    p += _score_micro_batch_problems(cfg)
     if cfg.train.logprob_chunk < 1:
         p.append(f"train.logprob_chunk={cfg.train.logprob_chunk}: must be >= 1")
     elif cfg.rollout.max_new_tokens >= 1 and cfg.rollout.max_new_tokens % min(
@@ -207,6 +226,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _score_micro_batch_problems(cfg: TrainConfig) -> list[str]:
+    """train.score_micro_batch: 0 or a divisor of the rollout batch. (0 resolves to train.micro_batch,
+    checked above to divide a mini-batch, which divides the rollout batch.)"""
+    rows, batch = cfg.train.score_micro_batch, cfg.rollout_batch
+    if rows == 0 or (rows >= 1 and batch % rows == 0):
+        return []
+    return [
+        f"train.score_micro_batch={rows}: must be 0 (= train.micro_batch) or a divisor >= 1 of the "
+        f"rollout batch of {batch} (= prompts_per_iteration x n)"
+    ]
+
+
 def _range_problems(cfg: TrainConfig) -> list[str]:
     """Values outside what their key accepts, named as `key=value: must be ...`."""
     r, e, c, w = cfg.rollout, cfg.eval, cfg.checkpoint, cfg.rewards
@@ -224,6 +255,7 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
     checks = (
         ("rollout.prompts_per_iteration", r.prompts_per_iteration, r.prompts_per_iteration >= 1, ">= 1"),
         ("eval.every", e.every, e.every >= 0, ">= 0 (0: never)"),
+        ("eval.batch_size", e.batch_size, e.batch_size >= 0, ">= 0 (0: one rollout batch of rows, / eval.k)"),
         ("checkpoint.every", c.every, c.every >= 0, ">= 0 (0: never)"),
         # keep 0 would let Orbax delete every checkpoint it writes: nothing to resume from.
         ("checkpoint.keep", c.keep, c.keep >= 1, ">= 1 (checkpoints kept to resume from)"),

@@ -79,8 +79,10 @@ def run_iteration(
     reward_fn: RewardFn,
     mini_batches: int,
     chunk: int,
+    score_micro_batch: int,
 ):
-    """Returns (new train state, metrics dict)."""
+    """Returns (new train state, metrics dict). score_micro_batch: rows per micro-batch of the
+    score step (TrainConfig.score_micro_batch_rows; divides the rollout batch)."""
     t0 = time.perf_counter()
     # the third key was the train step's, which draws nothing: still split in 3 so that rollouts
     # and teacher samples draw the numbers they always have (runs stay comparable across versions)
@@ -103,6 +105,7 @@ def run_iteration(
         k_score,
         obj_cfg=obj_cfg,
         chunk=chunk,
+        micro_batch=score_micro_batch,
     )
     rewards = np.asarray(pending.result(), np.float32)
     adv = grpo_advantages(rewards, sampling.n) if sampling.n > 1 else np.zeros_like(rewards)

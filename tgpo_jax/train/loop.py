@@ -125,6 +125,7 @@ def _iterate(cfg: TrainConfig, parts: RunParts, ckpt: RunCheckpoints, writer: Me
             reward_fn=parts.reward_fn,
             mini_batches=cfg.train.mini_batches,
             chunk=cfg.train.logprob_chunk,
+            score_micro_batch=cfg.score_micro_batch_rows,
         )
         _check_finite(metrics, it, last_saved)
         score = None

@@ -37,6 +37,7 @@ RESUME_NEUTRAL_KEYS = (
     "run_dir",  # the same directory can be reached by another path (a moved disk, a mount point)
     "train.iterations",  # extend (or shorten) a run
     "train.logprob_chunk",  # a memory knob: the same log-probs, computed in other chunk sizes
+    "train.score_micro_batch",  # a memory knob: the same per-row scores, in other micro-batches of rows
     "logging.*",
     "checkpoint.*",  # every / keep / keep_best / async_save / resume
     "eval.every",

@@ -1,6 +1,7 @@
 """The jitted `score` step: one student forward (old log-probs, its top-K where needed) and one
-teacher forward (argmax or sample, log-prob of the student's token, top-K) over a rollout batch.
-It fills only the Batch fields the objective lists in `Objective.scored` (registry.py).
+teacher forward (argmax or sample, log-prob of the student's token, top-K) over a rollout batch,
+in micro-batches of rows scored one after another inside one program (bounded memory at any batch
+size). It fills only the Batch fields the objective lists in `Objective.scored` (registry.py).
 
 The teacher is run teacher-forced on the STUDENT's token ids; logits at sequence position P-1+t
 predict response token t. Results are reused by every mini-batch update of the iteration.
@@ -16,7 +17,7 @@ from flax import nnx
 
 from tgpo_jax.models.decoder import left_pad_positions
 from tgpo_jax.models.layers import MASK_VALUE
-from tgpo_jax.objectives.batch import Batch
+from tgpo_jax.objectives.batch import Batch, merge_micro_batches, split_micro_batches
 from tgpo_jax.objectives.logprobs import student_old_stats, teacher_stats
 from tgpo_jax.objectives.registry import ObjectiveConfig
 
@@ -34,66 +35,117 @@ def _vocab(cfg):
     return cfg.valid_vocab_size or cfg.vocab_size
 
 
-def _masked_mean(x_BT, mask_BT):
-    return jnp.sum(x_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
-
-
-def score(s_graphdef, s_state, t_graphdef, t_state, batch: Batch, key, *, obj_cfg: ObjectiveConfig, chunk: int):
+def score(
+    s_graphdef,
+    s_state,
+    t_graphdef,
+    t_state,
+    batch: Batch,
+    key,
+    *,
+    obj_cfg: ObjectiveConfig,
+    chunk: int,
+    micro_batch: int | None = None,
+):
     """(batch with old_logp_BT and the objective's `scored` fields filled, gap metrics).
 
     batch: a Batch with the rollout fields (prompt_BP, prompt_mask_BP, tokens_BT, mask_BT); the
-    fields the objective does not ask for stay None (batch.py documents each field)."""
-    fields, metrics = _score(s_graphdef, s_state, t_graphdef, t_state, batch, key, obj_cfg=obj_cfg, chunk=chunk)
+    fields the objective does not ask for stay None (batch.py documents each field).
+    micro_batch: rows per scoring micro-batch (must divide B); None: all B rows at once."""
+    fields, metrics = _score(
+        s_graphdef,
+        s_state,
+        t_graphdef,
+        t_state,
+        batch,
+        key,
+        obj_cfg=obj_cfg,
+        chunk=chunk,
+        micro_batch=micro_batch or batch.size,
+    )
     return batch.replace(**fields), metrics
 
 
-@functools.partial(jax.jit, static_argnames=("s_graphdef", "t_graphdef", "obj_cfg", "chunk"))
-def _score(s_graphdef, s_state, t_graphdef, t_state, batch: Batch, key, *, obj_cfg: ObjectiveConfig, chunk: int):
-    """The scored fields {Batch field name: array} and the gap metrics. Only the new fields leave
-    the jit (returning the whole batch would copy the rollout arrays)."""
+@functools.partial(jax.jit, static_argnames=("s_graphdef", "t_graphdef", "obj_cfg", "chunk", "micro_batch"))
+def _score(
+    s_graphdef,
+    s_state,
+    t_graphdef,
+    t_state,
+    batch: Batch,
+    key,
+    *,
+    obj_cfg: ObjectiveConfig,
+    chunk: int,
+    micro_batch: int,
+):
+    """The scored fields {Batch field name: array [B, ...]} and the gap metrics. Only the new fields
+    leave the jit (returning the whole batch would copy the rollout arrays).
+
+    The B rows are scored in M = B / micro_batch micro-batches, one after another (`lax.map`), so
+    only one micro-batch's activations and logit chunks are live at a time. The split is strided
+    (`split_micro_batches`: no gather of a data-parallel batch) and every output goes back to the
+    original row order. Nothing depends on the split: the teacher's sample is keyed by each row's
+    index in the whole batch, and the gap metrics are formed from per-row sums over all B rows."""
+    rows = (
+        batch.prompt_BP,
+        batch.prompt_mask_BP,
+        batch.tokens_BT,
+        batch.mask_BT,
+        jnp.arange(batch.size, dtype=jnp.int32),
+    )
+    needs_teacher = obj_cfg.objective.needs_teacher
+
+    def one(rows_b):  # the models are merged inside the loop body: their arrays are its inputs
+        student = nnx.merge(s_graphdef, s_state)
+        teacher = nnx.merge(t_graphdef, t_state) if needs_teacher else None
+        return _score_rows(student, teacher, *rows_b, key, obj_cfg=obj_cfg, chunk=chunk)
+
+    fields, row_sums = merge_micro_batches(jax.lax.map(one, split_micro_batches(rows, micro_batch)))
+    return fields, (_gap_metrics(row_sums) if needs_teacher else {})
+
+
+def _score_rows(student, teacher, prompt_BP, prompt_mask_BP, y_BT, mask_BT, rows_B, key, *, obj_cfg, chunk):
+    """(scored fields, per-row gap sums) of one micro-batch of rows; rows_B: their indices in the
+    whole batch. teacher: None for an objective without one (the gap sums are then {})."""
     obj = obj_cfg.objective
-    student = nnx.merge(s_graphdef, s_state)
-    y, mask = batch.tokens_BT, batch.mask_BT
-    no_ids = jnp.zeros(y.shape + (0,), jnp.int32)  # student_old_stats' "no extra ids" (K = 0)
-    hS = response_hidden(student, batch.prompt_BP, batch.prompt_mask_BP, y, mask)
-    s_vocab, s_head = _vocab(student.cfg), student.lm_head_EV()
+    no_ids = jnp.zeros(y_BT.shape + (0,), jnp.int32)  # student_old_stats' "no extra ids" (K = 0)
+    hS = response_hidden(student, prompt_BP, prompt_mask_BP, y_BT, mask_BT)
+    s_vocab = _vocab(student.cfg)
+    old = functools.partial(student_old_stats, hS, student.lm_head_EV(), y_BT, chunk=chunk, valid_vocab=s_vocab)
     out = {}
     s_topk = obj.student_topk(obj_cfg)
     s_topk_ids = no_ids
     if s_topk:  # the teacher must be read at the student's own top-K ids: student pass first
-        old_logp, _, s_topk_ids, out["old_topk_logp_BTK"] = student_old_stats(
-            hS, s_head, y, no_ids, chunk=chunk, top_k=s_topk, valid_vocab=s_vocab
-        )
+        old_logp, _, s_topk_ids, out["old_topk_logp_BTK"] = old(no_ids, top_k=s_topk)
         out["student_topk_ids_BTK"] = s_topk_ids
-    if not obj.needs_teacher:
-        out["old_logp_BT"], *_ = student_old_stats(hS, s_head, y, no_ids, chunk=chunk, valid_vocab=s_vocab)
+    if teacher is None:
+        out["old_logp_BT"], *_ = old(no_ids)
         return out, {}
-    teacher = nnx.merge(t_graphdef, t_state)
-    hT = response_hidden(teacher, batch.prompt_BP, batch.prompt_mask_BP, y, mask)
+    hT = response_hidden(teacher, prompt_BP, prompt_mask_BP, y_BT, mask_BT)
     t = teacher_stats(
         hT,
         teacher.lm_head_EV(),
-        y,
+        y_BT,
         s_topk_ids,
         key,
         chunk=chunk,
         top_k=obj.teacher_topk(obj_cfg),
         sample=obj.teacher_sample,
         valid_vocab=_vocab(teacher.cfg),
+        rows_B=rows_B,
     )
     # A teacher id the student cannot decode is masked out of the CE term and counted.
     valid = (t.ids_BT < s_vocab).astype(jnp.float32)
     ids = jnp.where(valid > 0, t.ids_BT, 0)
     if not s_topk:
         # pi_old(y*_t) is read in the same pass as pi_old(y_t), only where the objective uses it
-        at_ids = ids[..., None] if "old_p_teacher_BT" in obj.scored else no_ids
-        old_logp, at_logp, _, _ = student_old_stats(hS, s_head, y, at_ids, chunk=chunk, valid_vocab=s_vocab)
+        old_logp, at_logp, _, _ = old(ids[..., None] if "old_p_teacher_BT" in obj.scored else no_ids)
         if "old_p_teacher_BT" in obj.scored:
             out["old_p_teacher_BT"] = jnp.exp(at_logp[..., 0]) * valid
     out.update(_teacher_fields(obj.scored, t, ids, valid, s_vocab), old_logp_BT=old_logp)
-    return {k: v for k, v in out.items() if k == "old_logp_BT" or k in obj.scored}, _gap_metrics(
-        old_logp, t, y, mask.astype(jnp.float32), valid
-    )
+    fields = {k: v for k, v in out.items() if k == "old_logp_BT" or k in obj.scored}
+    return fields, _gap_row_sums(old_logp, t, y_BT, mask_BT.astype(jnp.float32), valid)
 
 
 def _teacher_fields(scored: frozenset[str], t, ids_BT, valid_BT, s_vocab: int) -> dict:
@@ -112,12 +164,32 @@ def _teacher_fields(scored: frozenset[str], t, ids_BT, valid_BT, s_vocab: int) -
     return {k: v for k, v in out.items() if k in scored}
 
 
-def _gap_metrics(old_logp_BT, t, y_BT, mask_BT, valid_BT) -> dict:
-    """Teacher/student gap on the sampled responses (token means over real response tokens)."""
+def _gap_row_sums(old_logp_BT, t, y_BT, mask_BT, valid_BT) -> dict:
+    """Per-row sums [B] over the real response tokens (mask_BT) of the gap terms, and the token count."""
+    row_sum = lambda x_BT: jnp.sum(x_BT * mask_BT, -1)  # noqa: E731
     return {
-        "gap/reverse_kl_k1": _masked_mean(old_logp_BT - t.logp_y_BT, mask_BT),
-        "gap/mismatch_ratio": _masked_mean((t.argmax_BT != y_BT).astype(jnp.float32), mask_BT),
-        "gap/teacher_ppl": jnp.exp(-_masked_mean(t.logp_y_BT, mask_BT)),
-        "gap/teacher_low_mass_frac": _masked_mean((t.logp_y_BT < jnp.log(1e-3)).astype(jnp.float32), mask_BT),
-        "teacher/masked_ids": jnp.sum((1.0 - valid_BT) * mask_BT),
+        "tokens": jnp.sum(mask_BT, -1),
+        "reverse_kl_k1": row_sum(old_logp_BT - t.logp_y_BT),
+        "mismatch": row_sum((t.argmax_BT != y_BT).astype(jnp.float32)),
+        "teacher_logp": row_sum(t.logp_y_BT),
+        "teacher_low_mass": row_sum((t.logp_y_BT < jnp.log(1e-3)).astype(jnp.float32)),
+        "masked_ids": row_sum(1.0 - valid_BT),
+    }
+
+
+def _gap_metrics(row_sums_B: dict) -> dict:
+    """Teacher/student gap on the sampled responses, from `_gap_row_sums` over all B rows: with
+    N = sum_b tokens_b, token means mean(x) = sum_b x_b / max(N, 1) of
+      reverse_kl_k1 = log pi_old(y_t) - log pi_T(y_t),  mismatch = [argmax pi_T != y_t],
+      teacher_low_mass = [pi_T(y_t) < 1e-3];
+    teacher_ppl = exp(-mean(log pi_T(y_t))); teacher/masked_ids = the count of teacher ids the
+    student cannot decode."""
+    total = {k: jnp.sum(v) for k, v in row_sums_B.items()}
+    mean = lambda k: total[k] / jnp.maximum(total["tokens"], 1.0)  # noqa: E731
+    return {
+        "gap/reverse_kl_k1": mean("reverse_kl_k1"),
+        "gap/mismatch_ratio": mean("mismatch"),
+        "gap/teacher_ppl": jnp.exp(-mean("teacher_logp")),
+        "gap/teacher_low_mass_frac": mean("teacher_low_mass"),
+        "teacher/masked_ids": total["masked_ids"],
     }

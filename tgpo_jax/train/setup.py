@@ -163,9 +163,11 @@ def build_data(cfg: TrainConfig, tokenizer) -> PromptStream:
 class InRunEvaluator:
     """evaluate(params, iteration) -> {'eval/score', 'eval/<source>/accuracy', ...} on the eval set
     with the train sampler (rollout stop ids). Sampling goes through `policy_from_sampler` with seed
-    train.seed, the schedule of `tgpo-jax eval --seed <train.seed> --batch-size <eval set size>`:
-    every evaluation draws the same random numbers, so iterations differ only by the model, and
-    the exported model scores the same in `tgpo-jax eval`. `last_report` keeps the latest EvalReport."""
+    train.seed in calls of `batch_size` = min(cfg.eval_batch_prompts, eval items) prompts (k rows
+    each; a short last call padded to batch_size, as `tgpo-jax eval` pads), the schedule of
+    `tgpo-jax eval --seed <train.seed> --batch-size <batch_size>`: every evaluation draws the same
+    random numbers, so iterations differ only by the model, and the exported model scores the same
+    in `tgpo-jax eval`. `last_report` keeps the latest EvalReport."""
 
     def __init__(self, cfg: TrainConfig, models: Models, tokenizer):
         data_cfg = DataConfig.from_dict({**cfg.data, **cfg.eval.data, "shuffle": False}, path="eval.data")
@@ -177,6 +179,8 @@ class InRunEvaluator:
             temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=cfg.eval.max_new_tokens, n=cfg.eval.k
         )
         self.k, self.seed = cfg.eval.k, cfg.train.seed
+        # capped at the set: a small eval set is one call of its own size, not padded up to a batch
+        self.batch_size = min(cfg.eval_batch_prompts, len(self.items))
         self.progress = cfg.logging.progress and jax.process_index() == 0
         self.sampler, self.tokenizer = models.sampler, tokenizer
         self.reward = RewardFn(cfg.rewards.reward_config(EVAL_REWARD))
@@ -185,9 +189,9 @@ class InRunEvaluator:
     def __call__(self, train_params, iteration: int) -> dict:
         del iteration  # the same keys at every evaluation (see the class docstring)
         self.sampler.state = train_params
-        policy = policy_from_sampler(self.sampler, self.tokenizer, self.params, seed=self.seed)
+        policy = policy_from_sampler(self.sampler, self.tokenizer, self.params, seed=self.seed, pad_to=self.batch_size)
         rep = evaluate(
-            policy, self.items, self.k, reward_fn=self.reward, batch_size=len(self.items), progress=self.progress
+            policy, self.items, self.k, reward_fn=self.reward, batch_size=self.batch_size, progress=self.progress
         )
         self.last_report = rep
         out = {"eval/score": rep.mean_accuracy}
