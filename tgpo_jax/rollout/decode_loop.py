@@ -2,7 +2,10 @@
 
 - Each prompt is prefilled once; its KV slots are copied to its n group members.
 - Decode is a `lax.while_loop` that exits as soon as every row has stopped.
-- The KV cache comes in preallocated and donated, and goes out for the next call.
+- The KV cache is allocated inside the program, not passed in: the compiler lays it out as the
+  decode loop writes it (a cache passed in row-major was copied whole into that layout: 15.75 GiB
+  per device at the paper's shapes on a v5p-8) and its memory is free again once the rollout
+  returns, for the scoring and train programs that follow.
 Random draws use `fold_in(key, step)`, so tokens depend on the key only, not on the sharding.
 """
 
@@ -39,8 +42,15 @@ def _constrain_cache(model, x, axes):
     return x if sh is None else sh.constrain(x, axes)
 
 
+def _new_cache(model, B: int, S: int) -> KVCache:
+    """The zeroed KV cache of B rows x S slots, sharded as the model's rules shard the cache."""
+    cache = KVCache.init(model.cfg, B, S)
+    k, v = (jax.tree.map(lambda x: _constrain_cache(model, x, cache.kv_axes), t) for t in (cache.k, cache.v))
+    return KVCache(k, v, _constrain_cache(model, cache.mask_BS, ("batch", None)), cache.index)
+
+
 def _prefill(model, prompt_PT, mask_PT, cache: KVCache, n: int):
-    """Runs the prompts once and fills slots [0, T) of the (donated) big cache for all n copies."""
+    """Runs the prompts once and fills slots [0, T) of the big cache for all n copies."""
     P, T = prompt_PT.shape
     small = KVCache.init(model.cfg, P, T, dtype=cache.dtype)
     # the next token needs the last position's logits only: [P, V], not [P, T, V] in fp32 (at the
@@ -58,9 +68,11 @@ def _prefill(model, prompt_PT, mask_PT, cache: KVCache, n: int):
     return rep(logits_PV), big
 
 
-def rollout_fn(graphdef, state, cache, prompt_PT, mask_PT, key, *, params: SamplingParams, stop_ids: tuple[int, ...]):
+def rollout_fn(graphdef, state, prompt_PT, mask_PT, key, *, params: SamplingParams, stop_ids: tuple[int, ...]):
+    """(tokens_BT, mask_BT, logp_BT, lengths_B, finish_B) for P prompts x params.n samples."""
     model = nnx.merge(graphdef, state)
     n, T_new = params.n, params.max_new_tokens
+    cache = _new_cache(model, prompt_PT.shape[0] * n, prompt_PT.shape[1] + T_new)
     logits_BV, cache = _prefill(model, prompt_PT, mask_PT, cache, n)
     layers = None if cache.stacked else model.layer_list()  # sliced once here, not in every decode step
     B = logits_BV.shape[0]
@@ -105,7 +117,7 @@ def rollout_fn(graphdef, state, cache, prompt_PT, mask_PT, key, *, params: Sampl
     tok0, logp0 = select(logits_BV, jax.random.fold_in(key, 0), params)
     c = jax.lax.while_loop(cond, body, emit(init, 0, tok0, logp0))
     finish = jnp.where(c["stopped"], FINISH_STOP, FINISH_LENGTH).astype(jnp.int32)
-    return c["cache"], (c["tokens"], c["mask"], c["logp"], c["mask"].sum(-1), finish)
+    return c["tokens"], c["mask"], c["logp"], c["mask"].sum(-1), finish
 
 
 def _decode_step(model, layers, tok_B, pos_B, cache):

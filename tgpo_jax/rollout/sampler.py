@@ -1,8 +1,8 @@
 """The rollout sampler (host side): bucketing, padding, sharding of inputs, compile bookkeeping.
 
 Prompts are left-padded to a length bucket and the prompt count padded to a multiple of the batch
-shards, so compilation happens once per (prompt count, bucket, sampling params); each compiled
-executable keeps its own preallocated KV cache, donated on every call.
+shards, so compilation happens once per (prompt count, bucket, sampling params). Each call's
+program allocates its own KV cache (decode_loop.py says why): nothing stays allocated between calls.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ class Sampler:
         self.buckets = tuple(sorted(prompt_buckets))
         self.stats = CompileStats()
         self._compiled: dict = {}
-        self._caches: dict = {}
 
     # ------------------------------------------------------------------ host -> device
     def _batch_shards(self) -> int:
@@ -88,55 +87,68 @@ class Sampler:
         return tokens, mask
 
     # ------------------------------------------------------------------ compile + run
+    def _jitted(self, params: SamplingParams):
+        return jax.jit(functools.partial(rollout_fn, params=params, stop_ids=self.stop_ids), static_argnums=(0,))
+
+    def lower(self, P: int, T: int, params: SamplingParams) -> jax.stages.Lowered:
+        """The rollout program for P prompts (a multiple of the batch shards) in a T-token bucket,
+        lowered from shapes and shardings alone: nothing is allocated, so it lowers for a mesh of
+        devices this process cannot run on (the AOT compile of tgpo_jax/aot)."""
+        prompt = _abstract((P, T), jnp.int32, self._batch_sharding(2))
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+        return self._jitted(params).lower(self.graphdef, _abstract_tree(self.state), prompt, prompt, key)
+
     def _executable(self, P: int, T: int, params: SamplingParams):
         key = (P, T, params)
         if key not in self._compiled:
-            fn = jax.jit(
-                functools.partial(rollout_fn, params=params, stop_ids=self.stop_ids),
-                static_argnums=(0,),
-                donate_argnums=(2,),
-            )
-            cache = self._new_cache(P * params.n, T + params.max_new_tokens)
-            args = (
-                self.graphdef,
-                self.state,
-                cache,
-                self._put(np.zeros((P, T), np.int32)),
-                self._put(np.ones((P, T), np.int32)),
-                jax.random.key(0),
-            )
             t0 = time.perf_counter()
-            self._compiled[key] = fn.lower(*args).compile()
+            self._compiled[key] = self.lower(P, T, params).compile()
             self.stats.compiles += 1
             self.stats.compile_s += time.perf_counter() - t0
             self.stats.shapes.append(key[:2])
-            self._caches[key] = cache
-        return key, self._compiled[key]
+        return self._compiled[key]
 
-    def _new_cache(self, B: int, S: int) -> KVCache:
+    def _batch_sharding(self, ndim: int):
         if self.sharding is None:
-            return KVCache.init(self.cfg, B, S)
+            return None
+        return NamedSharding(self.sharding.mesh, self.sharding.rules.spec(("batch",) + (None,) * (ndim - 1)))
+
+    def _cache_shardings(self, shapes: KVCache) -> KVCache | None:
+        if self.sharding is None:
+            return None
         mesh, rules = self.sharding.mesh, self.sharding.rules
-        shapes = jax.eval_shape(lambda: KVCache.init(self.cfg, B, S))
         kv = jax.tree.map(
             lambda a: NamedSharding(mesh, _divisible_spec(rules, shapes.kv_axes, a.shape, mesh)), shapes.k
         )
-        shardings = KVCache(
-            kv, kv, NamedSharding(mesh, rules.spec(("batch", None))), NamedSharding(mesh, PartitionSpec())
-        )
-        # Created in place by a jit (no host or single-device copy first): works when the mesh spans processes.
-        return jax.jit(lambda: KVCache.init(self.cfg, B, S), out_shardings=shardings)()
+        return KVCache(kv, kv, NamedSharding(mesh, rules.spec(("batch", None))), NamedSharding(mesh, PartitionSpec()))
+
+    def cache_shapes(self, B: int, S: int) -> KVCache:
+        """The KV cache a call allocates for B rows x S slots, as ShapeDtypeStructs carrying their
+        shardings (for memory accounting)."""
+        shapes = jax.eval_shape(lambda: KVCache.init(self.cfg, B, S))
+        shardings = self._cache_shardings(shapes)
+        if shardings is None:
+            return shapes
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
     def sample(self, prompts: Sequence[Sequence[int]], params: SamplingParams, key: jax.Array) -> Rollout:
         """n responses for each prompt (token id lists); rows ordered prompt-major."""
         tokens, mask = self._pad_prompts(prompts)
-        ck, exe = self._executable(tokens.shape[0], tokens.shape[1], params)
-        cache, out = exe(self.state, self._caches.pop(ck), self._put(tokens), self._put(mask), key)
-        self._caches[ck] = cache
+        exe = self._executable(tokens.shape[0], tokens.shape[1], params)
+        out = exe(self.state, self._put(tokens), self._put(mask), key)
         keep = len(prompts) * params.n
         t, m, lp, ln, fin = (global_to_host(x)[:keep] for x in out)  # collective when multi-process
         rep = lambda x: np.repeat(x, params.n, axis=0)[:keep]  # noqa: E731
         return Rollout(t, m, lp, ln, fin, rep(tokens), rep(mask))
+
+
+def _abstract(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _abstract_tree(tree):
+    """Arrays (or ShapeDtypeStructs) -> ShapeDtypeStructs with the same shapes, dtypes and shardings."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 def _divisible_spec(rules, axes, shape, mesh) -> PartitionSpec:

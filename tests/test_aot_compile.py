@@ -1,0 +1,129 @@
+"""The TPU compiler (libtpu, the tpu-aot extra) compiles every program of an iteration on this CPU
+machine: a 2-layer dense student and a 2-layer MoE teacher for a v5e and a v5p slice. A change
+that breaks TPU lowering, picks a CPU-only path for a TPU mesh, drops a donation or blows up a
+program's memory fails here."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+if os.environ.get("CI"):
+    import libtpu  # noqa: F401  (CI installs the tpu-aot extra: a missing compiler is a failure there)
+else:
+    pytest.importorskip("libtpu", reason='the TPU compiler: pip install -e ".[tpu-aot]"')
+
+from tgpo_jax.aot.compile import GIB, compile_program, compile_run  # noqa: E402
+from tgpo_jax.aot.programs import (
+    abstract_run,
+    device_bytes,
+    iteration_programs,
+    mini_batch,
+    rollout_batch,
+    scored_batch,
+)  # noqa: E402
+from tgpo_jax.aot.topology import parse_topology, tpu_devices  # noqa: E402
+from tgpo_jax.configtree import ConfigError  # noqa: E402
+from tgpo_jax.presets import HARDWARE, bundled_hf_config  # noqa: E402
+from tgpo_jax.train.config import load_train_config  # noqa: E402
+
+SMALL = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=512,
+    max_position_embeddings=4096,
+)
+STUDENT_HF = bundled_hf_config("Qwen2.5-Math-1.5B", SMALL)
+TEACHER_HF = bundled_hf_config(
+    "Qwen3-30B-A3B-Thinking-2507", {**SMALL, "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2}
+)
+OVERRIDES = [
+    "models.student=unused",
+    "models.teacher=unused",
+    "data.files=[train.jsonl]",
+    "eval.data.files=[eval.jsonl]",
+    "models.dtype=bfloat16",
+    "sharding.teacher_rules={expert: fsdp}",
+]
+
+
+def _cfg(*extra):
+    return load_train_config("configs/demo.yaml", OVERRIDES + list(extra))
+
+
+@pytest.mark.parametrize("name", sorted(HARDWARE))
+def test_each_hardware_entry_has_its_device_and_host_count(name):
+    devices = tpu_devices(parse_topology(name))
+    hw = HARDWARE[name]
+    assert len(devices) == hw.devices
+    assert len({d.process_index for d in devices}) == hw.hosts
+    assert {d.platform for d in devices} == {"tpu"}
+
+
+def test_an_unknown_topology_names_the_accepted_forms():
+    with pytest.raises(ConfigError, match=r"unknown TPU topology 'v9-8'.*v5p-8.*v5p:2x2x1"):
+        parse_topology("v9-8")
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x4", "v5p:2x2x1"])
+def test_every_program_of_an_iteration_compiles_and_fits(topology):
+    report = compile_run(_cfg(), STUDENT_HF, TEACHER_HF, topology)
+    assert [p.name for p in report.programs] == ["rollout", "score", "train_step", "eval_rollout"]
+    for p in report.programs:
+        assert p.error is None, p.error
+        assert report.fits(p)
+        assert 0 < p.program_bytes < 0.1 * GIB
+    assert report.summary()["fits"] is True
+
+
+def test_the_compiler_sees_the_arguments_and_donations_we_size():
+    """At real widths (Qwen2.5-Math-1.5B's, two layers) the per-device argument bytes of the TPU
+    programs equal the shard arithmetic of their inputs up to the TPU's tile padding (a 12-row
+    bias is stored as 16), and the donated train state is written in place: the outputs beyond it
+    are the metrics alone."""
+    student = bundled_hf_config("Qwen2.5-Math-1.5B", {"num_hidden_layers": 2})
+    cfg = _cfg("train.micro_batch=8", "models.param_dtype=float32")
+    run = abstract_run(cfg, student, TEACHER_HF, tpu_devices(parse_topology("v5p:2x2x1")))
+    progs = {p.name: p for p in iteration_programs(run)}
+    train = compile_program(progs["train_step"])
+    state = device_bytes(run.train_state)
+    assert train.arguments == pytest.approx(state + device_bytes(mini_batch(run, scored_batch(run))) + 4, rel=1e-3)
+    assert train.aliased == pytest.approx(state, rel=1e-3)
+    assert train.outputs - train.aliased < 64 * 1024  # the metrics
+    rollout = compile_program(progs["rollout"])
+    kv = device_bytes(run.sampler.cache_shapes(16 * 8, 64 + 48))  # 16 prompts x n = 8, 64-token bucket + 48 new
+    prompts = 2 * device_bytes(rollout_batch(run).prompt_BP) // 8  # tokens + mask of the 16 prompts (not x n)
+    assert rollout.arguments == pytest.approx(device_bytes(run.train_state.params) + prompts + 8, rel=1e-3)
+    assert rollout.temps >= kv  # the cache lives inside the program, freed when it returns
+    assert set(rollout.resident) == {"opt_state", "teacher_params"}
+
+
+def test_a_tpu_program_never_calls_the_cpu_attention_kernel():
+    run = abstract_run(_cfg("models.dtype=float32"), STUDENT_HF, TEACHER_HF, tpu_devices(parse_topology("v5e:2x4")))
+    for p in iteration_programs(run):
+        text = p.lower().as_text()
+        assert "tgpo_cpu" not in text and "cpu_attention" not in text, p.name
+
+
+def test_cli_exits_1_naming_the_program_that_does_not_fit(tmp_path):
+    for role, hf in (("student", STUDENT_HF), ("teacher", TEACHER_HF)):
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "config.json").write_text(json.dumps(hf))
+    cmd = [sys.executable, "-m", "tgpo_jax.cli", "compile", "--config", "configs/demo.yaml", "--topology", "v5e-8"]
+    cmd += ["--only", "train_step", "--headroom", "1e-9"] + OVERRIDES[2:]
+    cmd += [f"models.student={tmp_path / 'student'}", f"models.teacher={tmp_path / 'teacher'}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "does not fit v5e:2x4: train_step" in r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["fits"] is False and list(summary["programs"]) == ["train_step"]
+    p = summary["programs"]["train_step"]
+    assert p["hbm_gib"] == 16.0 and p["total_gib"] > 0 and p["compile_s"] > 0
+    assert np.isclose(summary["headroom"], 1e-9)
