@@ -67,6 +67,17 @@ def test_each_hardware_entry_has_its_device_and_host_count(name):
     assert {d.platform for d in devices} == {"tpu"}
 
 
+def test_the_process_still_looks_like_what_it_is_after_libtpu_started():
+    """libtpu is told it runs on no TPU VM only while it starts: left in the environment, those
+    variables would make a later `train` in this process start jax.distributed as on a TPU VM."""
+    from tgpo_jax.sharding.distributed import is_cloud_tpu_env
+
+    before = dict(os.environ)
+    tpu_devices(parse_topology("v5p:2x2x2"))
+    assert dict(os.environ) == before
+    assert not is_cloud_tpu_env()
+
+
 def test_an_unknown_topology_names_the_accepted_forms():
     with pytest.raises(ConfigError, match=r"unknown TPU topology 'v9-8'.*v5p-8.*v5p:2x2x1"):
         parse_topology("v9-8")

@@ -281,3 +281,20 @@ def test_data_parallel_step_splits_the_compute(rollout):
     moves = {op: hlo.count(op + "(") for op in ("all-gather", "collective-permute", "all-to-all")}
     assert moves == {"all-gather": 0, "collective-permute": 0, "all-to-all": 0}, moves
     assert flops[8] * 8 <= 1.25 * flops[1], flops
+
+
+def test_adamw_moments_are_sharded_as_their_parameters():
+    """A sharded student's AdamW moments take each parameter's sharding (left to the compiler,
+    `jit(optimizer.init)` replicated them: every device held the whole optimizer state), so a
+    device holds 2 x its parameter shard of moments; the counters are replicated."""
+    mesh = build_mesh(MeshConfig.from_dict({"data": 1, "fsdp": 4, "tensor": 2}))
+    cfg = tiny_config("qwen2", hidden_size=64, intermediate_size=128)
+    _, state = init_train_state(init_sharded(cfg, mesh, ShardingRules(), seed=0), make_optimizer(OptimizerConfig()))
+    specs = [p.sharding.spec for p in jax.tree.leaves(state.params)]
+    assert any(s != jax.sharding.PartitionSpec() for s in specs)
+    adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
+    for moments in (adam.mu, adam.nu):
+        assert [m.sharding.spec for m in jax.tree.leaves(moments)] == specs
+    one_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    assert one_device((adam.mu, adam.nu)) == 2 * one_device(state.params)
+    assert adam.count.sharding.spec == jax.sharding.PartitionSpec() == state.step.sharding.spec

@@ -37,7 +37,7 @@ from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh
 from tgpo_jax.sharding.placement import abstract_sharded_params
 from tgpo_jax.sharding.rules import ActivationSharding
 from tgpo_jax.train.config import TrainConfig
-from tgpo_jax.train.step import TrainState, make_optimizer, make_train_step
+from tgpo_jax.train.step import TrainState, make_optimizer, make_train_step, opt_state_shardings
 
 
 @dataclasses.dataclass
@@ -69,17 +69,11 @@ def _model(hf: dict, param_dtype: str, dtype: str, overrides: dict, mesh, rules:
 
 
 def _abstract_train_state(params, optimizer, mesh) -> TrainState:
-    """The train state `init_train_state` makes, as ShapeDtypeStructs: the optimizer state takes
-    the shardings the compiler gives `optimizer.init`'s outputs (what the real run gets), counters
-    replicated."""
-    compiled = jax.jit(optimizer.init).lower(params).compile()
+    """The train state `init_train_state` makes, as ShapeDtypeStructs in the same shardings."""
     shapes = jax.eval_shape(optimizer.init, params)
+    shardings = opt_state_shardings(optimizer, params)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(x, s):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if isinstance(s, NamedSharding) else replicated)
-
-    opt_state = jax.tree.map(place, shapes, compiled.output_shardings)
     return TrainState(params, opt_state, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
 
 

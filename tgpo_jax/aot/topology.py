@@ -8,6 +8,7 @@ configuration and chips per host follow Cloud TPU's: v4 and v5p run one JAX devi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -84,30 +85,43 @@ def parse_topology(name: str) -> Topology:
     return Topology(topo, m.group(1), dims)
 
 
+@contextlib.contextmanager
+def _compile_only_env(topology: Topology):
+    """libtpu reads a TPU VM's metadata when it starts; elsewhere it prints a page of warnings.
+    Compile-only use needs none of it, so the slice is described in the environment while libtpu
+    starts (values already set are kept), and the environment restored after: left set, these
+    variables would make the rest of the process believe it runs on a Cloud TPU VM
+    (sharding.distributed.is_cloud_tpu_env). ALLOW_MULTIPLE_LIBTPU_LOAD: nothing holds a chip,
+    so several processes may compile at once (libtpu's lockfile would refuse the second)."""
+    values = {
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+        "TPU_SKIP_MDS_QUERY": "1",
+        "TPU_WORKER_HOSTNAMES": "localhost",
+        "TPU_ACCELERATOR_TYPE": topology.accelerator_type,
+    }
+    added = [k for k in values if k not in os.environ]
+    os.environ.update({k: values[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def tpu_devices(topology: Topology) -> list:
     """The JAX devices of `topology` (compile-only: nothing runs on them)."""
     try:
         import libtpu  # noqa: F401
     except ImportError as e:
         raise AotUnavailable(f"compiling for a TPU needs the TPU compiler, libtpu: {INSTALL_HINT}") from e
-    # libtpu reads a TPU VM's metadata at start-up; elsewhere it prints a page of warnings per
-    # process. Compile-only use needs none of it: say what the slice is (kept if already set).
-    # Nor does it hold a chip, so several processes may compile at once (libtpu's lockfile would
-    # refuse the second).
-    for var, value in (
-        ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
-        ("TPU_SKIP_MDS_QUERY", "1"),
-        ("TPU_WORKER_HOSTNAMES", "localhost"),
-        ("TPU_ACCELERATOR_TYPE", topology.accelerator_type),
-    ):
-        os.environ.setdefault(var, value)
     from jax.experimental import topologies
 
-    desc = topologies.get_topology_desc(
-        topology_name=topology.name,
-        platform="tpu",
-        chip_config_name=GENERATIONS[topology.generation].chip_config,
-        chips_per_host_bounds=topology.chips_per_host(),
-        num_slices=1,
-    )
+    with _compile_only_env(topology):
+        desc = topologies.get_topology_desc(
+            topology_name=topology.name,
+            platform="tpu",
+            chip_config_name=GENERATIONS[topology.generation].chip_config,
+            chips_per_host_bounds=topology.chips_per_host(),
+            num_slices=1,
+        )
     return list(desc.devices)

@@ -73,21 +73,35 @@ class TrainState:
     step: jax.Array  # optimizer steps taken
 
 
+def opt_state_shardings(optimizer: optax.GradientTransformation, params):
+    """The shardings of optimizer.init(params) on the params' mesh: every parameter-shaped leaf
+    (AdamW's two moments) sharded as its parameter, the rest (counters) replicated.
+
+    Why given explicitly: left to the compiler, `jit(optimizer.init)` returns its zeros REPLICATED
+    (nothing ties a fresh zeros array to its parameter's sharding), so every device would hold all
+    of AdamW's state: 11.5 GiB instead of 2.9 per device for a 1.5B student on a v5p-8."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shapes = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, p: p.sharding,
+        shapes,
+        params,
+        transform_non_params=lambda _: replicated,
+    )
+
+
 def init_train_state(model, optimizer: optax.GradientTransformation) -> tuple[Any, TrainState]:
     graphdef, params = nnx.split(model)
-    state = TrainState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
     sharding = jax.tree.leaves(params)[0].sharding
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        # Counters (step, Adam's count) must sit on the params' mesh, replicated: a checkpoint
-        # restores them committed where they were, and jit rejects mixed device sets.
-        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-        state = jax.tree.map(
-            lambda x: (
-                x if isinstance(x.sharding, jax.sharding.NamedSharding) else put_global(np.asarray(x), replicated)
-            ),
-            state,
-        )
-    return graphdef, state
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return graphdef, TrainState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
+    # Counters (step, Adam's count) sit on the params' mesh, replicated: a checkpoint restores them
+    # committed where they were, and jit rejects mixed device sets.
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params))(params)
+    return graphdef, TrainState(params, opt_state, put_global(np.zeros((), np.int32), replicated))
 
 
 def _micro_loss(params, graphdef, mb: Batch, denom, lam, obj_cfg: ObjectiveConfig, chunk: int):
