@@ -28,8 +28,8 @@ def test_valid_config_and_defaults():
 
 
 def test_score_micro_batch_and_eval_batch_resolve_and_are_checked():
-    cfg = _load()  # rollout batch 16, train.micro_batch 4, eval.k 1
-    assert cfg.score_micro_batch_rows == 4 and cfg.eval_batch_prompts == 16
+    cfg = _load()  # 4 prompts x n = 4, train.micro_batch 4, eval.k 1: the eval prefills no more prompts
+    assert cfg.score_micro_batch_rows == 4 and cfg.eval_batch_prompts == 4
     cfg = _load(train={"score_micro_batch": 8}, eval={"batch_size": 3, "k": 4})
     assert cfg.score_micro_batch_rows == 8 and cfg.eval_batch_prompts == 3
     assert _load(eval={"k": 5}).eval_batch_prompts == 3 and _load(eval={"k": 32}).eval_batch_prompts == 1
