@@ -78,6 +78,15 @@ def test_the_process_still_looks_like_what_it_is_after_libtpu_started():
     assert not is_cloud_tpu_env()
 
 
+def test_without_libtpu_compile_says_how_to_install_it(monkeypatch, capsys):
+    from tgpo_jax.cli import main
+
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
+    assert main(["preset", "compile", "qwen2.5-math-1.5b__qwen2.5-7b-instruct", "v5p-8"]) == 2
+    err = capsys.readouterr().err
+    assert "compiling for a TPU needs the TPU compiler, libtpu" in err and 'pip install -e ".[tpu-aot]"' in err
+
+
 def test_an_unknown_topology_names_the_accepted_forms():
     with pytest.raises(ConfigError, match=r"unknown TPU topology 'v9-8'.*v5p-8.*v5p:2x2x1"):
         parse_topology("v9-8")

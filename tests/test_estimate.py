@@ -29,7 +29,14 @@ TINY = {
     "device_memory_gb": 1,
     "student": {"hf": TINY_HF, "param_dtype": "bfloat16", "dtype": "bfloat16"},
     "teacher": {"hf": {**TINY_HF, "architectures": ["LlamaForCausalLM"]}},  # same dims, no biases
-    "batch": {"rollout_batch": 8, "micro_batch": 4, "prompt_len": 16, "response_len": 48, "logits_chunk": 32},
+    "batch": {
+        "rollout_batch": 8,
+        "micro_batch": 4,
+        "prompt_len": 16,
+        "response_len": 48,
+        "logits_chunk": 32,
+        "samples_per_prompt": 2,
+    },
     "optimizer": {"state_dtype": "float32", "master_dtype": "float32", "grad_dtype": "float32"},
     "remat": "full",
     "attention": "materialized",
@@ -82,20 +89,28 @@ def test_tiny_model_by_hand():
     assert kept == 2 * (r + o) + 2 * w  # remat attn_out: each layer's attention output kept too
     # Logits: B 2 x chunk 32 x V/tensor 128 x 4 bytes, x2 (forward + backward)
     assert s["logits"] == 2 * 32 * 128 * 4 * 2 == 65536
+    # Prefill: 8 rows / n 2 = 4 prompts, B = 4 / 2 = 2, T = Tk = 16, forward only (fp32 scores alone):
+    r_p = 2 * 16 * 64 * 2
+    w_p = 2 * 2 * 16 * (2 * 64 + 2 * 2 * 16 + 2 * 1 * 16 + 3 * 64) + 2 * 2 * 16 * 16 * 4
+    cache_p = 2 * 2 * 2 * 16 * 1 * 16 * 2  # L * (k, v) * B * T * K * D * a: the prompts' own cache
+    assert s["prefill"] == r_p + w_p + cache_p == 38912
+    assert "sampler_weights" not in s  # bf16 params, bf16 compute: the sampler reads them as they are
 
     t = est.models["teacher"].items
     assert set(t) == {"params", "activations", "logits"}
     assert t["params"] == n_teacher * 2
-    assert t["activations"] == r + w  # forward only: the running residual + one layer
+    w_fwd = w - 2 * 2 * 64 * 64 * 2  # forward only: the fp32 scores, no probs kept for a backward pass
+    assert t["activations"] == r + w_fwd == 16384 + 172032  # the running residual + one layer
     assert t["logits"] == 2 * 32 * 128 * 4
 
     resident = s["params"] + s["optimizer"] + t["params"]
     train = s["grads"] + s["activations"] + s["logits"]
     assert est.phases == {
         "resident": resident,
-        "rollout": s["kv_cache"],
+        "rollout": s["kv_cache"] + s["prefill"],
         "teacher scoring": t["activations"] + t["logits"],
         "train step": train,
+        "evaluation": 0,  # no eval section in this view
     }
     assert est.peak_bytes == resident + train
     assert est.sum_bytes == sum(s.values()) + sum(t.values())
@@ -246,7 +261,9 @@ def test_train_config_is_estimated_as_its_view(tmp_path, capsys):
     from rollout / train / data, the mesh and rules from sharding, the train step's buffers in the
     student's param_dtype (no master copy), the teacher frozen."""
     view = tiny(
-        batch__logits_chunk=16, optimizer={"state_dtype": "bfloat16", "master_dtype": None, "grad_dtype": "bfloat16"}
+        batch__logits_chunk=16,
+        batch__samples_per_prompt=4,
+        optimizer={"state_dtype": "bfloat16", "master_dtype": None, "grad_dtype": "bfloat16"},
     )
     want = estimate(load_estimate_config(view))
     path = write(tmp_path, _train_config(tmp_path, num_devices=4, device_memory_gb=1))

@@ -391,9 +391,11 @@ def _add_study_commands(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     _offline_env()
     args = build_parser().parse_args(argv)
+    from tgpo_jax.aot.topology import AotUnavailable
+
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, AotUnavailable) as e:
         print(f"tgpo-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:

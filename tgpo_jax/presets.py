@@ -181,6 +181,56 @@ def bundled_hf_config(name: str, patch: dict | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ checks
+# The TPU compiler's figures for every entry (`tgpo-jax preset compile --all`, `preset tune`): one
+# JSON line per entry with the fingerprint of the programs it compiled.
+COMPILED_RECORDS = config_path("presets/compiled.jsonl")
+# config.json fields that change no program's memory (constants in the program at most)
+_SHAPE_NEUTRAL = (
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "sliding_window",  # read only with use_sliding_window, which the decoder refuses
+    "use_mrope",
+)
+
+
+def programs_fingerprint(name: str, hw: str) -> str:
+    """Two entries with the same fingerprint compile to the same programs (the 7B teachers of the
+    ladder share one architecture): model shapes and the rendered config, paths left out. A
+    compiled record holds only while its entry's fingerprint is unchanged."""
+    preset = load_preset(name)
+    cfg = render(preset, hw, allow_unsupported=True)
+    cfg = {k: v for k, v in cfg.items() if k not in ("run_dir", "data")} | {
+        "models": {
+            k: v
+            for k, v in cfg.get("models", {}).items()
+            if k not in ("student", "teacher", "tokenizer", "allow_tokenizer_mismatch")
+        }
+    }
+    shapes = [
+        {k: v for k, v in bundled_hf_config(m).items() if k not in _SHAPE_NEUTRAL}
+        for m in (preset.student, preset.teacher)
+        if m
+    ]
+    return json.dumps([cfg, shapes, hw], sort_keys=True)
+
+
+def compiled_record(name: str, hw: str, path: str = COMPILED_RECORDS) -> dict | None:
+    """The TPU compiler's record of this entry as it is now, or None (never compiled, or the preset
+    changed since: its fingerprint differs)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        records = [json.loads(ln) for ln in f if ln.strip()]
+    fp = programs_fingerprint(name, hw)
+    return next((r for r in records if r["preset"] == name and r["hardware"] == hw and r["fingerprint"] == fp), None)
+
+
 def estimate_config(preset: Preset, train_cfg, hw: Hardware):
     """The memory estimator's view of a rendered TrainConfig on `hw`, with the bundled config.json
     of each model (the preset's student context patch applied)."""
@@ -210,11 +260,12 @@ class CheckResult:
     preset: str
     hardware: str
     supported: bool
-    fits: bool
-    peak_gib: float
+    fits: bool  # the TPU compiler's verdict where it has a record of the entry as it is, else the estimator's
+    peak_gib: float  # the estimator's
     usable_gib: float
     params: dict[str, int]  # role -> parameter count (abstract build)
     report: str
+    compiled_gib: float | None = None  # the largest program + what stays alive beside it, by the TPU compiler
 
     @property
     def ok(self) -> bool:
@@ -224,13 +275,18 @@ class CheckResult:
     def line(self) -> str:
         status = ("fits" if self.fits else "DOES NOT FIT") + ("" if self.supported else " (marked unsupported)")
         flag = "ok " if self.ok else "BAD"
+        by = f"compiler {self.compiled_gib:6.2f}" if self.compiled_gib is not None else "compiler    -  "
         return (
-            f"{flag} {self.preset:<48} {self.hardware:<6} {self.peak_gib:7.2f} / {self.usable_gib:6.2f} GiB  {status}"
+            f"{flag} {self.preset:<48} {self.hardware:<6} estimate {self.peak_gib:6.2f}  {by} / {self.usable_gib:6.2f} "
+            f"GiB  {status}"
         )
 
 
-def check(preset: Preset | str, hw_name: str) -> CheckResult:
-    """Parses + validates the rendered config, builds both models abstractly, runs the estimator."""
+def check(preset: Preset | str, hw_name: str, compile_missing: bool = False) -> CheckResult:
+    """Parses + validates the rendered config, builds both models abstractly, runs the estimator;
+    the verdict is the TPU compiler's where configs/presets/compiled.jsonl holds the entry as it is
+    now (`tgpo-jax preset compile --all`) or, with `compile_missing` (needs the tpu-aot extra),
+    where it compiles the entry here; else the estimator's."""
     from tgpo_jax.sharding.estimate import estimate
     from tgpo_jax.train.config import load_train_config
 
@@ -251,24 +307,33 @@ def check(preset: Preset | str, hw_name: str) -> CheckResult:
     for role, n in params.items():
         if est.models[role].n_params != n:
             raise AssertionError(f"{role}: estimator counts {est.models[role].n_params} params, abstract build {n}")
+    rec = compiled_record(preset.name, hw_name)
+    if rec is None and compile_missing:
+        from tgpo_jax.aot.preset_table import entry_record
+
+        rec = entry_record(preset.name, hw_name)
+    compiled = None if rec is None else max(p.get("total_gib", math.inf) for p in rec["programs"].values())
     return CheckResult(
         preset.name,
         hw_name,
         supported,
-        bool(est.fits),
+        bool(est.fits) if rec is None else bool(rec["fits"]),
         est.peak_bytes / 1024**3,
         ecfg.device_memory_gb,
         params,
         est.report(),
+        compiled,
     )
 
 
-def check_all(names: list[str] | None = None, hardware_names: list[str] | None = None) -> list[CheckResult]:
+def check_all(
+    names: list[str] | None = None, hardware_names: list[str] | None = None, compile_missing: bool = False
+) -> list[CheckResult]:
     out = []
     for name in names or list_presets():
         p = load_preset(name)
         for hw in hardware_names or list(p.hardware):
-            out.append(check(p, hw))
+            out.append(check(p, hw, compile_missing))
     return out
 
 
@@ -277,7 +342,10 @@ def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="preset_command", required=True)
     sub.add_parser("list", help="the presets and their hardware entries")
     s = sub.add_parser(
-        "check", help="validate presets: config, abstract model build, memory estimate (exit 1 on a problem)"
+        "check",
+        help="validate presets: config, abstract model build, memory estimate; the fit verdict is the TPU "
+        "compiler's recorded one (configs/presets/compiled.jsonl) where the entry is unchanged since (exit 1 on a "
+        "problem)",
     )
     s.add_argument("names", nargs="*", help="preset names (default: all)")
     s.add_argument(
@@ -288,6 +356,11 @@ def add_arguments(p) -> None:
         help="check only this hardware entry (repeatable; default: every entry)",
     )
     s.add_argument("--verbose", action="store_true", help="print the full estimate report of each entry")
+    s.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the entries without a current record here (the tpu-aot extra; a minute or more each)",
+    )
     from tgpo_jax.aot.cli import add_compile_flags
 
     s = sub.add_parser(
@@ -304,9 +377,22 @@ def add_arguments(p) -> None:
         help="every preset x hardware entry (or those of NAME), one JSON line each appended to --jsonl "
         "(entries already there are skipped: a rerun resumes)",
     )
-    s.add_argument("--jsonl", default="runs/preset_compile.jsonl", help="with --all: the records file")
+    s.add_argument(
+        "--jsonl",
+        default="runs/preset_compile.jsonl",
+        help="with --all: the records file (configs/presets/compiled.jsonl is the one `preset check` reads)",
+    )
+    s.add_argument("--include-unsupported", action="store_true", help="with --all: compile unsupported entries too")
     s.add_argument("--markdown", default=None, help="with --all: write the table of every record here")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
+    s = sub.add_parser(
+        "tune",
+        help="the largest prompts per iteration and micro-batch of a preset entry that fit its hardware by the "
+        "TPU compiler (the tpu-aot extra); --write sets them in the preset file",
+    )
+    s.add_argument("name", help="preset name (tgpo-jax preset list) or a preset YAML path")
+    s.add_argument("hardware", help=f"one of: {', '.join(HARDWARE)}")
+    s.add_argument("--write", action="store_true", help="write the values into the preset's hardware entry")
     for name, help_ in (
         ("show", "print the rendered TrainConfig YAML of a preset on a hardware"),
         ("train", "train a preset on a hardware (what launch/tpu.sh runs on every worker)"),
@@ -326,7 +412,7 @@ def main(args) -> int:
             print(f"{n:<48} {hw}")
         return 0
     if cmd == "check":
-        results = check_all(args.names or None, args.hardware)
+        results = check_all(args.names or None, args.hardware, compile_missing=args.compile)
         for r in results:
             print(r.line())
             if args.verbose:
@@ -336,6 +422,10 @@ def main(args) -> int:
         from tgpo_jax.aot.cli import cmd_preset_compile
 
         return cmd_preset_compile(args)
+    if cmd == "tune":
+        from tgpo_jax.aot.cli import cmd_preset_tune
+
+        return cmd_preset_tune(args)
     from tgpo_jax.configtree import apply_overrides, to_dict
     from tgpo_jax.train.config import load_train_config
 

@@ -61,7 +61,12 @@ def cmd_compile(args) -> int:
 def _compile_all(args) -> int:
     from tgpo_jax.aot.preset_table import markdown, run_all
 
-    records = run_all(args.jsonl, [args.name] if args.name else None, [args.hardware] if args.hardware else None)
+    records = run_all(
+        args.jsonl,
+        [args.name] if args.name else None,
+        [args.hardware] if args.hardware else None,
+        include_unsupported=args.include_unsupported,
+    )
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(records))
@@ -92,3 +97,22 @@ def cmd_preset_compile(args) -> int:
     teacher = bundled_hf_config(preset.teacher) if preset.teacher else None
     what = f"preset {preset.name} on {args.hardware}"
     return print_run(cfg, student, teacher, topo, headroom=args.headroom, only=tuple(args.only or ()), what=what)
+
+
+def cmd_preset_tune(args) -> int:
+    """Prints the tuned values (and writes them with --write); exit 1 when nothing fits."""
+    from tgpo_jax.aot.tune import tune_entry, write_entry
+    from tgpo_jax.presets import load_preset
+
+    preset = load_preset(args.name)
+    print(f"[tune] {preset.name} on {args.hardware}", flush=True)
+    r = tune_entry(preset.name, args.hardware, log=lambda line: print(line, flush=True))
+    if r.prompts is None or r.micro_batch is None:
+        print(f"[tune] nothing fits {args.hardware}, not even the smallest batch", file=sys.stderr)
+        return 1
+    values = {"rollout.prompts_per_iteration": r.prompts, "train.micro_batch": r.micro_batch}
+    print(f"[tune] largest that fit: {values}", flush=True)
+    if args.write:
+        write_entry(preset.path, args.hardware, values)
+        print(f"[tune] wrote {preset.path}", flush=True)
+    return 0

@@ -12,15 +12,43 @@ import os
 
 from tgpo_jax.aot.compile import GIB, compile_run
 from tgpo_jax.aot.topology import DEFAULT_HEADROOM, parse_topology
+from tgpo_jax.presets import programs_fingerprint
 
 # compiler program -> the estimator's phase for the same moment of an iteration
-ESTIMATOR_PHASE = {"rollout": "rollout", "score": "teacher scoring", "train_step": "train step"}
+ESTIMATOR_PHASE = {
+    "rollout": "rollout",
+    "score": "teacher scoring",
+    "train_step": "train step",
+    "eval_rollout": "evaluation",
+}
+
+
+def estimated_gib(name: str, hw: str) -> dict[str, float]:
+    """The memory estimator's per-device peak for each program's moment of the iteration (GiB)."""
+    from tgpo_jax.presets import estimate_config, load_preset, render
+    from tgpo_jax.sharding.estimate import estimate
+    from tgpo_jax.train.config import load_train_config
+
+    preset = load_preset(name)
+    cfg = load_train_config(render(preset, hw, allow_unsupported=True))
+    est = estimate(estimate_config(preset, cfg, _hardware(hw)))
+    return {p: (est.phases["resident"] + est.phases[phase]) / GIB for p, phase in ESTIMATOR_PHASE.items()}
+
+
+def with_current_estimates(records: list[dict]) -> list[dict]:
+    """The records with estimate_gib recomputed by the estimator as it is now (the compiler's
+    figures stay as recorded): how a change to the estimator compares, without recompiling."""
+    for r in records:
+        est = estimated_gib(r["preset"], r["hardware"])
+        for prog, rec in r["programs"].items():
+            if prog in est:
+                rec["estimate_gib"] = round(est[prog], 3)
+    return records
 
 
 def entry_record(name: str, hw: str, headroom: float = DEFAULT_HEADROOM) -> dict:
     """Compiles one preset entry (supported or not) and records both figures per program (GiB per device)."""
-    from tgpo_jax.presets import bundled_hf_config, estimate_config, load_preset, render, unsupported_reason
-    from tgpo_jax.sharding.estimate import estimate
+    from tgpo_jax.presets import bundled_hf_config, load_preset, render, unsupported_reason
     from tgpo_jax.train.config import load_train_config
 
     preset = load_preset(name)
@@ -28,12 +56,9 @@ def entry_record(name: str, hw: str, headroom: float = DEFAULT_HEADROOM) -> dict
     student = bundled_hf_config(preset.student, preset.student_context)
     teacher = bundled_hf_config(preset.teacher) if preset.teacher else None
     report = compile_run(cfg, student, teacher, parse_topology(hw), headroom=headroom)
-    est = estimate(estimate_config(preset, cfg, _hardware(hw)))
-    estimated = {p: (est.phases["resident"] + est.phases[phase]) / GIB for p, phase in ESTIMATOR_PHASE.items()}
     summary = report.summary()
-    for prog, rec in summary["programs"].items():
-        if prog in estimated:
-            rec["estimate_gib"] = round(estimated[prog], 3)
+    with_estimates = {"preset": name, "hardware": hw, "programs": summary["programs"]}
+    with_current_estimates([with_estimates])
     return {
         "preset": name,
         "hardware": hw,
@@ -51,27 +76,46 @@ def _hardware(hw: str):
     return hardware(hw)
 
 
-def done_entries(path: str) -> set[tuple[str, str]]:
-    if not os.path.exists(path):
-        return set()
-    with open(path) as f:
-        return {(r["preset"], r["hardware"]) for r in map(json.loads, filter(str.strip, f))}
+def run_all(
+    path: str, names: list[str] | None = None, hardware: list[str] | None = None, include_unsupported: bool = False
+) -> list[dict]:
+    """Compiles every entry without a current record in `path` (supported ones, unless
+    `include_unsupported`), appending a line per entry. A record whose preset changed since
+    (programs_fingerprint) is dropped first; an entry whose programs another one already compiled
+    reuses its figures, naming it. Returns all records."""
+    from tgpo_jax.presets import list_presets, load_preset, unsupported_reason
 
-
-def run_all(path: str, names: list[str] | None = None, hardware: list[str] | None = None, **kw) -> list[dict]:
-    """Compiles every entry not yet in `path`, appending a line per entry; returns all records."""
-    from tgpo_jax.presets import list_presets, load_preset
-
-    have = done_entries(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    current = [r for r in _read(path) if r.get("fingerprint") == programs_fingerprint(r["preset"], r["hardware"])]
+    _write(path, current)
+    have = {(r["preset"], r["hardware"]) for r in current}
+    by_print = {r["fingerprint"]: r for r in current}
     for name in names or list_presets():
-        for hw in hardware or list(load_preset(name).hardware):
-            if (name, hw) in have:
+        preset = load_preset(name)
+        for hw in hardware or list(preset.hardware):
+            if (name, hw) in have or (unsupported_reason(preset, hw) and not include_unsupported):
                 continue
-            rec = entry_record(name, hw, **kw)
+            fp = programs_fingerprint(name, hw)
+            if fp in by_print:
+                same = by_print[fp]
+                rec = {**same, "preset": name, "hardware": hw, "same_programs_as": same["preset"]}
+            else:
+                rec = by_print[fp] = {**entry_record(name, hw), "fingerprint": fp}
+            rec["supported"] = unsupported_reason(preset, hw) is None
             with open(path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(entry_line(rec), flush=True)
+    return _read(path)
+
+
+def _write(path: str, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _read(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
     with open(path) as f:
         return [json.loads(ln) for ln in f if ln.strip()]
 

@@ -27,11 +27,16 @@ Items per model:
                 param_dtype (the train step keeps none); m = 0 otherwise)
   kv_cache    = L * 2 * R_l * S * K_l * D * a       (student only: rollout sampling; R over `batch`,
                 K over `act_kv_heads`, S over `cache_seq`)
+  prefill     = the prompt pass of the rollout: see `prefill_bytes` (student only)
+  sampler_weights = N_local * a                     (student only, when param_dtype != dtype: the
+                sampler's weights cast to the compute dtype)
   activations = see `activation_bytes` (micro-batch Bm over `batch`)
   logits      = Bm_l * C * V_l * 4 * (2 if trainable else 1)   (fp32 logits chunk, and its gradient)
 
 Verdict. Params and optimizer state stay resident; the other items live in one phase each:
-  rollout (student kv_cache), teacher scoring (teacher activations + logits),
+  rollout (student kv_cache + prefill + sampler_weights), evaluation (the same for the in-run
+  evaluator's sampler call: eval_kv_cache + eval_prefill + eval_sampler_weights), teacher scoring
+  (teacher activations + logits),
   train step (student grads + activations + logits).
   peak = resident + max(phase totals); fits = peak <= device_memory_gb GiB.
 The sum of every item (nothing freed between phases) is reported too, as an upper bound.
@@ -96,6 +101,13 @@ class BatchConfig:
     response_len: int = 8192
     logits_chunk: int = 1024  # tokens per chunk when computing log-probs over the vocab
     score_micro_batch: int = 0  # sequences per micro-batch of teacher scoring; 0 = micro_batch
+    samples_per_prompt: int = 8  # rollout.n: the sampler prefills rollout_batch / n prompts
+    # the in-run evaluation's sampler call (0 prompts: no evaluation): prompts x k rows of
+    # eval_prompt_len + eval_response_len slots
+    eval_prompts: int = 0
+    eval_k: int = 1
+    eval_prompt_len: int = 1024
+    eval_response_len: int = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +243,8 @@ def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: d
         prompt_len=int(train.data.get("max_prompt_len", DataConfig.max_prompt_len)),
         response_len=train.rollout.max_new_tokens,
         logits_chunk=train.train.logprob_chunk,
+        samples_per_prompt=train.rollout.n,
+        **_eval_batch(train),
     )
     return EstimateConfig(
         mesh=shard.mesh,
@@ -242,6 +256,20 @@ def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: d
         optimizer=OptimizerMemory(state_dtype=m.param_dtype, master_dtype=None, grad_dtype=m.param_dtype),
         remat=hw.remat or ("attn_out" if m.remat_policy == "attn_out" else "full"),
         attention=hw.attention or ("flash" if m.attn_impl == "cudnn" else "materialized"),
+    )
+
+
+def _eval_batch(train) -> dict:
+    """BatchConfig's eval_* fields for the in-run evaluation of `train` (none without an eval set)."""
+    from tgpo_jax.data.config import DataConfig
+
+    if not (train.eval.data and train.eval.every > 0):
+        return {}
+    return dict(
+        eval_prompts=train.eval_batch_prompts,
+        eval_k=train.eval.k,
+        eval_prompt_len=int({**train.data, **train.eval.data}.get("max_prompt_len", DataConfig.max_prompt_len)),
+        eval_response_len=train.eval.max_new_tokens,
     )
 
 
@@ -308,7 +336,9 @@ def _check_values(cfg: EstimateConfig) -> None:
     one_of("remat", cfg.remat, REMAT_MODES)
     one_of("attention", cfg.attention, ATTENTION_KINDS)
     for k, v in [("num_devices", cfg.num_devices)] + [
-        (f"batch.{k}", v) for k, v in dataclasses.asdict(cfg.batch).items() if k != "score_micro_batch"
+        (f"batch.{k}", v)
+        for k, v in dataclasses.asdict(cfg.batch).items()
+        if k not in ("score_micro_batch", "eval_prompts")  # 0: as micro_batch / no evaluation
     ]:
         if v < 1:
             raise EstimateConfigError(f"{k}={v} must be a positive integer")
@@ -388,12 +418,12 @@ def _local(m: _Model, sizes, logical: tuple, shape: tuple[int, ...], what: str, 
     return tuple(out)
 
 
-def kv_cache_bytes(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> int:
-    """L * 2 (k, v) * R_l * S * K_l * D * a: the sampler's cache for the whole rollout batch
-    (KVCache.init: L buffers of [B, K, S, D], or one [L, B, K, S, D], in the compute dtype),
-    S = prompt_len + response_len."""
+def kv_cache_bytes(m: _Model, b: BatchConfig, sizes, notes: list[str], rows: int = 0, S: int = 0) -> int:
+    """L * 2 (k, v) * R_l * S * K_l * D * a: the sampler's cache for `rows` (default the rollout
+    batch) of S slots (default prompt_len + response_len) (KVCache.init: L buffers of [B, K, S, D],
+    or one [L, B, K, S, D], in the compute dtype)."""
     c = m.cfg
-    shape = (c.num_layers, b.rollout_batch, b.prompt_len + b.response_len, c.num_kv_heads, c.head_dim)
+    shape = (c.num_layers, rows or b.rollout_batch, S or b.prompt_len + b.response_len, c.num_kv_heads, c.head_dim)
     local = _local(m, sizes, (None, "batch", "cache_seq", "act_kv_heads", None), shape, "kv cache", notes)
     return 2 * math.prod(local) * DTYPE_BYTES[c.dtype]
 
@@ -403,10 +433,11 @@ def _rows(b: BatchConfig, trainable: bool) -> int:
     return b.micro_batch if trainable else b.score_micro_batch or b.micro_batch
 
 
-def _act_dims(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> dict[str, int]:
-    """Per-device B (micro-batch rows, `_rows`), T (sequence), E, H, K, F under the model's activation rules."""
-    c, T = m.cfg, b.prompt_len + b.response_len
-    shape = (_rows(b, m.entry.trainable), T, c.hidden_size)
+def _act_dims(m: _Model, b: BatchConfig, sizes, notes: list[str], rows: int = 0, T: int = 0) -> dict[str, int]:
+    """Per-device B (`rows`, default the micro-batch rows `_rows`), T (`T`, default the whole
+    sequence), E, H, K, F under the model's activation rules."""
+    c, T = m.cfg, T or b.prompt_len + b.response_len
+    shape = (rows or _rows(b, m.entry.trainable), T, c.hidden_size)
     B, Tl, E = _local(m, sizes, ("batch", "seq", "act_embed"), shape, "activation", notes)
     H = _local(m, sizes, (None, None, "act_heads"), (1, 1, c.num_heads), "activation", notes)[2]
     K = _local(m, sizes, (None, None, "act_kv_heads"), (1, 1, c.num_kv_heads), "activation", notes)[2]
@@ -428,17 +459,24 @@ def moe_working_set(c: ModelConfig, d: Mapping[str, int], a: int) -> int:
 
 
 def layer_working_set(
-    d: Mapping[str, int], a: int, attention: str, moe: int | None = None, dense_mlp: bool = True
+    d: Mapping[str, int],
+    a: int,
+    attention: str,
+    moe: int | None = None,
+    dense_mlp: bool = True,
+    forward_only: bool = False,
 ) -> int:
     """One decoder layer's forward intermediates, W = a*B*T*(2E + 2H*D + 2K*D + 3F) + A:
     2E the two RMSNorm outputs, 2H*D q and the attention output, 2K*D k and v, 3F gate, up and
     silu(gate)*up; A the attention scores with Tk = the full key length:
-      materialized: A = B*H*T*Tk*(4 + a)  (fp32 scores + probs in the compute dtype, layers.attention)
+      materialized: A = B*H*T*Tk*(4 + a)  (fp32 scores + probs in the compute dtype, layers.attention);
+                    forward only (no backward keeps the probs) B*H*T*Tk*4: the TPU compiler fuses the
+                    softmax into the probs @ v product and holds the fp32 scores alone
       flash:        A = B*H*T*4           (a blockwise kernel keeps only the fp32 logsumexp per query)
     For a mixture-of-experts model the MLP term is max(moe_working_set, a*B*T*3F if the model also
     has dense layers (mlp_only_layers / decoder_sparse_step) else 0): the larger layer kind counts."""
     B, T, E, H, K, F, D = (d[k] for k in "BTEHKFD")
-    attn = B * H * T * d["Tk"] * (4 + a) if attention == "materialized" else B * H * T * 4
+    attn = B * H * T * d["Tk"] * (4 + (0 if forward_only else a)) if attention == "materialized" else B * H * T * 4
     mlp = a * B * T * 3 * F if dense_mlp else 0
     if moe is not None:
         mlp = max(moe, mlp)
@@ -457,7 +495,8 @@ def activation_bytes(m: _Model, cfg: EstimateConfig, sizes, notes: list[str]) ->
     a = DTYPE_BYTES[m.cfg.dtype]
     r = d["B"] * d["T"] * d["E"] * a
     moe = moe_working_set(m.cfg, d, a) if m.cfg.moe_layer_ids else None
-    w = layer_working_set(d, a, cfg.attention, moe, dense_mlp=not m.cfg.is_moe or bool(m.cfg.dense_mlp_layer_ids))
+    dense = not m.cfg.is_moe or bool(m.cfg.dense_mlp_layer_ids)
+    w = layer_working_set(d, a, cfg.attention, moe, dense_mlp=dense, forward_only=not m.entry.trainable)
     L = m.cfg.num_layers
     if not m.entry.trainable:
         return r + w
@@ -465,6 +504,23 @@ def activation_bytes(m: _Model, cfg: EstimateConfig, sizes, notes: list[str]) ->
         return L * (r + w) + w
     o = d["B"] * d["T"] * d["H"] * d["D"] * a if cfg.remat == "attn_out" else 0
     return L * (r + o) + 2 * w
+
+
+def prefill_bytes(m: _Model, cfg: EstimateConfig, sizes, notes: list[str], prompts: int = 0, T: int = 0) -> int:
+    """The sampler's prompt pass: P prompts (default rollout_batch / n) of T tokens (default
+    prompt_len), forward only, r + W (activation_bytes' forward form with B = P_l, T = Tk), plus the
+    prompts' own cache L * 2 * P_l * T * K_l * D * a before it is copied to the samples' rows."""
+    b, c = cfg.batch, m.cfg
+    prompts = prompts or max(1, b.rollout_batch // max(b.samples_per_prompt, 1))
+    T = T or b.prompt_len
+    d = _act_dims(m, b, sizes, notes, rows=prompts, T=T)
+    d["Tk"] = T
+    a = DTYPE_BYTES[c.dtype]
+    moe = moe_working_set(c, d, a) if c.moe_layer_ids else None
+    dense = not c.is_moe or bool(c.dense_mlp_layer_ids)
+    w = layer_working_set(d, a, cfg.attention, moe, dense_mlp=dense, forward_only=True)
+    cache = c.num_layers * 2 * d["B"] * d["T"] * d["K"] * d["D"] * a
+    return d["B"] * d["T"] * d["E"] * a + w + cache
 
 
 def logits_bytes(m: _Model, b: BatchConfig, sizes, notes: list[str]) -> int:
@@ -485,6 +541,16 @@ def model_items(m: _Model, cfg: EstimateConfig, sizes, notes: list[str]) -> dict
         items["optimizer"] = n_local * (2 * DTYPE_BYTES[o.state_dtype] + (DTYPE_BYTES[o.master_dtype] if master else 0))
     if m.role == "student":
         items["kv_cache"] = kv_cache_bytes(m, cfg.batch, sizes, notes)
+        items["prefill"] = prefill_bytes(m, cfg, sizes, notes)
+        if m.entry.param_dtype != m.cfg.dtype:  # the sampler reads its weights cast once to the compute dtype
+            items["sampler_weights"] = n_local * DTYPE_BYTES[m.cfg.dtype]
+        b = cfg.batch
+        if b.eval_prompts:
+            S = b.eval_prompt_len + b.eval_response_len
+            items["eval_kv_cache"] = kv_cache_bytes(m, b, sizes, notes, rows=b.eval_prompts * b.eval_k, S=S)
+            items["eval_prefill"] = prefill_bytes(m, cfg, sizes, notes, prompts=b.eval_prompts, T=b.eval_prompt_len)
+            if "sampler_weights" in items:  # the evaluation's sampler casts its own copy
+                items["eval_sampler_weights"] = items["sampler_weights"]
     items["activations"] = activation_bytes(m, cfg, sizes, notes)
     items["logits"] = logits_bytes(m, cfg.batch, sizes, notes)
     return items
@@ -498,8 +564,10 @@ def phase_of(role: str, item: str) -> str:
     """Which phase an item lives in (params / optimizer state are resident: 'resident')."""
     if item in RESIDENT:
         return "resident"
-    if item == "kv_cache":
+    if item in ("kv_cache", "prefill", "sampler_weights"):
         return "rollout"
+    if item in ("eval_kv_cache", "eval_prefill", "eval_sampler_weights"):
+        return "evaluation"
     return "train step" if role == "student" or item == "grads" else "teacher scoring"
 
 
@@ -567,7 +635,7 @@ def estimate(cfg: EstimateConfig) -> Estimate:
     """Validates `cfg` (raising on any config error before computing) and returns per-device bytes."""
     sizes, models = validate(cfg)
     notes: list[str] = []
-    out, phases = {}, {"resident": 0, "rollout": 0, "teacher scoring": 0, "train step": 0}
+    out, phases = {}, {"resident": 0, "rollout": 0, "teacher scoring": 0, "train step": 0, "evaluation": 0}
     for m in models:
         items = model_items(m, cfg, sizes, notes)
         n = sum(math.prod(g) for g, _ in m.shards.values())
