@@ -126,6 +126,9 @@ def heldout_accuracy(model_dir: str, eval_path: str, cfg) -> float:
         "seed": cfg.train.seed,
         "model": file_digest(os.path.join(root, KEY_FILE)),
         "prompt": prompt,
+        # the in-run evaluator's batch (its random draws depend on it): iteration 0 of the run
+        # reproduces this figure for the same model
+        "batch_size": cfg.eval_batch_prompts,
     }
     try:
         with open(path) as f:
@@ -143,7 +146,7 @@ def heldout_accuracy(model_dir: str, eval_path: str, cfg) -> float:
         max_new_tokens=cfg.eval.max_new_tokens,
         temperature=cfg.eval.temperature,
         top_p=cfg.eval.top_p,
-        batch_size=n_items,
+        batch_size=min(cfg.eval_batch_prompts, n_items),
         seed=cfg.train.seed,
         num_workers=cfg.rewards.workers,
         timeout_s=cfg.rewards.timeout_s,
