@@ -384,7 +384,11 @@ def add_arguments(p) -> None:
     )
     s.add_argument("--include-unsupported", action="store_true", help="with --all: compile unsupported entries too")
     s.add_argument("--markdown", default=None, help="with --all: write the table of every record here")
-    s.add_argument("overrides", nargs="*", help="key.path=value overrides (values parsed as YAML)")
+    s.add_argument(
+        "overrides",
+        nargs="*",
+        help="key.path=value overrides (values parsed as YAML), right after NAME HW, before any option",
+    )
     s = sub.add_parser(
         "tune",
         help="the largest prompts per iteration and micro-batch of a preset entry that fit its hardware by the "
