@@ -60,3 +60,11 @@ def test_write_entry_changes_only_its_hardware_block(tmp_path):
     }
     assert hw["v5p-8"]["rollout.prompts_per_iteration"] == 64 and hw["v5p-8"]["train.micro_batch"] == 8
     assert render(str(path), "v5p-8")["train"]["micro_batch"] == 8
+
+
+def test_batch_shards_are_the_data_and_fsdp_axes():
+    from tgpo_jax.aot.tune import _batch_shards
+
+    assert _batch_shards({"sharding": {"mesh": {"data": 1, "fsdp": -1, "tensor": 2}}}, 8) == 4
+    assert _batch_shards({"sharding": {"mesh": {"data": 2, "fsdp": 2, "tensor": 4}}}, 16) == 4
+    assert _batch_shards({}, 8) == 8  # the default mesh: fsdp over every device

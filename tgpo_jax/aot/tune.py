@@ -69,7 +69,8 @@ def tune_entry(name: str, hw: str, headroom: float = DEFAULT_HEADROOM, log=print
         log(f"  {what}={value}: {'fits' if ok else 'does not fit'} (largest {worst:.2f} GiB)")
         return ok
 
-    m0 = int(base.get("train", {}).get("micro_batch", 1))
+    shards = _batch_shards(base, hardware(hw).devices)
+    m0 = max(int(base.get("train", {}).get("micro_batch", 1)), shards)
     p0 = int(base.get("rollout", {}).get("prompts_per_iteration", 1))
     prompts = _walk(
         p0,
@@ -81,12 +82,14 @@ def tune_entry(name: str, hw: str, headroom: float = DEFAULT_HEADROOM, log=print
     if prompts is None:
         return TuneResult(None, None, tried)
     rows = prompts * int(base.get("rollout", {}).get("n", 8)) // int(base.get("train", {}).get("mini_batches", 2))
+    # A micro-batch smaller than the batch shards leaves devices computing the same rows (the same
+    # memory per device, a fraction of the work): never chosen.
     micro = _walk(
         min(m0, rows),
-        1,
+        shards,
         min(MAX_MICRO_BATCH, rows),
         lambda m: check([f"rollout.prompts_per_iteration={prompts}", f"train.micro_batch={m}"], _STEPS, "micro", m),
-        lambda m: rows % m == 0,
+        lambda m: rows % m == 0 and m % shards == 0,
     )
     if micro is None:
         return TuneResult(prompts, None, tried)
@@ -99,6 +102,15 @@ def tune_entry(name: str, hw: str, headroom: float = DEFAULT_HEADROOM, log=print
 
 _ROLLOUTS = ("rollout", "eval_rollout")
 _STEPS = ("score", "train_step")
+
+
+def _batch_shards(cfg: dict, devices: int) -> int:
+    """Devices the batch is split over (the data and fsdp mesh axes) in a rendered config."""
+    from tgpo_jax.sharding.mesh import MeshConfig
+
+    mesh = MeshConfig.from_dict(cfg.get("sharding", {}).get("mesh", dict(MeshConfig().axes)))
+    sizes = dict(zip(mesh.names, mesh.resolve(devices), strict=True))
+    return sizes.get("data", 1) * sizes.get("fsdp", 1)
 
 
 def write_entry(path: str, hw: str, values: dict[str, int]) -> None:
