@@ -104,10 +104,6 @@ def _model_stop_ids(cfg: ModelConfig) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, tuple) else (eos,) if eos is not None else (0,)
 
 
-def _rows(n: int, shards: int) -> int:
-    return -(-n // shards) * shards
-
-
 def _batch_sds(run: AbstractRun, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
     rules = ShardingRules.from_dict(run.cfg.sharding.student_rules)
     spec = rules.spec(("batch",) + (None,) * (len(shape) - 1))
@@ -121,10 +117,10 @@ def _prompt_len(cfg: TrainConfig, section: dict) -> int:
 
 
 def rollout_batch(run: AbstractRun) -> Batch:
-    """The rollout fields of one iteration's Batch: rows = prompts x n (prompts padded to the batch
-    shards, as the sampler pads them), the prompt bucket the longest kept prompt needs."""
+    """The rollout fields of one iteration's Batch: rows = prompts x n (the sampler's filler prompts
+    dropped, as the iteration receives them), the prompt bucket the longest kept prompt needs."""
     c = run.cfg
-    B = _rows(c.rollout.prompts_per_iteration, run.sampler._batch_shards()) * c.rollout.n
+    B = c.rollout_batch
     P, T = _prompt_len(c, c.data), c.rollout.max_new_tokens
     i32 = jnp.int32
     return Batch(_batch_sds(run, (B, P), i32), _batch_sds(run, (B, P), i32), *(_batch_sds(run, (B, T), i32),) * 2)
@@ -164,20 +160,8 @@ def mini_batch(run: AbstractRun, full: Batch) -> Batch:
 
 
 def _sampler_program(run: AbstractRun, name: str, prompts: int, prompt_len: int, params: SamplingParams) -> Program:
-    P = _rows(prompts, run.sampler._batch_shards())
+    P = run.sampler.padded_prompts(prompts)
     return Program(name, lambda: run.sampler.lower(P, prompt_len, params), dict)
-
-
-def _rollout_params(c: TrainConfig) -> SamplingParams:
-    r = c.rollout
-    return SamplingParams(
-        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens, n=r.n
-    )
-
-
-def _eval_params(c: TrainConfig) -> SamplingParams:
-    e = c.eval
-    return SamplingParams(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens, n=e.k)
 
 
 def iteration_programs(run: AbstractRun) -> list[Program]:
@@ -188,7 +172,7 @@ def iteration_programs(run: AbstractRun) -> list[Program]:
     opt = {"opt_state": (run.train_state.opt_state, run.train_state.step)}
     teacher = {"teacher_params": run.t_state} if run.t_state is not None else {}
     rollout = _sampler_program(
-        run, "rollout", c.rollout.prompts_per_iteration, _prompt_len(c, c.data), _rollout_params(c)
+        run, "rollout", c.rollout.prompts_per_iteration, _prompt_len(c, c.data), c.rollout_sampling
     )
     rollout.resident = lambda: opt | teacher
     fn, kw = _score_fn(run)
@@ -199,7 +183,7 @@ def iteration_programs(run: AbstractRun) -> list[Program]:
     progs = [rollout, score, train]
     if c.eval.data and c.eval.every > 0:
         eval_len = _prompt_len(c, {**c.data, **c.eval.data})
-        ev = _sampler_program(run, "eval_rollout", c.eval_batch_prompts, eval_len, _eval_params(c))
+        ev = _sampler_program(run, "eval_rollout", c.eval_batch_prompts, eval_len, c.eval_sampling)
         ev.resident = lambda: opt | teacher
         progs.append(ev)
     return progs

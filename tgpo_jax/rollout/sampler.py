@@ -67,6 +67,11 @@ class Sampler:
         names = () if spec is None else (spec,) if isinstance(spec, str) else spec
         return int(np.prod([mesh.shape[a] for a in names])) if names else 1
 
+    def padded_prompts(self, n: int) -> int:
+        """The prompt count a call of n prompts runs at: rounded up to the batch shards (filler rows)."""
+        shards = self._batch_shards()
+        return -(-n // shards) * shards
+
     def _put(self, x: np.ndarray) -> jax.Array:
         if self.sharding is None:
             return jnp.asarray(x)
@@ -76,8 +81,7 @@ class Sampler:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         T = bucket_length(max(map(len, prompts)), self.buckets)
-        shards = self._batch_shards()
-        P = -(-len(prompts) // shards) * shards
+        P = self.padded_prompts(len(prompts))
         tokens = np.full((P, T), self.pad_id, np.int32)
         mask = np.zeros((P, T), np.int32)
         for i, p in enumerate(prompts):

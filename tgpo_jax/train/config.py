@@ -12,7 +12,7 @@ from tgpo_jax.models.config import DTYPES
 from tgpo_jax.models.runtime_options import runtime_option_problems
 from tgpo_jax.objectives.registry import ObjectiveConfig
 from tgpo_jax.rewards.reward_fn import RewardConfig
-from tgpo_jax.rollout.sampling import sampling_problems
+from tgpo_jax.rollout.sampling import SamplingParams, sampling_problems
 from tgpo_jax.sharding.distributed import DistributedConfig, DistributedConfigError, plan
 from tgpo_jax.sharding.mesh import MeshConfig
 from tgpo_jax.sharding.rules import ShardingRules
@@ -161,6 +161,25 @@ class TrainConfig:
     @property
     def mini_batch(self) -> int:
         return self.rollout_batch // self.train.mini_batches
+
+    @property
+    def rollout_sampling(self) -> SamplingParams:
+        """How the training rollouts sample (the loop's sampler calls and their AOT compile)."""
+        r = self.rollout
+        return SamplingParams(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            n=r.n,
+            stop_ids=r.stop_ids,
+        )
+
+    @property
+    def eval_sampling(self) -> SamplingParams:
+        """How the in-run evaluator samples (k samples per prompt)."""
+        e = self.eval
+        return SamplingParams(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens, n=e.k)
 
     @property
     def eval_batch_prompts(self) -> int:

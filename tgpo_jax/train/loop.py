@@ -11,7 +11,6 @@ import jax
 
 from tgpo_jax import paths
 from tgpo_jax.configtree import to_dict
-from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.sharding.distributed import initialize
 from tgpo_jax.train.checkpoint import RunCheckpoints, abstract_of
 from tgpo_jax.train.config import TrainConfig
@@ -23,18 +22,6 @@ from tgpo_jax.train.setup import RunParts, build_run
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss: the run stops, the last good checkpoint is kept."""
-
-
-def _sampling(cfg: TrainConfig) -> SamplingParams:
-    r = cfg.rollout
-    return SamplingParams(
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        max_new_tokens=r.max_new_tokens,
-        n=r.n,
-        stop_ids=r.stop_ids,
-    )
 
 
 def _resume(parts: RunParts, ckpt: RunCheckpoints, cfg: TrainConfig):
@@ -110,7 +97,7 @@ def train(cfg: TrainConfig, *, resume_with_changes: bool = False) -> dict:
 def _iterate(cfg: TrainConfig, parts: RunParts, ckpt: RunCheckpoints, writer: MetricsWriter, start: int, state) -> dict:
     """Iterations start..train.iterations (log, evaluate, checkpoint); returns the last metrics."""
     key = jax.random.key(cfg.train.seed)
-    sampling = _sampling(cfg)
+    sampling = cfg.rollout_sampling
     last_saved, metrics = (start - 1 if start > 1 else None), {}
     for it in range(start, cfg.train.iterations + 1):
         examples = parts.data.next_batch()

@@ -22,7 +22,6 @@ from tgpo_jax.models.tokenizer_check import check_tokenizers_agree
 from tgpo_jax.models.vocab import align_vocab
 from tgpo_jax.rewards import RewardFn
 from tgpo_jax.rollout.sampler import Sampler
-from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.rollout.text import context_problem, stop_ids_for
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
 from tgpo_jax.sharding.distributed import put_batch
@@ -175,9 +174,7 @@ class InRunEvaluator:
         self.items = [
             EvalItem(r["problem"], r["answer"], r["data_source"], r["index"], r["prompt_ids"]) for r in records
         ]
-        self.params = SamplingParams(
-            temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=cfg.eval.max_new_tokens, n=cfg.eval.k
-        )
+        self.params = cfg.eval_sampling
         self.k, self.seed = cfg.eval.k, cfg.train.seed
         # capped at the set: a small eval set is one call of its own size, not padded up to a batch
         self.batch_size = min(cfg.eval_batch_prompts, len(self.items))
