@@ -110,10 +110,8 @@ def _batch_sds(run: AbstractRun, shape: tuple[int, ...], dtype) -> jax.ShapeDtyp
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(run.mesh, spec))
 
 
-def _prompt_len(cfg: TrainConfig, section: dict) -> int:
-    from tgpo_jax.data import DataConfig
-
-    return bucket_length(int(section.get("max_prompt_len", DataConfig.max_prompt_len)), cfg.rollout.prompt_buckets)
+def _bucket(cfg: TrainConfig, prompt_len: int) -> int:
+    return bucket_length(prompt_len, cfg.rollout.prompt_buckets)
 
 
 def rollout_batch(run: AbstractRun) -> Batch:
@@ -121,7 +119,7 @@ def rollout_batch(run: AbstractRun) -> Batch:
     dropped, as the iteration receives them), the prompt bucket the longest kept prompt needs."""
     c = run.cfg
     B = c.rollout_batch
-    P, T = _prompt_len(c, c.data), c.rollout.max_new_tokens
+    P, T = _bucket(c, c.max_prompt_len), c.rollout.max_new_tokens
     i32 = jnp.int32
     return Batch(_batch_sds(run, (B, P), i32), _batch_sds(run, (B, P), i32), *(_batch_sds(run, (B, T), i32),) * 2)
 
@@ -172,7 +170,7 @@ def iteration_programs(run: AbstractRun) -> list[Program]:
     opt = {"opt_state": (run.train_state.opt_state, run.train_state.step)}
     teacher = {"teacher_params": run.t_state} if run.t_state is not None else {}
     rollout = _sampler_program(
-        run, "rollout", c.rollout.prompts_per_iteration, _prompt_len(c, c.data), c.rollout_sampling
+        run, "rollout", c.rollout.prompts_per_iteration, _bucket(c, c.max_prompt_len), c.rollout_sampling
     )
     rollout.resident = lambda: opt | teacher
     fn, kw = _score_fn(run)
@@ -182,7 +180,7 @@ def iteration_programs(run: AbstractRun) -> list[Program]:
     )
     progs = [rollout, score, train]
     if c.eval.data and c.eval.every > 0:
-        eval_len = _prompt_len(c, {**c.data, **c.eval.data})
+        eval_len = _bucket(c, c.eval_max_prompt_len)
         ev = _sampler_program(run, "eval_rollout", c.eval_batch_prompts, eval_len, c.eval_sampling)
         ev.resident = lambda: opt | teacher
         progs.append(ev)

@@ -225,7 +225,6 @@ def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: d
     """The estimator's view of TrainConfig `train` on `hw`, with each model's config.json fields.
     The train step keeps params, gradients and AdamW moments in the student's param_dtype (no
     separate master copy); the teacher is frozen; a prompt takes data.max_prompt_len tokens."""
-    from tgpo_jax.data.config import DataConfig
 
     m, shard = train.models, train.sharding
     student = ModelEntry(hf=student_hf, param_dtype=m.param_dtype, dtype=m.dtype, rules=shard.student_rules)
@@ -240,7 +239,7 @@ def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: d
         rollout_batch=train.rollout_batch,
         micro_batch=train.train.micro_batch,
         score_micro_batch=train.train.score_micro_batch,  # 0 = micro_batch, here as in the train config
-        prompt_len=int(train.data.get("max_prompt_len", DataConfig.max_prompt_len)),
+        prompt_len=train.max_prompt_len,
         response_len=train.rollout.max_new_tokens,
         logits_chunk=train.train.logprob_chunk,
         samples_per_prompt=train.rollout.n,
@@ -261,14 +260,13 @@ def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: d
 
 def _eval_batch(train) -> dict:
     """BatchConfig's eval_* fields for the in-run evaluation of `train` (none without an eval set)."""
-    from tgpo_jax.data.config import DataConfig
 
     if not (train.eval.data and train.eval.every > 0):
         return {}
     return dict(
         eval_prompts=train.eval_batch_prompts,
         eval_k=train.eval.k,
-        eval_prompt_len=int({**train.data, **train.eval.data}.get("max_prompt_len", DataConfig.max_prompt_len)),
+        eval_prompt_len=train.eval_max_prompt_len,
         eval_response_len=train.eval.max_new_tokens,
     )
 

@@ -163,6 +163,20 @@ class TrainConfig:
         return self.rollout_batch // self.train.mini_batches
 
     @property
+    def max_prompt_len(self) -> int:
+        """The longest prompt the data keeps (data.max_prompt_len or its default)."""
+        from tgpo_jax.data import DataConfig
+
+        return int(self.data.get("max_prompt_len", DataConfig.max_prompt_len))
+
+    @property
+    def eval_max_prompt_len(self) -> int:
+        """The longest prompt the eval set keeps (eval.data over data)."""
+        from tgpo_jax.data import DataConfig
+
+        return int({**self.data, **self.eval.data}.get("max_prompt_len", DataConfig.max_prompt_len))
+
+    @property
     def rollout_sampling(self) -> SamplingParams:
         """How the training rollouts sample (the loop's sampler calls and their AOT compile)."""
         r = self.rollout

@@ -221,8 +221,7 @@ def preflight(cfg: TrainConfig) -> ModelConfig:
         raise FileNotFoundError(f"{tok_key}: tokenizer directory not found: {tok_dir}")
     if not any(os.path.exists(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"{tok_key}: no tokenizer in {tok_dir}: expected one of {', '.join(TOKENIZER_FILES)}")
-    prompt_len = int(cfg.data.get("max_prompt_len", DataConfig.max_prompt_len))
-    eval_prompt_len = int({**cfg.data, **cfg.eval.data}.get("max_prompt_len", DataConfig.max_prompt_len))
+    prompt_len, eval_prompt_len = cfg.max_prompt_len, cfg.eval_max_prompt_len
     ctx = student.max_position_embeddings
     problems = [
         context_problem(
