@@ -39,6 +39,9 @@ class ProgramResult:
     def total_bytes(self) -> int:
         return self.program_bytes + sum(self.resident.values())
 
+    def fits(self, usable_bytes: float) -> bool:
+        return self.error is None and self.total_bytes <= usable_bytes
+
 
 @dataclasses.dataclass
 class CompileReport:
@@ -52,7 +55,7 @@ class CompileReport:
         return self.topology.hbm_gib * GIB * self.headroom
 
     def fits(self, p: ProgramResult) -> bool:
-        return p.error is None and p.total_bytes <= self.usable_bytes
+        return p.fits(self.usable_bytes)
 
     @property
     def all_fit(self) -> bool:
@@ -163,7 +166,7 @@ def format_line(p: ProgramResult, report_hbm_gib: float, usable: float) -> str:
         return f"{p.name:<13} {'-':>7} {'-':>7} {'-':>7} {'-':>7} {'-':>8} {'-':>8} {'-':>8} {report_hbm_gib:6.1f} " + (
             f"{p.compile_s:6.0f} s  FAILS: {p.error}"
         )
-    verdict = "fits" if p.total_bytes <= usable else "DOES NOT FIT"
+    verdict = "fits" if p.fits(usable) else "DOES NOT FIT"
     return (
         f"{p.name:<13} {g(p.arguments)} {g(p.outputs)} {g(p.aliased)} {g(p.temps)} {g(p.program_bytes):>8} "
         f"{g(sum(p.resident.values())):>8} {g(p.total_bytes):>8} {report_hbm_gib:6.1f} {p.compile_s:6.0f} s  {verdict}"

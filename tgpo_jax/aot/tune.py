@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 
 from tgpo_jax.aot.compile import compile_run
@@ -105,12 +106,17 @@ _STEPS = ("score", "train_step")
 
 
 def _batch_shards(cfg: dict, devices: int) -> int:
-    """Devices the batch is split over (the data and fsdp mesh axes) in a rendered config."""
+    """Devices the batch is split over in a rendered config: the mesh axes the student's rules map
+    `batch` to (data and fsdp by default)."""
     from tgpo_jax.sharding.mesh import MeshConfig
+    from tgpo_jax.sharding.rules import ShardingRules
 
-    mesh = MeshConfig.from_dict(cfg.get("sharding", {}).get("mesh", dict(MeshConfig().axes)))
+    sharding = cfg.get("sharding", {})
+    mesh = MeshConfig.from_dict(sharding.get("mesh", dict(MeshConfig().axes)))
     sizes = dict(zip(mesh.names, mesh.resolve(devices), strict=True))
-    return sizes.get("data", 1) * sizes.get("fsdp", 1)
+    axes = ShardingRules.from_dict(sharding.get("student_rules")).spec(("batch",))[0]
+    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(sizes.get(a, 1) for a in names)
 
 
 def write_entry(path: str, hw: str, values: dict[str, int]) -> None:
