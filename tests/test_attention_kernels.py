@@ -1,8 +1,9 @@
-"""The cache-free attention kernels equal our full-score einsum attention (`layers.attention`):
+"""The cache-free attention kernels equal our full-score einsum attention (`kernels.reference`):
 values and gradients at the layer, and the whole decoder's hidden states, with GQA and left
 padding. Query-blocked (ModelConfig.attn_query_block, fixed or auto) and
-jax.nn.dot_product_attention (attn_impl="sdpa"; on CPU the backend's choice is XLA; "cudnn" is
-GPU-only and is exercised by `launch/gpu_device_check.sh`)."""
+jax.nn.dot_product_attention with the padding as sequence lengths (attn_impl="sdpa"; on CPU the
+backend's choice is XLA; "cudnn" runs the same code with cuDNN forced, GPU-only, exercised by
+`launch/gpu_device_check.sh`). Splash attention: tests/test_splash_attention.py."""
 
 import dataclasses
 
@@ -13,20 +14,16 @@ import pytest
 from flax import nnx
 
 from tests.jaxpr_helpers import iter_eqns
-from tgpo_jax.models import layers as L
-from tgpo_jax.models.blocked_attention import blocked_causal_attention
+from tgpo_jax.kernels import MASK_VALUE, auto_query_block, lengths
+from tgpo_jax.kernels import reference as R
+from tgpo_jax.kernels.blocked import blocked_causal_attention
 from tgpo_jax.models.config import ModelConfigError
 from tgpo_jax.models.decoder import Decoder, left_pad_positions
 from tgpo_jax.models.tiny import tiny_config
 
 
-def _causal_allowed(mask_BT):
-    T = mask_BT.shape[1]
-    return (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & mask_BT.astype(bool)[:, None, :]
-
-
 def _assert_layer_equal(kernel, B, T, H, K, D):
-    """kernel(q, k, v, allowed) against `L.attention`: values on real query rows within 1e-6,
+    """kernel(q, k, v, key_mask) against `R.causal_attention`: values on real query rows within 1e-6,
     gradients of a padding-masked weighted sum within 1e-5. Row 1 is left-padded by 3."""
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (B, T, H, D))
@@ -34,16 +31,16 @@ def _assert_layer_equal(kernel, B, T, H, K, D):
     v = jax.random.normal(kv, (B, T, K, D))
     mask = np.ones((B, T), np.int32)
     mask[1, :3] = 0
-    allowed = _causal_allowed(jnp.asarray(mask))
+    key_mask = jnp.asarray(mask)
     # Pad query rows see no key at all: their (unused) output is arbitrary in both; compare real rows.
     real = mask.astype(bool)
-    ref = L.attention(q, k, v, allowed)
-    got = kernel(q, k, v, allowed)
+    ref = R.causal_attention(q, k, v, key_mask)
+    got = kernel(q, k, v, key_mask)
     assert np.abs(np.asarray(ref - got))[real].max() <= 1e-6
 
     w = jax.random.normal(jax.random.key(1), ref.shape) * jnp.asarray(mask)[:, :, None, None]
-    g_ref = jax.grad(lambda *a: jnp.sum(L.attention(*a, allowed) * w), argnums=(0, 1, 2))(q, k, v)
-    g_got = jax.grad(lambda *a: jnp.sum(kernel(*a, allowed) * w), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(lambda *a: jnp.sum(R.causal_attention(*a, key_mask) * w), argnums=(0, 1, 2))(q, k, v)
+    g_got = jax.grad(lambda *a: jnp.sum(kernel(*a, key_mask) * w), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_ref, g_got):
         assert np.abs(np.asarray(a - b)).max() <= 1e-5
 
@@ -68,12 +65,12 @@ def test_blocked_layer_values_and_gradients(T, block):
 
 
 def _autodiff_blocked(q, k, v, allowed, block):
-    """Reference: `L.attention` per query block (keys up to the block's end), differentiated by
+    """Reference: `R.attention` per query block (keys up to the block's end), differentiated by
     autodiff. A fully masked query row (left padding) is uniform over its block's keys."""
     T = q.shape[1]
     return jnp.concatenate(
         [
-            L.attention(
+            R.attention(
                 q[:, t0 : t0 + block], k[:, : t0 + block], v[:, : t0 + block], allowed[:, t0 : t0 + block, : t0 + block]
             )
             for t0 in range(0, T, block)
@@ -96,13 +93,14 @@ def test_blocked_custom_vjp_equals_autodiff_on_every_row(T, block, H, K):
     mask = np.ones((B, T), np.int32)
     mask[1, :3] = 0
     mask[2, : T - 2] = 0  # whole blocks of pad rows
-    allowed = _causal_allowed(jnp.asarray(mask))
+    allowed = R.causal_allowed(jnp.asarray(mask))
     w = jax.random.normal(kg, (B, T, H, D))
-    ref, got = _autodiff_blocked(q, k, v, allowed, block), blocked_causal_attention(q, k, v, allowed, block)
+    ref, got = _autodiff_blocked(q, k, v, allowed, block), blocked_causal_attention(q, k, v, jnp.asarray(mask), block)
     assert np.abs(np.asarray(ref - got)).max() <= 1e-6
-    loss = lambda fn: lambda *a: jnp.sum(fn(*a, allowed, block) * w)  # noqa: E731
-    g_ref = jax.grad(loss(_autodiff_blocked), argnums=(0, 1, 2))(q, k, v)
-    g_got = jax.grad(loss(blocked_causal_attention), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(lambda *a: jnp.sum(_autodiff_blocked(*a, allowed, block) * w), argnums=(0, 1, 2))(q, k, v)
+    g_got = jax.grad(lambda *a: jnp.sum(blocked_causal_attention(*a, jnp.asarray(mask), block) * w), argnums=(0, 1, 2))(
+        q, k, v
+    )
     for a, b in zip(g_ref, g_got):
         assert np.abs(np.asarray(a - b)).max() <= 1e-5
 
@@ -118,8 +116,8 @@ def test_blocked_backward_recomputes_no_forward_under_remat():
     q, k, v = (
         jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(B, T, H, D), (B, T, K, D), (B, T, K, D)])
     )
-    allowed = _causal_allowed(jnp.ones((B, T), jnp.int32))
-    f = lambda q, k, v: jnp.sum(jnp.sin(blocked_causal_attention(q, k, v, allowed, block)))  # noqa: E731
+    key_mask = jnp.ones((B, T), jnp.int32)
+    f = lambda q, k, v: jnp.sum(jnp.sin(blocked_causal_attention(q, k, v, key_mask, block)))  # noqa: E731
     remat = jax.checkpoint(f, policy=checkpoint_policies.save_only_these_names("attn_out"))
 
     def exps(fn):  # score-sized exponentials in the gradient's jaxpr
@@ -146,11 +144,11 @@ def test_negative_block_rejected():
 
 def test_auto_query_block_choice():
     # explicit settings are kept; auto blocks only on CPU, and never more than 16 blocks
-    assert L.auto_query_block(0, 320, "cpu") == 0 and L.auto_query_block(64, 320, "gpu") == 64
-    assert L.auto_query_block(-1, 320, "gpu") == 0 and L.auto_query_block(-1, 320, "tpu") == 0
-    assert L.auto_query_block(-1, 64, "cpu") == 0
-    assert L.auto_query_block(-1, 112, "cpu") == 32 and L.auto_query_block(-1, 320, "cpu") == 32
-    assert L.auto_query_block(-1, 4160, "cpu") == 260
+    assert auto_query_block(0, 320, "cpu") == 0 and auto_query_block(64, 320, "gpu") == 64
+    assert auto_query_block(-1, 320, "gpu") == 0 and auto_query_block(-1, 320, "tpu") == 0
+    assert auto_query_block(-1, 64, "cpu") == 0
+    assert auto_query_block(-1, 112, "cpu") == 32 and auto_query_block(-1, 320, "cpu") == 32
+    assert auto_query_block(-1, 4160, "cpu") == 260
 
 
 def test_auto_decoder_equals_full_scores():
@@ -160,7 +158,7 @@ def test_auto_decoder_equals_full_scores():
 # ---------------------------------------------------------------- jax.nn.dot_product_attention
 @pytest.mark.parametrize("H, K", [(4, 2), (4, 4), (6, 1)])
 def test_sdpa_layer_values_and_gradients(H, K):
-    _assert_layer_equal(lambda q, k, v, a: L.sdpa_attention(q, k, v, a, "xla"), 2, 9, H, K, 8)
+    _assert_layer_equal(lambda q, k, v, m: lengths.causal_attention(q, k, v, m, "xla"), 2, 9, H, K, 8)
 
 
 def test_sdpa_decoder_hidden_states_equal():
@@ -168,7 +166,7 @@ def test_sdpa_decoder_hidden_states_equal():
 
 
 def test_unknown_impl_rejected():
-    with pytest.raises(ModelConfigError, match="attn_impl='flash'.*einsum, sdpa, cudnn"):
+    with pytest.raises(ModelConfigError, match="attn_impl='flash'.*einsum, sdpa, cudnn, cpu, splash, auto"):
         dataclasses.replace(tiny_config("qwen2"), attn_impl="flash")
 
 
@@ -212,7 +210,7 @@ def test_blocked_bf16_within_bf16_precision_of_fp32():
     w = jax.random.normal(jax.random.key(9), (B, T, H, D))
     mask = np.ones((B, T), np.int32)
     mask[1, :3] = 0
-    allowed = _causal_allowed(jnp.asarray(mask))
+    allowed = jnp.asarray(mask)  # the key mask
     tol = 4 * 2.0**-8
 
     def close(a, ref):
@@ -235,7 +233,7 @@ def test_blocked_mask_is_not_hoisted_out_of_the_layer_loop(monkeypatch):
     import re
 
     from tgpo_jax.bench import train_step_workload as tb
-    from tgpo_jax.models import blocked_attention as BA
+    from tgpo_jax.kernels import blocked as BA
     from tgpo_jax.objectives.batch import Batch
     from tgpo_jax.objectives.registry import ObjectiveConfig
     from tgpo_jax.train.step import OptimizerConfig, init_train_state, make_optimizer, make_train_step
@@ -252,7 +250,7 @@ def test_blocked_mask_is_not_hoisted_out_of_the_layer_loop(monkeypatch):
         attn_impl="einsum",
     )  # "auto" would take the fused CPU kernel
     cfg = tb.model_config(s)
-    assert L.auto_query_block(cfg.attn_query_block, s.seq_len) == 32  # the blocked kernel is in use
+    assert auto_query_block(cfg.attn_query_block, s.seq_len, "cpu") == 32  # the blocked kernel is in use
     mb = Batch.from_arrays({k: jnp.asarray(v) for k, v in tb.make_minibatch(s, cfg.vocab_size).items()})
     opt = make_optimizer(OptimizerConfig())
     B, K, G = s.micro_batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
@@ -275,7 +273,7 @@ def test_blocked_mask_is_not_hoisted_out_of_the_layer_loop(monkeypatch):
         sc = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, t0:t1], k[:, :, :t1], preferred_element_type=jnp.float32)
         causal = jnp.arange(t1)[None, :] <= jnp.arange(t0, t1)[:, None]
         allowed = (causal[None] & key_mask[:, None, :t1])[:, None, None]
-        return jnp.where(allowed, sc / np.sqrt(q.shape[-1]), L.MASK_VALUE), allowed
+        return jnp.where(allowed, sc / np.sqrt(q.shape[-1]), MASK_VALUE), allowed
 
     monkeypatch.setattr(BA, "_masked_scores", untied)
     assert score_sized_constants(), "control: the unbarriered mask is no longer hoisted; the check above tests nothing"

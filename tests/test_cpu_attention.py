@@ -1,5 +1,5 @@
-"""The fused CPU attention kernel (models/cpu_attention.py, C++ through the XLA FFI) against our
-einsum attention `layers.attention` and autodiff of it: values and gradients on every row (GQA,
+"""The fused CPU attention kernel (kernels/cpu.py, C++ through the XLA FFI) against our
+einsum attention `kernels.reference` and autodiff of it: values and gradients on every row (GQA,
 left padding, whole pad rows, lengths that are not a multiple of the kernel's 16-key chunks,
 every supported head_dim), the decoder's hidden states, the remat contract, the selection rule
 of attn_impl "auto", and clear errors where it cannot run."""
@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from tests.jaxpr_helpers import iter_eqns
-from tgpo_jax.models import cpu_attention as CA
-from tgpo_jax.models import layers as L
+from tgpo_jax.kernels import cpu as CA
+from tgpo_jax.kernels import reference as R
 from tgpo_jax.models.decoder import Decoder, left_pad_positions
 from tgpo_jax.models.tiny import tiny_config
 
@@ -37,11 +37,11 @@ def _inputs(B, T, H, K, D, seed=0):
 
 
 def _reference(q, k, v, mask):
-    """`L.attention` with a causal + key mask, and 0 on rows that may attend no key (the kernel's
+    """`R.attention` with a causal + key mask, and 0 on rows that may attend no key (the kernel's
     stated value there; the XLA paths average over masked keys on such rows)."""
     T = q.shape[1]
     allowed = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & jnp.asarray(mask, bool)[:, None, :]
-    out = L.attention(q, k, v, allowed)
+    out = R.attention(q, k, v, allowed)
     return jnp.where(jnp.any(allowed, -1)[:, :, None, None], out, 0.0)
 
 
@@ -168,7 +168,7 @@ def test_backward_reruns_no_forward_kernel_under_attn_out_remat(sharded):
     under shard_map; saving nothing, the forward runs twice (the control)."""
     from jax.ad_checkpoint import checkpoint_policies
 
-    from tgpo_jax.models.decoder import _cpu_attention
+    from tgpo_jax.kernels.attention import _cpu_attention
     from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh
     from tgpo_jax.sharding.rules import ActivationSharding
 

@@ -47,7 +47,7 @@ def test_wheel_holds_every_bundled_config_and_kernel_source(tmp_path):
     (wheel,) = tmp_path.glob("tgpo_jax-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
     wanted = _files_under(os.path.join(REPO, "tgpo_jax", "configs"))
-    wanted |= _files_under(os.path.join(REPO, "tgpo_jax", "models", "cpu_kernels"))
+    wanted |= _files_under(os.path.join(REPO, "tgpo_jax", "kernels", "cpu_kernels"))
     assert len(wanted) > 20  # demo/experiment/estimate configs, presets, sweeps, hf_configs, kernel
     assert sorted(wanted - shipped) == []
 

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from tests.jaxpr_helpers import iter_eqns
-from tgpo_jax.models import cpu_attention as CA
-from tgpo_jax.models import layers as L
+from tgpo_jax.kernels import auto_query_block
+from tgpo_jax.kernels import cpu as CA
 from tgpo_jax.models.decoder import Decoder, left_pad_positions, remat_policy
 from tgpo_jax.models.kv_cache import scans_cache
 from tgpo_jax.models.moe import resolve_impl
@@ -40,8 +40,8 @@ def test_auto_choices_for_an_accelerator_platform(platform):
     assert remat_policy(on_cpu) is not jax.checkpoint_policies.nothing_saveable  # attn_out on CPU
     assert remat_policy(on_acc) is jax.checkpoint_policies.nothing_saveable
     assert (scans_cache(on_cpu), scans_cache(on_acc)) == (False, True)
-    assert L.auto_query_block(-1, 320, on_cpu.target_platform()) == 32
-    assert L.auto_query_block(-1, 320, on_acc.target_platform()) == 0
+    assert auto_query_block(-1, 320, on_cpu.target_platform()) == 32
+    assert auto_query_block(-1, 320, on_acc.target_platform()) == 0
     assert (resolve_impl("auto", "cpu"), resolve_impl("auto", platform)) == ("blocks", "ragged")
     q = jnp.zeros((1, 8, 4, 16), jnp.float32)
     assert CA.supports(q, platform) == f"the fused attention kernel is for the CPU backend, not {platform}"

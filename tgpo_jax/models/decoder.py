@@ -16,12 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import PartitionSpec as P
 
-from tgpo_jax.models import cpu_attention
+from tgpo_jax import kernels
+from tgpo_jax.kernels import ATTN_OUT
 from tgpo_jax.models import layers as L
-from tgpo_jax.models.blocked_attention import ATTN_OUT, blocked_causal_attention
 from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.kv_cache import KVCache, write_layer_slots, write_slots
 from tgpo_jax.models.moe import moe_block
@@ -114,10 +112,8 @@ class Decoder(nnx.Module):
         run = functools.partial(
             _run_layers, cfg, sh, functools.partial(_layer, stacks=stacks), layer_params, cos=cos, sin=sin
         )
-        if cache is None:
-            T = tokens_BT.shape[1]
-            allowed = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None] & mask_BT.astype(bool)[:, None, :]
-            x_BTE, _ = run(x_BTE, allowed, None, remat=remat)
+        if cache is None:  # causal over the real tokens: the kernel takes the [B, T] key mask
+            x_BTE, _ = run(x_BTE, mask_BT, None, remat=remat)
         else:
             slot_mask, allowed = cache.allowed_BTS(mask_BT)
             x_BTE, (k, v) = run(x_BTE, allowed, cache, layers=layers)
@@ -186,7 +182,7 @@ def _run_layers(
     layer_fn,
     layer_params,
     x_BTE,
-    allowed,
+    mask,
     cache: KVCache | None,
     *,
     cos,
@@ -200,14 +196,14 @@ def _run_layers(
     if cache is not None and not cache.stacked:
         ks, vs = list(cache.k), list(cache.v)
         for i, lp in enumerate(layers if layers is not None else _per_layer(layer_params, cfg.num_layers)):
-            x_BTE, (ks[i], vs[i]) = layer_fn(cfg, sh, lp, x_BTE, cos, sin, allowed, (ks[i], vs[i]), cache.index)
+            x_BTE, (ks[i], vs[i]) = layer_fn(cfg, sh, lp, x_BTE, cos, sin, mask, (ks[i], vs[i]), cache.index)
         return x_BTE, (tuple(ks), tuple(vs))
     index = None if cache is None else cache.index
 
     def body(carry, xs):
         x, kv = carry
         lp, layer = xs
-        x, kv = layer_fn(cfg, sh, lp, x, cos, sin, allowed, None if kv is None else (*kv, layer), index)
+        x, kv = layer_fn(cfg, sh, lp, x, cos, sin, mask, None if kv is None else (*kv, layer), index)
         return (x, None if kv is None else kv[:2]), None
 
     if remat:
@@ -262,72 +258,27 @@ def _mlp(cfg: ModelConfig, sh, p: dict, h_BTE, stacks: dict):
     )
 
 
-_Q_AXES, _KV_AXES = ("batch", "seq", "act_heads", None), ("batch", "seq", "act_kv_heads", None)
-
-
-def _cpu_kernel_why_not(platform: str, sh, q, k) -> str | None:
-    """None if the fused CPU kernel can run this attention on `platform` (the model's), per shard
-    when the mesh has several devices, else why not."""
-    if (why := cpu_attention.supports(q, platform)) is not None or sh is None or sh.mesh.size == 1:
-        return why
-    if (platform := sh.mesh.devices.flat[0].platform) != "cpu":
-        return f"the mesh is on {platform}, not cpu"
-    qs, ks = sh.spec_for(q.shape, _Q_AXES), sh.spec_for(k.shape, _KV_AXES)
-    if qs[1] is not None:
-        return f"the sequence is sharded over {qs[1]!r}; the kernel needs whole rows"
-    if qs[2] != ks[2]:  # a shard must hold each of its query heads' kv head
-        return (
-            f"query heads ({q.shape[2]}) shard over {qs[2]!r} but kv heads ({k.shape[2]}) over {ks[2]!r}; "
-            "the kernel needs both split alike"
-        )
-    return None
-
-
-def _use_cpu_kernel(cfg: ModelConfig, sh, q, k) -> bool:
-    """attn_impl "cpu": the fused CPU kernel, or an error saying why it cannot run; "auto": the
-    kernel where it applies (see `_cpu_kernel_why_not`), else what "einsum" does."""
-    if cfg.attn_impl == "cpu":
-        if (why := _cpu_kernel_why_not(cfg.target_platform(), sh, q, k)) is not None:
-            raise cpu_attention.CpuKernelUnavailable(f"attn_impl='cpu': {why}")
-        return True
-    return cfg.attn_impl == "auto" and _cpu_kernel_why_not(cfg.target_platform(), sh, q, k) is None
-
-
-def _cpu_attention(sh, q, k, v, key_mask_BT):
-    """The fused CPU kernel; on a multi-device mesh, under shard_map: each device runs it on its
-    batch rows and heads (GSPMD cannot partition an FFI call, it would gather to one device)."""
-    if sh is None or sh.mesh.size == 1:
-        return cpu_attention.causal_attention(q, k, v, key_mask_BT)
-    qs, ks = sh.spec_for(q.shape, _Q_AXES), sh.spec_for(k.shape, _KV_AXES)
-    return jax.shard_map(
-        cpu_attention.causal_attention,
-        mesh=sh.mesh,
-        in_specs=(qs, ks, ks, P(qs[0], None)),
-        out_specs=qs,
-        check_vma=False,
-    )(q, k, v, key_mask_BT)
-
-
-def _attend(cfg: ModelConfig, sh, q, k, v, allowed_BTS, kv, index):
-    """The layer's attention [B, T, H, D] and the updated cache entry: over the cache, or
-    cache-free (causal `allowed`) through the configured kernel. The output (or, for the
-    query-blocked and fused CPU kernels, their own residuals) carries the checkpoint name ATTN_OUT."""
+def _attend(cfg: ModelConfig, sh, q, k, v, mask, kv, index):
+    """The layer's attention [B, T, H, D] and the updated cache entry: over the cache (`mask` is
+    the cache's allowed [B, T, S]), or cache-free through the configured kernel (`mask` is the
+    [B, T] key mask; tgpo_jax/kernels)."""
     if kv is not None:
         k_c, v_c, kv = _cache_kv(kv, k, v, index)
-        attn = L.attention(q, k_c, v_c, allowed_BTS, kv_layout="bksd")
-    elif _use_cpu_kernel(cfg, sh, q, k):
-        # `allowed` is causal, so its last row is the key mask
-        return _cpu_attention(sh, q, k, v, allowed_BTS[:, -1, :]), kv
-    elif cfg.attn_impl in ("sdpa", "cudnn"):
-        attn = L.sdpa_attention(q, k, v, allowed_BTS, None if cfg.attn_impl == "sdpa" else cfg.attn_impl)
-    elif 0 < (block := L.auto_query_block(cfg.attn_query_block, q.shape[1], cfg.target_platform())) < q.shape[1]:
-        return blocked_causal_attention(q, k, v, allowed_BTS, block), kv
-    else:
-        attn = L.attention(q, k, v, allowed_BTS)
-    return checkpoint_name(attn, ATTN_OUT), kv
+        return kernels.cached_attention(q, k_c, v_c, mask), kv
+    attn = kernels.causal_attention(
+        q,
+        k,
+        v,
+        mask,
+        impl=cfg.attn_impl,
+        platform=cfg.target_platform(),
+        sharding=sh,
+        query_block=cfg.attn_query_block,
+    )
+    return attn, kv
 
 
-def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, index, stacks=None):
+def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, mask, kv, index, stacks=None):
     """One pre-norm decoder layer: x + attn(norm(x)); then x + mlp(norm(x)) (SwiGLU or MoE)."""
     dt = cfg.jnp_dtype
     w = {k: v.astype(dt) for k, v in p.items() if k not in _MLP_KEYS}
@@ -342,7 +293,7 @@ def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, allowed_BTS, kv, inde
     q = _constrain(sh, q, ("batch", "seq", "act_heads", None))
     k = _constrain(sh, k, ("batch", "seq", "act_kv_heads", None))
     v = _constrain(sh, v, ("batch", "seq", "act_kv_heads", None))
-    attn, kv = _attend(cfg, sh, q, k, v, allowed_BTS, kv, index)
+    attn, kv = _attend(cfg, sh, q, k, v, mask, kv, index)
     out = L.dense(attn, w["o_kernel"], n_in=2)
     if cfg.o_bias:
         out = out + w["o_bias"]

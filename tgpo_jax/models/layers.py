@@ -1,4 +1,4 @@
-"""Pure math of the decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""Pure math of the decoder: RMSNorm, RoPE, SwiGLU (attention: tgpo_jax/kernels).
 
 Numerics follow transformers' PyTorch implementations (RMSNorm and RoPE angles in fp32, softmax in
 fp32) so that fp32 logits agree to ~1e-5.
@@ -12,11 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tgpo_jax.kernels.common import MASK_VALUE  # noqa: F401  (re-exported: logits masking uses it too)
 from tgpo_jax.models.config import ModelConfig
-
-# Finite "minus infinity": a fully masked row (a left-pad query) then softmaxes to a uniform
-# distribution instead of NaN, and NaNs never leak into valid rows through 0 * NaN.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def rms_norm(x_BTE: jax.Array, scale_E: jax.Array, eps: float) -> jax.Array:
@@ -66,63 +63,6 @@ def apply_rope(x_BTHD: jax.Array, cos_BTd: jax.Array, sin_BTd: jax.Array) -> jax
     x0, x1 = x_BTHD[..., :half], x_BTHD[..., half:]
     c, s = cos_BTd[:, :, None, :], sin_BTd[:, :, None, :]
     return jnp.concatenate([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
-
-
-def attention(
-    q_BTHD: jax.Array, k: jax.Array, v: jax.Array, allowed_BTS: jax.Array, kv_layout: str = "bskd"
-) -> jax.Array:
-    """Grouped-query softmax attention. q has H heads, k/v have K heads (H % K == 0); query head h
-    reads kv head h // (H / K). allowed[b, t, s] says whether query t may attend key slot s.
-    k/v are [B, S, K, D] (kv_layout "bskd") or [B, K, S, D] ("bksd", the KV cache's layout).
-    Returns [B, T, H, D] in q's dtype; scores and softmax in fp32."""
-    D = q_BTHD.shape[-1]
-    # Heads-first operands: both contractions become plain batched matmuls, and XLA does not
-    # transpose the [.., T, S] score tensors in the backward pass (measured -25% step time on CPU).
-    k_BKSD, v_BKSD = (k, v) if kv_layout == "bksd" else (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
-    q_BKGTD = split_heads(q_BTHD, k_BKSD.shape[1])
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(D))
-    scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v_BKSD, preferred_element_type=jnp.float32)
-    return merge_heads(out).astype(q_BTHD.dtype)
-
-
-def split_heads(q_BTHD: jax.Array, K: int) -> jax.Array:
-    """[B, T, H, D] -> [B, K, G, T, D]: query heads grouped by the kv head they read (G = H / K)."""
-    B, T, H, D = q_BTHD.shape
-    return q_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
-
-
-def merge_heads(x_BKGTD: jax.Array) -> jax.Array:
-    """The inverse of `split_heads`: [B, K, G, T, D] -> [B, T, K * G, D]."""
-    B, K, G, T, D = x_BKGTD.shape
-    return x_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
-
-
-def auto_query_block(setting: int, T: int, backend: str | None = None) -> int:
-    """The query block `blocked_attention.blocked_causal_attention` uses for T positions (0: full
-    scores). `setting` >= 0 is taken as is; -1 (auto) picks blocks only on the CPU backend, where
-    skipping the upper triangle measured 1.1-1.45x faster train steps at 112-320 positions: blocks
-    of 32 rows, or T / 16 for long sequences (at most 16 blocks: the blocks are unrolled at trace
-    time). XLA:GPU / TPU get full scores (use attn_impl="cudnn" on GPUs)."""
-    if setting >= 0:
-        return setting
-    if (backend or jax.default_backend()) != "cpu" or T < 96:
-        return 0
-    return max(32, -(-T // 16))
-
-
-def sdpa_attention(
-    q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array, implementation: str | None = None
-) -> jax.Array:
-    """`attention` for cache-free causal self-attention through `jax.nn.dot_product_attention`
-    (grouped-query heads as `attention`). `is_causal` lets a fused kernel (cuDNN flash attention on
-    GPU) skip the upper triangle; `allowed` still masks left padding. implementation None: the
-    backend's choice; "xla" or "cudnn" to force one."""
-    return jax.nn.dot_product_attention(
-        q_BTHD, k_BSKD, v_BSKD, mask=allowed_BTS[:, None, :, :], is_causal=True, implementation=implementation
-    )
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None) -> jax.Array:

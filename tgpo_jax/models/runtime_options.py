@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-ATTN_IMPLS = ("einsum", "sdpa", "cudnn", "cpu", "auto")
+from tgpo_jax.kernels.attention import IMPLS as ATTN_IMPLS
+
 AUTO_QUERY_BLOCK = -1  # attn_query_block: chosen per sequence length and backend
 # How the experts' SwiGLU is dispatched (models/moe.py, `resolve_impl`): "auto" picks "ragged"
 # (lax.ragged_dot, a grouped matmul kernel) on GPU / TPU and "blocks" (sorted blocks in a loop)
@@ -35,14 +36,15 @@ class RuntimeOptions:
     moe_block_size: int = 64  # rows per block of the "blocks" dispatch
     # > 0: cache-free causal self-attention (training, scoring) in query blocks of this many rows,
     # each reading only the keys up to its last row (exact). 0: full scores. -1 (AUTO_QUERY_BLOCK):
-    # chosen per sequence length and backend (layers.auto_query_block).
+    # chosen per sequence length and platform (kernels.auto_query_block).
     attn_query_block: int = 0
-    # The cache-free attention kernel. "einsum": ours (fp32 scores); "sdpa":
-    # jax.nn.dot_product_attention, backend's choice (cuDNN flash attention on GPU where it applies,
-    # else XLA); "cudnn": that, cuDNN forced (GPU only, bf16/fp16); "cpu": the fused C++ kernel for
-    # XLA:CPU (models/cpu_attention.py: fp32, built on first use); "auto": "cpu" where it applies on
-    # CPU devices (per shard on a multi-device mesh), else "einsum". attn_query_block applies to
-    # "einsum" (and "auto").
+    # The cache-free attention kernel (tgpo_jax/kernels/attention.py). "einsum": ours (fp32 scores);
+    # "sdpa": jax.nn.dot_product_attention, backend's choice, padding as sequence lengths; "cudnn":
+    # that, cuDNN forced (GPU only, bf16/fp16); "cpu": the fused C++ kernel for XLA:CPU (fp32, built
+    # on first use); "splash": the Pallas TPU splash-attention kernel (interpret mode off TPU: tests
+    # only); "auto": from the mesh's devices, "cpu" on CPU, "splash" on TPU, "cudnn" on GPU, each
+    # where it applies (per shard on a multi-device mesh), else "einsum". attn_query_block applies
+    # to "einsum" (and "auto").
     attn_impl: str = "einsum"
     # How the KV-cache path (prefill, decode) runs the layers. "unroll": one cache buffer per layer,
     # layers unrolled (no per-step copy of a layer's cache or weights; compile time grows with

@@ -1,6 +1,6 @@
 """Causal self-attention in query blocks with a hand-written backward pass (CPU training).
 
-The forward is `layers.attention` block by block: query rows [t0, t1) read keys [0, t1) only, so
+The forward is `reference.attention` block by block: query rows [t0, t1) read keys [0, t1) only, so
 the upper triangle of the scores is skipped. The backward is written out rather than left to
 autodiff for two reasons, both measured on the 2-core CPU:
 
@@ -12,7 +12,7 @@ autodiff for two reasons, both measured on the 2-core CPU:
   and dS for dV = P^T dO and dK = dS^T Q.
 
 Shapes: q [B, T, H, D], k / v [B, T, K, D] (H % K == 0; query head h reads kv head h // (H / K)),
-allowed [B, T, T] (query t may attend key s); `allowed` must be causal (s <= t), as in a cache-free
+key_mask [B, T] (query t may attend key s iff s <= t and key s is real), as in a cache-free
 forward. The max, the 1 / sum and the output carry the checkpoint name ATTN_OUT, so that the
 decoder's "attn_out" remat policy keeps them and the backward recomputes no attention forward.
 """
@@ -26,9 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from tgpo_jax.models.layers import MASK_VALUE, merge_heads, split_heads
-
-ATTN_OUT = "attn_out"  # checkpoint name of each layer's attention output (decoder.remat_policy)
+from tgpo_jax.kernels.common import ATTN_OUT, MASK_VALUE, merge_heads, split_heads
 
 
 def _blocks(T: int, block: int):
@@ -122,15 +120,15 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def blocked_causal_attention(
-    q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, allowed_BTS: jax.Array, block: int
+    q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, key_mask_BT: jax.Array, block: int
 ) -> jax.Array:
-    """Grouped-query causal self-attention [B, T, H, D] in query blocks of `block` rows (see the
-    module docstring); values equal `layers.attention`'s, fully masked rows included."""
+    """Grouped-query causal self-attention [B, T, H, D] with key mask [B, T] (nonzero: a real
+    token) in query blocks of `block` rows (see the module docstring); values equal
+    `reference.causal_attention`'s, fully masked rows included."""
     T, K = q_BTHD.shape[1], k_BSKD.shape[2]
     if k_BSKD.shape[1] != T:
         raise ValueError(f"blocked_causal_attention needs as many keys as queries; got {k_BSKD.shape[1]} vs {T}")
-    # `allowed` is causal, so its last row is the key mask (see _masked_scores)
     out = _attention(
-        split_heads(q_BTHD, K), jnp.swapaxes(k_BSKD, 1, 2), jnp.swapaxes(v_BSKD, 1, 2), allowed_BTS[:, T - 1, :], block
+        split_heads(q_BTHD, K), jnp.swapaxes(k_BSKD, 1, 2), jnp.swapaxes(v_BSKD, 1, 2), key_mask_BT.astype(bool), block
     )
     return merge_heads(out)

@@ -8,7 +8,7 @@ many XLA formulations and still took ~30% of the train step. The kernel keeps on
 head)'s keys and values in cache, holds a block of query rows' scores in a small scratch, and runs
 its tasks on XLA's intra-op thread pool. Source: `cpu_kernels/causal_attention.cc`.
 
-Semantics are `layers.attention` with a causal mask and a [B, T] key mask (left padding): query t
+Semantics are `reference.attention` with a causal mask and a [B, T] key mask (left padding): query t
 reads key s iff s <= t and key s is real. A query row with no allowed key returns 0 (the XLA paths
 return an arbitrary average there; no caller reads pad rows). fp32 only; head_dim 8, 16, 32, 64 or
 128. The library is built with -march=native and cached per source, flags, compiler, jax version
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from tgpo_jax.models.blocked_attention import ATTN_OUT
+from tgpo_jax.kernels.common import ATTN_OUT
 
 SOURCE = Path(__file__).with_name("cpu_kernels") / "causal_attention.cc"
 HEAD_DIMS = (8, 16, 32, 64, 128)
@@ -128,16 +128,22 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
+def supports_shape(q_shape, dtype, platform: str | None = None) -> str | None:
+    """None if the kernel handles this platform, dtype and head_dim (without building it), else why
+    not."""
+    if (backend := platform or jax.default_backend()) != "cpu":
+        return f"the fused attention kernel is for the CPU backend, not {backend}"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"the fused CPU attention kernel is fp32 only, got {jnp.dtype(dtype).name}"
+    if q_shape[-1] not in HEAD_DIMS:
+        return f"the fused CPU attention kernel needs head_dim in {HEAD_DIMS}, got {q_shape[-1]}"
+    return None
+
+
 def supports(q_BTHD: jax.Array, platform: str | None = None) -> str | None:
     """None if the kernel can run this attention on `platform` (default: the default backend's),
     else the reason (platform, dtype, head_dim, build)."""
-    if (backend := platform or jax.default_backend()) != "cpu":
-        return f"the fused attention kernel is for the CPU backend, not {backend}"
-    if q_BTHD.dtype != jnp.float32:
-        return f"the fused CPU attention kernel is fp32 only, got {q_BTHD.dtype}"
-    if q_BTHD.shape[-1] not in HEAD_DIMS:
-        return f"the fused CPU attention kernel needs head_dim in {HEAD_DIMS}, got {q_BTHD.shape[-1]}"
-    return unavailable_reason()
+    return supports_shape(q_BTHD.shape, q_BTHD.dtype, platform) or unavailable_reason()
 
 
 def _forward(q, k, v, key_mask_BT):
