@@ -147,3 +147,40 @@ def test_cli_exits_1_naming_the_program_that_does_not_fit(tmp_path):
     p = summary["programs"]["train_step"]
     assert p["hbm_gib"] == 16.0 and p["total_gib"] > 0 and p["compile_s"] > 0
     assert np.isclose(summary["headroom"], 1e-9)
+
+
+def test_tpu_training_and_scoring_run_splash_attention_at_128_wide_heads():
+    """On a TPU mesh `attn_impl: auto` takes the splash kernel where head_dim fills the 128 lanes
+    (Qwen2.5-Math-1.5B's widths, two layers): the score and train-step programs call it (forward,
+    and the dq / dkv kernels in the train step) and hold no [T, T] score tensor; rollouts (KV
+    cache) keep the einsum path. At 16-wide heads auto keeps einsum (control)."""
+    import re
+
+    student = bundled_hf_config("Qwen2.5-Math-1.5B", {"num_hidden_layers": 2})
+    run = abstract_run(_cfg(), student, TEACHER_HF, tpu_devices(parse_topology("v5p:2x2x1")))
+    texts = {p.name: p.lower().as_text() for p in iteration_programs(run)}
+    T = 64 + 48  # the demo's prompt bucket + new tokens
+    kernels = {name: set(re.findall(r"splash_mha_\w+", text)) for name, text in texts.items()}
+    assert any("fwd" in k for k in kernels["score"]) and any("fwd" in k for k in kernels["train_step"])
+    assert any("dq" in k for k in kernels["train_step"]) and any("dkv" in k for k in kernels["train_step"])
+    assert not kernels["rollout"] and not kernels["eval_rollout"]
+    assert not re.search(rf"x{T}x{T}xf32", texts["train_step"])
+    small = abstract_run(_cfg(), STUDENT_HF, TEACHER_HF, tpu_devices(parse_topology("v5p:2x2x1")))
+    assert not any("splash" in p.lower().as_text() for p in iteration_programs(small))
+
+
+def test_bench_attention_splash_temps_grow_linearly_einsums_quadratically(capsys):
+    """`tgpo-jax bench attention` at 1,024 and 2,048 positions: einsum's temps per row hold at
+    least the fp32 scores H * T^2 * 4 bytes and grow about 4x when T doubles; splash's hold no
+    [T, T] tensor, so they grow about 2x (at most 2.2x)."""
+    from tgpo_jax.cli import main
+
+    def run(seq):
+        assert main(["bench", "attention", "--seq", str(seq)]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cases"]
+
+    short, long = run(1024), run(2048)
+    for case, heads in (("student_train", 12), ("teacher_score", 32)):
+        assert long[case]["einsum"] >= heads * 2048**2 * 4 / GIB
+        assert long[case]["einsum"] / short[case]["einsum"] >= 3.5
+        assert long[case]["splash"] / short[case]["splash"] <= 2.2, (case, short[case], long[case])

@@ -111,6 +111,12 @@ def cmd_bench_sampler(args) -> int:
     return bench_sampler_main(args)
 
 
+def cmd_bench_attention(args) -> int:
+    from tgpo_jax.bench.attention_memory import main as bench_attention_main
+
+    return bench_attention_main(args)
+
+
 def cmd_bench_train_step(args) -> int:
     from tgpo_jax.bench.train_step_bench import main as bench_train_step_main
 
@@ -372,8 +378,8 @@ def _add_study_commands(sub) -> None:
 
     s = sub.add_parser(
         "bench",
-        help="benchmarks: sampler | train-step (our sampler vs transformers generate; "
-        "the TGPO-Reg train step vs PyTorch full logits)",
+        help="benchmarks: sampler | train-step | attention (our sampler vs transformers generate; "
+        "the TGPO-Reg train step vs PyTorch full logits; TPU attention memory, splash vs einsum)",
     )
     bench = s.add_subparsers(dest="bench_command", required=True)
     s = bench.add_parser("sampler", help="tokens/s of the jitted sampler vs transformers generate, same weights")
@@ -386,6 +392,14 @@ def _add_study_commands(sub) -> None:
 
     _bench_train_step_args(s)
     s.set_defaults(fn=cmd_bench_train_step)
+    s = bench.add_parser(
+        "attention",
+        help="device memory one layer's attention adds per row on a TPU, by the TPU compiler: splash vs einsum",
+    )
+    from tgpo_jax.bench.attention_memory import add_arguments as _bench_attention_args
+
+    _bench_attention_args(s)
+    s.set_defaults(fn=cmd_bench_attention)
 
 
 def main(argv: list[str] | None = None) -> int:
