@@ -227,7 +227,7 @@ def test_microbatch_sum_and_token_mean_differ_as_specified(rollout):
 def test_sharded_train_step_equals_single_device(rollout, attn_impl):
     """The 8-device (data 2, fsdp 2, tensor 2) step against the single-device einsum step; with
     "cpu" the fused kernel runs per device under shard_map (1 row, 2 query and 1 kv head each)."""
-    from tgpo_jax.models import cpu_attention
+    from tgpo_jax.kernels import cpu as cpu_attention
 
     if attn_impl == "cpu" and (why := cpu_attention.unavailable_reason()) is not None:
         pytest.skip(f"fused CPU attention kernel unavailable: {why}")

@@ -201,8 +201,9 @@ _SHAPE_NEUTRAL = (
 
 def programs_fingerprint(name: str, hw: str) -> str:
     """Two entries with the same fingerprint compile to the same programs (the 7B teachers of the
-    ladder share one architecture): model shapes and the rendered config, paths left out. A
-    compiled record holds only while its entry's fingerprint is unchanged."""
+    ladder share one architecture): model shapes, the rendered config (paths left out) and the
+    attention kernel `auto` resolves to on a TPU for each model. A compiled record holds only
+    while its entry's fingerprint is unchanged."""
     preset = load_preset(name)
     cfg = render(preset, hw, allow_unsupported=True)
     cfg = {k: v for k, v in cfg.items() if k not in ("run_dir", "data")} | {
@@ -217,7 +218,17 @@ def programs_fingerprint(name: str, hw: str) -> str:
         for m in (preset.student, preset.teacher)
         if m
     ]
-    return json.dumps([cfg, shapes, hw], sort_keys=True)
+    kernels = [_tpu_attention(hf, cfg.get("models", {}).get("attn_impl", "auto")) for hf in shapes]
+    return json.dumps([cfg, shapes, hw, {"attention": kernels}], sort_keys=True)
+
+
+def _tpu_attention(hf: dict, attn_impl: str) -> str:
+    """The cache-free attention kernel a model with config.json `hf` runs on a TPU mesh."""
+    from tgpo_jax.kernels import resolve
+
+    H = hf["num_attention_heads"]
+    q_shape = (1, 1, H, hf.get("head_dim") or hf["hidden_size"] // H)
+    return resolve(attn_impl, "tpu", None, q_shape, q_shape, "bfloat16")
 
 
 def compiled_record(name: str, hw: str, path: str = COMPILED_RECORDS) -> dict | None:
@@ -237,7 +248,7 @@ def estimate_config(preset: Preset, train_cfg, hw: Hardware):
     from tgpo_jax.sharding import estimate as est
 
     target = est.TargetHardware(
-        num_devices=hw.devices, device_memory_gb=hw.hbm_gib * HEADROOM, remat="full", attention="materialized"
+        num_devices=hw.devices, device_memory_gb=hw.hbm_gib * HEADROOM, remat="full", platform="tpu"
     )
     teacher = bundled_hf_config(preset.teacher) if preset.teacher else None
     return est.from_train_config(train_cfg, target, bundled_hf_config(preset.student, preset.student_context), teacher)

@@ -110,7 +110,11 @@ def _line(m: Measurement, ref: Measurement | None) -> str:
     head = f"{m.case:14s} {m.model} {what} H={m.heads} K={m.kv_heads} D={m.head_dim} {m.impl:7s}"
     if m.error:
         return f"{head} does not compile: {m.error}"
-    ratio = "" if ref is None or ref is m or ref.error or not ref.temp_bytes else f"  {m.temp_bytes / ref.temp_bytes:.4f}x einsum"
+    ratio = (
+        ""
+        if ref is None or ref is m or ref.error or not ref.temp_bytes
+        else f"  {m.temp_bytes / ref.temp_bytes:.4f}x einsum"
+    )
     return f"{head} temps {m.temp_gib_per_row:8.3f} GiB per row{ratio}  (compile {m.compile_s:.0f} s)"
 
 

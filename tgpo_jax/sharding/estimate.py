@@ -130,8 +130,8 @@ class EstimateConfig:
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
     optimizer: OptimizerMemory = dataclasses.field(default_factory=OptimizerMemory)
     remat: str = "full"  # full | attn_out | none
-    # materialized: fp32 [T, S] scores per head (layers.attention, the einsum / sdpa / cpu paths);
-    # flash: a blockwise kernel keeping only the logsumexp per query (attn_impl cudnn)
+    # materialized: fp32 [T, S] scores per head (kernels.reference, the einsum path);
+    # flash: a blockwise kernel keeping only the logsumexp per query (splash, cudnn; `attention_kind`)
     attention: str = "materialized"
 
 
@@ -143,7 +143,8 @@ class TargetHardware:
     num_devices: int | None = None  # required here or as --num-devices
     device_memory_gb: float | None = None  # per-device HBM in GiB; none: no verdict
     remat: str | None = None  # default: models.remat_policy (attn_out -> attn_out, else full)
-    attention: str | None = None  # default: flash for models.attn_impl cudnn, else materialized
+    attention: str | None = None  # default: `attention_kind` of models.attn_impl on `platform`
+    platform: str | None = None  # tpu | gpu | cpu: resolves models.attn_impl auto (none: not flash)
     # where each model's config.json is read when models.student / models.teacher is no directory here
     student_hf_config: str | None = None
     teacher_hf_config: str | None = None
@@ -221,6 +222,22 @@ def _from_train_dict(data: dict, flags: dict, base: str) -> EstimateConfig:
     return from_train_config(train, hw, student, teacher)
 
 
+def attention_kind(attn_impl: str, platform: str | None, hf_configs: list[dict], dtype: str) -> str:
+    """ "flash" where every model's cache-free attention resolves to a blockwise kernel (splash,
+    cudnn, the fused CPU kernel) on `platform` (kernels.resolve, unsharded), else "materialized"."""
+    from tgpo_jax.kernels import resolve
+
+    flash = {"splash", "cudnn", "cpu"}
+    if attn_impl != "auto" or not platform:
+        return "flash" if attn_impl in flash else "materialized"
+    for hf in hf_configs:
+        H = hf["num_attention_heads"]
+        q_shape = (1, 1, H, hf.get("head_dim") or hf["hidden_size"] // H)
+        if resolve("auto", platform, None, q_shape, q_shape, dtype) not in flash:
+            return "materialized"
+    return "flash"
+
+
 def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: dict | None = None) -> EstimateConfig:
     """The estimator's view of TrainConfig `train` on `hw`, with each model's config.json fields.
     The train step keeps params, gradients and AdamW moments in the student's param_dtype (no
@@ -254,7 +271,8 @@ def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: d
         batch=batch,
         optimizer=OptimizerMemory(state_dtype=m.param_dtype, master_dtype=None, grad_dtype=m.param_dtype),
         remat=hw.remat or ("attn_out" if m.remat_policy == "attn_out" else "full"),
-        attention=hw.attention or ("flash" if m.attn_impl == "cudnn" else "materialized"),
+        attention=hw.attention
+        or attention_kind(m.attn_impl, hw.platform, [student_hf] + ([teacher_hf] if teacher_hf else []), m.dtype),
     )
 
 
