@@ -2,6 +2,7 @@
 # The prepared device runs (H200), as two calls that each fit the 600 s command limit:
 #   bash launch/gpu_device_check.sh sampler   # smoke test, cuDNN-vs-ours attention check, sampler bench
 #   bash launch/gpu_device_check.sh train     # smoke test, train-step bench: einsum, then cuDNN attention
+#   bash launch/gpu_device_check.sh long      # the same two at the paper's 1,024 + 8,192 positions (MFU)
 # (`all` runs both in one go, for machines without that limit). The benchmarks are
 # launch/gpu_bench_sampler.sh and launch/gpu_bench_train_step.sh. Each part has its own time limit
 # so that one slow or failing part leaves the others' results; logs land under $OUT (default
@@ -12,8 +13,8 @@ OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 PART="${1:-all}"
-case "$PART" in all|sampler|train) ;; *) echo "usage: $0 [all|sampler|train]" >&2; exit 2;; esac
-T_SAMPLER="${T_SAMPLER:-330}" T_TRAIN="${T_TRAIN:-240}"
+case "$PART" in all|sampler|train|long) ;; *) echo "usage: $0 [all|sampler|train|long]" >&2; exit 2;; esac
+T_SAMPLER="${T_SAMPLER:-330}" T_TRAIN="${T_TRAIN:-240}" T_LONG="${T_LONG:-270}"
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/device.log"; }
 
 smoke() {
@@ -39,7 +40,7 @@ if ! smoke 2>&1 | tee -a "$OUT/device.log"; then
   smoke 2>&1 | tee -a "$OUT/device.log" || { log "smoke failed twice: stop"; exit 1; }
 fi
 
-if [ "$PART" != train ]; then
+if [ "$PART" = all ] || [ "$PART" = sampler ]; then
 log "cudnn attention vs ours (bf16 decoder hidden states and gradients, left padding)"
 timeout 90 python3 - <<'PY' 2>&1 | tee -a "$OUT/device.log"
 import dataclasses, jax, jax.numpy as jnp, numpy as np
@@ -71,13 +72,23 @@ OUT= timeout "$T_SAMPLER" bash launch/gpu_bench_sampler.sh ${SAMPLER_ARGS:-} > "
 tail -n 12 "$OUT/sampler.log" | cut -c1-2000
 fi
 
-if [ "$PART" != sampler ]; then
+if [ "$PART" = all ] || [ "$PART" = train ]; then
 log "train step, attn einsum"
-OUT= timeout "$T_TRAIN" bash launch/gpu_bench_train_step.sh ${TRAIN_ARGS:-} > "$OUT/train_einsum.log" 2>&1; log "rc=$?"
+OUT= timeout "$T_TRAIN" bash launch/gpu_bench_train_step.sh --attn-impl einsum ${TRAIN_ARGS:-} > "$OUT/train_einsum.log" 2>&1; log "rc=$?"
 tail -n 8 "$OUT/train_einsum.log" | cut -c1-2500
 
 log "train step, attn cudnn"
 OUT= timeout "$T_TRAIN" bash launch/gpu_bench_train_step.sh --attn-impl cudnn ${TRAIN_ARGS:-} > "$OUT/train_cudnn.log" 2>&1; log "rc=$?"
 tail -n 8 "$OUT/train_cudnn.log" | cut -c1-2500
+fi
+
+if [ "$PART" = all ] || [ "$PART" = long ]; then
+# Qwen2.5-1.5B shape, bf16, 1 prompt of 1,024 + 8,192 response positions per micro-batch
+LONG=(--batch 2 --micro-batch 1 --prompt-len 1024 --response-len 8192 --chunk 512 --repeats 3)
+for impl in cudnn einsum; do
+  log "train step at 9,216 positions, attn $impl"
+  OUT= timeout "$T_LONG" bash launch/gpu_bench_train_step.sh --attn-impl "$impl" "${LONG[@]}" > "$OUT/long_$impl.log" 2>&1; log "rc=$?"
+  tail -n 8 "$OUT/long_$impl.log" | cut -c1-2500
+done
 fi
 log "done"

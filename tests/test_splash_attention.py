@@ -227,3 +227,17 @@ def test_an_explicit_kernel_that_cannot_run_says_why():
     seq = _sharding({"data": 2, "fsdp": 1, "tensor": 4}, {"seq": "tensor", "act_heads": None, "act_kv_heads": None})
     with pytest.raises(AttentionUnavailable, match="attn_impl='splash': the sequence is sharded"):
         resolve("splash", "tpu", seq, q, k, jnp.bfloat16)
+
+
+def test_every_entry_point_offers_the_same_implementations():
+    """The config's accepted values and `bench train-step --attn-impl` are the kernel module's list."""
+    import argparse
+
+    from tgpo_jax.bench.train_step_bench import add_arguments
+    from tgpo_jax.kernels import IMPLS
+    from tgpo_jax.models.runtime_options import ATTN_IMPLS
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    (action,) = [a for a in p._actions if a.dest == "attn_impl"]
+    assert tuple(action.choices) == IMPLS == ATTN_IMPLS

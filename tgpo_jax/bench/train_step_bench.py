@@ -239,6 +239,8 @@ def run(s: Settings, emit: Callable[[str], None] = print) -> dict:
 
 
 def add_arguments(p) -> None:
+    from tgpo_jax.kernels.attention import IMPLS as ATTN_IMPLS
+
     p.add_argument("--model", choices=MODELS, default=None, help="model shape, random weights (default demo)")
     p.add_argument("--batch", type=int, default=None, help="sequences per mini-batch (B)")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt positions P")
@@ -301,10 +303,11 @@ def add_arguments(p) -> None:
     )
     p.add_argument(
         "--attn-impl",
-        choices=["einsum", "sdpa", "cudnn", "cpu", "auto"],
+        choices=list(ATTN_IMPLS),
         default="auto",
         help="our cache-free attention kernel (ModelConfig.attn_impl; cudnn: GPU only; cpu: the fused "
-        "CPU kernel; auto, the default: cpu where it applies, else einsum)",
+        "CPU kernel; splash: the Pallas TPU kernel; auto, the default: the platform's kernel where it "
+        "applies, else einsum)",
     )
     p.add_argument(
         "--devices",

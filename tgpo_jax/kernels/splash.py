@@ -18,8 +18,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
 from tgpo_jax.kernels.common import ATTN_OUT
@@ -40,6 +38,10 @@ def padded_length(T: int) -> int:
 
 
 def _kernel(heads: int, T: int, interpret: bool):
+    # imported here: Pallas is a heavy import, and only a splash forward needs it
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
     b = block_size(T)
     sizes = sk.BlockSizes(
         block_q=b,
@@ -52,7 +54,7 @@ def _kernel(heads: int, T: int, interpret: bool):
         block_kv_dq=b,
     )
     mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(heads)])
-    return sk.make_splash_mha(
+    kernel = sk.make_splash_mha(
         mask,
         block_sizes=sizes,
         head_shards=1,
@@ -60,6 +62,7 @@ def _kernel(heads: int, T: int, interpret: bool):
         residual_checkpoint_name=ATTN_OUT,
         interpret=interpret,
     )
+    return kernel, sk.SegmentIds
 
 
 def local_attention(q_BTHD, k_BTKD, v_BTKD, key_mask_BT, *, interpret: bool) -> jax.Array:
@@ -72,8 +75,8 @@ def local_attention(q_BTHD, k_BTKD, v_BTKD, key_mask_BT, *, interpret: bool) -> 
     q = (q_BTHD.astype(jnp.float32) * scale).astype(q_BTHD.dtype)
     q_BHTD, k_BKTD, v_BKTD = (jnp.swapaxes(pad(a), 1, 2) for a in (q, k_BTKD, v_BTKD))
     seg_BT = pad(key_mask_BT.astype(jnp.int32))
-    kernel = _kernel(H, Tp, interpret)
-    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s)))(
+    kernel, segment_ids = _kernel(H, Tp, interpret)
+    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=segment_ids(q=s, kv=s)))(
         q_BHTD, k_BKTD, v_BKTD, seg_BT
     )
     return jnp.swapaxes(out, 1, 2)[:, :T].astype(q_BTHD.dtype)
