@@ -184,3 +184,16 @@ def test_bench_attention_splash_temps_grow_linearly_einsums_quadratically(capsys
         assert long[case]["einsum"] >= heads * 2048**2 * 4 / GIB
         assert long[case]["einsum"] / short[case]["einsum"] >= 3.5
         assert long[case]["splash"] / short[case]["splash"] <= 2.2, (case, short[case], long[case])
+
+
+def test_compile_rejects_a_corrupt_config_json_in_one_line(tmp_path, capsys):
+    from tgpo_jax.cli import main
+
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"],')
+    argv = ["compile", "--config", "configs/demo.yaml", "--topology", "v5e-8"]
+    argv += [f"models.student={tmp_path / 'student'}", "models.teacher=unused"] + OVERRIDES[2:]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "models.student:" in err and "config.json is not valid JSON" in err

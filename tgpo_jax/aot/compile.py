@@ -201,8 +201,11 @@ def print_run(cfg, student_hf, teacher_hf, topo: Topology, *, headroom: float, o
 
 
 def read_hf_config(model_dir: str, key: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key}: no config.json in {model_dir!r} (compile reads only the model's config)")
-    with open(path) as f:
+    """The config.json of the model directory `key` names, as a dict. It is parsed as a model
+    config first, so a missing, corrupt or unsupported one fails in one line naming the key and the
+    file, before any compile."""
+    from tgpo_jax.models.config import read_model_config
+
+    read_model_config(model_dir, key)
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         return json.load(f)
