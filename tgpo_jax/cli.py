@@ -111,6 +111,12 @@ def cmd_bench_sampler(args) -> int:
     return bench_sampler_main(args)
 
 
+def cmd_bench_rollout(args) -> int:
+    from tgpo_jax.bench.rollout_bench import main as bench_rollout_main
+
+    return bench_rollout_main(args)
+
+
 def cmd_bench_attention(args) -> int:
     from tgpo_jax.bench.attention_memory import main as bench_attention_main
 
@@ -378,8 +384,9 @@ def _add_study_commands(sub) -> None:
 
     s = sub.add_parser(
         "bench",
-        help="benchmarks: sampler | train-step | attention (our sampler vs transformers generate; "
-        "the TGPO-Reg train step vs PyTorch full logits; TPU attention memory, splash vs einsum)",
+        help="benchmarks: sampler | rollout | train-step | attention (our sampler vs transformers generate; "
+        "the continuous-batching engine vs the static sampler; the TGPO-Reg train step vs PyTorch full "
+        "logits; TPU attention memory, splash vs einsum)",
     )
     bench = s.add_subparsers(dest="bench_command", required=True)
     s = bench.add_parser("sampler", help="tokens/s of the jitted sampler vs transformers generate, same weights")
@@ -387,6 +394,15 @@ def _add_study_commands(sub) -> None:
 
     _bench_sampler_args(s)
     s.set_defaults(fn=cmd_bench_sampler)
+    s = bench.add_parser(
+        "rollout",
+        help="useful tokens/s of the continuous-batching engine vs the static sampler, on forced "
+        "response-length distributions (fixed, uniform, long_tail)",
+    )
+    from tgpo_jax.bench.rollout_bench import add_arguments as _bench_rollout_args
+
+    _bench_rollout_args(s)
+    s.set_defaults(fn=cmd_bench_rollout)
     s = bench.add_parser("train-step", help="tokens/s + peak memory of the TGPO-Reg train step vs PyTorch full logits")
     from tgpo_jax.bench.train_step_bench import add_arguments as _bench_train_step_args
 

@@ -68,8 +68,14 @@ def _prefill(model, prompt_PT, mask_PT, cache: KVCache, n: int):
     return rep(logits_PV), big
 
 
-def rollout_fn(graphdef, state, prompt_PT, mask_PT, key, *, params: SamplingParams, stop_ids: tuple[int, ...]):
-    """(tokens_BT, mask_BT, logp_BT, lengths_B, finish_B) for P prompts x params.n samples."""
+def rollout_fn(
+    graphdef, state, prompt_PT, mask_PT, key, *, params: SamplingParams, stop_ids: tuple[int, ...], stop_at_B=None
+):
+    """(tokens_BT, mask_BT, logp_BT, lengths_B, finish_B) for P prompts x params.n samples.
+
+    stop_at_B (int32 [B], benchmarks only): row b stops after exactly stop_at_B[b] tokens (FINISH_STOP),
+    as if its last token were a stop id; a stop id drawn earlier still ends it first. None: no forced
+    stops, and the compiled program is the one without the argument."""
     model = nnx.merge(graphdef, state)
     n, T_new = params.n, params.max_new_tokens
     cache = _new_cache(model, prompt_PT.shape[0] * n, prompt_PT.shape[1] + T_new)
@@ -83,6 +89,8 @@ def rollout_fn(graphdef, state, prompt_PT, mask_PT, key, *, params: SamplingPara
         """Records step t's token for the rows still running."""
         live = ~c["done"]
         hit = live & jnp.isin(tok, stops)
+        if stop_at_B is not None:  # a forced stop: token t is the row's stop_at_B-th
+            hit = hit | (live & (stop_at_B == t + 1))
         return dict(
             c,
             tok=tok,

@@ -40,11 +40,21 @@ from tgpo_jax.rollout.sampling import SamplingParams, select
 
 
 def engine_fn(
-    graphdef, state, prompt_PT, mask_PT, key, *, params: SamplingParams, stop_ids: tuple[int, ...], slots: int
+    graphdef,
+    state,
+    prompt_PT,
+    mask_PT,
+    key,
+    *,
+    params: SamplingParams,
+    stop_ids: tuple[int, ...],
+    slots: int,
+    stop_at_B=None,
 ):
     """(tokens_BT, mask_BT, logp_BT, lengths_B, finish_B) for B = P x params.n requests, prompt-major
     (request r is sample r % n of prompt r // n), as `decode_loop.rollout_fn` returns them, decoded
-    by `slots` rows (clamped to [1, B])."""
+    by `slots` rows (clamped to [1, B]). stop_at_B (int32 [B], benchmarks only): as in rollout_fn,
+    request r stops after exactly stop_at_B[r] tokens (FINISH_STOP); None leaves the program as is."""
     if slots < 1:
         raise ValueError(f"slots={slots}: the engine needs at least one decode slot")
     model = nnx.merge(graphdef, state)
@@ -54,7 +64,7 @@ def engine_fn(
     cache = _new_cache(model, min(slots, B), T + T_new)
     logits_PV, prompts = _prefill(model, prompt_PT, mask_PT, cache.dtype)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
-    out, done_B = _first_tokens(logits_PV, key, params, stops)
+    out, done_B = _first_tokens(logits_PV, key, params, stops, stop_at_B)
     queue_B = jnp.argsort(done_B.astype(jnp.int32), stable=True)  # requests still to decode first, in order
     ctx = dict(
         model=model,
@@ -68,6 +78,7 @@ def engine_fn(
         key=key,
         params=params,
         stops=stops,
+        stop_at_B=stop_at_B,
     )
     N = cache.mask_BS.shape[0]
     init = dict(
@@ -107,15 +118,18 @@ def _select_rows(logits_NV, keys_N, params: SamplingParams):
     return tok[:, 0], logp[:, 0]
 
 
-def _first_tokens(logits_PV, key, params: SamplingParams, stops):
+def _first_tokens(logits_PV, key, params: SamplingParams, stops, stop_at_B=None):
     """Token 0 of every request, drawn from its prompt's prefill logits, recorded in fresh [B, T]
-    outputs. Returns (outputs, done [B]: stopped at token 0 or max_new_tokens == 1)."""
+    outputs. Returns (outputs, done [B]: stopped at token 0 (a stop id or stop_at_B == 1) or
+    max_new_tokens == 1)."""
     n, T_new = params.n, params.max_new_tokens
     B = logits_PV.shape[0] * n
     req_B = jnp.arange(B, dtype=jnp.int32)
     tok, logp = _select_rows(jnp.repeat(logits_PV, n, axis=0), request_keys(key, req_B, 0 * req_B), params)
     zeros = jnp.zeros((B, T_new), jnp.int32)
     stopped = jnp.isin(tok, stops)
+    if stop_at_B is not None:
+        stopped = stopped | (stop_at_B == 1)
     out = dict(
         tokens=zeros.at[:, 0].set(tok),
         mask=zeros.at[:, 0].set(1),
@@ -192,7 +206,9 @@ def _step(ctx, c):
     logits, cache = _decode_step(ctx["model"], ctx["layers"], c["tok"], pos, c["cache"])
     cache = commit_scratch(cache, jnp.where(live, T + step - 1, cache.max_len))
     tok, logp = _select_rows(logits, request_keys(ctx["key"], req, step), params)
-    out, hit = _record(c["out"], jnp.where(live, req, -1), step, tok, logp, ctx["stops"])
+    # a forced stop (stop_at_B): this step's token is the request's stop_at-th
+    forced = None if ctx["stop_at_B"] is None else ctx["stop_at_B"][req] == step + 1
+    out, hit = _record(c["out"], jnp.where(live, req, -1), step, tok, logp, ctx["stops"], forced)
     done = hit | (step + 1 >= params.max_new_tokens)
     return dict(
         c,
@@ -204,12 +220,16 @@ def _step(ctx, c):
     )
 
 
-def _record(out, req_N, step_N, tok_N, logp_N, stops):
+def _record(out, req_N, step_N, tok_N, logp_N, stops, forced_N=None):
     """Writes each slot's token at (its request, its step) of the [B, T] outputs; slots with
-    request -1 are pointed out of range and dropped. Returns (outputs, the slots that hit a stop)."""
+    request -1 are pointed out of range and dropped. forced_N (bool [N] or None): slots whose token
+    ends the request as a stop id would. Returns (outputs, the slots that hit a stop)."""
     live = req_N >= 0
     r = jnp.where(live, req_N, out["tokens"].shape[0])
-    hit = live & jnp.isin(tok_N, stops)
+    hit = jnp.isin(tok_N, stops)
+    if forced_N is not None:
+        hit = hit | forced_N
+    hit = live & hit
     return dict(
         tokens=out["tokens"].at[r, step_N].set(tok_N, mode="drop"),
         mask=out["mask"].at[r, step_N].set(1, mode="drop"),
