@@ -147,12 +147,8 @@ def _insert(ctx, c):
     ins = idle & (q < ctx["pending"])
     req = jnp.where(ins, ctx["queue_B"][jnp.minimum(q, ctx["queue_B"].shape[0] - 1)], c["req"])
     n = ctx["params"].n
-    cache = jax.lax.cond(
-        jnp.any(ins),  # most steps insert nothing: skip the copy
-        lambda cache: _copy_prompts(cache, ctx["prompts"], ctx["mask_PT"], jnp.maximum(req, 0) // n, ins),
-        lambda cache: cache,
-        c["cache"],
-    )
+    # most steps insert nothing: the copy loop then runs no trip
+    cache = _copy_prompts(c["cache"], ctx["prompts"], ctx["mask_PT"], jnp.maximum(req, 0) // n, ins)
     return dict(
         c,
         cache=cache,
@@ -166,32 +162,57 @@ def _insert(ctx, c):
 def _copy_prompts(cache: KVCache, prompts: KVCache, mask_PT, prompt_N, ins_N) -> KVCache:
     """Copies prompt prompt_N[s]'s prefilled k/v into slots [0, T) of every inserting row s (ins_N)
     and makes its slot mask the prompt's mask: nothing of the row's previous request stays visible.
-    The other rows are left as they are (their scatter indices are out of range: dropped)."""
+    One in-place dynamic_update_slice per inserted row, in a loop of as many trips as rows insert:
+    a scatter (or a cond around one) made XLA copy the whole cache every step."""
     ax = cache.kv_axes.index("batch")
     T = mask_PT.shape[1]
-    rows_N = jnp.where(ins_N, jnp.arange(ins_N.shape[0]), ins_N.shape[0])
-    # plain indexing, not vmap: a vmap over the stacked cache's axis 1 transposes (copies) the cache
-    at = (slice(None),) * ax + (rows_N, slice(None), slice(0, T))
+    rows_N = jnp.argsort(~ins_N, stable=True)  # inserting rows first
+    fresh_PS = jnp.zeros((mask_PT.shape[0], cache.max_len), bool).at[:, :T].set(mask_PT.astype(bool))
 
-    def copy(big, part):  # big [.., N, K, S, D]; part [.., P, K, T, D]
-        return big.at[at].set(jnp.take(part, prompt_N, axis=ax), mode="drop")
+    def one(i, c):
+        k, v, mask_NS = c
+        s = rows_N[i]
+        p = prompt_N[s]
 
-    k, v = jax.tree.map(copy, cache.k, prompts.k), jax.tree.map(copy, cache.v, prompts.v)
-    fresh_NS = jnp.zeros_like(cache.mask_BS).at[:, :T].set(mask_PT[prompt_N].astype(bool))
-    return cache.replace(k=k, v=v, mask_BS=jnp.where(ins_N[:, None], fresh_NS, cache.mask_BS))
+        def put(big, part):  # big [.., N, K, S, D]; part [.., P, K, T, D]
+            row = jax.lax.dynamic_slice_in_dim(part, p, 1, axis=ax)
+            start = (0,) * ax + (s, 0, 0, 0)
+            return jax.lax.dynamic_update_slice(big, row.astype(big.dtype), start)
+
+        k = jax.tree.map(put, k, prompts.k)
+        v = jax.tree.map(put, v, prompts.v)
+        mask_NS = jax.lax.dynamic_update_slice(mask_NS, fresh_PS[p][None], (s, 0))
+        return k, v, mask_NS
+
+    k, v, mask_NS = jax.lax.fori_loop(0, jnp.sum(ins_N).astype(jnp.int32), one, (cache.k, cache.v, cache.mask_BS))
+    return cache.replace(k=k, v=v, mask_BS=mask_NS)
 
 
 def commit_scratch(cache: KVCache, dst_N) -> KVCache:
     """Moves each row's k/v from the scratch slot (`cache.max_len - 1`, where the decoder wrote this
     step's token) to the row's own slot dst_N[s], and marks that slot real. Rows whose dst is out
-    of range (idle slots) are left as they are. The index is reset to the scratch slot."""
+    of range (idle slots) are left as they are. The index is reset to the scratch slot. One
+    in-place dynamic_update_slice per row in a loop: a scatter made XLA copy the whole cache."""
     ax = cache.kv_axes.index("batch")
     scratch = cache.max_len - 1
-    # two index arrays split by the heads axis: the indexed dims lead, [N, (layers,) K, D]
-    at = (slice(None),) * ax + (jnp.arange(dst_N.shape[0]), slice(None), dst_N)
-    move = lambda buf: buf.at[at].set(jnp.moveaxis(buf[..., scratch, :], ax, 0), mode="drop")  # noqa: E731
-    mask_NS = cache.mask_BS.at[jnp.arange(dst_N.shape[0]), dst_N].set(True, mode="drop")
-    return KVCache(jax.tree.map(move, cache.k), jax.tree.map(move, cache.v), mask_NS, jnp.asarray(scratch, jnp.int32))
+    N = dst_N.shape[0]
+
+    def one(s, c):
+        k, v, mask_NS = c
+        live = dst_N[s] < scratch
+        dst = jnp.where(live, dst_N[s], scratch)  # a dead row rewrites its scratch slot with itself
+
+        def move(buf):  # buf [.., N, K, S, D]
+            start = (0,) * ax + (s, 0, scratch, 0)
+            size = buf.shape[:ax] + (1, buf.shape[ax + 1], 1, buf.shape[-1])
+            val = jax.lax.dynamic_slice(buf, start, size)
+            return jax.lax.dynamic_update_slice(buf, val, (0,) * ax + (s, 0, dst, 0))
+
+        mask_NS = mask_NS.at[s, dst].set(mask_NS[s, dst] | live)
+        return jax.tree.map(move, k), jax.tree.map(move, v), mask_NS
+
+    k, v, mask_NS = jax.lax.fori_loop(0, N, one, (cache.k, cache.v, cache.mask_BS))
+    return KVCache(k, v, mask_NS, jnp.asarray(scratch, jnp.int32))
 
 
 def _step(ctx, c):
