@@ -19,7 +19,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from tgpo_jax.kernels import blocked, cpu, lengths, reference, splash
+from tgpo_jax.kernels import blocked, cpu, decode, lengths, reference, splash
 from tgpo_jax.kernels.common import ATTN_OUT
 
 IMPLS = ("einsum", "sdpa", "cudnn", "cpu", "splash", "auto")
@@ -147,7 +147,14 @@ def causal_attention(
     return checkpoint_name(reference.causal_attention(q_BTHD, k_BTKD, v_BTKD, key_mask_BT), ATTN_OUT)
 
 
-def cached_attention(q_BTHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, allowed_BTS: jax.Array) -> jax.Array:
+def cached_attention(
+    q_BTHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, allowed_BTS: jax.Array, live: jax.Array | None = None
+) -> jax.Array:
     """Attention over a KV cache ([B, K, S, D] keys and values; allowed[b, t, s]: query t may read
-    slot s), for prefill and decode."""
+    slot s), for prefill and decode. `live` (int32 scalar, optional): no query sees a slot at or past
+    it; a decode step (a few queries) over a cache of at least two blocks then reads only the blocks
+    before it (`decode.live_attention`)."""
+    S = k_BKSD.shape[2]
+    if live is not None and q_BTHD.shape[1] <= 8 and S >= 2 * decode.BLOCK:
+        return decode.live_attention(q_BTHD, k_BKSD, v_BKSD, allowed_BTS, live)
     return reference.attention(q_BTHD, k_BKSD, v_BKSD, allowed_BTS, kv_layout="bksd")

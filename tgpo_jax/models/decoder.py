@@ -264,7 +264,8 @@ def _attend(cfg: ModelConfig, sh, q, k, v, mask, kv, index):
     [B, T] key mask; tgpo_jax/kernels)."""
     if kv is not None:
         k_c, v_c, kv = _cache_kv(kv, k, v, index)
-        return kernels.cached_attention(q, k_c, v_c, mask), kv
+        live = jnp.minimum(jnp.max(index) + q.shape[1], k_c.shape[2])  # the longest row's end
+        return kernels.cached_attention(q, k_c, v_c, mask, live), kv
     attn = kernels.causal_attention(
         q,
         k,

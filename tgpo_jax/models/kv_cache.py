@@ -1,7 +1,9 @@
 """A preallocated key/value cache for every layer, written in place slot by slot.
 
-Slots are shared by the whole batch: a left-padded batch writes its prompt into slots [0, P) (pad
-slots are marked invalid in `mask_BS`) and each decode step writes one slot at `index`.
+A left-padded batch writes its prompt into slots [0, P) (pad slots are marked invalid in `mask_BS`)
+and each decode step writes one slot at `index`: one scalar slot for every row (the static
+sampler), or a [B] vector, each row at its own slot (the continuous-batching engine, whose rows are
+at different points of different requests; an index at or past the cache's end writes nothing).
 Two layouts (`ModelConfig.cache_layers`):
 - per layer ("unroll"): `k`, `v` are tuples of [batch, kv_heads, slots, head_dim] buffers. A step
   writes one slot of each buffer in place and no step slices a layer out of a stacked cache
@@ -31,7 +33,7 @@ class KVCache:
     k: tuple | jax.Array  # per layer [B, K, S, D], or stacked [L, B, K, S, D]
     v: tuple | jax.Array
     mask_BS: jax.Array  # bool: slot holds a real (non-pad) token
-    index: jax.Array  # int32 scalar: the next slot to write
+    index: jax.Array  # int32 scalar, or [B]: the next slot to write (per row)
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -64,17 +66,30 @@ class KVCache:
 
     def allowed_BTS(self, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Writes the new tokens' validity into the slot mask and returns (new slot mask,
-        allowed[b, t, s]): query t (at slot index + t) may see slot s iff s <= index + t and s is
-        a real token."""
+        allowed[b, t, s]): query t (at slot index + t of its row) may see slot s iff
+        s <= index + t and s is a real token."""
         T = mask_BT.shape[1]
-        mask_BS = jax.lax.dynamic_update_slice(self.mask_BS, mask_BT.astype(bool), (0, self.index))
-        q_slot = self.index + jnp.arange(T)
-        causal_TS = jnp.arange(self.max_len)[None, :] <= q_slot[:, None]
-        return mask_BS, causal_TS[None] & mask_BS[:, None, :]
+        if self.index.ndim == 0:
+            mask_BS = jax.lax.dynamic_update_slice(self.mask_BS, mask_BT.astype(bool), (0, self.index))
+            q_slot_BT = jnp.broadcast_to(self.index + jnp.arange(T), mask_BT.shape)
+        else:
+            q_slot_BT = self.index[:, None] + jnp.arange(T)[None, :]
+            rows_BT = jnp.broadcast_to(jnp.arange(mask_BT.shape[0])[:, None], mask_BT.shape)
+            mask_BS = self.mask_BS.at[rows_BT, q_slot_BT].set(mask_BT.astype(bool), mode="drop")
+        causal_BTS = jnp.arange(self.max_len)[None, None, :] <= q_slot_BT[:, :, None]
+        return mask_BS, causal_BTS & mask_BS[:, None, :]
+
+
+def _row_slots(index: jax.Array, B: int, T: int) -> tuple[jax.Array, jax.Array]:
+    """(rows [B, T], slots [B, T]): row b's T new tokens go to slots index[b] + t."""
+    return jnp.broadcast_to(jnp.arange(B)[:, None], (B, T)), index[:, None] + jnp.arange(T)[None, :]
 
 
 def write_slots(k_BKSD: jax.Array, new_k_BTKD: jax.Array, index: jax.Array) -> jax.Array:
-    """Writes T new keys of one layer at slots [index, index + T), in place."""
+    """Writes T new keys of one layer at slots [index, index + T) (per row for a [B] index), in place."""
+    if index.ndim == 1:
+        rows, slots = _row_slots(index, *new_k_BTKD.shape[:2])
+        return k_BKSD.at[rows, :, slots, :].set(new_k_BTKD.astype(k_BKSD.dtype), mode="drop")
     new = jnp.swapaxes(new_k_BTKD, 1, 2).astype(k_BKSD.dtype)  # [B, K, T, D]
     return jax.lax.dynamic_update_slice(k_BKSD, new, (0, 0, index, 0))
 
@@ -82,6 +97,10 @@ def write_slots(k_BKSD: jax.Array, new_k_BTKD: jax.Array, index: jax.Array) -> j
 def write_layer_slots(k_LBKSD: jax.Array, new_k_BTKD: jax.Array, layer: jax.Array, index: jax.Array):
     """Writes T new keys of layer `layer` into a stacked cache in place; returns (the stacked
     cache, that layer's [B, K, S, D] buffer)."""
-    new = jnp.swapaxes(new_k_BTKD, 1, 2).astype(k_LBKSD.dtype)[None]  # [1, B, K, T, D]
-    k_LBKSD = jax.lax.dynamic_update_slice(k_LBKSD, new, (layer, 0, 0, index, 0))
+    if index.ndim == 1:
+        rows, slots = _row_slots(index, *new_k_BTKD.shape[:2])
+        k_LBKSD = k_LBKSD.at[layer, rows, :, slots, :].set(new_k_BTKD.astype(k_LBKSD.dtype), mode="drop")
+    else:
+        new = jnp.swapaxes(new_k_BTKD, 1, 2).astype(k_LBKSD.dtype)[None]  # [1, B, K, T, D]
+        k_LBKSD = jax.lax.dynamic_update_slice(k_LBKSD, new, (layer, 0, 0, index, 0))
     return k_LBKSD, jax.lax.dynamic_index_in_dim(k_LBKSD, layer, 0, keepdims=False)

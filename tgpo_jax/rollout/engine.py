@@ -14,17 +14,15 @@ its slot and the next pending request takes it, so the step count follows the to
   copied into the slot's cache slots [0, prompt_len) and the slot mask is the prompt mask. No
   prefill happens inside the loop.
 - Decode: one step for all slots, each at its own position; idle slots compute but write nothing.
-- Per-row write position: the decoder's cache path writes ONE scalar slot (`KVCache.index`) for all
-  rows. The engine points that index at a shared scratch slot, the cache's last (no real token
-  needs it: the last token is drawn, never forwarded), then moves each live row's new k/v from the
-  scratch slot to the row's own slot prompt_len + step - 1. Attention does not depend on where in
-  the row a key sits (RoPE is applied before caching), only on which slots the mask allows: the
-  row's real slots plus the scratch. So the decoder, its kernels and its sharding constraints run
-  unchanged, as in rollout_fn, and decoder.py / kv_cache.py need no per-row index.
+- Per-row write position: the cache's index is a [slots] vector (KVCache), so the decoder writes
+  each row's new k/v at the row's own slot prompt_len + step - 1 and each row's query sees its own
+  slots; decode attention reads only the cache blocks before the longest row's end
+  (kernels/decode.py). Idle slots write at slot 0 of their own row, which the next insert
+  overwrites.
 - Randomness per request, never per slot: token t of request r uses fold_in(fold_in(key, r), t), so
   a sample's tokens depend only on the key and its request, not on the slot count or schedule.
 Shapes: P prompts of T (padded) tokens, B = P x n requests, N decode slots (rows of the KV cache),
-S = T + max_new_tokens cache slots per row (the last one the scratch), V the vocabulary.
+S = T + max_new_tokens cache slots per row, V the vocabulary.
 """
 
 from __future__ import annotations
@@ -82,7 +80,7 @@ def engine_fn(
     )
     N = cache.mask_BS.shape[0]
     init = dict(
-        cache=cache.replace(index=jnp.asarray(cache.max_len - 1, jnp.int32)),  # the scratch slot
+        cache=cache.replace(index=jnp.zeros((N,), jnp.int32)),  # per-row write slots, set each step
         req=jnp.full((N,), -1, jnp.int32),  # request in each slot; -1: idle
         step=jnp.zeros((N,), jnp.int32),  # the slot's next token index (tokens [0, step) are emitted)
         tok=jnp.zeros((N,), jnp.int32),  # the slot's last emitted token: the next forward's input
@@ -188,33 +186,6 @@ def _copy_prompts(cache: KVCache, prompts: KVCache, mask_PT, prompt_N, ins_N) ->
     return cache.replace(k=k, v=v, mask_BS=mask_NS)
 
 
-def commit_scratch(cache: KVCache, dst_N) -> KVCache:
-    """Moves each row's k/v from the scratch slot (`cache.max_len - 1`, where the decoder wrote this
-    step's token) to the row's own slot dst_N[s], and marks that slot real. Rows whose dst is out
-    of range (idle slots) are left as they are. The index is reset to the scratch slot. One
-    in-place dynamic_update_slice per row in a loop: a scatter made XLA copy the whole cache."""
-    ax = cache.kv_axes.index("batch")
-    scratch = cache.max_len - 1
-    N = dst_N.shape[0]
-
-    def one(s, c):
-        k, v, mask_NS = c
-        live = dst_N[s] < scratch
-        dst = jnp.where(live, dst_N[s], scratch)  # a dead row rewrites its scratch slot with itself
-
-        def move(buf):  # buf [.., N, K, S, D]
-            start = (0,) * ax + (s, 0, scratch, 0)
-            size = buf.shape[:ax] + (1, buf.shape[ax + 1], 1, buf.shape[-1])
-            val = jax.lax.dynamic_slice(buf, start, size)
-            return jax.lax.dynamic_update_slice(buf, val, (0,) * ax + (s, 0, dst, 0))
-
-        mask_NS = mask_NS.at[s, dst].set(mask_NS[s, dst] | live)
-        return jax.tree.map(move, k), jax.tree.map(move, v), mask_NS
-
-    k, v, mask_NS = jax.lax.fori_loop(0, N, one, (cache.k, cache.v, cache.mask_BS))
-    return KVCache(k, v, mask_NS, jnp.asarray(scratch, jnp.int32))
-
-
 def _step(ctx, c):
     """One decode step of every slot: forward each slot's last token at its own position, draw the
     next token with its request's key, record it at (request, step) and free the finished slots."""
@@ -224,8 +195,8 @@ def _step(ctx, c):
     T = ctx["mask_PT"].shape[1]
     params = ctx["params"]
     pos = ctx["next_pos_P"][req // params.n] + step - 1  # the RoPE position of token step - 1
-    logits, cache = _decode_step(ctx["model"], ctx["layers"], c["tok"], pos, c["cache"])
-    cache = commit_scratch(cache, jnp.where(live, T + step - 1, cache.max_len))
+    cache = c["cache"].replace(index=jnp.where(live, T + step - 1, 0).astype(jnp.int32))
+    logits, cache = _decode_step(ctx["model"], ctx["layers"], c["tok"], pos, cache)
     tok, logp = _select_rows(logits, request_keys(ctx["key"], req, step), params)
     # a forced stop (stop_at_B): this step's token is the request's stop_at-th
     forced = None if ctx["stop_at_B"] is None else ctx["stop_at_B"][req] == step + 1
