@@ -1,4 +1,4 @@
-"""The minimal jitted generator against transformers' generate, and the CLI sample path."""
+"""`rollout.generate` (the rollout engine at one sample per prompt) against transformers' generate, and the CLI sample path."""
 
 import jax
 import numpy as np

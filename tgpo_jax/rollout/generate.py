@@ -1,9 +1,7 @@
-"""Jitted generation with a KV cache: one prompt prefill, then a `lax.while_loop` of one-token
-decode steps that stops as soon as every row has finished.
-
-This is the minimal sampler the foundation needs (greedy or temperature sampling, EOS stop);
-the rollout issue grows it into the full GRPO sampler (groups, top-p/top-k, buckets).
-"""
+"""`generate`: left-padded prompts in, one response per prompt out, as a plain function of a model
+(no Sampler, no buckets): the rollout engine (engine.py) at one sample per prompt, one slot per
+row. It has no decode loop of its own, so it samples exactly as the engine does (greedy at
+temperature 0, else softmax(logits / temperature); per-request keys)."""
 
 from __future__ import annotations
 
@@ -14,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tgpo_jax.models.decoder import left_pad_positions
-from tgpo_jax.models.kv_cache import KVCache
+from tgpo_jax.rollout.engine import engine_fn
+from tgpo_jax.rollout.sampling import SamplingParams
 
 
 class Generation(NamedTuple):
@@ -25,56 +23,12 @@ class Generation(NamedTuple):
     lengths_B: jax.Array
 
 
-def _pick(logits_BV: jax.Array, key: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
-    """Greedy when temperature == 0, else a sample from softmax(logits / temperature)."""
-    if temperature == 0.0:
-        tok = jnp.argmax(logits_BV, -1)
-        return tok, jax.nn.log_softmax(logits_BV, -1)[jnp.arange(tok.shape[0]), tok]
-    scaled = logits_BV / temperature
-    tok = jax.random.categorical(key, scaled, axis=-1)
-    return tok, jax.nn.log_softmax(scaled, -1)[jnp.arange(tok.shape[0]), tok]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "eos_ids"))
-def _generate(graphdef, state, prompt_BP, prompt_mask_BP, key, *, max_new_tokens, temperature, eos_ids):
-    model = nnx.merge(graphdef, state)
-    B, P = prompt_BP.shape
-    cache = KVCache.init(model.cfg, B, P + max_new_tokens)
-    pos_BP = left_pad_positions(prompt_mask_BP)
-    h_BPE, cache = model.hidden_states(prompt_BP, pos_BP, prompt_mask_BP, cache)
-    last_logits_BV = model.logits(h_BPE[:, -1])  # the prompt's last position only (see decode_loop._prefill)
-    layers = None if cache.stacked else model.layer_list()  # sliced once, not in every decode step
-    next_pos_B = pos_BP[:, -1] + 1
-    eos = jnp.asarray(eos_ids, jnp.int32)
-
-    def cond(carry):
-        t, _, _, done_B, *_ = carry
-        return (t < max_new_tokens) & ~jnp.all(done_B)
-
-    def body(carry):
-        t, last_logits_BV, cache, done_B, out_tokens, out_mask, out_logp, key = carry
-        key, sub = jax.random.split(key)
-        tok_B, logp_B = _pick(last_logits_BV, sub, temperature)
-        live_B = ~done_B
-        out_tokens = out_tokens.at[:, t].set(jnp.where(live_B, tok_B, 0))
-        out_mask = out_mask.at[:, t].set(live_B.astype(jnp.int32))
-        out_logp = out_logp.at[:, t].set(jnp.where(live_B, logp_B, 0.0))
-        done_B = done_B | jnp.isin(tok_B, eos)
-        logits, cache = model(tok_B[:, None], (next_pos_B + t)[:, None], jnp.ones((B, 1), jnp.int32), cache, layers)
-        return t + 1, logits[:, -1], cache, done_B, out_tokens, out_mask, out_logp, key
-
-    init = (
-        jnp.zeros((), jnp.int32),
-        last_logits_BV,
-        cache,
-        jnp.zeros((B,), bool),
-        jnp.zeros((B, max_new_tokens), jnp.int32),
-        jnp.zeros((B, max_new_tokens), jnp.int32),
-        jnp.zeros((B, max_new_tokens), jnp.float32),
-        key,
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "eos_ids"))
+def _generate(graphdef, state, prompt_BP, prompt_mask_BP, key, *, params: SamplingParams, eos_ids):
+    tokens, mask, logp, lengths, _ = engine_fn(
+        graphdef, state, prompt_BP, prompt_mask_BP, key, params=params, stop_ids=eos_ids, slots=prompt_BP.shape[0]
     )
-    _, _, _, _, tokens, mask, logp, _ = jax.lax.while_loop(cond, body, init)
-    return Generation(tokens, mask, logp, mask.sum(-1))
+    return Generation(tokens, mask, logp, lengths)
 
 
 def generate(
@@ -89,13 +43,13 @@ def generate(
 ) -> Generation:
     """Left-padded prompts [B, P] -> responses [B, max_new_tokens]."""
     graphdef, state = nnx.split(model)
+    params = SamplingParams(temperature=float(temperature), max_new_tokens=max_new_tokens, n=1)
     return _generate(
         graphdef,
         state,
         jnp.asarray(prompt_BP, jnp.int32),
         jnp.asarray(prompt_mask_BP, jnp.int32),
         key,
-        max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
+        params=params,
         eos_ids=tuple(eos_ids),
     )
