@@ -95,7 +95,12 @@ def abstract_run(cfg: TrainConfig, student_hf: dict, teacher_hf: dict | None, de
     s_graphdef, params = nnx.split(student)
     train_state = _abstract_train_state(params, optimizer, mesh)
     # stop ids only change the values a program compares against, not its shapes: the model's EOS
-    sampler = Sampler(student, stop_ids=_model_stop_ids(student.cfg), prompt_buckets=cfg.rollout.prompt_buckets)
+    sampler = Sampler(
+        student,
+        stop_ids=_model_stop_ids(student.cfg),
+        prompt_buckets=cfg.rollout.prompt_buckets,
+        slots=cfg.rollout.slots,
+    )
     return AbstractRun(cfg, mesh, s_graphdef, t_graphdef, t_state, train_state, optimizer, sampler)
 
 

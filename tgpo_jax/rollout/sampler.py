@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tgpo_jax.models.kv_cache import KVCache
 from tgpo_jax.rollout.decode_loop import Rollout, rollout_fn
+from tgpo_jax.rollout.engine import engine_fn
 from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.sharding.distributed import global_to_host, put_batch
 
@@ -45,10 +46,18 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 
 class Sampler:
     """Samples n responses per prompt from `model` (a Decoder, sharded or not). New weights of the
-    same structure are set by assigning `sampler.state` (an nnx.State): no recompilation."""
+    same structure are set by assigning `sampler.state` (an nnx.State): no recompilation.
+    slots > 0: the continuous-batching engine with that many decode slots (rollout/engine.py);
+    0: the static sampler (decode_loop.rollout_fn)."""
 
     def __init__(
-        self, model, *, stop_ids: Sequence[int], pad_id: int = 0, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS
+        self,
+        model,
+        *,
+        stop_ids: Sequence[int],
+        pad_id: int = 0,
+        prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+        slots: int = 0,
     ):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
@@ -56,6 +65,7 @@ class Sampler:
         self.stop_ids = tuple(sorted(set(int(s) for s in stop_ids)))
         self.pad_id = pad_id
         self.buckets = tuple(sorted(prompt_buckets))
+        self.slots = slots
         self.stats = CompileStats()
         self._compiled: dict = {}
 
@@ -92,7 +102,10 @@ class Sampler:
 
     # ------------------------------------------------------------------ compile + run
     def _jitted(self, params: SamplingParams):
-        return jax.jit(functools.partial(rollout_fn, params=params, stop_ids=self.stop_ids), static_argnums=(0,))
+        fn = functools.partial(rollout_fn, params=params, stop_ids=self.stop_ids)
+        if self.slots:
+            fn = functools.partial(engine_fn, params=params, stop_ids=self.stop_ids, slots=self.slots)
+        return jax.jit(fn, static_argnums=(0,))
 
     def lower(self, P: int, T: int, params: SamplingParams) -> jax.stages.Lowered:
         """The rollout program for P prompts (a multiple of the batch shards) in a T-token bucket,

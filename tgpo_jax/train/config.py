@@ -72,6 +72,10 @@ class RolloutConfig:
     max_new_tokens: int = 8192
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
     stop_ids: tuple[int, ...] = ()
+    # Decode slots of the continuous-batching engine (rollout/engine.py): a finished row's slot goes
+    # to the next pending sample, so the decode steps follow the total length, not the longest
+    # answer. 0: the static sampler (every row decodes until the longest row is done).
+    slots: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +296,7 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
     )
     checks = (
         ("rollout.prompts_per_iteration", r.prompts_per_iteration, r.prompts_per_iteration >= 1, ">= 1"),
+        ("rollout.slots", r.slots, r.slots >= 0, ">= 0 (0: the static sampler)"),
         ("eval.every", e.every, e.every >= 0, ">= 0 (0: never)"),
         ("eval.batch_size", e.batch_size, e.batch_size >= 0, ">= 0 (0: one rollout batch of rows, / eval.k)"),
         ("checkpoint.every", c.every, c.every >= 0, ">= 0 (0: never)"),

@@ -106,7 +106,11 @@ def build_model_parts(cfg: TrainConfig, tokenizer=None):
     # evaluator stop where an evaluation of the exported model would.
     stop_ids = stop_ids_for(tokenizer, student.cfg, cfg.rollout.stop_ids)
     sampler = Sampler(
-        student, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id or 0, prompt_buckets=cfg.rollout.prompt_buckets
+        student,
+        stop_ids=stop_ids,
+        pad_id=tokenizer.pad_token_id or 0,
+        prompt_buckets=cfg.rollout.prompt_buckets,
+        slots=cfg.rollout.slots,
     )
     step = make_train_step(
         s_graphdef,
