@@ -140,7 +140,7 @@ def test_sft_config_validates_its_attention_options_and_defaults_like_a_train_co
     assert cfg.model_overrides() == {
         k: v for k, v in _load().models.model_overrides().items() if k in cfg.model_overrides()
     }
-    with pytest.raises(ConfigError, match=r"attn_impl='flash'; accepted: einsum, sdpa, cudnn, cpu, auto"):
+    with pytest.raises(ConfigError, match=r"attn_impl='flash'; accepted: einsum, sdpa, cudnn, cpu, splash, auto"):
         load_sft_config({**base, "attn_impl": "flash"})
     with pytest.raises(ConfigError, match=r"attn_query_block=-3 must be >= 0"):
         load_sft_config({**base, "attn_query_block": -3})
