@@ -123,4 +123,7 @@ def test_cli_check_and_show(capsys):
     assert "fits" in capsys.readouterr().out
     assert main(["preset", "show", "qwen2.5-math-7b__r1-distill-qwen-32b", "v4-32", "run_dir=gs://b/x"]) == 0
     out = capsys.readouterr().out
-    assert "run_dir: gs://b/x" in out and "prompts_per_iteration: 32" in out
+    prompts = presets.load_preset("qwen2.5-math-7b__r1-distill-qwen-32b").hardware["v4-32"][
+        "rollout.prompts_per_iteration"
+    ]
+    assert "run_dir: gs://b/x" in out and f"prompts_per_iteration: {prompts}" in out
