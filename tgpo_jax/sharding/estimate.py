@@ -485,7 +485,7 @@ def layer_working_set(
     """One decoder layer's forward intermediates, W = a*B*T*(2E + 2H*D + 2K*D + 3F) + A:
     2E the two RMSNorm outputs, 2H*D q and the attention output, 2K*D k and v, 3F gate, up and
     silu(gate)*up; A the attention scores with Tk = the full key length:
-      materialized: A = B*H*T*Tk*(4 + a)  (fp32 scores + probs in the compute dtype, layers.attention);
+      materialized: A = B*H*T*Tk*(4 + a)  (fp32 scores + probs in the compute dtype, kernels.reference);
                     forward only (no backward keeps the probs) B*H*T*Tk*4: the TPU compiler fuses the
                     softmax into the probs @ v product and holds the fp32 scores alone
       flash:        A = B*H*T*4           (a blockwise kernel keeps only the fp32 logsumexp per query)
