@@ -3,7 +3,7 @@ XLA FFI, built on first use with the host's C++ compiler and cached.
 
 Why a kernel: at the demo's training shapes (T ~ 100, head_dim 16) XLA:CPU runs attention as
 batched matmuls with a contraction of 16 (one thread per op) plus elementwise passes that write
-and re-read every score tensor; the query-blocked XLA path (`blocked_attention`) was the best of
+and re-read every score tensor; the query-blocked XLA path (`kernels/blocked.py`) was the best of
 many XLA formulations and still took ~30% of the train step. The kernel keeps one (batch row, kv
 head)'s keys and values in cache, holds a block of query rows' scores in a small scratch, and runs
 its tasks on XLA's intra-op thread pool. Source: `cpu_kernels/causal_attention.cc`.
