@@ -218,17 +218,11 @@ def programs_fingerprint(name: str, hw: str) -> str:
         for m in (preset.student, preset.teacher)
         if m
     ]
-    kernels = [_tpu_attention(hf, cfg.get("models", {}).get("attn_impl", "auto")) for hf in shapes]
+    from tgpo_jax.sharding.estimate import hf_attention_impl
+
+    attn_impl = cfg.get("models", {}).get("attn_impl", "auto")
+    kernels = [hf_attention_impl(hf, attn_impl, "tpu", "bfloat16") for hf in shapes]
     return json.dumps([cfg, shapes, hw, {"attention": kernels}], sort_keys=True)
-
-
-def _tpu_attention(hf: dict, attn_impl: str) -> str:
-    """The cache-free attention kernel a model with config.json `hf` runs on a TPU mesh."""
-    from tgpo_jax.kernels import resolve
-
-    H = hf["num_attention_heads"]
-    q_shape = (1, 1, H, hf.get("head_dim") or hf["hidden_size"] // H)
-    return resolve(attn_impl, "tpu", None, q_shape, q_shape, "bfloat16")
 
 
 def compiled_record(name: str, hw: str, path: str = COMPILED_RECORDS) -> dict | None:

@@ -222,20 +222,25 @@ def _from_train_dict(data: dict, flags: dict, base: str) -> EstimateConfig:
     return from_train_config(train, hw, student, teacher)
 
 
-def attention_kind(attn_impl: str, platform: str | None, hf_configs: list[dict], dtype: str) -> str:
-    """ "flash" where every model's cache-free attention resolves to a blockwise kernel (splash,
-    cudnn, the fused CPU kernel) on `platform` (kernels.resolve, unsharded), else "materialized"."""
+def hf_attention_impl(hf: dict, attn_impl: str, platform: str, dtype: str) -> str:
+    """The cache-free attention kernel a model with config.json `hf` runs on `platform`
+    (kernels.resolve on an unsharded layer)."""
     from tgpo_jax.kernels import resolve
 
+    H = hf["num_attention_heads"]
+    q_shape = (1, 1, H, hf.get("head_dim") or hf["hidden_size"] // H)
+    return resolve(attn_impl, platform, None, q_shape, q_shape, dtype)
+
+
+def attention_kind(attn_impl: str, platform: str | None, hf_configs: list[dict], dtype: str) -> str:
+    """ "flash" where every model's cache-free attention resolves to a blockwise kernel (splash,
+    cudnn, the fused CPU kernel) on `platform` (`hf_attention_impl`), else "materialized"."""
     flash = {"splash", "cudnn", "cpu"}
     if attn_impl != "auto" or not platform:
         return "flash" if attn_impl in flash else "materialized"
-    for hf in hf_configs:
-        H = hf["num_attention_heads"]
-        q_shape = (1, 1, H, hf.get("head_dim") or hf["hidden_size"] // H)
-        if resolve("auto", platform, None, q_shape, q_shape, dtype) not in flash:
-            return "materialized"
-    return "flash"
+    if all(hf_attention_impl(hf, "auto", platform, dtype) in flash for hf in hf_configs):
+        return "flash"
+    return "materialized"
 
 
 def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: dict | None = None) -> EstimateConfig:
