@@ -49,14 +49,21 @@ def _new_cache(model, B: int, S: int) -> KVCache:
     return KVCache(k, v, _constrain_cache(model, cache.mask_BS, ("batch", None)), cache.index)
 
 
-def _prefill(model, prompt_PT, mask_PT, cache: KVCache, n: int):
-    """Runs the prompts once and fills slots [0, T) of the big cache for all n copies."""
+def prefill_prompts(model, prompt_PT, mask_PT, dtype):
+    """Runs the prompts once: (logits [P, V] of each prompt's last position, their KVCache of
+    P rows x T slots)."""
     P, T = prompt_PT.shape
-    small = KVCache.init(model.cfg, P, T, dtype=cache.dtype)
+    small = KVCache.init(model.cfg, P, T, dtype=dtype)
     # the next token needs the last position's logits only: [P, V], not [P, T, V] in fp32 (at the
     # paper's 128 prompts x 1,024 tokens x 151,936 that would be 74 GiB)
     h_PTE, small = model.hidden_states(prompt_PT, left_pad_positions(mask_PT), mask_PT, small)
-    logits_PV = model.logits(h_PTE[:, -1])
+    return model.logits(h_PTE[:, -1]), small
+
+
+def _prefill(model, prompt_PT, mask_PT, cache: KVCache, n: int):
+    """Runs the prompts once and fills slots [0, T) of the big cache for all n copies."""
+    T = prompt_PT.shape[1]
+    logits_PV, small = prefill_prompts(model, prompt_PT, mask_PT, cache.dtype)
     axes = cache.kv_axes
     fill = lambda big, part: _constrain_cache(  # noqa: E731
         model, jax.lax.dynamic_update_slice(big, jnp.repeat(part, n, axis=axes.index("batch")), (0,) * big.ndim), axes

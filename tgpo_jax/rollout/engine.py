@@ -33,7 +33,7 @@ from flax import nnx
 
 from tgpo_jax.models.decoder import left_pad_positions
 from tgpo_jax.models.kv_cache import KVCache
-from tgpo_jax.rollout.decode_loop import FINISH_LENGTH, FINISH_STOP, _decode_step, _new_cache
+from tgpo_jax.rollout.decode_loop import FINISH_LENGTH, FINISH_STOP, _decode_step, _new_cache, prefill_prompts
 from tgpo_jax.rollout.sampling import SamplingParams, select
 
 
@@ -60,7 +60,7 @@ def engine_fn(
     n, T_new = params.n, params.max_new_tokens
     B = P * n
     cache = _new_cache(model, min(slots, B), T + T_new)
-    logits_PV, prompts = _prefill(model, prompt_PT, mask_PT, cache.dtype)
+    logits_PV, prompts = prefill_prompts(model, prompt_PT, mask_PT, cache.dtype)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
     out, done_B = _first_tokens(logits_PV, key, params, stops, stop_at_B)
     queue_B = jnp.argsort(done_B.astype(jnp.int32), stable=True)  # requests still to decode first, in order
@@ -95,14 +95,6 @@ def engine_fn(
     out = c["out"]
     finish = jnp.where(out["stopped"], FINISH_STOP, FINISH_LENGTH).astype(jnp.int32)
     return out["tokens"], out["mask"], out["logp"], out["mask"].sum(-1), finish
-
-
-def _prefill(model, prompt_PT, mask_PT, dtype):
-    """(logits [P, V] of each prompt's last position, the prompts' KVCache of P rows x T slots)."""
-    P, T = prompt_PT.shape
-    small = KVCache.init(model.cfg, P, T, dtype=dtype)
-    h_PTE, small = model.hidden_states(prompt_PT, left_pad_positions(mask_PT), mask_PT, small)
-    return model.logits(h_PTE[:, -1]), small
 
 
 def request_keys(key, req_N, step_N):
