@@ -20,10 +20,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from tgpo_jax.kernels import blocked, cpu, decode, lengths, reference, splash
-from tgpo_jax.kernels.common import ATTN_OUT
+from tgpo_jax.kernels.common import ATTN_OUT, KV_AXES, Q_AXES
 
 IMPLS = ("einsum", "sdpa", "cudnn", "cpu", "splash", "auto")
-_Q_AXES, _KV_AXES = ("batch", "seq", "act_heads", None), ("batch", "seq", "act_kv_heads", None)
 CUDNN_DTYPES = ("bfloat16", "float16")
 
 
@@ -49,7 +48,7 @@ def cpu_why_not(platform: str, sh, q_shape, k_shape, dtype) -> str | None:
     if (why := cpu.supports_shape(q_shape, dtype, platform)) is not None:
         return why
     if sh is not None and sh.mesh.size > 1:
-        qs, ks = sh.spec_for(q_shape, _Q_AXES), sh.spec_for(k_shape, _KV_AXES)
+        qs, ks = sh.spec_for(q_shape, Q_AXES), sh.spec_for(k_shape, KV_AXES)
         if qs[1] is not None:
             return f"the sequence is sharded over {qs[1]!r}; the kernel needs whole rows"
         if qs[2] != ks[2]:  # a shard must hold each of its query heads' kv head
@@ -108,7 +107,7 @@ def _cpu_attention(sh, q, k, v, key_mask_BT):
     batch rows and heads (GSPMD cannot partition an FFI call: it would gather to one device)."""
     if sh is None or sh.mesh.size == 1:
         return cpu.causal_attention(q, k, v, key_mask_BT)
-    qs, ks = sh.spec_for(q.shape, _Q_AXES), sh.spec_for(k.shape, _KV_AXES)
+    qs, ks = sh.spec_for(q.shape, Q_AXES), sh.spec_for(k.shape, KV_AXES)
     return jax.shard_map(
         cpu.causal_attention, mesh=sh.mesh, in_specs=(qs, ks, ks, P(qs[0], None)), out_specs=qs, check_vma=False
     )(q, k, v, key_mask_BT)

@@ -12,6 +12,9 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 ATTN_OUT = "attn_out"  # checkpoint name of each layer's attention output (decoder.remat_policy)
 
+# logical axes of the [B, T, H, D] queries and [B, T, K, D] keys / values (sharding rules)
+Q_AXES, KV_AXES = ("batch", "seq", "act_heads", None), ("batch", "seq", "act_kv_heads", None)
+
 
 def split_heads(q_BTHD: jax.Array, K: int) -> jax.Array:
     """[B, T, H, D] -> [B, K, G, T, D]: query heads grouped by the kv head they read (G = H / K)."""

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from tgpo_jax.kernels.common import ATTN_OUT
+from tgpo_jax.kernels.common import ATTN_OUT, KV_AXES, Q_AXES
 
 LANES = 128  # the kernel's block sizes are multiples of the TPU's 128 lanes
 MAX_BLOCK = 512
@@ -102,7 +102,7 @@ def why_not(sh, q_shape, k_shape) -> str | None:
     """None if the kernel can run on this sharding, else why not (a sharded sequence)."""
     if sh is None or sh.mesh.size == 1:
         return None
-    qs = sh.spec_for(q_shape, ("batch", "seq", "act_heads", None))
+    qs = sh.spec_for(q_shape, Q_AXES)
     if qs[1] is not None:
         return f"the sequence is sharded over {qs[1]!r}; splash attention needs whole rows"
     return None
@@ -117,8 +117,8 @@ def causal_attention(q_BTHD, k_BTKD, v_BTKD, key_mask_BT, *, sharding=None, inte
     if sh is None or sh.mesh.size == 1:
         return local_attention(q_BTHD, k_BTKD, v_BTKD, key_mask_BT, interpret=interpret)
     H, K = q_BTHD.shape[2], k_BTKD.shape[2]
-    qs = sh.spec_for(q_BTHD.shape, ("batch", "seq", "act_heads", None))
-    ks = sh.spec_for(k_BTKD.shape, ("batch", "seq", "act_kv_heads", None))
+    qs = sh.spec_for(q_BTHD.shape, Q_AXES)
+    ks = sh.spec_for(k_BTKD.shape, KV_AXES)
     regroup = qs[2] is not None and ks[2] != qs[2]
     if regroup:  # each device takes its query heads' kv heads from all of them
         ks = P(qs[0], None, None, None)
