@@ -127,25 +127,15 @@ def engine_steps(stop_at_B: np.ndarray, slots: int) -> int:
 
 
 def model_config(name: str, s: RolloutBenchSettings):
-    """The ModelConfig of a benchmark model (random weights; no checkpoint needed). demo: the
-    student `tgpo-jax demo` trains (tiny Qwen2, 512-token vocabulary)."""
-    from tgpo_jax.bench import shapes
+    """The ModelConfig of a benchmark model (random weights; no checkpoint needed; the sampler
+    bench's shapes, `demo` the student `tgpo-jax demo` trains), long enough for the prompt and the
+    new tokens, in the settings' cache layout."""
+    from tgpo_jax.bench.sampler_bench import model_config as bench_model_config
 
-    if name == "demo":
-        from tgpo_jax.demo import FULL
-        from tgpo_jax.models.tiny import tiny_config
-
-        cfg = tiny_config(FULL.student.arch, **FULL.student.model_kwargs())
-    elif name == "smollm2-135m":
-        cfg = shapes.smollm2_135m()
-    else:
+    if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODELS)}")
+    cfg = bench_model_config(name, s.dtype)
     return cfg.replace(
-        param_dtype=s.dtype,
-        dtype=s.dtype,
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=None,
         max_position_embeddings=max(cfg.max_position_embeddings, s.prompt_len + s.new_tokens),
         cache_layers=s.cache_layers,
     )

@@ -78,12 +78,17 @@ def model_config(name: str, dtype: str = "float32"):
         from tgpo_jax.models.tiny import tiny_config  # imports tokenizers / transformers: tiny only
 
         cfg = tiny_config("qwen2")
+    elif name == "demo":  # the student `tgpo-jax demo` trains (bench rollout)
+        from tgpo_jax.demo import FULL
+        from tgpo_jax.models.tiny import tiny_config
+
+        cfg = tiny_config(FULL.student.arch, **FULL.student.model_kwargs())
     elif name == "smollm2-135m":
         cfg = shapes.smollm2_135m()
     elif name == "qwen2.5-1.5b":
         cfg = shapes.qwen2_5_1_5b()
     else:
-        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODELS + ('demo',))}")
     return cfg.replace(param_dtype=dtype, dtype=dtype, eos_token_id=None, bos_token_id=None, pad_token_id=None)
 
 
