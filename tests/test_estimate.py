@@ -77,8 +77,13 @@ def test_tiny_model_by_hand():
     assert s["params"] == n_student * 2  # bf16
     assert s["grads"] == n_student * 4  # fp32 accumulator
     assert s["optimizer"] == n_student * (2 * 4 + 4)  # mu + nu fp32, fp32 master (param is bf16)
-    # KV cache: L * 2 * (R=8 / (data*fsdp=2)) * (S=16+48) * (K=2 / tensor 2) * D * 2 bytes
-    assert s["kv_cache"] == 2 * 2 * 4 * 64 * 1 * 16 * 2 == 32768
+    # KV cache: the engine's auto slots, half the 8 requests = 4 rows over (data*fsdp=2):
+    # L * 2 * (R=4 / 2) * (S=16+48) * (K=2 / tensor 2) * D * 2 bytes
+    assert s["kv_cache"] == 2 * 2 * 2 * 64 * 1 * 16 * 2 == 16384
+    # rollout.slots given: 6 slots, 3 per device; more slots than requests: the 8 requests
+    for slots, rows in ((6, 3), (64, 4)):
+        got = estimate(load_estimate_config(tiny(batch__decode_slots=slots))).models["student"].items["kv_cache"]
+        assert got == 2 * 2 * rows * 64 * 1 * 16 * 2, slots
     # Activations, B = 4 / 2 = 2, T = 64, E = 64, H = 2, K = 1, D = 16, F = 64, a = 2:
     r = 2 * 64 * 64 * 2  # one residual = 16384
     w = 2 * 2 * 64 * (2 * 64 + 2 * 2 * 16 + 2 * 1 * 16 + 3 * 64) + 2 * 2 * 64 * 64 * (4 + 2)  # = 204800

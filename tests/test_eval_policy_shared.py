@@ -59,7 +59,7 @@ def test_in_run_evaluator_and_eval_command_agree(setup, monkeypatch, eval_batch)
     b = EVAL_BATCHES[eval_batch]
     models, train_state, tokenizer = build_model_parts(cfg)
     calls, sample = [], models.sampler.sample
-    models.sampler.sample = lambda prompts, *a: calls.append(len(prompts)) or sample(prompts, *a)
+    models.sampler.sample = lambda prompts, *a, **kw: calls.append(len(prompts)) or sample(prompts, *a, **kw)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert models.sampler.stop_ids == stop_ids_for(tokenizer, models.sampler.cfg)
     assert {tokenizer.eos_token_id, im_end} <= set(models.sampler.stop_ids) and im_end != tokenizer.eos_token_id

@@ -131,19 +131,43 @@ def test_an_8_device_mesh_gives_the_local_tokens():
     assert np.abs(local[2] - got[2]).max() <= 1e-5
 
 
-def test_sampler_with_slots_runs_the_engine():
-    """Sampler(slots=N) is the engine behind the same host API: greedy responses equal the static
-    sampler's (slots=0), the prompt rows and order included; rollout.slots < 0 is refused."""
+def test_the_sampler_runs_the_engine_on_the_weights_it_is_given():
+    """Sampler is the engine behind the host API: at temperature 0, with the auto slot count and
+    with 3 slots, its rows (prompt-major, n per prompt) equal the static sampler's on the same
+    left-padded prompts; `state=` samples those weights, not the model's own; rollout.slots < 0 is
+    refused."""
     import pytest
 
     from tgpo_jax.rollout.sampler import Sampler
     from tgpo_jax.train.config import load_train_config
 
-    model = Decoder(CFG, nnx.Rngs(0))
+    graphdef, own = _split()
+    other = nnx.split(Decoder(CFG, nnx.Rngs(1)))[1]
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    T = 16  # the smallest default prompt bucket
+    mask = np.zeros((3, T), np.int32)
+    tokens = np.zeros((3, T), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, T - len(p) :], mask[i, T - len(p) :] = p, 1
     params = SamplingParams(temperature=0.0, max_new_tokens=T_NEW, n=2)
-    outs = [Sampler(model, stop_ids=(), slots=s).sample(prompts, params, jax.random.key(0)) for s in (0, 3)]
-    for a, b in zip(outs[0], outs[1]):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    model = nnx.merge(graphdef, own)
+    for state in (own, other):
+        ref = _run(_static(params, ()), (graphdef, state), (tokens, mask))
+        for slots in (0, 3):
+            got = Sampler(model, stop_ids=(), slots=slots).sample(prompts, params, jax.random.key(0), state=state)
+            for a, b in zip(got[:2] + got[3:5], ref[:2] + ref[3:]):
+                assert np.array_equal(np.asarray(a), b), slots
+            assert np.abs(np.asarray(got[2]) - ref[2]).max() <= 1e-5
+    own_out = Sampler(model, stop_ids=()).sample(prompts, params, jax.random.key(0))
+    assert np.array_equal(own_out.tokens_BT, _run(_static(params, ()), (graphdef, own), (tokens, mask))[0])
+    assert not np.array_equal(own_out.tokens_BT, ref[0])  # the two weight sets answer differently
     with pytest.raises(ValueError, match=r"rollout.slots=-1: must be >= 0"):
         load_train_config("configs/demo.yaml", ["rollout.slots=-1"])
+
+
+def test_auto_slots_is_half_the_requests_in_whole_shards():
+    from tgpo_jax.rollout.slots import auto_slots, engine_slots
+
+    assert [auto_slots(r, 1) for r in (1, 2, 6, 7, 1024)] == [1, 1, 3, 4, 512]
+    assert [auto_slots(r, 4) for r in (4, 8, 12, 1024)] == [4, 4, 8, 512]
+    assert [engine_slots(r, c, 4) for r, c in ((8, 0), (8, 3), (8, 16), (4, 0))] == [4, 3, 8, 4]

@@ -201,8 +201,8 @@ _SHAPE_NEUTRAL = (
 
 def programs_fingerprint(name: str, hw: str) -> str:
     """Two entries with the same fingerprint compile to the same programs (the 7B teachers of the
-    ladder share one architecture): model shapes, the rendered config (paths left out) and the
-    attention kernel `auto` resolves to on a TPU for each model. A compiled record holds only
+    ladder share one architecture): model shapes, the rendered config (paths left out), the
+    attention kernel `auto` resolves to on a TPU for each model and the sampling program. A compiled record holds only
     while its entry's fingerprint is unchanged."""
     preset = load_preset(name)
     cfg = render(preset, hw, allow_unsupported=True)
@@ -222,7 +222,9 @@ def programs_fingerprint(name: str, hw: str) -> str:
 
     attn_impl = cfg.get("models", {}).get("attn_impl", "auto")
     kernels = [hf_attention_impl(hf, attn_impl, "tpu", "bfloat16") for hf in shapes]
-    return json.dumps([cfg, shapes, hw, {"attention": kernels}], sort_keys=True)
+    # "rollout": the sampling program the rollout and eval_rollout records measured (the engine
+    # since rollout.slots: 0 means auto slots; records of the static sampler no longer count)
+    return json.dumps([cfg, shapes, hw, {"attention": kernels, "rollout": "engine"}], sort_keys=True)
 
 
 def compiled_record(name: str, hw: str, path: str = COMPILED_RECORDS) -> dict | None:

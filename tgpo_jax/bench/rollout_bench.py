@@ -25,8 +25,8 @@ with FINISH_STOP, or the benchmark fails.
 useful tokens/s = sum of stop_at over the B requests / median seconds of one call (prefill
 included); ratio = engine tokens/s / static tokens/s (the same tokens: the ratio of the times).
 
-Default slots = B // 2. slots >= B gives the engine nothing to refill (every request is inserted at
-step 0 and the loop runs to the longest, as the static one does): that would measure only the
+Default slots: the rollout's own default, half the requests (B // 2 rounded up). slots >= B gives
+the engine nothing to refill (every request is inserted at step 0 and the loop runs to the longest, as the static one does): that would measure only the
 engine's per-step overhead. B // 2 keeps refilling busy while holding half the static sampler's
 KV cache, so a ratio >= 1 means as many tokens as fast with half the decode memory. Where decode is
 bound by reading the weights (accelerators, small batches), fewer slots cost more steps at nearly
@@ -65,7 +65,7 @@ class RolloutBenchSettings:
     n: int = 8
     prompt_len: int = 32
     new_tokens: int = 256
-    slots: int | None = None  # None: batch // 2 (at least 1)
+    slots: int | None = None  # None: the rollout's default, half the requests (rollout/slots.py)
     dists: tuple[str, ...] = DISTS
     repeats: int = 3
     dtype: str = "float32"
@@ -94,7 +94,9 @@ class RolloutBenchSettings:
 
     @property
     def engine_slots(self) -> int:
-        return min(self.slots or max(1, self.batch // 2), self.batch)
+        from tgpo_jax.rollout.slots import engine_slots
+
+        return engine_slots(self.batch, self.slots or 0, 1)  # None: the engine's own default
 
 
 # ---------------------------------------------------------------------- workload

@@ -19,12 +19,15 @@ def stop_ids_for(tokenizer, model_cfg, extra: Sequence[int] = ()) -> tuple[int, 
     return policy(tokenizer, model_cfg, extra)
 
 
-def policy_from_sampler(sampler, tokenizer, params, *, seed: int = 0, pad_to: int | None = None) -> PolicyFn:
+def policy_from_sampler(
+    sampler, tokenizer, params, *, seed: int = 0, pad_to: int | None = None, state=None
+) -> PolicyFn:
     """The one sampling policy of evaluation, shared by `tgpo-jax eval` and the in-run evaluator:
     call c of the returned PolicyFn samples with key fold_in(key(seed), c) and SamplingParams
     `params` (n replaced by the call's k), so the same model, items, batch size and seed give the
     same generations in both. `pad_to` pads every call to that many prompts (repeats of the last
-    one, outputs dropped) so all chunks share one compiled shape."""
+    one, outputs dropped) so all chunks share one compiled shape. state: the weights sampled (the
+    trainer's current parameters); None: the sampler's model's own."""
     import jax
 
     calls = [0]
@@ -36,7 +39,7 @@ def policy_from_sampler(sampler, tokenizer, params, *, seed: int = 0, pad_to: in
         if pad_to and len(prompts) < pad_to:
             prompts = prompts + [prompts[-1]] * (pad_to - len(prompts))
         key = jax.random.fold_in(jax.random.key(seed), calls[0])
-        out = sampler.sample(prompts, dataclasses.replace(params, n=n), key)
+        out = sampler.sample(prompts, dataclasses.replace(params, n=n), key, state=state)
         calls[0] += 1
         return [[_completion(tokenizer, out, i * n + j) for j in range(n)] for i in range(len(items))]
 

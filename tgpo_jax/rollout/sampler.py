@@ -1,8 +1,11 @@
-"""The rollout sampler (host side): bucketing, padding, sharding of inputs, compile bookkeeping.
+"""The rollout sampler (host side): bucketing, padding, sharding of inputs, compile bookkeeping,
+around the one sampling program of the project, the continuous-batching engine (engine.py).
 
 Prompts are left-padded to a length bucket and the prompt count padded to a multiple of the batch
 shards, so compilation happens once per (prompt count, bucket, sampling params). Each call's
 program allocates its own KV cache (decode_loop.py says why): nothing stays allocated between calls.
+The weights are an argument of every call (`sample(..., state=)`), so the trainer and the in-run
+evaluator sample the current parameters without setting anything on the sampler.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tgpo_jax.models.kv_cache import KVCache
-from tgpo_jax.rollout.decode_loop import Rollout, rollout_fn
+from tgpo_jax.rollout.decode_loop import Rollout
 from tgpo_jax.rollout.engine import engine_fn
 from tgpo_jax.rollout.sampling import SamplingParams
+from tgpo_jax.rollout.slots import engine_slots
 from tgpo_jax.sharding.distributed import global_to_host, put_batch
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -45,10 +49,10 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 
 
 class Sampler:
-    """Samples n responses per prompt from `model` (a Decoder, sharded or not). New weights of the
-    same structure are set by assigning `sampler.state` (an nnx.State): no recompilation.
-    slots > 0: the continuous-batching engine with that many decode slots (rollout/engine.py);
-    0: the static sampler (decode_loop.rollout_fn)."""
+    """Samples n responses per prompt from `model` (a Decoder, sharded or not) with the rollout
+    engine. `sample(..., state=)` takes the weights (an nnx.State of the model's structure; default:
+    the model's own), so new weights never recompile and nothing is set from outside.
+    slots: the engine's decode slots; 0: `slots.auto_slots` of each call's request count."""
 
     def __init__(
         self,
@@ -101,10 +105,12 @@ class Sampler:
         return tokens, mask
 
     # ------------------------------------------------------------------ compile + run
-    def _jitted(self, params: SamplingParams):
-        fn = functools.partial(rollout_fn, params=params, stop_ids=self.stop_ids)
-        if self.slots:
-            fn = functools.partial(engine_fn, params=params, stop_ids=self.stop_ids, slots=self.slots)
+    def slots_for(self, P: int, params: SamplingParams) -> int:
+        """The decode slots a call of P (padded) prompts runs with."""
+        return engine_slots(P * params.n, self.slots, self._batch_shards())
+
+    def _jitted(self, P: int, params: SamplingParams):
+        fn = functools.partial(engine_fn, params=params, stop_ids=self.stop_ids, slots=self.slots_for(P, params))
         return jax.jit(fn, static_argnums=(0,))
 
     def lower(self, P: int, T: int, params: SamplingParams) -> jax.stages.Lowered:
@@ -113,7 +119,7 @@ class Sampler:
         devices this process cannot run on (the AOT compile of tgpo_jax/aot)."""
         prompt = _abstract((P, T), jnp.int32, self._batch_sharding(2))
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-        return self._jitted(params).lower(self.graphdef, _abstract_tree(self.state), prompt, prompt, key)
+        return self._jitted(P, params).lower(self.graphdef, _abstract_tree(self.state), prompt, prompt, key)
 
     def _executable(self, P: int, T: int, params: SamplingParams):
         key = (P, T, params)
@@ -148,11 +154,15 @@ class Sampler:
             return shapes
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
-    def sample(self, prompts: Sequence[Sequence[int]], params: SamplingParams, key: jax.Array) -> Rollout:
-        """n responses for each prompt (token id lists); rows ordered prompt-major."""
+    def sample(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, key: jax.Array, *, state=None
+    ) -> Rollout:
+        """n responses for each prompt (token id lists); rows ordered prompt-major. state: the
+        weights to sample (an nnx.State of the model's structure, e.g. the trainer's current
+        parameters); None: the model's own."""
         tokens, mask = self._pad_prompts(prompts)
         exe = self._executable(tokens.shape[0], tokens.shape[1], params)
-        out = exe(self.state, self._put(tokens), self._put(mask), key)
+        out = exe(self.state if state is None else state, self._put(tokens), self._put(mask), key)
         keep = len(prompts) * params.n
         t, m, lp, ln, fin = (global_to_host(x)[:keep] for x in out)  # collective when multi-process
         rep = lambda x: np.repeat(x, params.n, axis=0)[:keep]  # noqa: E731

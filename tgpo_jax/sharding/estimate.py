@@ -25,8 +25,9 @@ Items per model:
   optimizer   = N_local * (2 s + m)                 (trainable only; AdamW mu and nu in state_dtype (the
                 train step: param_dtype), plus a master copy in master_dtype when it differs from
                 param_dtype (the train step keeps none); m = 0 otherwise)
-  kv_cache    = L * 2 * R_l * S * K_l * D * a       (student only: rollout sampling; R over `batch`,
-                K over `act_kv_heads`, S over `cache_seq`)
+  kv_cache    = L * 2 * R_l * S * K_l * D * a       (student only: rollout sampling; R = the engine's
+                decode slots (batch.decode_slots; 0: half the rollout rows, rollout/slots.py) over
+                `batch`, K over `act_kv_heads`, S over `cache_seq`)
   prefill     = the prompt pass of the rollout: see `prefill_bytes` (student only)
   sampler_weights = N_local * a                     (student only, when param_dtype != dtype: the
                 sampler's weights cast to the compute dtype)
@@ -102,6 +103,9 @@ class BatchConfig:
     logits_chunk: int = 1024  # tokens per chunk when computing log-probs over the vocab
     score_micro_batch: int = 0  # sequences per micro-batch of teacher scoring; 0 = micro_batch
     samples_per_prompt: int = 8  # rollout.n: the sampler prefills rollout_batch / n prompts
+    # rollout.slots: the engine's decode slots, the KV cache's rows (0: auto, half the rows of each
+    # sampling call, rounded up to the batch shards; rollout/slots.py)
+    decode_slots: int = 0
     # the in-run evaluation's sampler call (0 prompts: no evaluation): prompts x k rows of
     # eval_prompt_len + eval_response_len slots
     eval_prompts: int = 0
@@ -265,6 +269,7 @@ def from_train_config(train, hw: TargetHardware, student_hf: dict, teacher_hf: d
         response_len=train.rollout.max_new_tokens,
         logits_chunk=train.train.logprob_chunk,
         samples_per_prompt=train.rollout.n,
+        decode_slots=train.rollout.slots,
         **_eval_batch(train),
     )
     return EstimateConfig(
@@ -359,7 +364,7 @@ def _check_values(cfg: EstimateConfig) -> None:
     for k, v in [("num_devices", cfg.num_devices)] + [
         (f"batch.{k}", v)
         for k, v in dataclasses.asdict(cfg.batch).items()
-        if k not in ("score_micro_batch", "eval_prompts")  # 0: as micro_batch / no evaluation
+        if k not in ("score_micro_batch", "eval_prompts", "decode_slots")  # 0: as micro_batch / none / auto
     ]:
         if v < 1:
             raise EstimateConfigError(f"{k}={v} must be a positive integer")
@@ -440,11 +445,16 @@ def _local(m: _Model, sizes, logical: tuple, shape: tuple[int, ...], what: str, 
 
 
 def kv_cache_bytes(m: _Model, b: BatchConfig, sizes, notes: list[str], rows: int = 0, S: int = 0) -> int:
-    """L * 2 (k, v) * R_l * S * K_l * D * a: the sampler's cache for `rows` (default the rollout
-    batch) of S slots (default prompt_len + response_len) (KVCache.init: L buffers of [B, K, S, D],
-    or one [L, B, K, S, D], in the compute dtype)."""
+    """L * 2 (k, v) * R_l * S * K_l * D * a: the engine's cache for a sampling call of `rows`
+    requests (default the rollout batch): R = its decode slots (rollout/slots.engine_slots), of S
+    slots each (default prompt_len + response_len) (KVCache.init: L buffers of [R, K, S, D], or one
+    [L, R, K, S, D], in the compute dtype)."""
+    from tgpo_jax.rollout.slots import engine_slots
+
     c = m.cfg
-    shape = (c.num_layers, rows or b.rollout_batch, S or b.prompt_len + b.response_len, c.num_kv_heads, c.head_dim)
+    shards = _axes_size(m.rules.spec(("batch",))[0], sizes)
+    R = engine_slots(rows or b.rollout_batch, b.decode_slots, shards)
+    shape = (c.num_layers, R, S or b.prompt_len + b.response_len, c.num_kv_heads, c.head_dim)
     local = _local(m, sizes, (None, "batch", "cache_seq", "act_kv_heads", None), shape, "kv cache", notes)
     return 2 * math.prod(local) * DTYPE_BYTES[c.dtype]
 

@@ -74,7 +74,8 @@ class RolloutConfig:
     stop_ids: tuple[int, ...] = ()
     # Decode slots of the continuous-batching engine (rollout/engine.py): a finished row's slot goes
     # to the next pending sample, so the decode steps follow the total length, not the longest
-    # answer. 0: the static sampler (every row decodes until the longest row is done).
+    # answer; every sampling call (rollouts, the in-run evaluator, `tgpo-jax eval` / `sample`) runs
+    # it. 0: auto, half the rollout rows rounded up to the batch shards (rollout/sampler.auto_slots).
     slots: int = 0
 
 
@@ -296,7 +297,7 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
     )
     checks = (
         ("rollout.prompts_per_iteration", r.prompts_per_iteration, r.prompts_per_iteration >= 1, ">= 1"),
-        ("rollout.slots", r.slots, r.slots >= 0, ">= 0 (0: the static sampler)"),
+        ("rollout.slots", r.slots, r.slots >= 0, ">= 0 (0: auto, half the rollout rows)"),
         ("eval.every", e.every, e.every >= 0, ">= 0 (0: never)"),
         ("eval.batch_size", e.batch_size, e.batch_size >= 0, ">= 0 (0: one rollout batch of rows, / eval.k)"),
         ("checkpoint.every", c.every, c.every >= 0, ">= 0 (0: never)"),

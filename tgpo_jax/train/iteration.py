@@ -87,9 +87,8 @@ def run_iteration(
     # the third key was the train step's, which draws nothing: still split in 3 so that rollouts
     # and teacher samples draw the numbers they always have (runs stay comparable across versions)
     k_sample, k_score, _ = jax.random.split(jax.random.fold_in(key, iteration), 3)
-    models.sampler.state = train_state.params
     compiles0, compile_s0 = models.sampler.stats.compiles, models.sampler.stats.compile_s
-    r = models.sampler.sample([ex.prompt_ids for ex in examples], sampling, k_sample)
+    r = models.sampler.sample([ex.prompt_ids for ex in examples], sampling, k_sample, state=train_state.params)
     t_rollout = time.perf_counter() - t0 - (models.sampler.stats.compile_s - compile_s0)
     host, off = _rollout_batch(r, examples, sampling.n, obj_cfg.objective.offpolicy_rows)
     answers = [ex.answer for ex in examples for _ in range(sampling.n)]

@@ -189,8 +189,9 @@ class InRunEvaluator:
 
     def __call__(self, train_params, iteration: int) -> dict:
         del iteration  # the same keys at every evaluation (see the class docstring)
-        self.sampler.state = train_params
-        policy = policy_from_sampler(self.sampler, self.tokenizer, self.params, seed=self.seed, pad_to=self.batch_size)
+        policy = policy_from_sampler(
+            self.sampler, self.tokenizer, self.params, seed=self.seed, pad_to=self.batch_size, state=train_params
+        )
         rep = evaluate(
             policy, self.items, self.k, reward_fn=self.reward, batch_size=self.batch_size, progress=self.progress
         )
