@@ -130,8 +130,10 @@ def bench_ours(model, prompts, s: BenchSettings, decode_split: bool = True) -> d
     from tgpo_jax.rollout.sampler import Sampler
     from tgpo_jax.rollout.sampling import SamplingParams
 
-    # One bucket of exactly prompt_len: the compiled shapes are the peer's (no padding).
-    sampler = Sampler(model, stop_ids=(), pad_id=0, prompt_buckets=(s.prompt_len,))
+    # One bucket of exactly prompt_len: the compiled shapes are the peer's (no padding). One decode
+    # slot per row, as `generate` decodes the whole batch at once: every row runs to new_tokens
+    # here, so the engine's refilling (`bench rollout` measures it) has nothing to gain.
+    sampler = Sampler(model, stop_ids=(), pad_id=0, prompt_buckets=(s.prompt_len,), slots=s.batch)
     params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, max_new_tokens=s.new_tokens, n=s.n)
 
     def timed(p, key):
