@@ -89,8 +89,23 @@ def rkl_dist(student_topk_logp_BTK, teacher_at_topk_logp_BTK):
 
 
 def kdrl_term(logp_BT, teacher_logp_BT):
-    """KDRL regulariser per token: 0.5 * (log pi_T(y_t) - log pi(y_t))^2 (added with beta)."""
+    """KDRL regulariser per token (`kdrl`, the k2 form): 0.5 * (log pi_T(y_t) - log pi(y_t))^2,
+    ADDED with beta. Gradient: beta * (log pi(y_t) - log pi_T(y_t)) * grad log pi(y_t), which pulls
+    log pi(y_t) towards log pi_T(y_t) from either side (a reverse-KL penalty estimate)."""
     return 0.5 * jnp.square(teacher_logp_BT - logp_BT)
+
+
+def kdrl_k1_term(logp_BT, teacher_logp_BT):
+    """The authors' latest KDRL code (`kdrl_k1`), per token, with its sign as written there:
+
+        term_t = -(log pi(y_t) - log pi_T(y_t))      (the caller multiplies by beta)
+
+    i.e. loss = PG - beta * token_mean(log pi(y_t) - log pi_T(y_t)): their code states
+    J = J_GRPO - beta * KL(pi || pi_T) but SUBTRACTS the k1 estimate from the loss. log pi_T(y_t)
+    is a constant (no gradient), so d term_t / d log pi(y_t) = -1: minimising it RAISES the
+    log-prob of every sampled token, whatever the teacher says; the teacher only shifts the value.
+    It is not a KL penalty; reproduced as written so that their runs can be matched."""
+    return -(logp_BT - jax.lax.stop_gradient(teacher_logp_BT))
 
 
 def luffy_pg(adv_BT, logp_BT, old_logp_BT, offpolicy_B, gamma: float):
