@@ -77,6 +77,19 @@ def test_inconsistent_values_are_named():
         _load(objective={"name": "ppo"})
 
 
+def test_training_rejects_greedy_rollouts():
+    """Training scores logits / rollout.temperature: 0 (greedy) is an error naming the key and what
+    is accepted; eval.temperature may still be 0."""
+    with pytest.raises(
+        ConfigError, match=r"rollout.temperature=0.0: must be > 0 \(training scores logits / temperature"
+    ):
+        _load(rollout={"temperature": 0.0})
+    with pytest.raises(ConfigError, match=r"rollout.temperature=-0.5: must be >= 0") as e:
+        _load(rollout={"temperature": -0.5})
+    assert "must be > 0" not in str(e.value)  # one message for a negative value
+    assert _load(rollout={"temperature": 0.6}, eval={"temperature": 0.0}).rollout.temperature == 0.6
+
+
 def test_rkl_allows_group_size_one_and_overrides_apply():
     cfg = load_train_config(
         BASE, ["objective.name=rkl", "rollout.n=1", "rollout.prompts_per_iteration=16", "optimizer.lr=3e-4"]

@@ -23,19 +23,20 @@ T_CFG = tiny_config("llama", num_layers=3, vocab_size=576, valid_vocab_size=560)
 
 
 # ------------------------------------------------------------------------- chunked log-probs
-def _full_stats(h, head, y, ids, valid_vocab=None):
-    """Full [B, T, V] logits and autodiff; ids >= valid_vocab do not exist (the columns are cut)."""
-    z = jnp.einsum("bte,ev->btv", h, head[:, :valid_vocab])
+def _full_stats(h, head, y, ids, valid_vocab=None, temperature=1.0):
+    """Full [B, T, V] logits / temperature and autodiff; ids >= valid_vocab do not exist (the
+    columns are cut)."""
+    z = jnp.einsum("bte,ev->btv", h, head[:, :valid_vocab]) / temperature
     logp = jax.nn.log_softmax(z, -1)
     ent = -jnp.sum(jnp.exp(logp) * logp, -1)
     return (jnp.take_along_axis(logp, y[..., None], -1)[..., 0], jnp.take_along_axis(logp, ids, -1), ent)
 
 
-@pytest.mark.parametrize("valid_vocab", [None, 43])
-def test_chunked_equals_unchunked_values_and_gradients(valid_vocab):
+@pytest.mark.parametrize("valid_vocab, temperature", [(None, 1.0), (43, 1.0), (None, 0.6), (43, 1.7)])
+def test_chunked_equals_unchunked_values_and_gradients(valid_vocab, temperature):
     """Values and gradients (h and head) of the chunked custom-VJP path against autodiff through
-    full logits, with repeated ids (an extra id equal to y, two equal extra ids) and, with
-    valid_vocab, masked vocabulary columns, under a large entropy weight."""
+    full logits / temperature, with repeated ids (an extra id equal to y, two equal extra ids) and,
+    with valid_vocab, masked vocabulary columns, under a large entropy weight."""
     rng = np.random.default_rng(0)
     B, T, E, V, K = 2, 24, 16, 50, 3
     n_ids = valid_vocab or V
@@ -51,17 +52,20 @@ def test_chunked_equals_unchunked_values_and_gradients(valid_vocab):
     def scalar(stats):
         return w[0] * stats[0].sum() + w[1] * stats[1].sum() + w[2] * stats[2].sum()
 
-    ref = _full_stats(h, head, y, ids, valid_vocab)
-    g_ref = jax.grad(lambda h, hd: scalar(_full_stats(h, hd, y, ids, valid_vocab)), argnums=(0, 1))(h, head)
+    kw = dict(valid_vocab=valid_vocab, temperature=temperature)
+    ref = _full_stats(h, head, y, ids, **kw)
+    g_ref = jax.grad(lambda h, hd: scalar(_full_stats(h, hd, y, ids, **kw)), argnums=(0, 1))(h, head)
+    if temperature != 1.0:  # the reference really is another distribution than the T = 1 one
+        assert np.abs(np.asarray(ref[0] - _full_stats(h, head, y, ids, valid_vocab)[0])).max() > 0.1
     for chunk in (4, 8, 24):
-        got = student_stats(h, head, y, ids, chunk=chunk, valid_vocab=valid_vocab)
+        got = student_stats(h, head, y, ids, chunk=chunk, **kw)
         for a, b in zip(got, ref):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-        g_got = jax.grad(
-            lambda h, hd: scalar(student_stats(h, hd, y, ids, chunk=chunk, valid_vocab=valid_vocab)), argnums=(0, 1)
-        )(h, head)
+        g_got = jax.grad(lambda h, hd: scalar(student_stats(h, hd, y, ids, chunk=chunk, **kw)), argnums=(0, 1))(h, head)
+        # d(logits / T)/d(h, head) carries a factor 1 / T: so do the gradients and their fp32
+        # rounding (the T = 1 tolerance, in the units of the T = 1 problem)
         for a, b in zip(g_got, g_ref):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(a, b, atol=1e-5 / min(temperature, 1.0), rtol=0)
 
 
 def test_chunked_path_never_builds_full_logits():
@@ -147,6 +151,57 @@ def test_score_step_matches_full_forward(rollout):
     out2, _ = scored("tgpo_adv")
     want = np.exp(np.take_along_axis(lps, np.asarray(out_reg.teacher_ids_BT)[..., None], -1)[..., 0]) * in_vocab
     np.testing.assert_allclose(np.asarray(out2.old_p_teacher_BT)[m], want[m], atol=1e-6)
+
+
+def test_score_at_the_rollout_temperature_returns_the_samplers_log_probs():
+    """Sampled at T = 0.6 (top-k / top-p off), the score step at temperature 0.6 returns, for every
+    sampled token, the log-prob the sampler drew it with (the sampler's own logp_BT, taken in the
+    cached decode: an independent computation) to fp32 tolerance; at T = 1 it would not. The
+    teacher is scored at the same temperature: log softmax(z_T / 0.6)(y_t) of its full forward."""
+    T = 0.6
+    student, teacher = Decoder(S_CFG, nnx.Rngs(0)), Decoder(T_CFG, nnx.Rngs(1))
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    params = SamplingParams(temperature=T, max_new_tokens=16, n=2)
+    r = Sampler(student, stop_ids=(318, 195)).sample(prompts, params, jax.random.key(3))  # ids it samples
+    batch = Batch(*(jnp.asarray(a) for a in (r.prompt_tokens_BP, r.prompt_mask_BP, r.tokens_BT, r.mask_BT)))
+    sg, ss = nnx.split(student)
+    tg, ts = nnx.split(teacher)
+    m = r.mask_BT.astype(bool)
+    assert m.sum() > 40 and (~m).any()  # rows of different lengths
+
+    def scored(temperature):
+        cfg = ObjectiveConfig(name="kdrl")
+        return score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=cfg, chunk=8, temperature=temperature)[0]
+
+    out = scored(T)
+    np.testing.assert_allclose(np.asarray(out.old_logp_BT)[m], r.logp_BT[m], atol=2e-5, rtol=0)
+    assert np.abs(np.asarray(scored(1.0).old_logp_BT)[m] - r.logp_BT[m]).max() > 0.05
+    zt = np.where(np.arange(T_CFG.vocab_size) < 560, _full_logits(teacher, batch), -np.inf) / T
+    lpt = zt - zt.max(-1, keepdims=True) - np.log(np.exp(zt - zt.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    tlp = np.take_along_axis(lpt, r.tokens_BT[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(out.teacher_logp_BT)[m], tlp[m], atol=1e-5)
+
+
+def test_train_step_at_the_score_temperature_starts_at_ratio_one(rollout):
+    """Before any update pi == pi_old, so with the score and train steps at the same temperature
+    every PPO ratio is 1 (to fp32 tolerance); a train step at another temperature than the score
+    step is visibly off (what the project had before: T = 1 in training, rollouts at T)."""
+    student, teacher, batch, adv = rollout
+    cfg = ObjectiveConfig(name="grpo")
+    sg, ss = nnx.split(student)
+    tg, ts = nnx.split(teacher)
+    opt = make_optimizer(OptimizerConfig(lr=0.0, weight_decay=0.0))
+    ratios = {}
+    for t_score, t_train in ((0.6, 0.6), (1.7, 1.7), (0.6, 1.0)):
+        scored, _ = score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=cfg, chunk=8, temperature=t_score)
+        graphdef, state = init_train_state(Decoder(S_CFG, nnx.Rngs(0)), opt)
+        step = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=4, chunk=8, temperature=t_train)
+        _, met = step(state, scored.replace(adv_B=adv), 1)
+        ratios[t_score, t_train] = (float(met["actor/ratio_min"]), float(met["actor/ratio_max"]))
+    for t in (0.6, 1.7):
+        np.testing.assert_allclose(ratios[t, t], (1.0, 1.0), atol=2e-5)
+    lo, hi = ratios[0.6, 1.0]
+    assert lo < 0.9 and hi > 1.1, (lo, hi)
 
 
 def _minibatch(rollout, name="tgpo_reg", **kw):

@@ -138,7 +138,12 @@ def _score_fn(run: AbstractRun):
     from tgpo_jax.train.score import _score
 
     c = run.cfg
-    return _score, dict(obj_cfg=c.objective, chunk=c.train.logprob_chunk, micro_batch=c.score_micro_batch_rows)
+    return _score, dict(
+        obj_cfg=c.objective,
+        chunk=c.train.logprob_chunk,
+        micro_batch=c.score_micro_batch_rows,
+        temperature=c.rollout.temperature,
+    )
 
 
 def _score_args(run: AbstractRun, batch: Batch) -> tuple:
@@ -201,6 +206,7 @@ def _lower_train_step(run: AbstractRun) -> jax.stages.Lowered:
         micro_batch=c.train.micro_batch,
         chunk=c.train.logprob_chunk,
         state=run.train_state,
+        temperature=c.rollout.temperature,
     )
     iteration = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(run.mesh, PartitionSpec()))
     return step.lower(run.train_state, mini_batch(run, scored_batch(run)), iteration)

@@ -295,6 +295,14 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         prefix="eval.", temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens, k=e.k
     )
     checks = (
+        # training scores its rollouts at logits / rollout.temperature (objectives/logprobs.py); a
+        # greedy rollout (0) has no sampling distribution to score. Negatives: named just above.
+        (
+            "rollout.temperature",
+            r.temperature,
+            r.temperature != 0,
+            "> 0 (training scores logits / temperature; 0 = greedy is for eval.temperature only)",
+        ),
         ("rollout.prompts_per_iteration", r.prompts_per_iteration, r.prompts_per_iteration >= 1, ">= 1"),
         ("rollout.slots", r.slots, r.slots >= 0, ">= 0 (0: the static sampler)"),
         ("eval.every", e.every, e.every >= 0, ">= 0 (0: never)"),

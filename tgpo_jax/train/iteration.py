@@ -106,6 +106,7 @@ def run_iteration(
         obj_cfg=obj_cfg,
         chunk=chunk,
         micro_batch=score_micro_batch,
+        temperature=sampling.temperature,  # old log-probs of the distribution the rollouts were drawn from
     )
     rewards = np.asarray(pending.result(), np.float32)
     adv = grpo_advantages(rewards, sampling.n) if sampling.n > 1 else np.zeros_like(rewards)

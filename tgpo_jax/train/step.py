@@ -104,8 +104,10 @@ def init_train_state(model, optimizer: optax.GradientTransformation) -> tuple[An
     return graphdef, TrainState(params, opt_state, put_global(np.zeros((), np.int32), replicated))
 
 
-def _micro_loss(params, graphdef, mb: Batch, denom, lam, obj_cfg: ObjectiveConfig, chunk: int):
+def _micro_loss(params, graphdef, mb: Batch, denom, lam, obj_cfg: ObjectiveConfig, chunk: int, temperature: float):
     """Loss of one micro-batch (already divided by the aggregation denominator) and its metric sums.
+    The current student's log-probs and entropy are of softmax(logits / temperature), the rollout
+    temperature, as the old log-probs of the score step are.
 
     loss = sum over the objective's terms of agg(term_BT, mask_BT) / denom; the PPO ratio
     r_t = exp(log pi(y_t) - log pi_old(y_t)) is reported (mean, clip fraction, extremes)."""
@@ -120,6 +122,7 @@ def _micro_loss(params, graphdef, mb: Batch, denom, lam, obj_cfg: ObjectiveConfi
         obj.extra_ids(mb, obj_cfg),
         chunk=chunk,
         valid_vocab=cfg.valid_vocab_size or cfg.vocab_size,
+        temperature=temperature,
     )
     mask = mb.mask_BT.astype(jnp.float32)
     terms = obj.terms(cur, mb, obj_cfg, lam)
@@ -162,6 +165,7 @@ def train_step(
     obj_cfg: ObjectiveConfig,
     micro_batch: int,
     chunk: int,
+    temperature: float = 1.0,
 ):
     """One optimizer step on a mini-batch; returns (new state, metrics). The objectives are
     deterministic given the batch (the teacher's sample, if any, is drawn by the score step), so
@@ -174,16 +178,13 @@ def train_step(
 
     def body(acc, xs):
         mb, denom = xs
-        (loss, stats), g = grad_fn(state.params, graphdef, mb, denom, lam, obj_cfg, chunk)
+        (loss, stats), g = grad_fn(state.params, graphdef, mb, denom, lam, obj_cfg, chunk, temperature)
         g_acc, s_acc = acc
         return (jax.tree.map(jnp.add, g_acc, g), _accumulate(s_acc, stats)), None
 
     zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-    names = jax.eval_shape(
-        lambda: _micro_loss(state.params, graphdef, jax.tree.map(lambda x: x[0], mb_M), denoms[0], lam, obj_cfg, chunk)[
-            1
-        ]
-    )
+    first = jax.tree.map(lambda x: x[0], (mb_M, denoms))
+    names = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, *first, lam, obj_cfg, chunk, temperature)[1])
     (grads, sums), _ = jax.lax.scan(body, (zeros_g, _initial(names)), (mb_M, denoms))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -249,10 +250,20 @@ def make_train_step(
     micro_batch: int,
     chunk: int = 256,
     state: TrainState | None = None,
+    temperature: float = 1.0,
 ):
     """The jitted step: (state, minibatch: Batch, iteration) -> (state, metrics); state donated.
-    Pass the initial `state` to pin the output shardings to its own."""
-    fn = functools.partial(train_step, graphdef, optimizer, obj_cfg=obj_cfg, micro_batch=micro_batch, chunk=chunk)
+    Pass the initial `state` to pin the output shardings to its own. temperature: the rollout
+    temperature (rollout.temperature) the student's log-probs are computed at."""
+    fn = functools.partial(
+        train_step,
+        graphdef,
+        optimizer,
+        obj_cfg=obj_cfg,
+        micro_batch=micro_batch,
+        chunk=chunk,
+        temperature=temperature,
+    )
     out = pinned_out_shardings(state) if state is not None else None
     if out is None:
         return jax.jit(fn, donate_argnums=(0,))
