@@ -353,3 +353,97 @@ def test_adamw_moments_are_sharded_as_their_parameters():
     one_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
     assert one_device((adam.mu, adam.nu)) == 2 * one_device(state.params)
     assert adam.count.sharding.spec == jax.sharding.PartitionSpec() == state.step.sharding.spec
+
+
+# ------------------------------------------------------------------------- the authors' token budget
+def _grad_catcher():
+    """An 'optimizer' whose new state is the gradient itself (and whose update is 0): the step's
+    exact accumulated gradient, with no subtraction of parameters."""
+    import optax
+
+    return optax.GradientTransformation(
+        lambda p: jax.tree.map(jnp.zeros_like, p), lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g)
+    )
+
+
+def _literal_authors_loss(params, graphdef, mb, micro_batches_per_rank, lam, temperature):
+    """The authors' loss written out plainly: for every rank, for every one of its micro-batches
+    (a list of row indices), the tgpo_reg terms from a full forward of THOSE rows only, each term a
+    token mean over the micro-batch's own response tokens; micro-batch losses summed per rank and
+    averaged over ranks (gradients averaged by data parallelism)."""
+    model = nnx.merge(graphdef, params)
+    total = 0.0
+    for rank in micro_batches_per_rank:
+        for rows in rank:
+            idx = np.asarray(rows)
+            sub = jax.tree.map(lambda x, idx=idx: x[idx], mb)
+            toks = jnp.concatenate([sub.prompt_BP, sub.tokens_BT], 1)
+            mask = jnp.concatenate([sub.prompt_mask_BP, sub.mask_BT], 1)
+            P, T = sub.prompt_BP.shape[1], sub.tokens_BT.shape[1]
+            z = model(toks, left_pad_positions(mask), mask)[0][:, P - 1 : P + T - 1] / temperature
+            logp = jax.nn.log_softmax(z.astype(jnp.float32), -1)
+            lp_y = jnp.take_along_axis(logp, sub.tokens_BT[..., None], -1)[..., 0]
+            lp_teacher = jnp.take_along_axis(logp, sub.teacher_ids_BT[..., None], -1)[..., 0]
+            ratio = jnp.exp(lp_y - sub.old_logp_BT)
+            adv = sub.adv_B[:, None]
+            pg = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 0.8, 1.2))
+            ce = -lam * lp_teacher * sub.teacher_valid_BT
+            ent = 0.001 * jnp.sum(jnp.exp(logp) * logp, -1)  # -c_ent * H
+            m = sub.mask_BT.astype(jnp.float32)
+            total = total + sum(jnp.sum(x * m) / jnp.sum(m) for x in (pg, ce, ent))
+    return total / len(micro_batches_per_rank)
+
+
+@pytest.mark.parametrize("ranks, budget", [(1, 48), (2, 40)])
+def test_token_budget_loss_and_gradient_equal_the_literal_split(rollout, ranks, budget):
+    """A 16-row mini-batch with per-row denominators from the authors' split (token budget
+    `budget`, `ranks` data-parallel ranks): the step's loss terms and its accumulated gradient equal
+    the literal reference (split into the authors' micro-batches, token mean each, summed), for
+    every fixed micro-batch size of the step, at temperature 0.8."""
+    from tgpo_jax.objectives.token_budget import authors_mini_batches, largest_differencing, micro_batches
+
+    student, teacher, batch, adv = rollout
+    T = 0.8
+    cfg = ObjectiveConfig(name="tgpo_reg", loss_agg="microbatch_sum", lambda_0=0.5)
+    sg, ss = nnx.split(student)
+    tg, ts = nnx.split(teacher)
+    scored, _ = score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=cfg, chunk=8, temperature=T)
+    resp = np.asarray(batch.mask_BT).sum(-1)
+    seq = np.asarray(batch.prompt_mask_BP).sum(-1) + resp
+    [(rows, denom)] = authors_mini_batches(seq, resp, mini_batches=1, budget=budget, ranks=ranks)
+    np.testing.assert_array_equal(rows, np.arange(16))
+    mb = scored.replace(adv_B=adv, agg_denom_B=jnp.asarray(denom))
+
+    # the authors' micro-batches, rebuilt step by step from the partition functions
+    rank_rows = largest_differencing(seq, ranks, equal_size=True) if ranks > 1 else [list(range(16))]
+    k = max(-(-int(seq[r].sum()) // budget) for r in rank_rows)
+    split = [[np.asarray(r)[p].tolist() for p in micro_batches(seq[r], budget, k)] for r in rank_rows]
+    sizes = sorted(len(rows) for rank in split for rows in rank)
+    assert k >= 3 and len(set(sizes)) > 1, sizes  # several micro-batches of different sizes
+
+    graphdef, state = init_train_state(Decoder(S_CFG, nnx.Rngs(0)), _grad_catcher())
+    want, want_g = jax.value_and_grad(_literal_authors_loss)(state.params, graphdef, mb, split, 0.5, T)
+    for micro_batch in (2, 16):
+        step = make_train_step(graphdef, _grad_catcher(), obj_cfg=cfg, micro_batch=micro_batch, chunk=8, temperature=T)
+        new, met = step(jax.tree.map(jnp.copy, state), mb, 1)
+        got = sum(float(met[f"loss/{k}"]) for k in ("pg", "ce_teacher", "entropy"))
+        np.testing.assert_allclose(got, float(want), rtol=1e-5, err_msg=f"micro_batch={micro_batch}")
+        for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(want_g)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+        n_micro = sum(len(rank) for rank in split) / ranks  # diagnostics: means over their micro-batches
+        ent_sum = sum(float(_plain_entropy_mean(student, mb, rows, T)) for rank in split for rows in rank) / ranks
+        np.testing.assert_allclose(float(met["actor/entropy"]), ent_sum / n_micro, rtol=1e-5)
+    # without the per-row denominators the fixed split of 4 rows gives another loss
+    fixed = make_train_step(graphdef, _grad_catcher(), obj_cfg=cfg, micro_batch=4, chunk=8, temperature=T)
+    _, met = fixed(jax.tree.map(jnp.copy, state), mb.replace(agg_denom_B=None), 1)
+    assert abs(sum(float(met[f"loss/{k}"]) for k in ("pg", "ce_teacher", "entropy")) - float(want)) > 1e-3
+
+
+def _plain_entropy_mean(model, mb, rows, temperature):
+    """Token mean of the full-vocabulary entropy over the given rows' response tokens."""
+    sub = jax.tree.map(lambda x: x[np.asarray(rows)], mb)
+    z = _full_logits(model, sub) / temperature
+    lp = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    H = -(np.exp(lp) * lp).sum(-1)
+    m = np.asarray(sub.mask_BT, np.float64)
+    return (H * m).sum() / m.sum()

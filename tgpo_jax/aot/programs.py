@@ -159,7 +159,9 @@ def scored_batch(run: AbstractRun) -> Batch:
     B = rollout.tokens_BT.shape[0]
     fields = {k: _batch_sds(run, v.shape, v.dtype) for k, v in fields.items()}
     off = _batch_sds(run, (B,), jnp.bool_) if run.cfg.objective.objective.offpolicy_rows else None
-    return rollout.replace(**fields, adv_B=_batch_sds(run, (B,), jnp.float32), offpolicy_B=off)
+    # per-row denominators of the authors' dynamic micro-batches (train.micro_batch_tokens)
+    denom = _batch_sds(run, (B,), jnp.float32) if run.cfg.train.micro_batch_tokens > 0 else None
+    return rollout.replace(**fields, adv_B=_batch_sds(run, (B,), jnp.float32), offpolicy_B=off, agg_denom_B=denom)
 
 
 def mini_batch(run: AbstractRun, full: Batch) -> Batch:

@@ -119,5 +119,9 @@ def luffy_pg(adv_BT, logp_BT, old_logp_BT, offpolicy_B, gamma: float):
 
 def aggregate(loss_BT, mask_BT, denom):
     """sum over valid tokens / denom. `token_mean` passes the mini-batch's valid-token count,
-    `microbatch_sum` the micro-batch's own count (the authors' behaviour), LUFFY T_max * B."""
+    `microbatch_sum` the micro-batch's own count (the authors' behaviour), LUFFY T_max * B; a [B]
+    denom divides each row by its own (train.micro_batch_tokens: the token count of the row's
+    micro-batch in the authors' dynamic split, times their ranks)."""
+    if jnp.ndim(denom) == 1:
+        return jnp.sum(jnp.sum(loss_BT * mask_BT, -1) / jnp.maximum(denom, 1.0))
     return jnp.sum(loss_BT * mask_BT) / jnp.maximum(denom, 1.0)

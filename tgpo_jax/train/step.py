@@ -144,8 +144,13 @@ def _micro_loss(params, graphdef, mb: Batch, denom, lam, obj_cfg: ObjectiveConfi
     return loss, stats
 
 
-def _denominators(mask_MbT, obj_cfg: ObjectiveConfig):
-    """Per-micro-batch aggregation denominators [M] from the micro-batched response mask [M, b, T]."""
+def _denominators(mask_MbT, obj_cfg: ObjectiveConfig, agg_denom_Mb=None):
+    """Aggregation denominators from the micro-batched response mask [M, b, T]: per micro-batch
+    [M], or per row [M, b] when the mini-batch carries agg_denom_B (train.micro_batch_tokens: the
+    authors' dynamic micro-batches, computed on the host; the loss is then the same whatever this
+    step's fixed micro-batch split)."""
+    if agg_denom_Mb is not None:
+        return agg_denom_Mb.astype(jnp.float32)
     mask = mask_MbT.astype(jnp.float32)
     M, b, T = mask.shape
     if obj_cfg.objective.offpolicy_rows:  # sum / T_max per sequence, mean over the mini-batch
@@ -172,7 +177,7 @@ def train_step(
     the step takes no random key."""
     mb_M = split_micro_batches(minibatch, micro_batch)
     M = mb_M.mask_BT.shape[0]
-    denoms = _denominators(mb_M.mask_BT, obj_cfg)
+    denoms = _denominators(mb_M.mask_BT, obj_cfg, mb_M.agg_denom_B)
     lam = teacher_coef(iteration, *obj_cfg.schedule())
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
@@ -191,7 +196,8 @@ def train_step(
     metrics = dict(sums)
     if obj_cfg.loss_agg == "microbatch_sum" and not obj_cfg.objective.offpolicy_rows:
         # the loss is a sum of micro-batch means; report the diagnostics as means
-        metrics.update({k: v / M for k, v in sums.items() if k in _MEAN_DIAGNOSTICS})
+        n = M if minibatch.agg_denom_B is None else _authors_micro_batches(minibatch)
+        metrics.update({k: v / n for k, v in sums.items() if k in _MEAN_DIAGNOSTICS})
     metrics.update(
         {
             "loss/total": sum(v for k, v in metrics.items() if k.startswith("loss/")),
@@ -206,6 +212,13 @@ def train_step(
 
 
 _MEAN_DIAGNOSTICS = ("actor/entropy", "actor/ratio_mean", "actor/clip_frac")
+
+
+def _authors_micro_batches(minibatch: Batch):
+    """How many micro-batches the per-row denominators stand for: each micro-batch's rows weigh
+    sum(tokens) / (ranks x tokens) = 1 / ranks, so the sum over rows is their count per rank."""
+    tokens_B = minibatch.mask_BT.astype(jnp.float32).sum(-1)
+    return jnp.maximum(jnp.sum(tokens_B / jnp.maximum(minibatch.agg_denom_B, 1.0)), 1.0)
 
 
 def _initial(names):
