@@ -132,6 +132,20 @@ def test_a_tpu_program_never_calls_the_cpu_attention_kernel():
         assert "tgpo_cpu" not in text and "cpu_attention" not in text, p.name
 
 
+def test_the_authors_matching_settings_lower_for_tpu():
+    """rollout.temperature != 1 and the token-budget aggregation (per-row denominators in the
+    mini-batch) reach the programs the TPU compiler is given: score and train step lower, the train
+    step with agg_denom_B among its inputs."""
+    extra = ("rollout.temperature=0.6", "objective.name=kdrl_k1", "objective.loss_agg=microbatch_sum")
+    budget = ("train.micro_batch_tokens=100000", "train.micro_batch_ranks=2")
+    run = abstract_run(_cfg(*extra, *budget), STUDENT_HF, TEACHER_HF, tpu_devices(parse_topology("v5e:2x4")))
+    assert scored_batch(run).agg_denom_B is not None
+    lowered = {p.name: p.lower() for p in iteration_programs(run)}
+    assert {"score", "train_step"} <= set(lowered)
+    plain = abstract_run(_cfg(*extra), STUDENT_HF, TEACHER_HF, tpu_devices(parse_topology("v5e:2x4")))
+    assert scored_batch(plain).agg_denom_B is None
+
+
 def test_cli_exits_1_naming_the_program_that_does_not_fit(tmp_path):
     for role, hf in (("student", STUDENT_HF), ("teacher", TEACHER_HF)):
         (tmp_path / role).mkdir()

@@ -278,6 +278,13 @@ def test_kdrl_term():
     np.testing.assert_allclose(L.kdrl_term(logp, t), [[0.125, 0.0, 4.5]], rtol=1e-6)
 
 
+def test_kdrl_k1_term_is_minus_logratio():
+    """The authors' latest KDRL code: loss = pg - beta * token_mean(log pi(y_t) - log pi_T(y_t))."""
+    logp = jnp.array([[-1.0, -0.2, -4.0]])
+    t = jnp.array([[-0.5, -0.2, -1.0]])
+    np.testing.assert_allclose(L.kdrl_k1_term(logp, t), [[0.5, 0.0, 3.0]], rtol=1e-6)
+
+
 def test_luffy_pg_offpolicy_and_onpolicy_rows():
     adv = jnp.array([[1.0, -1.0], [2.0, -1.0]])
     logp = np.log([[0.3, 0.05], [0.9, 0.2]])
@@ -402,6 +409,37 @@ def test_kdrl_and_teacher_ce_grads(x64):
     gc = ad_grad(fc, logp0)
     np.testing.assert_allclose(gc, fd_grad(fc, logp0), rtol=FD_RTOL, atol=FD_ATOL)
     np.testing.assert_allclose(gc, -w * np.asarray(valid), rtol=1e-12)
+
+
+def test_kdrl_k1_grad_raises_every_sampled_token(x64):
+    """d/dlogp of -(logp - logp_T) is -1 whatever the teacher says (no gradient reaches logp_T):
+    a gradient step RAISES log pi(y_t) even where the student already exceeds the teacher, where
+    the k2 form (kdrl) lowers it."""
+    logp0 = np.array([[-1.0, -0.2, -4.0], [-0.7, -2.2, -0.01]])
+    t = np.array([[-0.5, -0.3, -1.0], [-3.0, -2.2, -0.5]])
+    w = np.random.default_rng(12).uniform(0.5, 2.0, size=logp0.shape)
+    f = lambda lp: jnp.sum(w * L.kdrl_k1_term(lp, jnp.asarray(t)))  # noqa: E731
+    g = ad_grad(f, logp0)
+    np.testing.assert_allclose(g, fd_grad(f, logp0), rtol=FD_RTOL, atol=FD_ATOL)
+    np.testing.assert_array_equal(g, -w)
+    g_teacher = ad_grad(lambda tt: jnp.sum(w * L.kdrl_k1_term(jnp.asarray(logp0), tt)), t)
+    np.testing.assert_array_equal(g_teacher, 0.0)
+
+    # through the logits of one position: d/dz [-beta * log softmax(z)[y]] = -beta (onehot(y) - p)
+    z0 = np.array([0.3, 2.0, -1.0, 0.5])
+    y, beta = 1, 0.002
+    lp_t = jnp.asarray(-3.0)  # the student's log p(y) = -0.35 is far ABOVE the teacher's
+
+    def per_token(z, term):
+        return beta * term(jax.nn.log_softmax(z)[y], lp_t)
+
+    p = np.exp(np_log_softmax(z0))
+    g_k1 = ad_grad(lambda z: per_token(z, L.kdrl_k1_term), z0)
+    np.testing.assert_allclose(g_k1, -beta * (np.eye(4)[y] - p), rtol=1e-12, atol=1e-18)
+    step = lambda g: float(jax.nn.log_softmax(jnp.asarray(z0 - 10.0 * g))[y])  # noqa: E731
+    before = float(np_log_softmax(z0)[y])
+    assert step(g_k1) > before  # k1 as the authors wrote it: pushed further up
+    assert step(ad_grad(lambda z: per_token(z, L.kdrl_term), z0)) < before  # k2: pulled towards the teacher
 
 
 def test_student_stats_values_and_entropy_grad_wrt_head(x64):
@@ -536,7 +574,9 @@ def test_rkl_family_ignores_outcome_reward(name):
         np.testing.assert_array_equal(a[k], b[k])
 
 
-@pytest.mark.parametrize("name", ["grpo", "tgpo_reg", "tgpo_adv", "tgpo_mc", "tgpo_fwd_topk", "kdrl", "luffy"])
+@pytest.mark.parametrize(
+    "name", ["grpo", "tgpo_reg", "tgpo_adv", "tgpo_mc", "tgpo_fwd_topk", "kdrl", "kdrl_k1", "luffy"]
+)
 def test_outcome_objectives_depend_on_reward(name):
     rng = np.random.default_rng(8)
     batch, z_old, y = make_batch(rng)
@@ -553,7 +593,7 @@ def _expected_advantage(name, batch, lam):
     """Per-token advantage of each PG objective, restated from the spec in numpy."""
     mask = np.asarray(batch.mask_BT, np.float64)
     out = np.asarray(batch.adv_B, np.float64)[:, None] * mask
-    if name in ("grpo", "tgpo_reg", "tgpo_mc", "tgpo_fwd_topk", "kdrl"):
+    if name in ("grpo", "tgpo_reg", "tgpo_mc", "tgpo_fwd_topk", "kdrl", "kdrl_k1"):
         return out
     if name == "tgpo_adv":
         return out + lam * np.asarray(batch.old_p_teacher_BT) * np.asarray(batch.teacher_valid_BT)
@@ -568,7 +608,7 @@ def _expected_advantage(name, batch, lam):
 
 
 @pytest.mark.parametrize(
-    "name", ["grpo", "tgpo_reg", "tgpo_mc", "tgpo_adv", "tgpo_fwd_topk", "kdrl", "rkl", "rkl_centered"]
+    "name", ["grpo", "tgpo_reg", "tgpo_mc", "tgpo_adv", "tgpo_fwd_topk", "kdrl", "kdrl_k1", "rkl", "rkl_centered"]
 )
 def test_registry_pg_wiring_at_ratio_one(name):
     """With the current student equal to the old one (ratio 1), pg = -A exactly: checks which
@@ -603,6 +643,11 @@ def test_registry_teacher_terms():
     np.testing.assert_allclose(
         t["kdrl"], 0.002 * 0.5 * (np.asarray(batch.teacher_logp_BT) - lp_y) ** 2, rtol=1e-4, atol=1e-9
     )
+    assert set(t) == {"pg", "entropy", "kdrl"}
+    cfg = ObjectiveConfig(name="kdrl_k1", kdrl_beta=0.01)  # beta is objective.kdrl_beta, not lambda
+    t = OBJECTIVES["kdrl_k1"].terms(_stats_for("kdrl_k1", batch, z_cur, y, cfg), batch, cfg, lam)
+    np.testing.assert_allclose(t["kdrl"], -0.01 * (lp_y - np.asarray(batch.teacher_logp_BT)), rtol=1e-4, atol=1e-9)
+    assert set(t) == {"pg", "entropy", "kdrl"}
 
     for kind in ("k1", "k2", "k3"):
         name = f"rkl_reg_{kind}"
@@ -760,6 +805,7 @@ def test_objective_config_unknown_name_lists_accepted():
         "rkl_reg_k3",
         "rkl_reg_dist",
         "kdrl",
+        "kdrl_k1",
         "luffy",
     ):
         assert n in msg

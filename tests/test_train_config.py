@@ -77,6 +77,47 @@ def test_inconsistent_values_are_named():
         _load(objective={"name": "ppo"})
 
 
+def test_training_rejects_greedy_rollouts():
+    """Training scores logits / rollout.temperature: 0 (greedy) is an error naming the key and what
+    is accepted; eval.temperature may still be 0."""
+    with pytest.raises(
+        ConfigError, match=r"rollout.temperature=0.0: must be > 0 \(training scores logits / temperature"
+    ):
+        _load(rollout={"temperature": 0.0})
+    with pytest.raises(ConfigError, match=r"rollout.temperature=-0.5: must be >= 0") as e:
+        _load(rollout={"temperature": -0.5})
+    assert "must be > 0" not in str(e.value)  # one message for a negative value
+    assert _load(rollout={"temperature": 0.6}, eval={"temperature": 0.0}).rollout.temperature == 0.6
+
+
+def test_token_budget_needs_the_authors_aggregation_and_fitting_sequences():
+    """train.micro_batch_tokens > 0 only with objective.loss_agg microbatch_sum (the error names the
+    accepted combinations), not with LUFFY's sum / T_max, and at least as large as the longest
+    sequence (data.max_prompt_len + rollout.max_new_tokens = 128 + 32 here); ranks only with it."""
+    mbsum = {"loss_agg": "microbatch_sum"}
+    data = {"max_prompt_len": 128}
+    accepted = r"accepted: train.micro_batch_tokens 0 with any loss_agg, or > 0 with objective.loss_agg microbatch_sum"
+    with pytest.raises(
+        ConfigError, match=rf"train.micro_batch_tokens=4096 with objective.loss_agg='token_mean'; {accepted}"
+    ):
+        _load(train={"micro_batch_tokens": 4096})
+    with pytest.raises(ConfigError, match=r"with objective 'luffy', whose loss is sum / T_max per sequence"):
+        _load(train={"micro_batch_tokens": 4096}, objective={"name": "luffy", **mbsum}, data={"solution_column": "s"})
+    with pytest.raises(
+        ConfigError,
+        match=r"train.micro_batch_tokens=100: must be >= data.max_prompt_len \+ rollout.max_new_tokens = 160",
+    ):
+        _load(train={"micro_batch_tokens": 100}, objective=mbsum, data=data)
+    with pytest.raises(ConfigError, match=r"train.micro_batch_tokens=-1: must be >= 0 \(0: off\)"):
+        _load(train={"micro_batch_tokens": -1}, objective=mbsum)
+    with pytest.raises(ConfigError, match=r"train.micro_batch_ranks=2: only applies with train.micro_batch_tokens > 0"):
+        _load(train={"micro_batch_ranks": 2})
+    with pytest.raises(ConfigError, match=r"train.micro_batch_ranks=3: must be >= 1 and ranks x train.mini_batches"):
+        _load(train={"micro_batch_tokens": 160, "micro_batch_ranks": 3}, objective=mbsum, data=data)
+    cfg = _load(train={"micro_batch_tokens": 160, "micro_batch_ranks": 4}, objective=mbsum, data=data)
+    assert (cfg.train.micro_batch_tokens, cfg.train.micro_batch_ranks) == (160, 4)
+
+
 def test_rkl_allows_group_size_one_and_overrides_apply():
     cfg = load_train_config(
         BASE, ["objective.name=rkl", "rollout.n=1", "rollout.prompts_per_iteration=16", "optimizer.lr=3e-4"]

@@ -41,6 +41,31 @@ def test_three_iterations_end_to_end(root, objective):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(cfg.run_dir, "tensorboard")))
 
 
+def test_authors_matching_settings_reach_the_score_and_train_steps(root):
+    """One iteration of kdrl_k1 with the authors' aggregation (token budget over 2 ranks) at
+    rollout.temperature 0.6, one optimizer step: the train step sees pi == pi_old, so every PPO
+    ratio is 1 only if the score and train steps both work at 0.6 (T = 1 in either is far off),
+    and the reported mean entropy is the summed entropy term over the authors' micro-batch count
+    (an integer; not the 4 fixed micro-batches of 4 rows)."""
+    d = tiny_config(
+        root,
+        "run-authors",
+        "kdrl_k1",
+        iterations=1,
+        rollout={"temperature": 0.6},
+        train={"mini_batches": 1, "micro_batch_tokens": 136, "micro_batch_ranks": 2},
+        checkpoint={"every": 0},
+    )
+    d["objective"]["loss_agg"] = "microbatch_sum"
+    cfg = load_train_config(d)
+    final = train(cfg)
+    assert final["actor/ratio_min"] == pytest.approx(1.0, abs=2e-5)
+    assert final["actor/ratio_max"] == pytest.approx(1.0, abs=2e-5)
+    assert math.isfinite(final["loss/kdrl"]) and final["loss/kdrl"] != 0.0
+    n_micro = -final["loss/entropy"] / (cfg.objective.entropy_coef * final["actor/entropy"])
+    assert n_micro == pytest.approx(round(n_micro), abs=1e-3) and round(n_micro) not in (0, 4), n_micro
+
+
 def _spawn(config_path: str):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     return subprocess.Popen(

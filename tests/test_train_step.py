@@ -23,19 +23,20 @@ T_CFG = tiny_config("llama", num_layers=3, vocab_size=576, valid_vocab_size=560)
 
 
 # ------------------------------------------------------------------------- chunked log-probs
-def _full_stats(h, head, y, ids, valid_vocab=None):
-    """Full [B, T, V] logits and autodiff; ids >= valid_vocab do not exist (the columns are cut)."""
-    z = jnp.einsum("bte,ev->btv", h, head[:, :valid_vocab])
+def _full_stats(h, head, y, ids, valid_vocab=None, temperature=1.0):
+    """Full [B, T, V] logits / temperature and autodiff; ids >= valid_vocab do not exist (the
+    columns are cut)."""
+    z = jnp.einsum("bte,ev->btv", h, head[:, :valid_vocab]) / temperature
     logp = jax.nn.log_softmax(z, -1)
     ent = -jnp.sum(jnp.exp(logp) * logp, -1)
     return (jnp.take_along_axis(logp, y[..., None], -1)[..., 0], jnp.take_along_axis(logp, ids, -1), ent)
 
 
-@pytest.mark.parametrize("valid_vocab", [None, 43])
-def test_chunked_equals_unchunked_values_and_gradients(valid_vocab):
+@pytest.mark.parametrize("valid_vocab, temperature", [(None, 1.0), (43, 1.0), (None, 0.6), (43, 1.7)])
+def test_chunked_equals_unchunked_values_and_gradients(valid_vocab, temperature):
     """Values and gradients (h and head) of the chunked custom-VJP path against autodiff through
-    full logits, with repeated ids (an extra id equal to y, two equal extra ids) and, with
-    valid_vocab, masked vocabulary columns, under a large entropy weight."""
+    full logits / temperature, with repeated ids (an extra id equal to y, two equal extra ids) and,
+    with valid_vocab, masked vocabulary columns, under a large entropy weight."""
     rng = np.random.default_rng(0)
     B, T, E, V, K = 2, 24, 16, 50, 3
     n_ids = valid_vocab or V
@@ -51,17 +52,20 @@ def test_chunked_equals_unchunked_values_and_gradients(valid_vocab):
     def scalar(stats):
         return w[0] * stats[0].sum() + w[1] * stats[1].sum() + w[2] * stats[2].sum()
 
-    ref = _full_stats(h, head, y, ids, valid_vocab)
-    g_ref = jax.grad(lambda h, hd: scalar(_full_stats(h, hd, y, ids, valid_vocab)), argnums=(0, 1))(h, head)
+    kw = dict(valid_vocab=valid_vocab, temperature=temperature)
+    ref = _full_stats(h, head, y, ids, **kw)
+    g_ref = jax.grad(lambda h, hd: scalar(_full_stats(h, hd, y, ids, **kw)), argnums=(0, 1))(h, head)
+    if temperature != 1.0:  # the reference really is another distribution than the T = 1 one
+        assert np.abs(np.asarray(ref[0] - _full_stats(h, head, y, ids, valid_vocab)[0])).max() > 0.1
     for chunk in (4, 8, 24):
-        got = student_stats(h, head, y, ids, chunk=chunk, valid_vocab=valid_vocab)
+        got = student_stats(h, head, y, ids, chunk=chunk, **kw)
         for a, b in zip(got, ref):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-        g_got = jax.grad(
-            lambda h, hd: scalar(student_stats(h, hd, y, ids, chunk=chunk, valid_vocab=valid_vocab)), argnums=(0, 1)
-        )(h, head)
+        g_got = jax.grad(lambda h, hd: scalar(student_stats(h, hd, y, ids, chunk=chunk, **kw)), argnums=(0, 1))(h, head)
+        # d(logits / T)/d(h, head) carries a factor 1 / T: so do the gradients and their fp32
+        # rounding (the T = 1 tolerance, in the units of the T = 1 problem)
         for a, b in zip(g_got, g_ref):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(a, b, atol=1e-5 / min(temperature, 1.0), rtol=0)
 
 
 def test_chunked_path_never_builds_full_logits():
@@ -147,6 +151,57 @@ def test_score_step_matches_full_forward(rollout):
     out2, _ = scored("tgpo_adv")
     want = np.exp(np.take_along_axis(lps, np.asarray(out_reg.teacher_ids_BT)[..., None], -1)[..., 0]) * in_vocab
     np.testing.assert_allclose(np.asarray(out2.old_p_teacher_BT)[m], want[m], atol=1e-6)
+
+
+def test_score_at_the_rollout_temperature_returns_the_samplers_log_probs():
+    """Sampled at T = 0.6 (top-k / top-p off), the score step at temperature 0.6 returns, for every
+    sampled token, the log-prob the sampler drew it with (the sampler's own logp_BT, taken in the
+    cached decode: an independent computation) to fp32 tolerance; at T = 1 it would not. The
+    teacher is scored at the same temperature: log softmax(z_T / 0.6)(y_t) of its full forward."""
+    T = 0.6
+    student, teacher = Decoder(S_CFG, nnx.Rngs(0)), Decoder(T_CFG, nnx.Rngs(1))
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    params = SamplingParams(temperature=T, max_new_tokens=16, n=2)
+    r = Sampler(student, stop_ids=(318, 195)).sample(prompts, params, jax.random.key(3))  # ids it samples
+    batch = Batch(*(jnp.asarray(a) for a in (r.prompt_tokens_BP, r.prompt_mask_BP, r.tokens_BT, r.mask_BT)))
+    sg, ss = nnx.split(student)
+    tg, ts = nnx.split(teacher)
+    m = r.mask_BT.astype(bool)
+    assert m.sum() > 40 and (~m).any()  # rows of different lengths
+
+    def scored(temperature):
+        cfg = ObjectiveConfig(name="kdrl")
+        return score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=cfg, chunk=8, temperature=temperature)[0]
+
+    out = scored(T)
+    np.testing.assert_allclose(np.asarray(out.old_logp_BT)[m], r.logp_BT[m], atol=2e-5, rtol=0)
+    assert np.abs(np.asarray(scored(1.0).old_logp_BT)[m] - r.logp_BT[m]).max() > 0.05
+    zt = np.where(np.arange(T_CFG.vocab_size) < 560, _full_logits(teacher, batch), -np.inf) / T
+    lpt = zt - zt.max(-1, keepdims=True) - np.log(np.exp(zt - zt.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    tlp = np.take_along_axis(lpt, r.tokens_BT[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(out.teacher_logp_BT)[m], tlp[m], atol=1e-5)
+
+
+def test_train_step_at_the_score_temperature_starts_at_ratio_one(rollout):
+    """Before any update pi == pi_old, so with the score and train steps at the same temperature
+    every PPO ratio is 1 (to fp32 tolerance); a train step at another temperature than the score
+    step is visibly off (what the project had before: T = 1 in training, rollouts at T)."""
+    student, teacher, batch, adv = rollout
+    cfg = ObjectiveConfig(name="grpo")
+    sg, ss = nnx.split(student)
+    tg, ts = nnx.split(teacher)
+    opt = make_optimizer(OptimizerConfig(lr=0.0, weight_decay=0.0))
+    ratios = {}
+    for t_score, t_train in ((0.6, 0.6), (1.7, 1.7), (0.6, 1.0)):
+        scored, _ = score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=cfg, chunk=8, temperature=t_score)
+        graphdef, state = init_train_state(Decoder(S_CFG, nnx.Rngs(0)), opt)
+        step = make_train_step(graphdef, opt, obj_cfg=cfg, micro_batch=4, chunk=8, temperature=t_train)
+        _, met = step(state, scored.replace(adv_B=adv), 1)
+        ratios[t_score, t_train] = (float(met["actor/ratio_min"]), float(met["actor/ratio_max"]))
+    for t in (0.6, 1.7):
+        np.testing.assert_allclose(ratios[t, t], (1.0, 1.0), atol=2e-5)
+    lo, hi = ratios[0.6, 1.0]
+    assert lo < 0.9 and hi > 1.1, (lo, hi)
 
 
 def _minibatch(rollout, name="tgpo_reg", **kw):
@@ -302,3 +357,97 @@ def test_adamw_moments_are_sharded_as_their_parameters():
     one_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
     assert one_device((adam.mu, adam.nu)) == 2 * one_device(state.params)
     assert adam.count.sharding.spec == jax.sharding.PartitionSpec() == state.step.sharding.spec
+
+
+# ------------------------------------------------------------------------- the authors' token budget
+def _grad_catcher():
+    """An 'optimizer' whose new state is the gradient itself (and whose update is 0): the step's
+    exact accumulated gradient, with no subtraction of parameters."""
+    import optax
+
+    return optax.GradientTransformation(
+        lambda p: jax.tree.map(jnp.zeros_like, p), lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g)
+    )
+
+
+def _literal_authors_loss(params, graphdef, mb, micro_batches_per_rank, lam, temperature):
+    """The authors' loss written out plainly: for every rank, for every one of its micro-batches
+    (a list of row indices), the tgpo_reg terms from a full forward of THOSE rows only, each term a
+    token mean over the micro-batch's own response tokens; micro-batch losses summed per rank and
+    averaged over ranks (gradients averaged by data parallelism)."""
+    model = nnx.merge(graphdef, params)
+    total = 0.0
+    for rank in micro_batches_per_rank:
+        for rows in rank:
+            idx = np.asarray(rows)
+            sub = jax.tree.map(lambda x, idx=idx: x[idx], mb)
+            toks = jnp.concatenate([sub.prompt_BP, sub.tokens_BT], 1)
+            mask = jnp.concatenate([sub.prompt_mask_BP, sub.mask_BT], 1)
+            P, T = sub.prompt_BP.shape[1], sub.tokens_BT.shape[1]
+            z = model(toks, left_pad_positions(mask), mask)[0][:, P - 1 : P + T - 1] / temperature
+            logp = jax.nn.log_softmax(z.astype(jnp.float32), -1)
+            lp_y = jnp.take_along_axis(logp, sub.tokens_BT[..., None], -1)[..., 0]
+            lp_teacher = jnp.take_along_axis(logp, sub.teacher_ids_BT[..., None], -1)[..., 0]
+            ratio = jnp.exp(lp_y - sub.old_logp_BT)
+            adv = sub.adv_B[:, None]
+            pg = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 0.8, 1.2))
+            ce = -lam * lp_teacher * sub.teacher_valid_BT
+            ent = 0.001 * jnp.sum(jnp.exp(logp) * logp, -1)  # -c_ent * H
+            m = sub.mask_BT.astype(jnp.float32)
+            total = total + sum(jnp.sum(x * m) / jnp.sum(m) for x in (pg, ce, ent))
+    return total / len(micro_batches_per_rank)
+
+
+@pytest.mark.parametrize("ranks, budget", [(1, 48), (2, 40)])
+def test_token_budget_loss_and_gradient_equal_the_literal_split(rollout, ranks, budget):
+    """A 16-row mini-batch with per-row denominators from the authors' split (token budget
+    `budget`, `ranks` data-parallel ranks): the step's loss terms and its accumulated gradient equal
+    the literal reference (split into the authors' micro-batches, token mean each, summed), for
+    every fixed micro-batch size of the step, at temperature 0.8."""
+    from tgpo_jax.objectives.token_budget import authors_mini_batches, largest_differencing, micro_batches
+
+    student, teacher, batch, adv = rollout
+    T = 0.8
+    cfg = ObjectiveConfig(name="tgpo_reg", loss_agg="microbatch_sum", lambda_0=0.5)
+    sg, ss = nnx.split(student)
+    tg, ts = nnx.split(teacher)
+    scored, _ = score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=cfg, chunk=8, temperature=T)
+    resp = np.asarray(batch.mask_BT).sum(-1)
+    seq = np.asarray(batch.prompt_mask_BP).sum(-1) + resp
+    [(rows, denom)] = authors_mini_batches(seq, resp, mini_batches=1, budget=budget, ranks=ranks)
+    np.testing.assert_array_equal(rows, np.arange(16))
+    mb = scored.replace(adv_B=adv, agg_denom_B=jnp.asarray(denom))
+
+    # the authors' micro-batches, rebuilt step by step from the partition functions
+    rank_rows = largest_differencing(seq, ranks, equal_size=True) if ranks > 1 else [list(range(16))]
+    k = max(-(-int(seq[r].sum()) // budget) for r in rank_rows)
+    split = [[np.asarray(r)[p].tolist() for p in micro_batches(seq[r], budget, k)] for r in rank_rows]
+    sizes = sorted(len(rows) for rank in split for rows in rank)
+    assert k >= 3 and len(set(sizes)) > 1, sizes  # several micro-batches of different sizes
+
+    graphdef, state = init_train_state(Decoder(S_CFG, nnx.Rngs(0)), _grad_catcher())
+    want, want_g = jax.value_and_grad(_literal_authors_loss)(state.params, graphdef, mb, split, 0.5, T)
+    for micro_batch in (2, 16):
+        step = make_train_step(graphdef, _grad_catcher(), obj_cfg=cfg, micro_batch=micro_batch, chunk=8, temperature=T)
+        new, met = step(jax.tree.map(jnp.copy, state), mb, 1)
+        got = sum(float(met[f"loss/{k}"]) for k in ("pg", "ce_teacher", "entropy"))
+        np.testing.assert_allclose(got, float(want), rtol=1e-5, err_msg=f"micro_batch={micro_batch}")
+        for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(want_g)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+        n_micro = sum(len(rank) for rank in split) / ranks  # diagnostics: means over their micro-batches
+        ent_sum = sum(float(_plain_entropy_mean(student, mb, rows, T)) for rank in split for rows in rank) / ranks
+        np.testing.assert_allclose(float(met["actor/entropy"]), ent_sum / n_micro, rtol=1e-5)
+    # without the per-row denominators the fixed split of 4 rows gives another loss
+    fixed = make_train_step(graphdef, _grad_catcher(), obj_cfg=cfg, micro_batch=4, chunk=8, temperature=T)
+    _, met = fixed(jax.tree.map(jnp.copy, state), mb.replace(agg_denom_B=None), 1)
+    assert abs(sum(float(met[f"loss/{k}"]) for k in ("pg", "ce_teacher", "entropy")) - float(want)) > 1e-3
+
+
+def _plain_entropy_mean(model, mb, rows, temperature):
+    """Token mean of the full-vocabulary entropy over the given rows' response tokens."""
+    sub = jax.tree.map(lambda x: x[np.asarray(rows)], mb)
+    z = _full_logits(model, sub) / temperature
+    lp = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    H = -(np.exp(lp) * lp).sum(-1)
+    m = np.asarray(sub.mask_BT, np.float64)
+    return (H * m).sum() / m.sum()

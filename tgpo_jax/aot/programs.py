@@ -138,7 +138,12 @@ def _score_fn(run: AbstractRun):
     from tgpo_jax.train.score import _score
 
     c = run.cfg
-    return _score, dict(obj_cfg=c.objective, chunk=c.train.logprob_chunk, micro_batch=c.score_micro_batch_rows)
+    return _score, dict(
+        obj_cfg=c.objective,
+        chunk=c.train.logprob_chunk,
+        micro_batch=c.score_micro_batch_rows,
+        temperature=c.rollout.temperature,
+    )
 
 
 def _score_args(run: AbstractRun, batch: Batch) -> tuple:
@@ -154,7 +159,9 @@ def scored_batch(run: AbstractRun) -> Batch:
     B = rollout.tokens_BT.shape[0]
     fields = {k: _batch_sds(run, v.shape, v.dtype) for k, v in fields.items()}
     off = _batch_sds(run, (B,), jnp.bool_) if run.cfg.objective.objective.offpolicy_rows else None
-    return rollout.replace(**fields, adv_B=_batch_sds(run, (B,), jnp.float32), offpolicy_B=off)
+    # per-row denominators of the authors' dynamic micro-batches (train.micro_batch_tokens)
+    denom = _batch_sds(run, (B,), jnp.float32) if run.cfg.train.micro_batch_tokens > 0 else None
+    return rollout.replace(**fields, adv_B=_batch_sds(run, (B,), jnp.float32), offpolicy_B=off, agg_denom_B=denom)
 
 
 def mini_batch(run: AbstractRun, full: Batch) -> Batch:
@@ -201,6 +208,7 @@ def _lower_train_step(run: AbstractRun) -> jax.stages.Lowered:
         micro_batch=c.train.micro_batch,
         chunk=c.train.logprob_chunk,
         state=run.train_state,
+        temperature=c.rollout.temperature,
     )
     iteration = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(run.mesh, PartitionSpec()))
     return step.lower(run.train_state, mini_batch(run, scored_batch(run)), iteration)

@@ -28,6 +28,9 @@ class Batch:
     Set by the iteration (None where unused):
       adv_B           f32 [B]   GRPO group advantage of each row's reward
       offpolicy_B     bool [B]  the row is a teacher-written solution (LUFFY), not a rollout
+      agg_denom_B     f32 [B]   the row's loss aggregation denominator (train.micro_batch_tokens:
+                                 ranks x the response tokens of its micro-batch in the authors'
+                                 dynamic split, objectives/token_budget.py); None: per micro-batch
     Set by the score step (old student = the parameters that sampled; teacher no grad):
       old_logp_BT              f32 [B, T]     log pi_old(y_t) (always: PPO ratio and its metrics)
       teacher_ids_BT           int32 [B, T]   teacher argmax (or sample) y*_t; 0 where invalid
@@ -47,6 +50,7 @@ class Batch:
     mask_BT: jax.Array
     adv_B: jax.Array | None = None
     offpolicy_B: jax.Array | None = None
+    agg_denom_B: jax.Array | None = None
     old_logp_BT: jax.Array | None = None
     teacher_ids_BT: jax.Array | None = None
     teacher_valid_BT: jax.Array | None = None

@@ -6,6 +6,12 @@ side).
 Student side (differentiable): log pi(y_t), log pi(extra ids) (teacher argmax, top-K ids, ...),
 entropy. Teacher side (no grad): argmax, one sample, log pi_T(y_t), top-K ids and log-probs,
 log pi_T at given ids.
+
+Temperature: every function takes the rollout temperature T and works with the distribution
+softmax(z / T), the one the sampler drew the response from (veRL divides the actor's, the
+reference's and the teacher's logits by the rollout temperature the same way). So log-probs,
+ratios, entropies and teacher quantities are all of the tempered distributions; at T = 1 nothing
+changes. T must be > 0 (greedy sampling never feeds training; the train config rejects it).
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import jax.numpy as jnp
 from tgpo_jax.models.layers import MASK_VALUE, dense
 
 
-def chunk_logits(h_BCE: jax.Array, head_EV: jax.Array, valid_vocab: int | None) -> jax.Array:
-    """fp32 logits [B, C, V] for one chunk; ids >= valid_vocab get a large negative value."""
+def chunk_logits(h_BCE: jax.Array, head_EV: jax.Array, valid_vocab: int | None, temperature: float = 1.0) -> jax.Array:
+    """fp32 logits / temperature [B, C, V] for one chunk; ids >= valid_vocab get a large negative
+    value (after the division: masked columns stay at exactly MASK_VALUE)."""
     logits = dense(h_BCE, head_EV.astype(h_BCE.dtype), preferred_element_type=jnp.float32)
+    if temperature != 1.0:  # a Python float: T = 1 compiles to the very program it always was
+        logits = logits / jnp.float32(temperature)
     if valid_vocab is not None and valid_vocab < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < valid_vocab, logits, MASK_VALUE)
     return logits
@@ -52,27 +61,39 @@ class StudentStats(NamedTuple):
 
 
 def student_stats(
-    h_BTE, head_EV, targets_BT, extra_ids_BTK, *, chunk: int, valid_vocab: int | None = None
+    h_BTE,
+    head_EV,
+    targets_BT,
+    extra_ids_BTK,
+    *,
+    chunk: int,
+    valid_vocab: int | None = None,
+    temperature: float = 1.0,
 ) -> StudentStats:
-    """log pi(y_t), log pi(extra ids), entropy; differentiable w.r.t. h and head, with the chunk
-    logits recomputed in the backward pass (see `_student_chunk_bwd`).
+    """log pi(y_t), log pi(extra ids), entropy of the tempered policy pi = softmax(z / T);
+    differentiable w.r.t. h and head, with the chunk logits recomputed in the backward pass (see
+    `_student_chunk_bwd`). With z_t = (h_t @ head) / T:
 
       logp_t = z_t[y_t] - logsumexp(z_t)
       H_t    = -sum_v p_v log p_v,   log p = z_t - logsumexp(z_t)
     """
     return _map_chunks(
-        lambda h, y, ids: _student_chunk(h, head_EV, y, ids, valid_vocab), chunk, h_BTE, targets_BT, extra_ids_BTK
+        lambda h, y, ids: _student_chunk(h, head_EV, y, ids, valid_vocab, temperature),
+        chunk,
+        h_BTE,
+        targets_BT,
+        extra_ids_BTK,
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _student_chunk(h_BCE, head_EV, y_BC, ids_BCK, valid_vocab) -> StudentStats:
-    return _student_chunk_fwd(h_BCE, head_EV, y_BC, ids_BCK, valid_vocab)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _student_chunk(h_BCE, head_EV, y_BC, ids_BCK, valid_vocab, temperature) -> StudentStats:
+    return _student_chunk_fwd(h_BCE, head_EV, y_BC, ids_BCK, valid_vocab, temperature)[0]
 
 
-def _student_chunk_fwd(h_BCE, head_EV, y_BC, ids_BCK, valid_vocab):
+def _student_chunk_fwd(h_BCE, head_EV, y_BC, ids_BCK, valid_vocab, temperature):
     """The chunk's StudentStats; residuals: the inputs plus logsumexp and entropy [B, C]."""
-    z = chunk_logits(h_BCE, head_EV, valid_vocab)
+    z = chunk_logits(h_BCE, head_EV, valid_vocab, temperature)
     lse = jax.nn.logsumexp(z, -1)
     # log-probs from the one logsumexp: no second max / sum pass over the vocabulary (a softmax
     # would redo both)
@@ -86,8 +107,9 @@ def _gather_logp(logp_BCV, y_BC, ids_BCK):
     return jnp.take_along_axis(logp_BCV, y_BC[..., None], -1)[..., 0], jnp.take_along_axis(logp_BCV, ids_BCK, -1)
 
 
-def _student_chunk_bwd(valid_vocab, res, g: StudentStats):
-    """One pass over the recomputed chunk logits. With p = softmax(z), lp = log p and cotangents
+def _student_chunk_bwd(valid_vocab, temperature, res, g: StudentStats):
+    """One pass over the recomputed chunk logits z (already divided by T: the 1/T of dz/d(h @ head)
+    comes back through the vjp of `chunk_logits`). With p = softmax(z), lp = log p and cotangents
     g_y, g_k, g_H of log p(y), log p(ids_k), H:
 
       dz = onehot(y) g_y + sum_k onehot(ids_k) g_k - p (g_y + sum_k g_k + g_H (lp + H))
@@ -96,7 +118,7 @@ def _student_chunk_bwd(valid_vocab, res, g: StudentStats):
     and writes several [B, C, V] temporaries; this saves both from the forward and writes one.
     Masked vocabulary columns (ids >= valid_vocab) get 0 through the `where` in `chunk_logits`."""
     h_BCE, head_EV, y_BC, ids_BCK, lse_BC, ent_BC = res
-    z, pull = jax.vjp(lambda h, w: chunk_logits(h, w, valid_vocab), h_BCE, head_EV)
+    z, pull = jax.vjp(lambda h, w: chunk_logits(h, w, valid_vocab, temperature), h_BCE, head_EV)
     logp = z - lse_BC[..., None]
     p = jnp.exp(logp)
     g_sum = (g.logp_BT + g.extra_logp_BTK.sum(-1))[..., None]
@@ -133,8 +155,11 @@ def teacher_stats(
     sample: bool = False,
     valid_vocab: int | None = None,
     rows_B: jax.Array | None = None,
+    temperature: float = 1.0,
 ) -> TeacherStats:
-    """Teacher quantities at every response position (no gradient flows).
+    """Teacher quantities at every response position (no gradient flows), of softmax(z / T): the
+    authors' veRL scores the teacher at the rollout temperature too. The argmax and top-K ids do
+    not depend on T; log-probs and the sample (drawn from the tempered teacher) do.
 
     rows_B: int32 [B], each row's index in the whole rollout batch (default 0..B-1); with `sample`,
     row r's draw at position t is keyed by (key, r, t), so it does not depend on how the batch was
@@ -145,7 +170,7 @@ def teacher_stats(
     rows_B = jnp.arange(B, dtype=jnp.int32) if rows_B is None else rows_B
 
     def one(h_BCE, y_BC, at_BCJ, pos_BC):
-        z = chunk_logits(h_BCE, head_EV, valid_vocab)
+        z = chunk_logits(h_BCE, head_EV, valid_vocab, temperature)
         logp = jax.nn.log_softmax(z, -1)
         argmax = jnp.argmax(z, -1).astype(jnp.int32)
         ids = argmax
@@ -175,14 +200,23 @@ def _gumbel_BCV(key, rows_B, pos_C, V: int) -> jax.Array:
 
 
 def student_old_stats(
-    h_BTE, head_EV, targets_BT, at_ids_BTJ, *, chunk: int, top_k: int = 0, valid_vocab: int | None = None
+    h_BTE,
+    head_EV,
+    targets_BT,
+    at_ids_BTJ,
+    *,
+    chunk: int,
+    top_k: int = 0,
+    valid_vocab: int | None = None,
+    temperature: float = 1.0,
 ):
-    """Old-student quantities (no grad): log pi_old(y_t), log pi_old(at ids), and its own top-K
-    (ids, log-probs) for the RKL-centered / RKL-dist baselines."""
+    """Old-student quantities (no grad) of softmax(z / T): log pi_old(y_t) (at the rollout
+    temperature, the sampler's own log-prob of y_t when top-k / top-p are off), log pi_old(at ids),
+    and its own top-K (ids, log-probs) for the RKL-centered / RKL-dist baselines."""
     h_BTE = jax.lax.stop_gradient(h_BTE)
 
     def one(h_BCE, y_BC, at_BCJ):
-        logp = jax.nn.log_softmax(chunk_logits(h_BCE, head_EV, valid_vocab), -1)
+        logp = jax.nn.log_softmax(chunk_logits(h_BCE, head_EV, valid_vocab, temperature), -1)
         tk_logp, tk_ids = (
             jax.lax.top_k(logp, top_k) if top_k else (logp[..., :0], jnp.zeros(logp.shape[:-1] + (0,), jnp.int32))
         )

@@ -89,8 +89,23 @@ def rkl_dist(student_topk_logp_BTK, teacher_at_topk_logp_BTK):
 
 
 def kdrl_term(logp_BT, teacher_logp_BT):
-    """KDRL regulariser per token: 0.5 * (log pi_T(y_t) - log pi(y_t))^2 (added with beta)."""
+    """KDRL regulariser per token (`kdrl`, the k2 form): 0.5 * (log pi_T(y_t) - log pi(y_t))^2,
+    ADDED with beta. Gradient: beta * (log pi(y_t) - log pi_T(y_t)) * grad log pi(y_t), which pulls
+    log pi(y_t) towards log pi_T(y_t) from either side (a reverse-KL penalty estimate)."""
     return 0.5 * jnp.square(teacher_logp_BT - logp_BT)
+
+
+def kdrl_k1_term(logp_BT, teacher_logp_BT):
+    """The authors' latest KDRL code (`kdrl_k1`), per token, with its sign as written there:
+
+        term_t = -(log pi(y_t) - log pi_T(y_t))      (the caller multiplies by beta)
+
+    i.e. loss = PG - beta * token_mean(log pi(y_t) - log pi_T(y_t)): their code states
+    J = J_GRPO - beta * KL(pi || pi_T) but SUBTRACTS the k1 estimate from the loss. log pi_T(y_t)
+    is a constant (no gradient), so d term_t / d log pi(y_t) = -1: minimising it RAISES the
+    log-prob of every sampled token, whatever the teacher says; the teacher only shifts the value.
+    It is not a KL penalty; reproduced as written so that their runs can be matched."""
+    return -(logp_BT - jax.lax.stop_gradient(teacher_logp_BT))
 
 
 def luffy_pg(adv_BT, logp_BT, old_logp_BT, offpolicy_B, gamma: float):
@@ -104,5 +119,9 @@ def luffy_pg(adv_BT, logp_BT, old_logp_BT, offpolicy_B, gamma: float):
 
 def aggregate(loss_BT, mask_BT, denom):
     """sum over valid tokens / denom. `token_mean` passes the mini-batch's valid-token count,
-    `microbatch_sum` the micro-batch's own count (the authors' behaviour), LUFFY T_max * B."""
+    `microbatch_sum` the micro-batch's own count (the authors' behaviour), LUFFY T_max * B; a [B]
+    denom divides each row by its own (train.micro_batch_tokens: the token count of the row's
+    micro-batch in the authors' dynamic split, times their ranks)."""
+    if jnp.ndim(denom) == 1:
+        return jnp.sum(jnp.sum(loss_BT * mask_BT, -1) / jnp.maximum(denom, 1.0))
     return jnp.sum(loss_BT * mask_BT) / jnp.maximum(denom, 1.0)

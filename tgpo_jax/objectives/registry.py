@@ -180,10 +180,17 @@ def _rkl_reg_dist(cur, batch, cfg, lam):
     }
 
 
-def _kdrl(cur, batch, cfg, lam):
-    t = _pg(cur, batch, cfg, _outcome_adv(batch))
-    t["kdrl"] = cfg.kdrl_beta * L.kdrl_term(cur.logp_BT, batch.teacher_logp_BT)
-    return t
+def _kdrl(term):
+    """KDRL: PG_clip(A_GRPO) - c_ent * H + beta * term(log pi(y_t), log pi_T(y_t)), beta =
+    objective.kdrl_beta (constant). `kdrl`: the k2 form 0.5 * (logp_T - logp)^2 (the spec);
+    `kdrl_k1`: the authors' latest code, -(logp - logp_T) (losses.kdrl_k1_term)."""
+
+    def terms(cur, batch, cfg, lam):
+        t = _pg(cur, batch, cfg, _outcome_adv(batch))
+        t["kdrl"] = cfg.kdrl_beta * term(cur.logp_BT, batch.teacher_logp_BT)
+        return t
+
+    return terms
 
 
 def _luffy(cur, batch, cfg, lam):
@@ -228,6 +235,7 @@ OBJECTIVES: dict[str, Objective] = {
         frozenset({"student_topk_ids_BTK", "teacher_at_student_topk_BTK"}),
         student_topk=lambda c: c.rkl_dist_topk,
     ),
-    "kdrl": Objective(_kdrl, _none, _TEACHER_LOGP),
+    "kdrl": Objective(_kdrl(L.kdrl_term), _none, _TEACHER_LOGP),
+    "kdrl_k1": Objective(_kdrl(L.kdrl_k1_term), _none, _TEACHER_LOGP),
     "luffy": Objective(_luffy, _none, needs_teacher=False, offpolicy_rows=True),
 }

@@ -88,6 +88,14 @@ class TrainSection:
     # one micro-batch at a time); 0 = micro_batch: the scoring forward keeps no activations for a
     # backward pass, so it fits wherever a train micro-batch does. Must divide the rollout batch.
     score_micro_batch: int = 0
+    # > 0 (objective.loss_agg microbatch_sum only): the authors' dynamic micro-batches (veRL
+    # use_dynamic_bsz with ppo_max_token_len_per_gpu = this many prompt + response tokens; theirs:
+    # 16384). Each row's loss is divided by the response tokens of the micro-batch their split puts
+    # it in (objectives/token_budget.py), so the loss is theirs whatever train.micro_batch is. 0: off.
+    micro_batch_tokens: int = 0
+    # The data-parallel ranks the authors spread a mini-batch over (theirs: 8 GPUs): each rank
+    # splits its own rows and the gradients are averaged over ranks. Only with micro_batch_tokens.
+    micro_batch_ranks: int = 1
     logprob_chunk: int = 256
     seed: int = 0
 
@@ -249,6 +257,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"train.micro_batch={cfg.train.micro_batch} does not divide the mini-batch of {cfg.mini_batch} sequences"
         )
     p += _score_micro_batch_problems(cfg)
+    p += _token_budget_problems(cfg)
     if cfg.train.logprob_chunk < 1:
         p.append(f"train.logprob_chunk={cfg.train.logprob_chunk}: must be >= 1")
     elif cfg.rollout.max_new_tokens >= 1 and cfg.rollout.max_new_tokens % min(
@@ -281,6 +290,39 @@ def _score_micro_batch_problems(cfg: TrainConfig) -> list[str]:
     ]
 
 
+def _token_budget_problems(cfg: TrainConfig) -> list[str]:
+    """train.micro_batch_tokens / micro_batch_ranks: the authors' dynamic micro-batches, which only
+    exist under their aggregation (sum of micro-batch token means)."""
+    t, obj = cfg.train, cfg.objective
+    if t.micro_batch_tokens == 0:
+        if t.micro_batch_ranks != 1:
+            return [f"train.micro_batch_ranks={t.micro_batch_ranks}: only applies with train.micro_batch_tokens > 0"]
+        return []
+    if t.micro_batch_tokens < 0:
+        return [f"train.micro_batch_tokens={t.micro_batch_tokens}: must be >= 0 (0: off)"]
+    accepted = "accepted: train.micro_batch_tokens 0 with any loss_agg, or > 0 with objective.loss_agg microbatch_sum"
+    if obj.loss_agg != "microbatch_sum":
+        return [f"train.micro_batch_tokens={t.micro_batch_tokens} with objective.loss_agg={obj.loss_agg!r}; {accepted}"]
+    if obj.objective.offpolicy_rows:
+        return [
+            f"train.micro_batch_tokens={t.micro_batch_tokens} with objective {obj.name!r}, whose loss is "
+            f"sum / T_max per sequence, not per micro-batch; {accepted}, for an objective other than {obj.name!r}"
+        ]
+    p = []
+    longest = cfg.max_prompt_len + cfg.rollout.max_new_tokens
+    if t.micro_batch_tokens < longest:  # veRL asserts it too: every sequence fits one micro-batch
+        p.append(
+            f"train.micro_batch_tokens={t.micro_batch_tokens}: must be >= data.max_prompt_len + "
+            f"rollout.max_new_tokens = {longest} (the longest sequence fits one micro-batch)"
+        )
+    if t.micro_batch_ranks < 1 or cfg.rollout_batch % (t.micro_batch_ranks * max(t.mini_batches, 1)):
+        p.append(
+            f"train.micro_batch_ranks={t.micro_batch_ranks}: must be >= 1 and ranks x train.mini_batches must "
+            f"divide the rollout batch of {cfg.rollout_batch}"
+        )
+    return p
+
+
 def _range_problems(cfg: TrainConfig) -> list[str]:
     """Values outside what their key accepts, named as `key=value: must be ...`."""
     r, e, c, w = cfg.rollout, cfg.eval, cfg.checkpoint, cfg.rewards
@@ -296,6 +338,14 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         prefix="eval.", temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens, k=e.k
     )
     checks = (
+        # training scores its rollouts at logits / rollout.temperature (objectives/logprobs.py); a
+        # greedy rollout (0) has no sampling distribution to score. Negatives: named just above.
+        (
+            "rollout.temperature",
+            r.temperature,
+            r.temperature != 0,
+            "> 0 (training scores logits / temperature; 0 = greedy is for eval.temperature only)",
+        ),
         ("rollout.prompts_per_iteration", r.prompts_per_iteration, r.prompts_per_iteration >= 1, ">= 1"),
         ("rollout.slots", r.slots, r.slots >= 0, ">= 0 (0: auto, half the rollout rows)"),
         ("eval.every", e.every, e.every >= 0, ">= 0 (0: never)"),

@@ -15,6 +15,7 @@ import numpy as np
 
 from tgpo_jax.objectives.advantages import grpo_advantages
 from tgpo_jax.objectives.batch import Batch
+from tgpo_jax.objectives.token_budget import authors_mini_batches
 from tgpo_jax.rollout.sampler import Sampler
 from tgpo_jax.rollout.sampling import SamplingParams
 from tgpo_jax.train.score import score
@@ -67,6 +68,33 @@ def _rollout_batch(r, examples: Sequence[Example], n: int, offpolicy_rows: bool)
     return Batch(r.prompt_tokens_BP, r.prompt_mask_BP, tokens, mask), off
 
 
+def _mini_batches(full: Batch, host: Batch, put, mini_batches: int, micro_batch_tokens: int, ranks: int):
+    """The iteration's mini-batches (device Batches). Default: `mini_batches` contiguous row slices.
+    With micro_batch_tokens > 0: the authors' mini-batches (with ranks > 1 not contiguous), each row
+    carrying its aggregation denominator agg_denom_B, computed here on the host from the masks
+    (objectives/token_budget.py)."""
+    B = full.size
+    if micro_batch_tokens <= 0:
+        return [
+            jax.tree.map(lambda x, j=j: x[j * B // mini_batches : (j + 1) * B // mini_batches], full)
+            for j in range(mini_batches)
+        ]
+    resp_B = host.mask_BT.sum(-1)
+    seq_B = host.prompt_mask_BP.sum(-1) + resp_B  # the budget counts prompt + response tokens (veRL)
+    plan = authors_mini_batches(seq_B, resp_B, mini_batches=mini_batches, budget=micro_batch_tokens, ranks=ranks)
+    denom_B = np.zeros(B, np.float32)
+    for rows, denom in plan:
+        denom_B[rows] = denom
+    full = full.replace(agg_denom_B=put(denom_B))
+    out = []
+    for rows, _ in plan:
+        lo = int(rows[0])
+        contiguous = np.array_equal(rows, np.arange(lo, lo + len(rows)))  # always with ranks = 1
+        sel = slice(lo, lo + len(rows)) if contiguous else rows  # a slice where it can: as without a budget
+        out.append(jax.tree.map(lambda x, sel=sel: x[sel], full))
+    return out
+
+
 def run_iteration(
     models: Models,
     train_state,
@@ -80,9 +108,12 @@ def run_iteration(
     mini_batches: int,
     chunk: int,
     score_micro_batch: int,
+    micro_batch_tokens: int = 0,
+    micro_batch_ranks: int = 1,
 ):
     """Returns (new train state, metrics dict). score_micro_batch: rows per micro-batch of the
-    score step (TrainConfig.score_micro_batch_rows; divides the rollout batch)."""
+    score step (TrainConfig.score_micro_batch_rows; divides the rollout batch). micro_batch_tokens,
+    micro_batch_ranks: train.* (the authors' dynamic micro-batches; 0: off)."""
     t0 = time.perf_counter()
     # the third key was the train step's, which draws nothing: still split in 3 so that rollouts
     # and teacher samples draw the numbers they always have (runs stay comparable across versions)
@@ -105,16 +136,14 @@ def run_iteration(
         obj_cfg=obj_cfg,
         chunk=chunk,
         micro_batch=score_micro_batch,
+        temperature=sampling.temperature,  # old log-probs of the distribution the rollouts were drawn from
     )
     rewards = np.asarray(pending.result(), np.float32)
     adv = grpo_advantages(rewards, sampling.n) if sampling.n > 1 else np.zeros_like(rewards)
     full = scored.replace(adv_B=models.put_batch(adv), offpolicy_B=None if off is None else models.put_batch(off))
     t1 = time.perf_counter()
-    B = len(rewards)
     step_metrics = []
-    for j in range(mini_batches):
-        sl = slice(j * B // mini_batches, (j + 1) * B // mini_batches)
-        mb = jax.tree.map(lambda x, sl=sl: x[sl], full)
+    for mb in _mini_batches(full, host, models.put_batch, mini_batches, micro_batch_tokens, micro_batch_ranks):
         train_state, m = models.train_step(train_state, mb, iteration)
         step_metrics.append(m)
     step_metrics = jax.device_get(step_metrics)

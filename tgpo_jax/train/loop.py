@@ -113,6 +113,8 @@ def _iterate(cfg: TrainConfig, parts: RunParts, ckpt: RunCheckpoints, writer: Me
             mini_batches=cfg.train.mini_batches,
             chunk=cfg.train.logprob_chunk,
             score_micro_batch=cfg.score_micro_batch_rows,
+            micro_batch_tokens=cfg.train.micro_batch_tokens,
+            micro_batch_ranks=cfg.train.micro_batch_ranks,
         )
         _check_finite(metrics, it, last_saved)
         score = None

@@ -46,12 +46,15 @@ def score(
     obj_cfg: ObjectiveConfig,
     chunk: int,
     micro_batch: int | None = None,
+    temperature: float = 1.0,
 ):
     """(batch with old_logp_BT and the objective's `scored` fields filled, gap metrics).
 
     batch: a Batch with the rollout fields (prompt_BP, prompt_mask_BP, tokens_BT, mask_BT); the
     fields the objective does not ask for stay None (batch.py documents each field).
-    micro_batch: rows per scoring micro-batch (must divide B); None: all B rows at once."""
+    micro_batch: rows per scoring micro-batch (must divide B); None: all B rows at once.
+    temperature: the rollout temperature (rollout.temperature); both models are scored from
+    logits / temperature (logprobs.py)."""
     fields, metrics = _score(
         s_graphdef,
         s_state,
@@ -62,11 +65,14 @@ def score(
         obj_cfg=obj_cfg,
         chunk=chunk,
         micro_batch=micro_batch or batch.size,
+        temperature=temperature,
     )
     return batch.replace(**fields), metrics
 
 
-@functools.partial(jax.jit, static_argnames=("s_graphdef", "t_graphdef", "obj_cfg", "chunk", "micro_batch"))
+@functools.partial(
+    jax.jit, static_argnames=("s_graphdef", "t_graphdef", "obj_cfg", "chunk", "micro_batch", "temperature")
+)
 def _score(
     s_graphdef,
     s_state,
@@ -78,6 +84,7 @@ def _score(
     obj_cfg: ObjectiveConfig,
     chunk: int,
     micro_batch: int,
+    temperature: float = 1.0,
 ):
     """The scored fields {Batch field name: array [B, ...]} and the gap metrics. Only the new fields
     leave the jit (returning the whole batch would copy the rollout arrays).
@@ -99,20 +106,24 @@ def _score(
     def one(rows_b):  # the models are merged inside the loop body: their arrays are its inputs
         student = nnx.merge(s_graphdef, s_state)
         teacher = nnx.merge(t_graphdef, t_state) if needs_teacher else None
-        return _score_rows(student, teacher, *rows_b, key, obj_cfg=obj_cfg, chunk=chunk)
+        return _score_rows(student, teacher, *rows_b, key, obj_cfg=obj_cfg, chunk=chunk, temperature=temperature)
 
     fields, row_sums = merge_micro_batches(jax.lax.map(one, split_micro_batches(rows, micro_batch)))
     return fields, (_gap_metrics(row_sums) if needs_teacher else {})
 
 
-def _score_rows(student, teacher, prompt_BP, prompt_mask_BP, y_BT, mask_BT, rows_B, key, *, obj_cfg, chunk):
+def _score_rows(
+    student, teacher, prompt_BP, prompt_mask_BP, y_BT, mask_BT, rows_B, key, *, obj_cfg, chunk, temperature=1.0
+):
     """(scored fields, per-row gap sums) of one micro-batch of rows; rows_B: their indices in the
     whole batch. teacher: None for an objective without one (the gap sums are then {})."""
     obj = obj_cfg.objective
     no_ids = jnp.zeros(y_BT.shape + (0,), jnp.int32)  # student_old_stats' "no extra ids" (K = 0)
     hS = response_hidden(student, prompt_BP, prompt_mask_BP, y_BT, mask_BT)
     s_vocab = _vocab(student.cfg)
-    old = functools.partial(student_old_stats, hS, student.lm_head_EV(), y_BT, chunk=chunk, valid_vocab=s_vocab)
+    old = functools.partial(
+        student_old_stats, hS, student.lm_head_EV(), y_BT, chunk=chunk, valid_vocab=s_vocab, temperature=temperature
+    )
     out = {}
     s_topk = obj.student_topk(obj_cfg)
     s_topk_ids = no_ids
@@ -134,6 +145,7 @@ def _score_rows(student, teacher, prompt_BP, prompt_mask_BP, y_BT, mask_BT, rows
         sample=obj.teacher_sample,
         valid_vocab=_vocab(teacher.cfg),
         rows_B=rows_B,
+        temperature=temperature,
     )
     # A teacher id the student cannot decode is masked out of the CE term and counted.
     valid = (t.ids_BT < s_vocab).astype(jnp.float32)

@@ -119,6 +119,7 @@ def build_model_parts(cfg: TrainConfig, tokenizer=None):
         micro_batch=cfg.train.micro_batch,
         chunk=cfg.train.logprob_chunk,
         state=train_state,
+        temperature=cfg.rollout.temperature,  # the rollouts' sampling distribution (score: iteration.py)
     )
     models = Models(
         s_graphdef,

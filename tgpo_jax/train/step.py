@@ -104,8 +104,10 @@ def init_train_state(model, optimizer: optax.GradientTransformation) -> tuple[An
     return graphdef, TrainState(params, opt_state, put_global(np.zeros((), np.int32), replicated))
 
 
-def _micro_loss(params, graphdef, mb: Batch, denom, lam, obj_cfg: ObjectiveConfig, chunk: int):
+def _micro_loss(params, graphdef, mb: Batch, denom, lam, obj_cfg: ObjectiveConfig, chunk: int, temperature: float):
     """Loss of one micro-batch (already divided by the aggregation denominator) and its metric sums.
+    The current student's log-probs and entropy are of softmax(logits / temperature), the rollout
+    temperature, as the old log-probs of the score step are.
 
     loss = sum over the objective's terms of agg(term_BT, mask_BT) / denom; the PPO ratio
     r_t = exp(log pi(y_t) - log pi_old(y_t)) is reported (mean, clip fraction, extremes)."""
@@ -120,6 +122,7 @@ def _micro_loss(params, graphdef, mb: Batch, denom, lam, obj_cfg: ObjectiveConfi
         obj.extra_ids(mb, obj_cfg),
         chunk=chunk,
         valid_vocab=cfg.valid_vocab_size or cfg.vocab_size,
+        temperature=temperature,
     )
     mask = mb.mask_BT.astype(jnp.float32)
     terms = obj.terms(cur, mb, obj_cfg, lam)
@@ -141,8 +144,13 @@ def _micro_loss(params, graphdef, mb: Batch, denom, lam, obj_cfg: ObjectiveConfi
     return loss, stats
 
 
-def _denominators(mask_MbT, obj_cfg: ObjectiveConfig):
-    """Per-micro-batch aggregation denominators [M] from the micro-batched response mask [M, b, T]."""
+def _denominators(mask_MbT, obj_cfg: ObjectiveConfig, agg_denom_Mb=None):
+    """Aggregation denominators from the micro-batched response mask [M, b, T]: per micro-batch
+    [M], or per row [M, b] when the mini-batch carries agg_denom_B (train.micro_batch_tokens: the
+    authors' dynamic micro-batches, computed on the host; the loss is then the same whatever this
+    step's fixed micro-batch split)."""
+    if agg_denom_Mb is not None:
+        return agg_denom_Mb.astype(jnp.float32)
     mask = mask_MbT.astype(jnp.float32)
     M, b, T = mask.shape
     if obj_cfg.objective.offpolicy_rows:  # sum / T_max per sequence, mean over the mini-batch
@@ -162,35 +170,34 @@ def train_step(
     obj_cfg: ObjectiveConfig,
     micro_batch: int,
     chunk: int,
+    temperature: float = 1.0,
 ):
     """One optimizer step on a mini-batch; returns (new state, metrics). The objectives are
     deterministic given the batch (the teacher's sample, if any, is drawn by the score step), so
     the step takes no random key."""
     mb_M = split_micro_batches(minibatch, micro_batch)
     M = mb_M.mask_BT.shape[0]
-    denoms = _denominators(mb_M.mask_BT, obj_cfg)
+    denoms = _denominators(mb_M.mask_BT, obj_cfg, mb_M.agg_denom_B)
     lam = teacher_coef(iteration, *obj_cfg.schedule())
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
     def body(acc, xs):
         mb, denom = xs
-        (loss, stats), g = grad_fn(state.params, graphdef, mb, denom, lam, obj_cfg, chunk)
+        (loss, stats), g = grad_fn(state.params, graphdef, mb, denom, lam, obj_cfg, chunk, temperature)
         g_acc, s_acc = acc
         return (jax.tree.map(jnp.add, g_acc, g), _accumulate(s_acc, stats)), None
 
     zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-    names = jax.eval_shape(
-        lambda: _micro_loss(state.params, graphdef, jax.tree.map(lambda x: x[0], mb_M), denoms[0], lam, obj_cfg, chunk)[
-            1
-        ]
-    )
+    first = jax.tree.map(lambda x: x[0], (mb_M, denoms))
+    names = jax.eval_shape(lambda: _micro_loss(state.params, graphdef, *first, lam, obj_cfg, chunk, temperature)[1])
     (grads, sums), _ = jax.lax.scan(body, (zeros_g, _initial(names)), (mb_M, denoms))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(sums)
     if obj_cfg.loss_agg == "microbatch_sum" and not obj_cfg.objective.offpolicy_rows:
         # the loss is a sum of micro-batch means; report the diagnostics as means
-        metrics.update({k: v / M for k, v in sums.items() if k in _MEAN_DIAGNOSTICS})
+        n = M if minibatch.agg_denom_B is None else _authors_micro_batches(minibatch)
+        metrics.update({k: v / n for k, v in sums.items() if k in _MEAN_DIAGNOSTICS})
     metrics.update(
         {
             "loss/total": sum(v for k, v in metrics.items() if k.startswith("loss/")),
@@ -205,6 +212,13 @@ def train_step(
 
 
 _MEAN_DIAGNOSTICS = ("actor/entropy", "actor/ratio_mean", "actor/clip_frac")
+
+
+def _authors_micro_batches(minibatch: Batch):
+    """How many micro-batches the per-row denominators stand for: each micro-batch's rows weigh
+    sum(tokens) / (ranks x tokens) = 1 / ranks, so the sum over rows is their count per rank."""
+    tokens_B = minibatch.mask_BT.astype(jnp.float32).sum(-1)
+    return jnp.maximum(jnp.sum(tokens_B / jnp.maximum(minibatch.agg_denom_B, 1.0)), 1.0)
 
 
 def _initial(names):
@@ -249,10 +263,20 @@ def make_train_step(
     micro_batch: int,
     chunk: int = 256,
     state: TrainState | None = None,
+    temperature: float = 1.0,
 ):
     """The jitted step: (state, minibatch: Batch, iteration) -> (state, metrics); state donated.
-    Pass the initial `state` to pin the output shardings to its own."""
-    fn = functools.partial(train_step, graphdef, optimizer, obj_cfg=obj_cfg, micro_batch=micro_batch, chunk=chunk)
+    Pass the initial `state` to pin the output shardings to its own. temperature: the rollout
+    temperature (rollout.temperature) the student's log-probs are computed at."""
+    fn = functools.partial(
+        train_step,
+        graphdef,
+        optimizer,
+        obj_cfg=obj_cfg,
+        micro_batch=micro_batch,
+        chunk=chunk,
+        temperature=temperature,
+    )
     out = pinned_out_shardings(state) if state is not None else None
     if out is None:
         return jax.jit(fn, donate_argnums=(0,))
