@@ -60,6 +60,13 @@ def student_usable_vocab(mode: str, tokenizer_len: int, student_rows: int) -> in
     return student_rows if mode == "shared" else min(tokenizer_len, student_rows)
 
 
+def usable_vocab_override(tokenizer_len: int, rows: int, mode: str = DEFAULT_TEACHER_OOV) -> dict:
+    """ModelConfig overrides that mask a model's logits beyond `student_usable_vocab` ({} when every
+    row is usable): its sampler never emits, and no log-prob is taken over, an id without a token."""
+    usable = student_usable_vocab(mode, tokenizer_len, rows)
+    return {"valid_vocab_size": usable} if usable < rows else {}
+
+
 def build_teacher_id_map(student_tok, teacher_tok, *, teacher_rows: int, student_rows: int, mode: str) -> TeacherIdMap:
     """The table for `mode` over teacher_rows ids (the teacher's embedding rows after alignment)."""
     check_teacher_oov(mode)
@@ -177,4 +184,5 @@ __all__ = [
     "first_pieces",
     "shared_ids",
     "student_usable_vocab",
+    "usable_vocab_override",
 ]

@@ -21,7 +21,7 @@ from tgpo_jax.models.hf_export import flat_params
 from tgpo_jax.models.hf_import import TOKENIZER_FILES, load_tokenizer, model_from_flat
 from tgpo_jax.models.tokenizer_check import check_tokenizers_agree
 from tgpo_jax.models.vocab import align_vocab
-from tgpo_jax.models.vocab_map import build_teacher_id_map, describe_teacher_id_map, student_usable_vocab
+from tgpo_jax.models.vocab_map import build_teacher_id_map, describe_teacher_id_map, usable_vocab_override
 from tgpo_jax.rewards import RewardFn
 from tgpo_jax.rollout.sampler import Sampler
 from tgpo_jax.rollout.text import context_problem, stop_ids_for
@@ -75,8 +75,7 @@ def _student_overrides(cfg: TrainConfig, tokenizer) -> dict:
     models.teacher_oov: shared (the authors' behaviour: every embedding row)."""
     m = cfg.models
     rows = read_model_config(m.student, "models.student").vocab_size
-    usable = student_usable_vocab(m.teacher_oov, len(tokenizer), rows)
-    return m.model_overrides() | ({"valid_vocab_size": usable} if usable < rows else {})
+    return m.model_overrides() | usable_vocab_override(len(tokenizer), rows, m.teacher_oov)
 
 
 def _build_models(cfg: TrainConfig, tokenizer=None):
