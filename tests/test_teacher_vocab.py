@@ -140,6 +140,7 @@ def _cfg(**kw) -> ModelConfig:
         num_kv_heads=1,
         head_dim=8,
         tie_word_embeddings=False,
+        qkv_bias=True,  # as Qwen2's config.json implies
         **kw,
     )
 
@@ -301,3 +302,91 @@ def test_forward_topk_merges_mapped_duplicates(toks, teacher):
         _, got, _ = _score(toks, teacher, mode, obj)
         np.testing.assert_array_equal(np.asarray(got.teacher_topk_ids_BTK), np.broadcast_to(ids, (B, T, 3)))
         np.testing.assert_allclose(np.asarray(got.teacher_topk_logp_BTK), logp, rtol=1e-5, atol=1e-5, err_msg=mode)
+
+
+# ------------------------------------------------------- a run's set-up and first iteration
+
+
+def _student_edit(params):
+    """As the teacher, but the student's logits favour the ids its tokenizer lacks (151665..):
+    a sampler that did not mask them would emit nothing else."""
+    _teacher_edit(params)
+    params["lm_head"][0, :] = 0.0
+    params["lm_head"][0, QWEN25_LEN:] = 10.0
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, toks):
+    from tgpo_jax.models.hf_export import save_hf
+
+    root = tmp_path_factory.mktemp("qwen_layout")
+    student_tok, teacher_tok = toks
+    s, t = str(root / "student"), str(root / "teacher")
+    save_hf(_model(_cfg(), _student_edit), s, tokenizer=student_tok)
+    save_hf(_model(_cfg(), _teacher_edit), t, tokenizer=teacher_tok)
+    return root, s, t
+
+
+def _run_cfg(checkpoints, mode: str):
+    from tgpo_jax.train.config import load_train_config
+
+    root, s, t = checkpoints
+    return load_train_config(
+        {
+            "run_dir": str(root / f"run_{mode}"),
+            "models": {"student": s, "teacher": t, "allow_tokenizer_mismatch": True, "teacher_oov": mode},
+            "objective": {"name": "tgpo_reg", "lambda_0": 1.0, "lambda_decay": 0.0},
+            "rollout": {"prompts_per_iteration": 4, "n": 2, "max_new_tokens": 4, "prompt_buckets": [8]},
+            "data": {"max_prompt_len": 8},
+            "train": {"mini_batches": 1, "micro_batch": 8, "logprob_chunk": 4},
+        }
+    )
+
+
+class _Rewards:
+    def submit(self, texts, answers):
+        from concurrent.futures import Future
+
+        f = Future()
+        f.set_result([1.0, 0.0] * (len(texts) // 2))
+        return f
+
+
+@pytest.mark.parametrize("mode", ["map", "shared"])
+def test_a_run_prints_the_handling_samples_only_tokenizer_ids_and_reports_the_share(checkpoints, toks, mode, capsys):
+    """Before training: the tokenizer differences and each teacher-only id's handling; the student
+    samples only ids its tokenizer holds (except in `shared`, the authors' setting, where its favoured
+    rows 151665.. are what it samples); after iteration 1: teacher/oov_frac and its printed line."""
+    from tgpo_jax.train.iteration import Example, run_iteration
+    from tgpo_jax.train.loop import oov_line
+    from tgpo_jax.train.setup import build_model_parts
+
+    cfg = _run_cfg(checkpoints, mode)
+    with pytest.warns(UserWarning, match="mismatched tokenizers"):
+        models, state, tokenizer = build_model_parts(cfg)
+    out = capsys.readouterr().out
+    assert "[vocab] tokenizer check: len(student)=151665, len(teacher)=151669" in out
+    assert "eos_token: student '<|endoftext|>' (id 151643) vs teacher '<|im_end|>' (id 151645)" in out
+    handling = "mapped to 522 '</'" if mode == "map" else "kept as id 151668"
+    assert f"[vocab]   151668 '</think>': {handling}" in out
+    assert models.sampler.cfg.valid_vocab_size == (QWEN25_LEN if mode == "map" else None)
+    np.testing.assert_array_equal(np.asarray(models.teacher_id_map.student_id_V), _table(toks, mode).student_id_V)
+
+    prompts = [Example([10, 11, 12], "1"), Example([13, 14], "2"), Example([15], "3"), Example([16, 17], "4")]
+    kw = dict(obj_cfg=cfg.objective, reward_fn=_Rewards(), mini_batches=1, chunk=4, score_micro_batch=8)
+    rollouts, sample = [], models.sampler.sample
+    models.sampler.sample = lambda *a: rollouts.append(sample(*a)) or rollouts[-1]
+    state, metrics = run_iteration(models, state, prompts, 1, jax.random.key(0), sampling=cfg.rollout_sampling, **kw)
+    sampled = np.asarray(rollouts[0].tokens_BT)
+    assert sampled.shape == (8, 4) and (sampled < QWEN25_LEN).all() == (mode == "map")
+    assert (sampled >= QWEN25_LEN).all() == (mode == "shared")
+    n_tokens = 8 * 4  # no stop id is sampled: every row runs to max_new_tokens
+    assert metrics["teacher/oov_frac"] == 1.0
+    assert (metrics["teacher/mapped_ids"], metrics["teacher/masked_ids"]) == (
+        (n_tokens, 0) if mode == "map" else (0, 0)
+    )
+    assert oov_line(metrics, 1, cfg) == (
+        f"[vocab] iteration 1: 100.000% of the teacher's target positions are ids the student's tokenizer lacks; "
+        f"0 targets masked, {n_tokens if mode == 'map' else 0} mapped to the student's first piece "
+        f"(models.teacher_oov: {mode})"
+    )
