@@ -174,14 +174,17 @@ def _merge_duplicates(ids_BTK, logp_BTK):
     """logp_BTK with the mass of entries sharing an id summed into the first of them (the others get
     MASK_VALUE, leaving the support): after mapping, '</think>' and '</' of one top-K both stand for
     student id '</', which must appear once in the forward-KL support. Masked entries stay masked.
-    The [.., K, K] comparison is reduced at once (XLA fuses it into the reductions)."""
+    One entry k at a time (lax.map): [B, T, K] temporaries, never [B, T, K, K] (K may be 100)."""
     K = ids_BTK.shape[-1]
-    live = logp_BTK > 0.5 * MASK_VALUE
-    same_BTKK = (ids_BTK[..., :, None] == ids_BTK[..., None, :]) & live[..., :, None] & live[..., None, :]
-    merged = jax.nn.logsumexp(jnp.where(same_BTKK, logp_BTK[..., None, :], -jnp.inf), -1)
-    earlier = jnp.tril(jnp.ones((K, K), bool), -1)  # [k, j]: j < k
-    first = ~jnp.any(same_BTKK & earlier, -1)
-    return jnp.where(live & first, merged, MASK_VALUE)
+    live_BTK = logp_BTK > 0.5 * MASK_VALUE
+
+    def entry(k):
+        same_BTK = (ids_BTK == ids_BTK[..., k, None]) & live_BTK & live_BTK[..., k, None]
+        merged_BT = jax.nn.logsumexp(jnp.where(same_BTK, logp_BTK, -jnp.inf), -1)
+        first_BT = ~jnp.any(same_BTK & (jnp.arange(K) < k), -1)
+        return jnp.where(live_BTK[..., k] & first_BT, merged_BT, MASK_VALUE)
+
+    return jnp.moveaxis(jax.lax.map(entry, jnp.arange(K)), 0, -1)
 
 
 def _gap_row_sums(old_logp_BT, t, y_BT, mask_BT, valid_BT, changed_BT, oov_BT) -> dict:
