@@ -366,7 +366,7 @@ def test_a_run_prints_the_handling_samples_only_tokenizer_ids_and_reports_the_sh
         models, state, tokenizer = build_model_parts(cfg)
     out = capsys.readouterr().out
     assert "[vocab] tokenizer check: len(student)=151665, len(teacher)=151669" in out
-    assert "eos_token: student '<|endoftext|>' (id 151643) vs teacher '<|im_end|>' (id 151645)" in out
+    assert "[vocab]   - [special_token] eos_token: student '<|endoftext|>' (id 151643) vs teacher '<|im_end|>'" in out
     handling = "mapped to 522 '</'" if mode == "map" else "kept as id 151668"
     assert f"[vocab]   151668 '</think>': {handling}" in out
     assert models.sampler.cfg.valid_vocab_size == (QWEN25_LEN if mode == "map" else None)

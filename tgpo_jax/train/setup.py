@@ -114,8 +114,9 @@ def _teacher_id_map(cfg: TrainConfig, tokenizer, teacher_tok, student, teacher, 
         tokenizer, teacher_tok, teacher_rows=teacher.cfg.vocab_size, student_rows=student.cfg.vocab_size, mode=mode
     )
     if not report.ok and jax.process_index() == 0:
-        lines = describe_teacher_id_map(id_map, tokenizer, teacher_tok, mode, student_rows=student.cfg.vocab_size)
-        print(f"[vocab] {report}\n[vocab] " + "\n[vocab] ".join(lines))
+        lines = str(report).splitlines()
+        lines += describe_teacher_id_map(id_map, tokenizer, teacher_tok, mode, student_rows=student.cfg.vocab_size)
+        print("\n".join(f"[vocab] {line}" for line in lines))
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(lambda x: put_global(x, replicated), id_map)
 
