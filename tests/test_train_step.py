@@ -157,7 +157,8 @@ def test_score_at_the_rollout_temperature_returns_the_samplers_log_probs():
     """Sampled at T = 0.6 (top-k / top-p off), the score step at temperature 0.6 returns, for every
     sampled token, the log-prob the sampler drew it with (the sampler's own logp_BT, taken in the
     cached decode: an independent computation) to fp32 tolerance; at T = 1 it would not. The
-    teacher is scored at the same temperature: log softmax(z_T / 0.6)(y_t) of its full forward."""
+    teacher is read at its own temperature 1 (objective.teacher_temperature: one, the default) or,
+    with `rollout`, at 0.6: log softmax(z_T / t)(y_t) of its full forward."""
     T = 0.6
     student, teacher = Decoder(S_CFG, nnx.Rngs(0)), Decoder(T_CFG, nnx.Rngs(1))
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
@@ -169,17 +170,24 @@ def test_score_at_the_rollout_temperature_returns_the_samplers_log_probs():
     m = r.mask_BT.astype(bool)
     assert m.sum() > 40 and (~m).any()  # rows of different lengths
 
-    def scored(temperature):
-        cfg = ObjectiveConfig(name="kdrl")
+    def scored(temperature, teacher_temperature="one"):
+        cfg = ObjectiveConfig(name="kdrl", teacher_temperature=teacher_temperature)
         return score(sg, ss, tg, ts, batch, jax.random.key(0), obj_cfg=cfg, chunk=8, temperature=temperature)[0]
 
     out = scored(T)
     np.testing.assert_allclose(np.asarray(out.old_logp_BT)[m], r.logp_BT[m], atol=2e-5, rtol=0)
     assert np.abs(np.asarray(scored(1.0).old_logp_BT)[m] - r.logp_BT[m]).max() > 0.05
-    zt = np.where(np.arange(T_CFG.vocab_size) < 560, _full_logits(teacher, batch), -np.inf) / T
-    lpt = zt - zt.max(-1, keepdims=True) - np.log(np.exp(zt - zt.max(-1, keepdims=True)).sum(-1, keepdims=True))
-    tlp = np.take_along_axis(lpt, r.tokens_BT[..., None], -1)[..., 0]
-    np.testing.assert_allclose(np.asarray(out.teacher_logp_BT)[m], tlp[m], atol=1e-5)
+
+    def teacher_logp(t):  # log softmax(z_T / t)(y_t) of the teacher's full forward, in numpy
+        zt = np.where(np.arange(T_CFG.vocab_size) < 560, _full_logits(teacher, batch), -np.inf) / t
+        lpt = zt - zt.max(-1, keepdims=True) - np.log(np.exp(zt - zt.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        return np.take_along_axis(lpt, r.tokens_BT[..., None], -1)[..., 0]
+
+    # the teacher at its own temperature 1 by default, at the rollout's with teacher_temperature=rollout
+    np.testing.assert_allclose(np.asarray(out.teacher_logp_BT)[m], teacher_logp(1.0)[m], atol=1e-5)
+    at_rollout = scored(T, "rollout").teacher_logp_BT
+    np.testing.assert_allclose(np.asarray(at_rollout)[m], teacher_logp(T)[m], atol=1e-5)
+    assert np.abs(teacher_logp(T)[m] - teacher_logp(1.0)[m]).max() > 0.05
 
 
 def test_train_step_at_the_score_temperature_starts_at_ratio_one(rollout):

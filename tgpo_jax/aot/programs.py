@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tgpo_jax.models.config import ModelConfig
 from tgpo_jax.models.hf_import import model_from_flat
+from tgpo_jax.models.vocab_map import TeacherIdMap
 from tgpo_jax.objectives.batch import Batch
 from tgpo_jax.rollout.sampler import Sampler, bucket_length
 from tgpo_jax.rollout.sampling import SamplingParams
@@ -147,7 +148,20 @@ def _score_fn(run: AbstractRun):
 
 
 def _score_args(run: AbstractRun, batch: Batch) -> tuple:
-    return (run.s_graphdef, run.train_state.params, run.t_graphdef, run.t_state, batch, _key_sds(run))
+    return (run.s_graphdef, run.train_state.params, run.t_graphdef, run.t_state, batch, _key_sds(run), _id_map_sds(run))
+
+
+def _id_map_sds(run: AbstractRun) -> TeacherIdMap | None:
+    """The teacher-id map train/setup.py passes to the score step: two arrays over the teacher's
+    embedding rows, replicated (None without a teacher)."""
+    if run.t_graphdef is None:
+        return None
+    rows = nnx.merge(run.t_graphdef, run.t_state).cfg.vocab_size
+    replicated = NamedSharding(run.mesh, PartitionSpec())
+    return TeacherIdMap(
+        jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated),
+        jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=replicated),
+    )
 
 
 def scored_batch(run: AbstractRun) -> Batch:

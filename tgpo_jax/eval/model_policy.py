@@ -119,13 +119,15 @@ def run_eval(
     weights are read."""
     from tgpo_jax.models.config import read_model_config
     from tgpo_jax.models.hf_import import load_model, load_tokenizer
+    from tgpo_jax.models.vocab_map import usable_vocab_override
     from tgpo_jax.rewards import RewardFn
 
     cfg = read_model_config(model_dir, "--model")
     tokenizer = load_tokenizer(model_dir, key="--model")
     items, stats = load_eval_items(files, tokenizer, think_suffix=think_format, **data_overrides)
     _check_context(items, max_new_tokens, cfg.max_position_embeddings, model_dir)
-    model = load_model(model_dir)
+    # ids the tokenizer cannot produce are never sampled, as in training (models/vocab_map.py)
+    model = load_model(model_dir, cfg_overrides=usable_vocab_override(len(tokenizer), cfg.vocab_size))
     policy = sampler_policy(
         model,
         tokenizer,

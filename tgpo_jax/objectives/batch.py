@@ -33,12 +33,14 @@ class Batch:
                                  dynamic split, objectives/token_budget.py); None: per micro-batch
     Set by the score step (old student = the parameters that sampled; teacher no grad):
       old_logp_BT              f32 [B, T]     log pi_old(y_t) (always: PPO ratio and its metrics)
-      teacher_ids_BT           int32 [B, T]   teacher argmax (or sample) y*_t; 0 where invalid
-      teacher_valid_BT         f32 [B, T]     1 where y*_t is an id the student can emit
+      teacher_ids_BT           int32 [B, T]   teacher argmax (or sample) y*_t as a student id
+                                              (models.teacher_oov, models/vocab_map.py); 0 where invalid
+      teacher_valid_BT         f32 [B, T]     1 where y*_t stays in the teacher terms (not masked)
       teacher_logp_BT          f32 [B, T]     log pi_T(y_t)
       old_p_teacher_BT         f32 [B, T]     pi_old(y*_t) * teacher_valid
-      teacher_topk_ids_BTK     int32 [B, T, K]  teacher top-K ids (0 where not student ids)
-      teacher_topk_logp_BTK    f32 [B, T, K]    their log pi_T (MASK_VALUE where not student ids)
+      teacher_topk_ids_BTK     int32 [B, T, K]  teacher top-K ids as student ids (0 where masked)
+      teacher_topk_logp_BTK    f32 [B, T, K]    their log pi_T (MASK_VALUE where masked; entries
+                                                mapped onto one student id summed into the first)
       student_topk_ids_BTK     int32 [B, T, K]  old student's top-K ids
       old_topk_logp_BTK        f32 [B, T, K]    their log pi_old
       teacher_at_student_topk_BTK f32 [B, T, K] log pi_T at the old student's top-K ids

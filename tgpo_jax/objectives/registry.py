@@ -19,6 +19,11 @@ from tgpo_jax.objectives.batch import SCORED_FIELDS, Batch
 from tgpo_jax.objectives.logprobs import StudentStats
 
 LOSS_AGGS = ("token_mean", "microbatch_sum")
+# The teacher's distribution in the score step: "one", its own (temperature 1, the spec: the target
+# the student is pulled toward does not depend on how the student samples); "rollout", logits /
+# rollout.temperature like the student (the authors' veRL, compute_teacher_ref_log_prob). The same
+# at rollout.temperature 1.0, the paper's setting.
+TEACHER_TEMPERATURES = ("one", "rollout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +42,20 @@ class ObjectiveConfig:
     rkl_dist_topk: int = 100
     luffy_gamma: float = 0.1
     loss_agg: str = "token_mean"
+    teacher_temperature: str = "one"
 
     def __post_init__(self):
         get_objective(self.name)  # raises for an unknown name
         if self.loss_agg not in LOSS_AGGS:
             raise ValueError(f"loss_agg={self.loss_agg!r}; accepted: {', '.join(LOSS_AGGS)}")
+        if self.teacher_temperature not in TEACHER_TEMPERATURES:
+            raise ValueError(
+                f"teacher_temperature={self.teacher_temperature!r}; accepted: {', '.join(TEACHER_TEMPERATURES)}"
+            )
+
+    def teacher_temperature_at(self, rollout_temperature: float) -> float:
+        """The temperature the score step reads the teacher at (see TEACHER_TEMPERATURES)."""
+        return rollout_temperature if self.teacher_temperature == "rollout" else 1.0
 
     @property
     def objective(self) -> Objective:

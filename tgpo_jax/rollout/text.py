@@ -10,6 +10,7 @@ import numpy as np
 
 from tgpo_jax.models.config import read_model_config
 from tgpo_jax.models.hf_import import load_model, load_tokenizer
+from tgpo_jax.models.vocab_map import usable_vocab_override
 from tgpo_jax.rollout.sampling import SamplingParams, sampling_problems
 
 CHATML_END = "<|im_end|>"
@@ -110,7 +111,8 @@ def run_sample(
     ]
     if problems:
         raise ValueError("; ".join(problems))
-    model = load_model(model_dir)
+    # ids the tokenizer cannot produce are never sampled, as in training (models/vocab_map.py)
+    model = load_model(model_dir, cfg_overrides=usable_vocab_override(len(tokenizer), cfg.vocab_size))
     sampler = Sampler(model, stop_ids=stop_ids_for(tokenizer, cfg, stop_ids), pad_id=tokenizer.pad_token_id or 0)
     out = sampler.sample(ids, params, jax.random.key(seed))
     toks, lens = np.asarray(out.tokens_BT), np.asarray(out.lengths_B)

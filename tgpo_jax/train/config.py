@@ -10,6 +10,7 @@ from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_ya
 from tgpo_jax.data.config import DataSection
 from tgpo_jax.models.config import DTYPES
 from tgpo_jax.models.runtime_options import runtime_option_problems
+from tgpo_jax.models.vocab_map import DEFAULT_TEACHER_OOV, TEACHER_OOV_MODES
 from tgpo_jax.objectives.registry import ObjectiveConfig
 from tgpo_jax.rewards.reward_fn import RewardConfig
 from tgpo_jax.rollout.sampling import SamplingParams, sampling_problems
@@ -32,6 +33,11 @@ class ModelPairConfig:
     teacher_param_dtype: str | None = None
     teacher_dtype: str | None = None
     allow_tokenizer_mismatch: bool = False
+    # A teacher target id (argmax, sample, top-K entry) the student's tokenizer cannot produce, e.g.
+    # Qwen3's </think> for a Qwen2.5 student: map (to the student's first piece of its text) |
+    # mask (out of the teacher terms) | shared (kept as the id, the authors' behaviour; the student
+    # then samples from every embedding row). models/vocab_map.py, docs/vocab.md.
+    teacher_oov: str = DEFAULT_TEACHER_OOV
     # Runtime kernels of both models' cache-free forward (training, scoring); see ModelConfig.
     # einsum | sdpa | cudnn (cuDNN flash attention, GPU only) | cpu (fused C++ kernel, fp32) |
     # auto (cpu where it applies on CPU devices, per shard on a mesh; else einsum)
@@ -232,6 +238,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(m, name)  # the teacher's None means "as the student's"
         if value not in DTYPES and not (value is None and name.startswith("teacher_")):
             p.append(f"models.{name}={value!r}: must be one of {', '.join(DTYPES)}")
+    if m.teacher_oov not in TEACHER_OOV_MODES:
+        p.append(f"models.teacher_oov={m.teacher_oov!r}: must be one of {', '.join(TEACHER_OOV_MODES)}")
     try:
         plan(cfg.sharding.distributed)
     except DistributedConfigError as e:

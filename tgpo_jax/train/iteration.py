@@ -44,6 +44,9 @@ class Models:
     train_step: Any  # jitted (state, minibatch: Batch, iteration) -> (state, metrics)
     put_batch: Any  # a pytree of host arrays [B, ...] (a Batch, an array) -> device arrays sharded over the batch axes
     decode: Any  # token ids -> text
+    # models/vocab_map.TeacherIdMap on the mesh: what each teacher target id becomes (None: ids
+    # below the student's usable vocabulary are kept, the rest masked)
+    teacher_id_map: Any = None
 
 
 def _replace_offpolicy(tokens_BT: np.ndarray, mask_BT: np.ndarray, examples: Sequence[Example], n: int) -> np.ndarray:
@@ -137,6 +140,7 @@ def run_iteration(
         chunk=chunk,
         micro_batch=score_micro_batch,
         temperature=sampling.temperature,  # old log-probs of the distribution the rollouts were drawn from
+        id_map=models.teacher_id_map,
     )
     rewards = np.asarray(pending.result(), np.float32)
     adv = grpo_advantages(rewards, sampling.n) if sampling.n > 1 else np.zeros_like(rewards)

@@ -94,6 +94,20 @@ def train(cfg: TrainConfig, *, resume_with_changes: bool = False) -> dict:
     return metrics
 
 
+def oov_line(metrics: dict, iteration: int, cfg: TrainConfig) -> str | None:
+    """The line printed after a run's first iteration when the teacher's targets include ids the
+    student's tokenizer lacks (or mismatched tokenizers were allowed): their share and handling."""
+    frac = metrics.get("teacher/oov_frac")
+    if frac is None or not (frac > 0 or cfg.models.allow_tokenizer_mismatch):
+        return None
+    masked, mapped = metrics.get("teacher/masked_ids", 0.0), metrics.get("teacher/mapped_ids", 0.0)
+    return (
+        f"[vocab] iteration {iteration}: {frac:.3%} of the teacher's target positions are ids the student's "
+        f"tokenizer lacks; {masked:.0f} targets masked, {mapped:.0f} mapped to the student's first piece "
+        f"(models.teacher_oov: {cfg.models.teacher_oov})"
+    )
+
+
 def _iterate(cfg: TrainConfig, parts: RunParts, ckpt: RunCheckpoints, writer: MetricsWriter, start: int, state) -> dict:
     """Iterations start..train.iterations (log, evaluate, checkpoint); returns the last metrics."""
     key = jax.random.key(cfg.train.seed)
@@ -117,6 +131,8 @@ def _iterate(cfg: TrainConfig, parts: RunParts, ckpt: RunCheckpoints, writer: Me
             micro_batch_ranks=cfg.train.micro_batch_ranks,
         )
         _check_finite(metrics, it, last_saved)
+        if it == start and jax.process_index() == 0 and (line := oov_line(metrics, it, cfg)):
+            print(line)
         score = None
         if cfg.eval.every and (it % cfg.eval.every == 0 or it == cfg.train.iterations):
             t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tgpo_jax.configtree import ConfigError
 from tgpo_jax.data import DataConfig, build_prompt_set, make_data_iterator
@@ -20,11 +21,12 @@ from tgpo_jax.models.hf_export import flat_params
 from tgpo_jax.models.hf_import import TOKENIZER_FILES, load_tokenizer, model_from_flat
 from tgpo_jax.models.tokenizer_check import check_tokenizers_agree
 from tgpo_jax.models.vocab import align_vocab
+from tgpo_jax.models.vocab_map import build_teacher_id_map, describe_teacher_id_map, usable_vocab_override
 from tgpo_jax.rewards import RewardFn
 from tgpo_jax.rollout.sampler import Sampler
 from tgpo_jax.rollout.text import context_problem, stop_ids_for
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
-from tgpo_jax.sharding.distributed import put_batch
+from tgpo_jax.sharding.distributed import put_batch, put_global
 from tgpo_jax.sharding.rules import ActivationSharding, param_shardings
 from tgpo_jax.train.config import TrainConfig
 from tgpo_jax.train.iteration import Example, Models
@@ -64,13 +66,30 @@ def build_models(cfg: TrainConfig, tokenizer=None):
     """(mesh, student, teacher or None, tokenizer). `tokenizer`: the run's, if already loaded
     (build_run loads it once for the data); else it is loaded here. jax.distributed must already
     be initialised for a multi-process run (`train` does it first)."""
+    return _build_models(cfg, tokenizer)[:4]
+
+
+def _student_overrides(cfg: TrainConfig, tokenizer) -> dict:
+    """The student's runtime options, with its usable vocabulary: ids its tokenizer cannot produce
+    are masked out of its logits (never sampled, never a log-prob target), except under
+    models.teacher_oov: shared (the authors' behaviour: every embedding row)."""
+    m = cfg.models
+    rows = read_model_config(m.student, "models.student").vocab_size
+    return m.model_overrides() | usable_vocab_override(len(tokenizer), rows, m.teacher_oov)
+
+
+def _build_models(cfg: TrainConfig, tokenizer=None):
+    """build_models' (mesh, student, teacher, tokenizer) and the teacher-id map on the mesh (None
+    without a teacher)."""
     mesh = build_mesh(MeshConfig.from_dict(cfg.sharding.mesh))
     m = cfg.models
-    student = _load(m.student, mesh, cfg.sharding.student_rules, m.param_dtype, m.dtype, m.model_overrides())
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(m.tokenizer or m.student)
-    teacher = None
+    overrides = _student_overrides(cfg, tokenizer)
+    student = _load(m.student, mesh, cfg.sharding.student_rules, m.param_dtype, m.dtype, overrides)
+    teacher = id_map = None
     if cfg.objective.objective.needs_teacher:
-        check_tokenizers_agree(tokenizer, load_tokenizer(m.teacher), allow_mismatch=m.allow_tokenizer_mismatch)
+        teacher_tok = load_tokenizer(m.teacher)
+        report = check_tokenizers_agree(tokenizer, teacher_tok, allow_mismatch=m.allow_tokenizer_mismatch)
         teacher = _load(
             m.teacher,
             mesh,
@@ -82,7 +101,24 @@ def build_models(cfg: TrainConfig, tokenizer=None):
         teacher = _teacher_on_student_vocab(
             teacher, student.cfg, len(tokenizer), mesh, ShardingRules.from_dict(cfg.sharding.teacher_rules)
         )
-    return mesh, student, teacher, tokenizer
+        id_map = _teacher_id_map(cfg, tokenizer, teacher_tok, student, teacher, report, mesh)
+    return mesh, student, teacher, tokenizer, id_map
+
+
+def _teacher_id_map(cfg: TrainConfig, tokenizer, teacher_tok, student, teacher, report, mesh):
+    """models/vocab_map's table over the teacher's rows, replicated on the mesh. When the tokenizers
+    disagree (allowed by models.allow_tokenizer_mismatch), prints before training which tokens
+    differ and how each teacher id the student's tokenizer lacks is handled."""
+    mode = cfg.models.teacher_oov
+    id_map = build_teacher_id_map(
+        tokenizer, teacher_tok, teacher_rows=teacher.cfg.vocab_size, student_rows=student.cfg.vocab_size, mode=mode
+    )
+    if not report.ok and jax.process_index() == 0:
+        lines = str(report).splitlines()
+        lines += describe_teacher_id_map(id_map, tokenizer, teacher_tok, mode, student_rows=student.cfg.vocab_size)
+        print("\n".join(f"[vocab] {line}" for line in lines))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: put_global(x, replicated), id_map)
 
 
 def batch_putter(mesh, rules: ShardingRules):
@@ -98,7 +134,7 @@ def batch_putter(mesh, rules: ShardingRules):
 
 def build_model_parts(cfg: TrainConfig, tokenizer=None):
     """(Models, initial train state, tokenizer); `tokenizer` as in build_models."""
-    mesh, student, teacher, tokenizer = build_models(cfg, tokenizer)
+    mesh, student, teacher, tokenizer, id_map = _build_models(cfg, tokenizer)
     optimizer = make_optimizer(cfg.optimizer)
     s_graphdef, train_state = init_train_state(student, optimizer)
     t_graphdef, t_state = nnx.split(teacher) if teacher is not None else (None, None)
@@ -129,6 +165,7 @@ def build_model_parts(cfg: TrainConfig, tokenizer=None):
         step,
         batch_putter(mesh, ShardingRules.from_dict(cfg.sharding.student_rules)),
         lambda ids: tokenizer.decode(list(map(int, ids)), skip_special_tokens=False),
+        id_map,
     )
     return models, train_state, tokenizer
 
