@@ -26,10 +26,11 @@ useful tokens/s = sum of stop_at over the B requests / median seconds of one cal
 included); ratio = engine tokens/s / static tokens/s (the same tokens: the ratio of the times).
 
 Default slots: the rollout's own default, half the requests (B // 2 rounded up). slots >= B gives
-the engine nothing to refill (every request is inserted at step 0 and the loop runs to the longest, as the static one does): that would measure only the
-engine's per-step overhead. B // 2 keeps refilling busy while holding half the static sampler's
-KV cache, so a ratio >= 1 means as many tokens as fast with half the decode memory. Where decode is
-bound by reading the weights (accelerators, small batches), fewer slots cost more steps at nearly
+the engine nothing to refill (every request is inserted at step 0 and the loop runs to the longest,
+as the static one does): that would measure only the engine's per-step overhead. B // 2 keeps
+refilling busy while holding half the static sampler's KV cache, so a ratio >= 1 means as many
+tokens as fast with half the decode memory. Where decode is bound by reading the weights
+(accelerators, small batches), fewer slots cost more steps at nearly
 the same step time; try --slots B/4 .. B to see the trade. The report adds each side's decode
 steps (the static one: max(stop_at) - 1; the engine's: its schedule, simulated here exactly).
 """
