@@ -163,6 +163,10 @@ def test_the_sampler_runs_the_engine_on_the_weights_it_is_given():
     assert not np.array_equal(own_out.tokens_BT, ref[0])  # the two weight sets answer differently
     with pytest.raises(ValueError, match=r"rollout.slots=-1: must be >= 0"):
         load_train_config("configs/demo.yaml", ["rollout.slots=-1"])
+    donated = jax.tree.map(lambda x: x + 0, other)
+    jax.tree.leaves(donated)[0].delete()  # as a train step's donation leaves the state it was given
+    with pytest.raises(ValueError, match="donated"):
+        Sampler(model, stop_ids=()).sample(prompts, params, jax.random.key(0), state=donated)
 
 
 def test_auto_slots_is_half_the_requests_in_whole_shards():

@@ -160,9 +160,17 @@ class Sampler:
         """n responses for each prompt (token id lists); rows ordered prompt-major. state: the
         weights to sample (an nnx.State of the model's structure, e.g. the trainer's current
         parameters); None: the model's own."""
+        state = self.state if state is None else state
+        if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state)):
+            # a train step donates the state it is given; running on its freed buffers crashed the
+            # process instead of raising
+            raise ValueError(
+                "the weights given to Sampler.sample were donated (deleted) by a train step: pass the "
+                "step's returned state (state=train_state.params)"
+            )
         tokens, mask = self._pad_prompts(prompts)
         exe = self._executable(tokens.shape[0], tokens.shape[1], params)
-        out = exe(self.state if state is None else state, self._put(tokens), self._put(mask), key)
+        out = exe(state, self._put(tokens), self._put(mask), key)
         keep = len(prompts) * params.n
         t, m, lp, ln, fin = (global_to_host(x)[:keep] for x in out)  # collective when multi-process
         rep = lambda x: np.repeat(x, params.n, axis=0)[:keep]  # noqa: E731
