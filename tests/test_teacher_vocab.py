@@ -375,7 +375,7 @@ def test_a_run_prints_the_handling_samples_only_tokenizer_ids_and_reports_the_sh
     prompts = [Example([10, 11, 12], "1"), Example([13, 14], "2"), Example([15], "3"), Example([16, 17], "4")]
     kw = dict(obj_cfg=cfg.objective, reward_fn=_Rewards(), mini_batches=1, chunk=4, score_micro_batch=8)
     rollouts, sample = [], models.sampler.sample
-    models.sampler.sample = lambda *a: rollouts.append(sample(*a)) or rollouts[-1]
+    models.sampler.sample = lambda *a, **kw: rollouts.append(sample(*a, **kw)) or rollouts[-1]
     state, metrics = run_iteration(models, state, prompts, 1, jax.random.key(0), sampling=cfg.rollout_sampling, **kw)
     sampled = np.asarray(rollouts[0].tokens_BT)
     assert sampled.shape == (8, 4) and (sampled < QWEN25_LEN).all() == (mode == "map")
