@@ -179,11 +179,24 @@ def _specs(sharding, H: int, K: int, groups: int):
 
 
 def decode_step(
-    q_NHD, new_k_NKD, new_v_NKD, k_pool, v_pool, lengths_N, table_NM, first_page=0, *, platform, sharding, impl="auto"
+    q_NHD,
+    new_k_NKD,
+    new_v_NKD,
+    k_pool,
+    v_pool,
+    lengths_N,
+    table_NM,
+    first_page=0,
+    *,
+    platform,
+    sharding,
+    groups=None,
+    impl="auto",
 ):
     """`local_step` on one device, or under shard_map on a mesh (rows, page groups and heads split
     as `_specs` says; a kernel call cannot be partitioned by GSPMD, and the pages a row writes and
-    reads are on its own device). Returns (out [N, H, D], k_pool, v_pool)."""
+    reads are on its own device). groups: the cache's page groups (None: `page_groups`).
+    Returns (out [N, H, D], k_pool, v_pool)."""
     K, _, page_size, D = k_pool.shape
     name = resolve(impl, platform, D, page_size, k_pool.dtype)
     step = lambda *a: local_step(*a, impl=name, interpret=platform != "tpu")  # noqa: E731
@@ -191,7 +204,7 @@ def decode_step(
     if sharding is None or sharding.mesh.size == 1:
         return step(q_NHD, new_k_NKD, new_v_NKD, k_pool, v_pool, lengths_N, table_NM, first)
     N, H, _ = q_NHD.shape
-    groups = page_groups(sharding, N, k_pool.shape[1])
+    groups = page_groups(sharding, N, k_pool.shape[1]) if groups is None else groups
     qs, pool, rows = _specs(sharding, H, K, groups)
     kvs = P(rows[0], qs[1], None)
     in_specs = (qs, kvs, kvs, pool, pool, rows, P(rows[0], None), P())
