@@ -58,6 +58,8 @@ class Sampler:
         pad_id: int = 0,
         prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
         slots: int = 0,
+        kv_pages: int = 0,
+        page_size: int = 128,
     ):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
@@ -66,6 +68,7 @@ class Sampler:
         self.pad_id = pad_id
         self.buckets = tuple(sorted(prompt_buckets))
         self.slots = slots
+        self.paged = dict(kv_pages=kv_pages, page_size=page_size) if kv_pages else {}  # engine_fn's
         self.stats = CompileStats()
         self._compiled: dict = {}
 
@@ -104,7 +107,7 @@ class Sampler:
     def _jitted(self, params: SamplingParams):
         fn = functools.partial(rollout_fn, params=params, stop_ids=self.stop_ids)
         if self.slots:
-            fn = functools.partial(engine_fn, params=params, stop_ids=self.stop_ids, slots=self.slots)
+            fn = functools.partial(engine_fn, params=params, stop_ids=self.stop_ids, slots=self.slots, **self.paged)
         return jax.jit(fn, static_argnums=(0,))
 
     def lower(self, P: int, T: int, params: SamplingParams) -> jax.stages.Lowered:
