@@ -136,3 +136,28 @@ def test_grants_are_safe_oldest_first_and_pages_come_back():
     pool3, table3 = pg.release(pool2, table2, jnp.asarray([True, True, False]))
     assert int(pool3.count_G[0]) == 7 and not np.asarray(table3).any()
     assert sorted(np.asarray(pool3.free_GU[0]).tolist()) == list(range(1, 8))
+
+
+def test_the_sampler_runs_the_paged_engine_from_the_config_keys():
+    """Sampler(slots, kv_pages, page_size), as train setup builds it from rollout.*: the same
+    responses as the dense engine; kv_pages < 0, or > 0 without slots, is refused."""
+    from tgpo_jax.rollout.sampler import Sampler
+    from tgpo_jax.train.config import load_train_config
+
+    model = Decoder(CFG, nnx.Rngs(0))
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=T_NEW, n=2)
+    dense = Sampler(model, stop_ids=STOPS, slots=3).sample(prompts, params, jax.random.key(1))
+    paged = Sampler(model, stop_ids=STOPS, slots=3, kv_pages=12, page_size=PAGE).sample(
+        prompts, params, jax.random.key(1)
+    )
+    for a, b in zip(dense, paged):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    base = ["models.student=unused", "models.teacher=unused", "data.files=[t.jsonl]", "eval.data.files=[e.jsonl]"]
+    cfg = load_train_config(
+        "configs/demo.yaml", base + ["rollout.slots=4", "rollout.kv_pages=64", "rollout.page_size=16"]
+    )
+    assert (cfg.rollout.kv_pages, cfg.rollout.page_size) == (64, 16)
+    for bad in (["rollout.kv_pages=-1"], ["rollout.slots=0", "rollout.kv_pages=8"], ["rollout.page_size=0"]):
+        with pytest.raises(ValueError, match=bad[-1].split("=")[0].replace(".", r"\.")):
+            load_train_config("configs/demo.yaml", base + bad)
