@@ -216,6 +216,16 @@ def test_the_paged_engine_compiles_for_tpu_and_calls_the_pallas_paged_kernel():
         assert results[name].error is None, results[name].error
     assert "paged_flash_attention_kernel" in texts["paged"]
     assert "paged_flash_attention_kernel" not in texts["dense"]
+    # the pool stays in the kernel's row-major layout: no step copies it (a scatter whose window
+    # spanned the kv heads made the compiler keep it K-minor and copy it for the kernel per layer)
+    run = abstract_run(
+        _cfg("rollout.slots=32", "rollout.kv_pages=256", "rollout.page_size=16"), student, TEACHER_HF, devices
+    )
+    (prog,) = [p for p in iteration_programs(run) if p.name == "rollout"]
+    hlo = prog.lower().compile().as_text()
+    pool = "bf16[2,128,16,128]"  # one device's k or v pool: 2 kv heads x (2 layers x 64 pages) x 16 x 128
+    assert pool in hlo
+    assert not [line for line in hlo.splitlines() if f"= {pool}" in line and " copy(" in line]
     kv_token = 2 * 2 * 128 * 2 * 2  # k and v x 2 kv heads x 128 x bf16 x 2 layers, per token
     assert results["paged"].temps >= 4096 * kv_token // 4  # the pool, split over the 4 page groups
     assert results["dense"].temps >= 32 * (64 + 48) * kv_token // 4

@@ -77,8 +77,16 @@ def token_pages(table_NM: jax.Array, pos_N: jax.Array, page_size: int) -> tuple[
 
 
 def write_tokens(k_KPSD: jax.Array, new_NKD: jax.Array, page_N: jax.Array, slot_N: jax.Array) -> jax.Array:
-    """Writes row n's new key into (page_N[n], slot_N[n]) of the pool, in place."""
-    return k_KPSD.at[:, page_N, slot_N, :].set(jnp.swapaxes(new_NKD, 0, 1).astype(k_KPSD.dtype))
+    """Writes row n's new key into (page_N[n], slot_N[n]) of the pool, in place. Every update is one
+    [D] row indexed by (kv head, page, slot): with D, the minor dimension, as the scatter's only
+    window the pool stays row-major (the kernel's layout). A scatter whose window also spans K
+    made the TPU compiler lay the pool out K-minor and copy it back for the kernel in every layer
+    of every step."""
+    K, N = k_KPSD.shape[0], page_N.shape[0]
+    head_KN = jnp.broadcast_to(jnp.arange(K, dtype=page_N.dtype)[:, None], (K, N))
+    page_KN, slot_KN = (jnp.broadcast_to(x[None, :], (K, N)) for x in (page_N, slot_N))
+    new = jnp.swapaxes(new_NKD, 0, 1).astype(k_KPSD.dtype)  # [K, N, D]
+    return k_KPSD.at[head_KN, page_KN, slot_KN].set(new, mode="drop")
 
 
 def xla_attention(q_NHD, k_KPSD, v_KPSD, lengths_N, table_NM, pages_per_block: int) -> jax.Array:

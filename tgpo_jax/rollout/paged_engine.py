@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tgpo_jax.kernels import paged as paged_kernels
 from tgpo_jax.models.kv_cache import PagedKVCache, scans_cache
 from tgpo_jax.rollout import pages as pg
 from tgpo_jax.rollout.decode_loop import FINISH_LENGTH, FINISH_STOP, _decode_step, prefill_prompts
@@ -190,12 +191,13 @@ def _copy_prompts(cache: PagedKVCache, prompts, len_P, prompt_N, ins_N) -> Paged
         page_T, slot_T = _prompt_targets(cache, s, len_P[p], T)
 
         def put(pool, part):  # pool [K, pages, S, D]; part [P, K, T, D] or stacked [L, P, K, T, D]
-            if part.ndim == 4:
-                return pool.at[:, page_T, slot_T].set(part[p].astype(pool.dtype), mode="drop")
-            L = part.shape[0]
+            src = part[p] if part.ndim == 4 else jnp.swapaxes(part[:, p], 0, 1)  # [K, T, D] / [K, L, T, D]
+            L = 1 if part.ndim == 4 else part.shape[0]
             page_LT = page_T[None] + (jnp.arange(L) * pages)[:, None]
-            src = jnp.swapaxes(part[:, p], 0, 1).astype(pool.dtype)  # [K, L, T, D]
-            return pool.at[:, page_LT, jnp.broadcast_to(slot_T, page_LT.shape)].set(src, mode="drop")
+            slot_LT = jnp.broadcast_to(slot_T, page_LT.shape)
+            # as paged.write_tokens: one row per (kv head, token), D the only window (row-major pool)
+            new = src.reshape(src.shape[0], L * T, -1).swapaxes(0, 1)  # [L * T, K, D]
+            return paged_kernels.write_tokens(pool, new, page_LT.reshape(-1), slot_LT.reshape(-1))
 
         return jax.tree.map(put, k, prompts.k), jax.tree.map(put, v, prompts.v)
 
