@@ -101,6 +101,8 @@ def abstract_run(cfg: TrainConfig, student_hf: dict, teacher_hf: dict | None, de
         stop_ids=_model_stop_ids(student.cfg),
         prompt_buckets=cfg.rollout.prompt_buckets,
         slots=cfg.rollout.slots,
+        kv_pages=cfg.rollout.kv_pages,
+        page_size=cfg.rollout.page_size,
     )
     return AbstractRun(cfg, mesh, s_graphdef, t_graphdef, t_state, train_state, optimizer, sampler)
 

@@ -19,9 +19,10 @@ from flax import nnx
 
 from tgpo_jax import kernels
 from tgpo_jax.kernels import ATTN_OUT
+from tgpo_jax.kernels import paged as paged_kernels
 from tgpo_jax.models import layers as L
 from tgpo_jax.models.config import ModelConfig
-from tgpo_jax.models.kv_cache import KVCache, write_layer_slots, write_slots
+from tgpo_jax.models.kv_cache import KVCache, PagedKVCache, PageIndex, write_layer_slots, write_slots
 from tgpo_jax.models.moe import moe_block
 from tgpo_jax.models.params import initializer, layer_param_specs, param_specs
 
@@ -114,6 +115,10 @@ class Decoder(nnx.Module):
         )
         if cache is None:  # causal over the real tokens: the kernel takes the [B, T] key mask
             x_BTE, _ = run(x_BTE, mask_BT, None, remat=remat)
+        elif isinstance(cache, PagedKVCache):  # decode: each row attends to its own pages' tokens
+            x_BTE, (k, v) = run(x_BTE, None, cache, layers=layers)
+            index = cache.index.replace(lengths_N=cache.index.lengths_N + tokens_BT.shape[1])
+            cache = cache.replace(k=k, v=v, index=index)
         else:
             slot_mask, allowed = cache.allowed_BTS(mask_BT)
             x_BTE, (k, v) = run(x_BTE, allowed, cache, layers=layers)
@@ -262,6 +267,8 @@ def _attend(cfg: ModelConfig, sh, q, k, v, mask, kv, index):
     """The layer's attention [B, T, H, D] and the updated cache entry: over the cache (`mask` is
     the cache's allowed [B, T, S]), or cache-free through the configured kernel (`mask` is the
     [B, T] key mask; tgpo_jax/kernels)."""
+    if kv is not None and isinstance(index, PageIndex):
+        return _paged_attend(cfg, sh, q, k, v, kv, index)
     if kv is not None:
         k_c, v_c, kv = _cache_kv(kv, k, v, index)
         live = jnp.minimum(jnp.max(index) + q.shape[1], k_c.shape[2])  # the longest row's end
@@ -277,6 +284,29 @@ def _attend(cfg: ModelConfig, sh, q, k, v, mask, kv, index):
         query_block=cfg.attn_query_block,
     )
     return attn, kv
+
+
+def _paged_attend(cfg: ModelConfig, sh, q, k, v, kv, index: PageIndex):
+    """Decode attention over a paged cache (kernels/paged.py): writes each row's new key / value at
+    its length and attends to its pages. kv: the layer's pools (k, v), or the stacked pools and the
+    layer (k_all, v_all, layer), whose pages start at layer * index.pages."""
+    if q.shape[1] != 1:
+        raise ValueError(f"a paged KV cache decodes one token per row, got {q.shape[1]}")
+    first = 0 if len(kv) == 2 else kv[2] * index.pages
+    out, k_pool, v_pool = paged_kernels.decode_step(
+        q[:, 0],
+        k[:, 0],
+        v[:, 0],
+        kv[0],
+        kv[1],
+        index.lengths_N,
+        index.table_NM,
+        first,
+        platform=cfg.target_platform(),
+        sharding=sh,
+        groups=index.groups,
+    )
+    return out[:, None], (k_pool, v_pool, *kv[2:])
 
 
 def _layer(cfg: ModelConfig, sh, p: dict, x_BTE, cos, sin, mask, kv, index, stacks=None):

@@ -104,3 +104,60 @@ def write_layer_slots(k_LBKSD: jax.Array, new_k_BTKD: jax.Array, layer: jax.Arra
         new = jnp.swapaxes(new_k_BTKD, 1, 2).astype(k_LBKSD.dtype)[None]  # [1, B, K, T, D]
         k_LBKSD = jax.lax.dynamic_update_slice(k_LBKSD, new, (layer, 0, 0, index, 0))
     return k_LBKSD, jax.lax.dynamic_index_in_dim(k_LBKSD, layer, 0, keepdims=False)
+
+
+@flax.struct.dataclass
+class PageIndex:
+    """What a paged layer needs beside its pool (kernels/paged.py): each row's page table
+    (group-local page ids), each row's length (its next write position), the page groups and the
+    pages per group and layer (a stacked pool's layer l starts at local page l * pages)."""
+
+    table_NM: jax.Array
+    lengths_N: jax.Array
+    pages: int = flax.struct.field(pytree_node=False)
+    groups: int = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class PagedKVCache:
+    """A paged KV cache for decode (the continuous-batching engine's `rollout.kv_pages`): every row's
+    tokens live in pages of one pool found through its page table (layout: kernels/paged.py).
+    Per layer ("unroll"): k, v are tuples of [K, G * P, page_size, D]; stacked ("scan"): single
+    [K, G * L * P, page_size, D] arrays, group-major then layer-major, so a device holding group
+    g's slab holds every layer's pages of that group. Decode only: one new token per row."""
+
+    k: tuple | jax.Array
+    v: tuple | jax.Array
+    index: PageIndex
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, rows: int, pages: int, page_size: int, max_len: int, groups: int, dtype=None):
+        """pages: per group and layer (page 0 of each group is the trash page)."""
+        dtype = dtype or cfg.jnp_dtype
+        K, D, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+        M = -(-max_len // page_size)
+        if scans_cache(cfg):
+            k = jnp.zeros((K, groups * L * pages, page_size, D), dtype)
+            v = jnp.zeros_like(k)
+        else:
+            k = tuple(jnp.zeros((K, groups * pages, page_size, D), dtype) for _ in range(L))
+            v = tuple(jnp.zeros((K, groups * pages, page_size, D), dtype) for _ in range(L))
+        index = PageIndex(jnp.zeros((rows, M), jnp.int32), jnp.zeros((rows,), jnp.int32), pages, groups)
+        return cls(k=k, v=v, index=index)
+
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, tuple)
+
+    @property
+    def page_size(self) -> int:
+        return jax.tree.leaves(self.k)[0].shape[2]
+
+    @property
+    def dtype(self):
+        return jax.tree.leaves(self.k)[0].dtype
+
+    @property
+    def kv_axes(self) -> tuple:
+        """Logical axes of each pool: kv heads, then pages split over the batch axes by group."""
+        return ("act_kv_heads", "batch", None, None)

@@ -48,11 +48,31 @@ def engine_fn(
     stop_ids: tuple[int, ...],
     slots: int,
     stop_at_B=None,
+    kv_pages: int = 0,
+    page_size: int = 128,
 ):
     """(tokens_BT, mask_BT, logp_BT, lengths_B, finish_B) for B = P x params.n requests, prompt-major
     (request r is sample r % n of prompt r // n), as `decode_loop.rollout_fn` returns them, decoded
     by `slots` rows (clamped to [1, B]). stop_at_B (int32 [B], benchmarks only): as in rollout_fn,
-    request r stops after exactly stop_at_B[r] tokens (FINISH_STOP); None leaves the program as is."""
+    request r stops after exactly stop_at_B[r] tokens (FINISH_STOP); None leaves the program as is.
+    kv_pages > 0: the KV cache is a pool of that many pages of page_size tokens shared by the slots
+    (rollout/paged_engine.py); 0: one dense row of prompt + max_new_tokens slots per slot."""
+    if kv_pages:
+        from tgpo_jax.rollout.paged_engine import paged_engine_fn  # imports this module
+
+        return paged_engine_fn(
+            graphdef,
+            state,
+            prompt_PT,
+            mask_PT,
+            key,
+            params=params,
+            stop_ids=stop_ids,
+            slots=slots,
+            kv_pages=kv_pages,
+            page_size=page_size,
+            stop_at_B=stop_at_B,
+        )
     if slots < 1:
         raise ValueError(f"slots={slots}: the engine needs at least one decode slot")
     model = nnx.merge(graphdef, state)

@@ -62,6 +62,8 @@ class Sampler:
         pad_id: int = 0,
         prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
         slots: int = 0,
+        kv_pages: int = 0,
+        page_size: int = 128,
     ):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
@@ -70,6 +72,7 @@ class Sampler:
         self.pad_id = pad_id
         self.buckets = tuple(sorted(prompt_buckets))
         self.slots = slots
+        self.paged = dict(kv_pages=kv_pages, page_size=page_size) if kv_pages else {}  # engine_fn's
         self.stats = CompileStats()
         self._compiled: dict = {}
 
@@ -110,7 +113,9 @@ class Sampler:
         return engine_slots(P * params.n, self.slots, self._batch_shards())
 
     def _jitted(self, P: int, params: SamplingParams):
-        fn = functools.partial(engine_fn, params=params, stop_ids=self.stop_ids, slots=self.slots_for(P, params))
+        fn = functools.partial(
+            engine_fn, params=params, stop_ids=self.stop_ids, slots=self.slots_for(P, params), **self.paged
+        )
         return jax.jit(fn, static_argnums=(0,))
 
     def lower(self, P: int, T: int, params: SamplingParams) -> jax.stages.Lowered:

@@ -81,8 +81,13 @@ class RolloutConfig:
     # Decode slots of the continuous-batching engine (rollout/engine.py): a finished row's slot goes
     # to the next pending sample, so the decode steps follow the total length, not the longest
     # answer; every sampling call (rollouts, the in-run evaluator, `tgpo-jax eval` / `sample`) runs
-    # it. 0: auto, half the rollout rows rounded up to the batch shards (rollout/sampler.auto_slots).
+    # it. 0: auto, half the rollout rows rounded up to the batch shards (rollout/slots.py).
     slots: int = 0
+    # The engine's paged KV cache (rollout/paged_engine.py): a pool of kv_pages pages per layer of
+    # page_size tokens shared by the slots, taken as rows grow and returned when a request stops,
+    # so it is sized by the tokens in flight. 0: a dense row of prompt + max_new_tokens per slot.
+    kv_pages: int = 0
+    page_size: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,6 +361,8 @@ def _range_problems(cfg: TrainConfig) -> list[str]:
         ),
         ("rollout.prompts_per_iteration", r.prompts_per_iteration, r.prompts_per_iteration >= 1, ">= 1"),
         ("rollout.slots", r.slots, r.slots >= 0, ">= 0 (0: auto, half the rollout rows)"),
+        ("rollout.kv_pages", r.kv_pages, r.kv_pages >= 0, ">= 0 (0: a dense cache row per slot)"),
+        ("rollout.page_size", r.page_size, r.page_size >= 1, ">= 1"),
         ("eval.every", e.every, e.every >= 0, ">= 0 (0: never)"),
         ("eval.batch_size", e.batch_size, e.batch_size >= 0, ">= 0 (0: one rollout batch of rows, / eval.k)"),
         ("checkpoint.every", c.every, c.every >= 0, ">= 0 (0: never)"),

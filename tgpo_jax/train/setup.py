@@ -147,6 +147,8 @@ def build_model_parts(cfg: TrainConfig, tokenizer=None):
         pad_id=tokenizer.pad_token_id or 0,
         prompt_buckets=cfg.rollout.prompt_buckets,
         slots=cfg.rollout.slots,
+        kv_pages=cfg.rollout.kv_pages,
+        page_size=cfg.rollout.page_size,
     )
     step = make_train_step(
         s_graphdef,
