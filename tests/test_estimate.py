@@ -75,7 +75,7 @@ def test_tiny_model_by_hand():
 
     s = est.models["student"].items
     assert s["params"] == n_student * 2  # bf16
-    assert s["grads"] == n_student * 4  # fp32 accumulator
+    assert s["grads"] == 2 * n_student * 4  # fp32 accumulator + one micro-batch's gradient
     assert s["optimizer"] == n_student * (2 * 4 + 4)  # mu + nu fp32, fp32 master (param is bf16)
     # KV cache: the engine's auto slots, half the 8 requests = 4 rows over (data*fsdp=2):
     # L * 2 * (R=4 / 2) * (S=16+48) * (K=2 / tensor 2) * D * 2 bytes

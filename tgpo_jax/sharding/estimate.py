@@ -19,9 +19,10 @@ the report).
 
 Items per model:
   params      = sum over parameters of prod(local shape) * p
-  grads       = N_local * g                         (trainable only; g = optimizer.grad_dtype: the
-                accumulator over micro-batches. The train step sums in the params' dtype
-                (zeros_like(params)), so a view of a train config uses param_dtype)
+  grads       = 2 * N_local * g                     (trainable only; g = optimizer.grad_dtype: the
+                accumulator over micro-batches and one micro-batch's gradient, live together in
+                the scan body. The train step sums in the params' dtype (zeros_like(params)), so
+                a view of a train config uses param_dtype)
   optimizer   = N_local * (2 s + m)                 (trainable only; AdamW mu and nu in state_dtype (the
                 train step: param_dtype), plus a master copy in master_dtype when it differs from
                 param_dtype (the train step keeps none); m = 0 otherwise)
@@ -568,7 +569,9 @@ def model_items(m: _Model, cfg: EstimateConfig, sizes, notes: list[str]) -> dict
     if m.entry.trainable:
         o = cfg.optimizer
         master = o.master_dtype is not None and o.master_dtype != m.entry.param_dtype
-        items["grads"] = n_local * DTYPE_BYTES[o.grad_dtype]
+        # two gradient-sized trees: the accumulator and, inside the micro-batch scan, the micro-batch's
+        # own gradient before it is added (the train step's scan body holds both)
+        items["grads"] = 2 * n_local * DTYPE_BYTES[o.grad_dtype]
         items["optimizer"] = n_local * (2 * DTYPE_BYTES[o.state_dtype] + (DTYPE_BYTES[o.master_dtype] if master else 0))
     if m.role == "student":
         items["kv_cache"] = kv_cache_bytes(m, cfg.batch, sizes, notes)
