@@ -120,10 +120,24 @@ def run_iteration(
     step_metrics = jax.device_get(step_metrics)
     t_train = time.perf_counter() - t1
     metrics = _iteration_metrics(step_metrics, jax.device_get(gap), rewards, r, host, t_rollout, t_train)
+    metrics.update(group_reward_metrics(rewards, sampling.n))
     metrics["perf/iteration_s"] = time.perf_counter() - t0
     metrics["perf/compile_s"] = models.sampler.stats.compile_s - compile_s0
     metrics["perf/compiles"] = models.sampler.stats.compiles - compiles0
     return train_state, metrics
+
+
+def group_reward_metrics(rewards_B: np.ndarray, n: int) -> dict[str, float]:
+    """The share of prompt groups (n samples of one prompt) whose rewards are all equal: their GRPO
+    advantage is 0, so only a teacher term can move the student on them. all_zero: none solved."""
+    if n < 2:
+        return {}
+    g = np.asarray(rewards_B, np.float32).reshape(-1, n)
+    equal = np.all(g == g[:, :1], axis=1)
+    return {
+        "reward/all_equal_group_frac": float(equal.mean()),
+        "reward/all_zero_group_frac": float((equal & (g[:, 0] == 0)).mean()),
+    }
 
 
 def _iteration_metrics(step_metrics, gap, rewards, r, host: Batch, t_rollout, t_train) -> dict[str, float]:
