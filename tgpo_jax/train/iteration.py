@@ -43,6 +43,7 @@ class Models:
     train_step: Any  # jitted (state, minibatch: Batch, iteration) -> (state, metrics)
     put_batch: Any  # a pytree of host arrays [B, ...] (a Batch, an array) -> device arrays sharded over the batch axes
     decode: Any  # token ids -> text
+    grad_share: Any = None  # train/grad_share.GradShare: the teacher term's share of the gradient, or None
 
 
 def _replace_offpolicy(tokens_BT: np.ndarray, mask_BT: np.ndarray, examples: Sequence[Example], n: int) -> np.ndarray:
@@ -109,8 +110,16 @@ def run_iteration(
     rewards = np.asarray(pending.result(), np.float32)
     adv = grpo_advantages(rewards, sampling.n) if sampling.n > 1 else np.zeros_like(rewards)
     full = scored.replace(adv_B=models.put_batch(adv), offpolicy_B=None if off is None else models.put_batch(off))
-    t1 = time.perf_counter()
     B = len(rewards)
+    share = {}
+    if models.grad_share is not None and models.grad_share.due(iteration):  # before the state is donated
+        tg = time.perf_counter()
+        first = jax.tree.map(lambda x: x[: B // mini_batches], full)
+        share = {
+            k: float(v) for k, v in jax.device_get(models.grad_share(train_state.params, first, iteration)).items()
+        }
+        share["perf/grad_share_s"] = time.perf_counter() - tg
+    t1 = time.perf_counter()
     step_metrics = []
     for j in range(mini_batches):
         sl = slice(j * B // mini_batches, (j + 1) * B // mini_batches)
@@ -121,6 +130,7 @@ def run_iteration(
     t_train = time.perf_counter() - t1
     metrics = _iteration_metrics(step_metrics, jax.device_get(gap), rewards, r, host, t_rollout, t_train)
     metrics.update(group_reward_metrics(rewards, sampling.n))
+    metrics.update(share)
     metrics["perf/iteration_s"] = time.perf_counter() - t0
     metrics["perf/compile_s"] = models.sampler.stats.compile_s - compile_s0
     metrics["perf/compiles"] = models.sampler.stats.compiles - compiles0
