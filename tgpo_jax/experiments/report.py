@@ -185,6 +185,29 @@ def paired_table(agg: dict, teacher_names: list[str], methods: list[str]) -> str
     return "\n".join(rows)
 
 
+def verdict(agg: dict, teacher_names: list[str], methods: list[str]) -> list[str]:
+    """Plain sentences: which teacher-guided arms beat / trail GRPO beyond seed noise (the paired 95%
+    t-interval of the per-seed difference excludes 0), and the best TGPO arm per teacher."""
+    better, worse = [], []
+    for m in methods:
+        for t in teacher_names:
+            c = agg["paired"].get(m, {}).get(t)
+            if c and c[2] > 1 and abs(c[0]) > c[1]:
+                (better if c[0] > 0 else worse).append(f"{m} with {t} ({100 * c[0]:+.1f} ± {100 * c[1]:.1f} points)")
+    out = [
+        "- Beats GRPO beyond seed noise: " + ("; ".join(better) if better else "none") + ".",
+        "- Trails GRPO beyond seed noise: " + ("; ".join(worse) if worse else "none") + ".",
+    ]
+    for t in teacher_names:
+        tgpo = [(agg["paired"][m][t], m) for m in methods if m.startswith("tgpo") and t in agg["paired"].get(m, {})]
+        if tgpo:
+            (mean, half, n), m = max(tgpo, key=lambda x: x[0][0])
+            out.append(
+                f"- Best TGPO arm with {t}: {m}, {100 * mean:+.1f} ± {100 * half:.1f} points vs GRPO (n={n} seeds)."
+            )
+    return out
+
+
 def _window_mean(curve: dict, lo: int, hi: int) -> float:
     xs = [v for it, v in curve.items() if lo <= it <= hi]
     return statistics.fmean(xs) if xs else math.nan
@@ -401,6 +424,7 @@ def write_report(
         "",
     ]
     if agg["paired"]:
+        lines += ["## Verdict (computed from the table below)", "", *verdict(agg, order, labels), ""]
         lines += [
             f"Final accuracy minus {NO_TEACHER_BASELINE}'s with the same seed (points, mean ± 95% t-interval; "
             "* = the interval excludes 0):",
