@@ -308,13 +308,15 @@ def plot_training_curves(
             if c and student_acc is not None:  # iteration 0: the SFT student every run starts from
                 c, band = {0: student_acc, **c}, {0: 0.0, **band}
             if c:
-                (line,) = axes[0, j].plot(list(c), [100 * v for v in c.values()], marker="o", ms=3, label=m)
+                (line,) = axes[0, j].plot(
+                    list(c), [100 * v for v in c.values()], marker="o", ms=3, color=f"C{methods.index(m) % 10}", label=m
+                )
                 if any(band.get(it, 0.0) for it in c):  # the 95% t-interval over seeds
                     lo = [100 * (v - band.get(it, 0.0)) for it, v in c.items()]
                     hi = [100 * (v + band.get(it, 0.0)) for it, v in c.items()]
                     axes[0, j].fill_between(list(c), lo, hi, color=line.get_color(), alpha=0.12, lw=0)
             if ln:
-                axes[1, j].plot(list(ln), list(ln.values()), label=m)
+                axes[1, j].plot(list(ln), list(ln.values()), color=f"C{methods.index(m) % 10}", label=m)
         axes[0, j].set_title(f"teacher: {t}")
         axes[0, j].set_ylabel("held-out accuracy (%), band: 95% CI")
         axes[1, j].set_ylabel("response/length_mean")
@@ -336,15 +338,22 @@ def plot_signals(agg: dict, teacher_names: list[str], methods: list[str], out_pn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = (("reward/all_equal_group_frac", "groups with all-equal rewards (%)"), ("teacher/grad_share", None))
+    keys = (
+        ("reward/all_equal_group_frac", "groups with all-equal rewards (%)\n(mean over seeds, 5-iteration window)"),
+        ("teacher/grad_share", None),
+    )
     fig, axes = plt.subplots(2, len(teacher_names), figsize=(4.2 * len(teacher_names), 6.4), squeeze=False)
     for j, t in enumerate(teacher_names):
         for m in methods:
             sig = agg["signals"].get(m, {}).get(t, {})
+            color = f"C{methods.index(m) % 10}"  # one colour per method in both rows
             for i, (k, _) in enumerate(keys):
                 c = sig.get(k, {})
                 if c:
-                    axes[i, j].plot(list(c), [100 * v for v in c.values()], marker="." if i else None, label=m)
+                    y = [100 * v for v in c.values()]
+                    if i == 0:  # one iteration has 16 groups: a centred 5-iteration mean reads better
+                        y = [statistics.fmean(y[max(0, n - 2) : n + 3]) for n in range(len(y))]
+                    axes[i, j].plot(list(c), y, marker="." if i else None, color=color, label=m)
         axes[0, j].set_title(f"teacher: {t}")
         axes[0, j].set_ylabel(keys[0][1])
         axes[1, j].set_ylabel("teacher term's gradient share (%)\n||g_T|| / (||g_T|| + ||g_rest||)")
