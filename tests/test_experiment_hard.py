@@ -184,3 +184,20 @@ def test_quick_end_to_end_with_tuning(tmp_path, capsys):
     capsys.readouterr()
     assert main(["experiment", "hard", "--config", str(p), "--quick", "--no-progress"]) == 0
     assert capsys.readouterr().out.count("(cached)") == 5
+
+
+def test_grad_share_is_measured_where_a_teacher_term_can_be_switched_off():
+    from tgpo_jax.objectives.registry import ObjectiveConfig
+    from tgpo_jax.train.grad_share import GradShare, make_grad_share, measurable
+
+    assert [
+        n for n in ("grpo", "rkl", "kdrl", "tgpo_reg", "tgpo_adv", "tgpo_mc") if measurable(ObjectiveConfig(n))
+    ] == [
+        "kdrl",
+        "tgpo_reg",
+        "tgpo_adv",
+        "tgpo_mc",
+    ]
+    assert make_grad_share(None, obj_cfg=ObjectiveConfig("tgpo_reg"), micro_batch=8, chunk=16, every=0) is None
+    assert make_grad_share(None, obj_cfg=ObjectiveConfig("grpo"), micro_batch=8, chunk=16, every=5) is None
+    assert [it for it in range(1, 13) if GradShare(None, 5).due(it)] == [1, 6, 11]
