@@ -184,6 +184,27 @@ def test_quick_end_to_end_with_tuning(tmp_path, capsys):
     capsys.readouterr()
     assert main(["experiment", "hard", "--config", str(p), "--quick", "--no-progress"]) == 0
     assert capsys.readouterr().out.count("(cached)") == 5
+    # an interim report from the finished cells: one cell "not finished yet" is left out, nothing trains
+    import shutil
+
+    shutil.rmtree(out / "cells" / "tgpo_reg@tuned__knows__seed0")
+    assert main(["experiment", "hard", "--config", str(p), "--quick", "--no-progress", "--report-only"]) == 0
+    assert (
+        capsys.readouterr().out.count("(cached)") == 4 and not (out / "cells" / "tgpo_reg@tuned__knows__seed0").exists()
+    )
+    assert "tgpo_reg@tuned" not in json.loads((out / "results.json").read_text())["accuracy"]
+
+
+def test_one_training_experiment_per_out_dir(tmp_path):
+    from tgpo_jax.experiments.divergence import _lock_out_dir
+
+    lock = _lock_out_dir(str(tmp_path))
+    try:
+        with pytest.raises(ConfigError, match="another experiment is running"):
+            _lock_out_dir(str(tmp_path))
+    finally:
+        lock.close()
+    _lock_out_dir(str(tmp_path)).close()  # released: free again
 
 
 def test_grad_share_is_measured_where_a_teacher_term_can_be_switched_off():

@@ -185,6 +185,10 @@ def cmd_experiment(args) -> int:
     cfg = load_experiment_config(
         args.config or EXPERIMENT_CONFIGS[args.experiment], quick=args.quick, out_dir=args.out, overrides=args.overrides
     )
+    if args.report_only:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, report_only=True)
     run_experiment(cfg, progress=not args.no_progress)
     return 0
 
@@ -394,6 +398,11 @@ def _add_study_commands(sub) -> None:
             "--out", default=None, help="output directory (overrides out_dir; cells and SFT models are cached)"
         )
         s.add_argument("--no-progress", action="store_true", help="no progress bar over the cells")
+        s.add_argument(
+            "--report-only",
+            action="store_true",
+            help="write the report from the cells finished so far (trains nothing; e.g. while a run is going)",
+        )
         s.add_argument(
             "overrides",
             nargs="*",

@@ -77,6 +77,9 @@ class ExperimentConfig:
     # (mean final validation accuracy, per teacher) is run on `seeds` as the arm <method>@tuned
     tune: dict = dataclasses.field(default_factory=dict)
     tune_seeds: tuple[int, ...] = ()
+    # write the report from the finished cells only (nothing is trained; SFT models must exist):
+    # an interim report while a run is going, from another shell
+    report_only: bool = False
 
     @property
     def report_dir(self) -> str:
@@ -250,14 +253,8 @@ def cell_train_dict(
     return apply_overrides(d, overrides)
 
 
-def run_cell(cfg: ExperimentConfig, cell: Cell, train_dict: dict, log=print) -> dict:
-    """Trains one cell (or returns its cached result); the result holds the metrics records."""
-    from tgpo_jax.train.config import load_train_config
-    from tgpo_jax.train.loop import train
-    from tgpo_jax.train.metrics import read_jsonl
-
-    run_dir = train_dict["run_dir"]
-    key = digest(
+def _cell_key(train_dict: dict) -> str:
+    return digest(
         {
             "train": train_dict,
             "models": [
@@ -267,12 +264,31 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, train_dict: dict, log=print) -> 
             ],
         }
     )
-    done = os.path.join(run_dir, CELL_FILE)
-    if os.path.exists(done):
+
+
+def cached_cell(train_dict: dict) -> dict | None:
+    """The finished result of a cell with this exact key, or None."""
+    done = os.path.join(train_dict["run_dir"], CELL_FILE)
+    try:
         with open(done) as f:
             saved = json.load(f)
-        if saved.get("key") == key:
-            return dict(saved, cached=True)
+    except (OSError, ValueError):
+        return None
+    return dict(saved, cached=True) if saved.get("key") == _cell_key(train_dict) else None
+
+
+def run_cell(cfg: ExperimentConfig, cell: Cell, train_dict: dict, log=print) -> dict | None:
+    """Trains one cell (or returns its cached result); the result holds the metrics records.
+    cfg.report_only: None for a cell that has not finished (nothing is trained)."""
+    from tgpo_jax.train.config import load_train_config
+    from tgpo_jax.train.loop import train
+    from tgpo_jax.train.metrics import read_jsonl
+
+    run_dir = train_dict["run_dir"]
+    saved = cached_cell(train_dict)
+    if saved is not None or cfg.report_only:
+        return saved
+    key = _cell_key(train_dict)
     tcfg = load_train_config(train_dict)
     if os.path.isdir(run_dir):
         import shutil
@@ -288,7 +304,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, train_dict: dict, log=print) -> 
         "seconds": time.perf_counter() - t0,
         "records": records,
     }
-    with open(done, "w") as f:
+    with open(os.path.join(run_dir, CELL_FILE), "w") as f:
         json.dump(result, f)
     return result
 
@@ -304,6 +320,11 @@ def prepare_models(cfg: ExperimentConfig, log=print) -> tuple[str, str, str, dic
     # the prompt settings of the cells (base config + train_overrides): the SFT models see the same prompts
     base = apply_overrides(load_yaml(cfg.base_config or DEFAULT_CONFIG), list(cfg.train_overrides))
     data_section = {k: v for k, v in (base.get("data") or {}).items() if k != "files"}
+    if cfg.report_only:
+        names = ["student"] + [f"teacher_{r.name}" for r in cfg.teachers]
+        missing = [n for n in names if not os.path.isfile(os.path.join(cfg.out_dir, n, "hf", "config.json"))]
+        if missing:
+            raise ConfigError(f"report_only: no SFT model yet for {', '.join(missing)} under {cfg.out_dir}")
     student, _ = sft_model(cfg.out_dir, "student", cfg.student, train_path, data_section, log)
     teachers = {}
     for rung in cfg.teachers:
@@ -362,6 +383,9 @@ def _run_cells(cfg, todo, make_dict, prog: _Progress, stage: str) -> list[dict]:
     results = []
     for i, cell in enumerate(todo, 1):
         r = run_cell(cfg, cell, make_dict(cell), prog.log)
+        if r is None:  # report_only: not finished yet
+            prog.done(True)
+            continue
         final, took = final_accuracy(r["records"]), "cached" if r.get("cached") else f"{r['seconds']:.0f}s"
         prog.log(
             f"[{cfg.name}] {stage}{i}/{len(todo)} {cell.name}: final {cell.split} accuracy "
@@ -372,15 +396,43 @@ def _run_cells(cfg, todo, make_dict, prog: _Progress, stage: str) -> list[dict]:
     return results
 
 
+def _lock_out_dir(out_dir: str):
+    """One training experiment per out_dir at a time: two would train (and delete) the same cells.
+    An exclusive flock on <out_dir>/.experiment.lock, held until the returned file is closed (or
+    the process ends, also when it is killed)."""
+    import fcntl
+
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".experiment.lock"), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ConfigError(
+            f"another experiment is running in {out_dir}; wait for it, or write an interim report with --report-only"
+        ) from None
+    return f
+
+
 def run_experiment(cfg: ExperimentConfig, log=print, progress: bool = False) -> dict:
     """Runs (or resumes) every cell (the tuning cells first, if any), then writes report.md,
     results.json and the PNGs. progress: a bar over the cells on stderr."""
+    lock = None if cfg.report_only else _lock_out_dir(cfg.out_dir)
+    try:
+        return _run_experiment(cfg, log, progress)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_experiment(cfg: ExperimentConfig, log, progress: bool) -> dict:
     from tgpo_jax.experiments.report import write_report
 
     os.makedirs(cfg.report_dir, exist_ok=True)
     enable_compile_cache(os.path.join(cfg.out_dir, "jax_cache"))
-    with open(os.path.join(cfg.report_dir, "experiment_config.json"), "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
+    if not cfg.report_only:
+        with open(os.path.join(cfg.report_dir, "experiment_config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
     t0 = time.perf_counter()
     train_path, heldout_path, student, teachers = prepare_models(cfg, log)
     # The eval settings come from the base config; a teacher-free cell reads them without a teacher.
@@ -407,8 +459,9 @@ def run_experiment(cfg: ExperimentConfig, log=print, progress: bool = False) -> 
                 "tuning ",
             )
             tuned = choose_tuned(cfg, tune_results)
-            with open(os.path.join(cfg.report_dir, "tuning.json"), "w") as f:
-                json.dump(tuned, f, indent=2)
+            if not cfg.report_only:  # an interim report may see only part of the tuning
+                with open(os.path.join(cfg.report_dir, "tuning.json"), "w") as f:
+                    json.dump(tuned, f, indent=2)
             for m, per_teacher in tuned.items():
                 for t, ch in per_teacher.items():
                     log(f"[{cfg.name}] tuned {m} / {t}: candidate {ch['candidate']} {ch['overrides']} (on validation)")
