@@ -28,6 +28,9 @@ class TaskSpec:
     rg_seed: int = 0
     heldout: int = 128  # distinct problems held out for evaluation (never trained on)
     split_seed: int = 0
+    # distinct problems for tuning (validation.jsonl), never trained on and disjoint from the
+    # held-out set: coefficients are chosen on these, the held-out numbers are only reported
+    validation: int = 0
 
 
 def style_a(expression: str) -> str:
@@ -50,14 +53,24 @@ def style_b(expression: str) -> str:
     return "From the right: " + ", ".join(parts) + f".\n</think>\n\\boxed{{{acc}}}"
 
 
+def validation_path(out_dir: str) -> str:
+    """The validation file make_task_data writes when TaskSpec.validation > 0."""
+    return os.path.join(out_dir, "data", "validation.jsonl")
+
+
 def make_task_data(out_dir: str, task: TaskSpec) -> tuple[str, str, dict]:
     """(train.jsonl, heldout.jsonl, stats): distinct reasoning-gym chain_sum problems with both solution
-    styles; the held-out problems never appear in the train file. Cached by the task spec."""
+    styles; the held-out problems never appear in the train file. With task.validation > 0 the next
+    `validation` problems of the shuffled list go to validation.jsonl (`validation_path`), also
+    never trained on. Cached by the task spec."""
     from reasoning_gym.arithmetic.chain_sum import ChainSumConfig, ChainSumDataset
 
     data_dir = os.path.join(out_dir, "data")
     train_path, heldout_path = os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "heldout.jsonl")
-    key = {"task": dataclasses.asdict(task), "format": 1}
+    spec = dataclasses.asdict(task)
+    if not task.validation:  # the key of a spec without a validation split stays what it was
+        del spec["validation"]
+    key = {"task": spec, "format": 1}
     if is_cached(data_dir, key, "heldout.jsonl"):
         with open(os.path.join(data_dir, "stats.json")) as f:
             return train_path, heldout_path, json.load(f)
@@ -80,9 +93,14 @@ def make_task_data(out_dir: str, task: TaskSpec) -> tuple[str, str, dict]:
             distinct[expr] = entry
     items = sorted(distinct.values(), key=lambda e: e["metadata"]["source_index"])
     random.Random(task.split_seed).shuffle(items)
-    if len(items) <= task.heldout:
-        raise ValueError(f"only {len(items)} distinct problems: cannot hold out {task.heldout}")
-    splits = {heldout_path: items[: task.heldout], train_path: items[task.heldout :]}
+    n_out = task.heldout + task.validation
+    if len(items) <= n_out:
+        raise ValueError(
+            f"only {len(items)} distinct problems: cannot hold out {task.heldout} + {task.validation} (validation)"
+        )
+    splits = {heldout_path: items[: task.heldout], train_path: items[n_out:]}
+    if task.validation:
+        splits[validation_path(out_dir)] = items[task.heldout : n_out]
     for path, rows in splits.items():
         with open(path, "w") as f:
             for e in rows:
@@ -100,7 +118,9 @@ def make_task_data(out_dir: str, task: TaskSpec) -> tuple[str, str, dict]:
                     )
                     + "\n"
                 )
-    stats = {"distinct": len(items), "train": len(items) - task.heldout, "heldout": task.heldout}
+    stats = {"distinct": len(items), "train": len(items) - n_out, "heldout": task.heldout}
+    if task.validation:
+        stats["validation"] = task.validation
     with open(os.path.join(data_dir, "stats.json"), "w") as f:
         json.dump(stats, f)
     write_key(data_dir, key)

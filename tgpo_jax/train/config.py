@@ -161,6 +161,9 @@ class LoggingConfig:
     jsonl: bool = True
     progress: bool = True
     plot: bool = True
+    # every k iterations (1, k + 1, ...), the teacher term's share of the gradient (train/grad_share.py:
+    # two extra forward/backward passes over one mini-batch); 0 = never
+    grad_share_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,7 @@ class Models:
     # models/vocab_map.TeacherIdMap on the mesh: what each teacher target id becomes (None: ids
     # below the student's usable vocabulary are kept, the rest masked)
     teacher_id_map: Any = None
+    grad_share: Any = None  # train/grad_share.GradShare: the teacher term's share of the gradient, or None
 
 
 def _replace_offpolicy(tokens_BT: np.ndarray, mask_BT: np.ndarray, examples: Sequence[Example], n: int) -> np.ndarray:
@@ -69,6 +70,14 @@ def _rollout_batch(r, examples: Sequence[Example], n: int, offpolicy_rows: bool)
     tokens, mask = r.tokens_BT.copy(), r.mask_BT.copy()
     off = _replace_offpolicy(tokens, mask, examples, n) if offpolicy_rows else None
     return Batch(r.prompt_tokens_BP, r.prompt_mask_BP, tokens, mask), off
+
+
+def _grad_share(grad_share, params, minibatch: Batch, iteration: int) -> dict:
+    """The teacher term's share of the gradient on this mini-batch (train/grad_share.py), timed."""
+    t0 = time.perf_counter()
+    out = {k: float(v) for k, v in jax.device_get(grad_share(params, minibatch, iteration)).items()}
+    out["perf/grad_share_s"] = time.perf_counter() - t0
+    return out
 
 
 def _mini_batches(full: Batch, host: Batch, put, mini_batches: int, micro_batch_tokens: int, ranks: int):
@@ -147,16 +156,36 @@ def run_iteration(
     full = scored.replace(adv_B=models.put_batch(adv), offpolicy_B=None if off is None else models.put_batch(off))
     t1 = time.perf_counter()
     step_metrics = []
-    for mb in _mini_batches(full, host, models.put_batch, mini_batches, micro_batch_tokens, micro_batch_ranks):
+    share = {}
+    for j, mb in enumerate(
+        _mini_batches(full, host, models.put_batch, mini_batches, micro_batch_tokens, micro_batch_ranks)
+    ):
+        if j == 0 and models.grad_share is not None and models.grad_share.due(iteration):
+            share = _grad_share(models.grad_share, train_state.params, mb, iteration)  # before the step donates it
         train_state, m = models.train_step(train_state, mb, iteration)
         step_metrics.append(m)
     step_metrics = jax.device_get(step_metrics)
     t_train = time.perf_counter() - t1
     metrics = _iteration_metrics(step_metrics, jax.device_get(gap), rewards, r, host, t_rollout, t_train)
+    metrics.update(group_reward_metrics(rewards, sampling.n))
+    metrics.update(share)
     metrics["perf/iteration_s"] = time.perf_counter() - t0
     metrics["perf/compile_s"] = models.sampler.stats.compile_s - compile_s0
     metrics["perf/compiles"] = models.sampler.stats.compiles - compiles0
     return train_state, metrics
+
+
+def group_reward_metrics(rewards_B: np.ndarray, n: int) -> dict[str, float]:
+    """The share of prompt groups (n samples of one prompt) whose rewards are all equal: their GRPO
+    advantage is 0, so only a teacher term can move the student on them. all_zero: none solved."""
+    if n < 2:
+        return {}
+    g = np.asarray(rewards_B, np.float32).reshape(-1, n)
+    equal = np.all(g == g[:, :1], axis=1)
+    return {
+        "reward/all_equal_group_frac": float(equal.mean()),
+        "reward/all_zero_group_frac": float((equal & (g[:, 0] == 0)).mean()),
+    }
 
 
 def _iteration_metrics(step_metrics, gap, rewards, r, host: Batch, t_rollout, t_train) -> dict[str, float]:

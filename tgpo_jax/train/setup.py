@@ -29,6 +29,7 @@ from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharde
 from tgpo_jax.sharding.distributed import put_batch, put_global
 from tgpo_jax.sharding.rules import ActivationSharding, param_shardings
 from tgpo_jax.train.config import TrainConfig
+from tgpo_jax.train.grad_share import make_grad_share
 from tgpo_jax.train.iteration import Example, Models
 from tgpo_jax.train.step import init_train_state, make_optimizer, make_train_step
 
@@ -168,6 +169,14 @@ def build_model_parts(cfg: TrainConfig, tokenizer=None):
         batch_putter(mesh, ShardingRules.from_dict(cfg.sharding.student_rules)),
         lambda ids: tokenizer.decode(list(map(int, ids)), skip_special_tokens=False),
         id_map,
+        make_grad_share(
+            s_graphdef,
+            obj_cfg=cfg.objective,
+            micro_batch=cfg.train.micro_batch,
+            chunk=cfg.train.logprob_chunk,
+            every=cfg.logging.grad_share_every,
+            temperature=cfg.rollout.temperature,
+        ),
     )
     return models, train_state, tokenizer
 
