@@ -202,3 +202,20 @@ def test_restart_without_checkpoints_is_announced(setup, capsys):
     with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["iteration"] for r in records] == [1, 2] and records[0]["sft/loss"] != 123.0
+
+
+def test_sft_never_trains_ids_its_tokenizer_lacks(setup):
+    """The tiny tokenizer has fewer entries than the model's 512 embedding rows: the SFT model masks
+    the other rows out of its softmax (as the TGPO run's student does, models/vocab_map.py), so
+    they never enter the loss and their logits stay untrained."""
+    from flax import nnx
+
+    from tgpo_jax.models.hf_import import load_tokenizer
+    from tgpo_jax.train.sft import _build
+
+    root, model, data = setup
+    n_tok = len(load_tokenizer(model))
+    run = _build(_cfg(setup, "vocab_limit"))
+    cfg = nnx.merge(run.graphdef, run.state.params).cfg
+    assert cfg.vocab_size == 512 and n_tok < 512
+    assert cfg.valid_vocab_size == n_tok

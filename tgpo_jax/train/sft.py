@@ -23,9 +23,11 @@ from tgpo_jax.configtree import ConfigError, apply_overrides, from_dict, load_ya
 from tgpo_jax.data import DataConfig, build_prompt_set, make_data_iterator
 from tgpo_jax.data.config import DataSection
 from tgpo_jax.data.prompts import bucket_for
+from tgpo_jax.models.config import read_model_config
 from tgpo_jax.models.hf_export import check_out_dir, save_hf
 from tgpo_jax.models.hf_import import load_tokenizer
 from tgpo_jax.models.runtime_options import runtime_option_problems
+from tgpo_jax.models.vocab_map import usable_vocab_override
 from tgpo_jax.sharding import MeshConfig, ShardingRules, build_mesh, load_sharded
 from tgpo_jax.train.checkpoint import RunCheckpoints, abstract_of
 from tgpo_jax.train.metrics import MetricsWriter, plot_curves
@@ -174,7 +176,11 @@ def _build(cfg: SFTConfig) -> _Run:
     data = make_data_iterator(data_cfg, tokenizer, prompt_set=build_prompt_set(data_cfg, tokenizer))
     mesh = build_mesh(MeshConfig.from_dict(cfg.mesh))
     rules = ShardingRules.from_dict(cfg.rules)
-    model = load_sharded(cfg.model, mesh, rules, cfg_overrides=cfg.model_overrides())
+    # ids the tokenizer cannot produce stay out of the softmax, as in the TGPO run that follows
+    # (models/vocab_map.py): the SFT model never learns to rank them
+    rows = read_model_config(cfg.model, "model").vocab_size
+    overrides = cfg.model_overrides() | usable_vocab_override(len(tokenizer), rows)
+    model = load_sharded(cfg.model, mesh, rules, cfg_overrides=overrides)
     optimizer = make_optimizer(cfg.optimizer)
     graphdef, state = init_train_state(model, optimizer)
     step = make_sft_step(graphdef, optimizer, micro_batch=cfg.micro_batch, chunk=cfg.logprob_chunk)
