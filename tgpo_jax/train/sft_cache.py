@@ -62,6 +62,8 @@ def sft_model(
         "data": file_digest(train_path),
         "vocab": TINY_VOCAB,
         "prompt": {k: data_section.get(k) for k in ("system_prompt", "template", "max_prompt_len")},
+        # sft trains over the tokenizer's ids only (6518221): models cached before are not reused
+        "softmax": "tokenizer_ids",
     }
     if is_cached(root, key, os.path.join("hf", "config.json")):
         log(f"[demo] {name}: cached SFT model {hf_dir} (key matches, skipping training)")
