@@ -107,9 +107,16 @@ def engine_fn(
         next=jnp.zeros((), jnp.int32),  # requests queue_B[:next] have been inserted
         out=out,
     )
+    return run_slots(ctx, init, _insert, _step)
+
+
+def run_slots(ctx, init, insert, step):
+    """The decode loop of both engines (dense here, paged in paged_engine.py): insert pending
+    requests into idle slots, step every slot, until no request is pending or live; then the
+    outputs (tokens_BT, mask_BT, logp_BT, lengths_B, finish_B)."""
     c = jax.lax.while_loop(
         lambda c: (c["next"] < ctx["pending"]) | jnp.any(c["req"] >= 0),
-        lambda c: _step(ctx, _insert(ctx, c)),
+        lambda c: step(ctx, insert(ctx, c)),
         init,
     )
     out = c["out"]

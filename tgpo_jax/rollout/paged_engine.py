@@ -22,8 +22,8 @@ from flax import nnx
 from tgpo_jax.kernels import paged as paged_kernels
 from tgpo_jax.models.kv_cache import PagedKVCache, scans_cache
 from tgpo_jax.rollout import pages as pg
-from tgpo_jax.rollout.decode_loop import FINISH_LENGTH, FINISH_STOP, _decode_step, prefill_prompts
-from tgpo_jax.rollout.engine import _first_tokens, _record, _select_rows, request_keys
+from tgpo_jax.rollout.decode_loop import _decode_step, prefill_prompts
+from tgpo_jax.rollout.engine import _first_tokens, _record, _select_rows, request_keys, run_slots
 from tgpo_jax.rollout.sampling import SamplingParams
 
 
@@ -112,14 +112,7 @@ def paged_engine_fn(
         next=jnp.zeros((), jnp.int32),
         out=out,
     )
-    c = jax.lax.while_loop(
-        lambda c: (c["next"] < ctx["pending"]) | jnp.any(c["req"] >= 0),
-        lambda c: _step(ctx, _insert(ctx, c)),
-        init,
-    )
-    out = c["out"]
-    finish = jnp.where(out["stopped"], FINISH_STOP, FINISH_LENGTH).astype(jnp.int32)
-    return out["tokens"], out["mask"], out["logp"], out["mask"].sum(-1), finish
+    return run_slots(ctx, init, _insert, _step)
 
 
 def _positions(ctx, req_N, step_N):
