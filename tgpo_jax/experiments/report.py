@@ -320,9 +320,17 @@ def plot_training_curves(
         axes[0, j].set_title(f"teacher: {t}")
         axes[0, j].set_ylabel("held-out accuracy (%), band: 95% CI")
         axes[1, j].set_ylabel("response/length_mean")
-        for i in range(2):
-            axes[i, j].set_xlabel("iteration")
-            axes[i, j].grid(alpha=0.3)
+    return _save_teacher_grid(fig, axes, out_png)
+
+
+def _save_teacher_grid(fig, axes, out_png: str) -> str:
+    """The common finish of the 2-row, one-column-per-teacher figures: iteration x-axes, grids, the
+    legend, the PNG."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes.flat:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
@@ -357,14 +365,7 @@ def plot_signals(agg: dict, teacher_names: list[str], methods: list[str], out_pn
         axes[0, j].set_title(f"teacher: {t}")
         axes[0, j].set_ylabel(keys[0][1])
         axes[1, j].set_ylabel("teacher term's gradient share (%)\n||g_T|| / (||g_T|| + ||g_rest||)")
-        for i in range(2):
-            axes[i, j].set_xlabel("iteration")
-            axes[i, j].grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save_teacher_grid(fig, axes, out_png)
 
 
 def report_labels(cfg) -> list[str]:
