@@ -4,6 +4,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# XLA:CPU aborts the whole process (SIGABRT, "Termination timeout ... exceeded") when the devices of
+# a collective arrive more than 40 s apart. Here 8 fake devices share 2 cores, and on a loaded CI
+# machine an FSDP run's all-gather can wait that long: it killed pytest inside test_demo, with the
+# reason lost to output capture. A real deadlock still ends the run, after 10 minutes. Set before
+# the backend starts; subprocess tests inherit it.
+_RENDEZVOUS = (
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=600",
+    "--xla_cpu_collective_timeout_seconds=600",
+)
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_RENDEZVOUS]).strip()
+
 import jax  # noqa: E402
 
 # 8 fake CPU devices for sharding tests; must run before the backend is first used.

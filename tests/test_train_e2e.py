@@ -67,7 +67,11 @@ def test_authors_matching_settings_reach_the_score_and_train_steps(root):
 
 
 def _spawn(config_path: str):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+    )
     return subprocess.Popen(
         [sys.executable, "-m", "tgpo_jax.cli", "train", "--config", config_path],
         stdout=subprocess.PIPE,
