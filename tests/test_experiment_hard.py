@@ -60,6 +60,50 @@ def test_shipped_config_full_and_quick():
     assert quick.seeds == (0,) and list(quick.tune) == ["tgpo_reg"] and quick.out_dir != full.out_dir
 
 
+LONG_CLI = [  # the `long` variant as docs/experiments.md first gave it, all on the command line
+    "variant=long",
+    "methods=[grpo, tgpo_reg]",
+    "tune={}",
+    "teachers=[{name: same_style, style_b_frac: 1.0}, {name: style_a_only, style_b_frac: 0.0}]",
+    "train_overrides=[data.max_prompt_len=72, 'rollout.prompt_buckets=[72]', rollout.max_new_tokens=64, "
+    "eval.max_new_tokens=64, train.iterations=300, eval.every=50, logging.grad_share_every=25]",
+    "method_overrides={grpo: [optimizer.lr=0.0003], tgpo_reg: [objective.lambda_0=1.0, objective.lambda_decay=0.0, "
+    "optimizer.lr=0.003]}",
+]
+
+
+def test_bundled_variant_replaces_keys_and_the_command_still_wins():
+    long = load_experiment_config(HARD, overrides=["variant=long"])
+    assert long.methods == ("grpo", "tgpo_reg") and long.tune == {} and long.variant == "long"
+    assert [t.name for t in long.teachers] == ["same_style", "style_a_only"]
+    assert long.report_dir.endswith("variants/long")
+    # the bundled form trains exactly the cells of the command-line form (same cell configs, so a
+    # run started either way resumes under the other)
+    cli = load_experiment_config(HARD, overrides=LONG_CLI)
+    paths = ("/s", "/t", "/tr", "/ho")
+    for cell in cells(long, tuned={}):
+        assert cell_train_dict(long, cell, *paths) == cell_train_dict(cli, cell, *paths)
+    tc = load_train_config(cell_train_dict(long, Cell("tgpo_reg", "same_style", 0), *paths))
+    assert tc.train.iterations == 300 and tc.objective.schedule()[:2] == (1.0, 0.0) and tc.optimizer.lr == 0.003
+    grpo = load_train_config(cell_train_dict(long, Cell("grpo", None, 0), *paths))
+    assert grpo.optimizer.lr == 0.0003
+    # overrides on the command line apply over the variant; an unbundled name is a plain variant
+    assert load_experiment_config(HARD, overrides=["variant=long", "seeds=[7]"]).seeds == (7,)
+    other = load_experiment_config(HARD, overrides=["variant=mine"])
+    assert other.methods == load_experiment_config(HARD).methods and other.report_dir.endswith("variants/mine")
+    assert load_experiment_config(HARD, overrides=["variant=long_grpo_lr3e3"]).methods == ("grpo",)
+
+
+def test_bundled_variant_errors(tmp_path):
+    d = yaml.safe_load(open(HARD))
+    for bad, message in (({"x": {"seedz": [1]}}, "seedz"), ({"x": {"variant": "y"}}, "cannot set")):
+        d["variants"] = bad
+        p = tmp_path / "exp.yaml"
+        p.write_text(yaml.safe_dump(d))
+        with pytest.raises(ConfigError, match=message):
+            load_experiment_config(str(p), overrides=["variant=x"])
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

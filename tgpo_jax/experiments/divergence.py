@@ -72,6 +72,9 @@ class ExperimentConfig:
     # A named variant (e.g. another lambda) reuses the data and SFT models of out_dir but keeps its
     # own cells (cells/<cell>__<variant>) and report (variants/<variant>/).
     variant: str = ""
+    # variants bundled with the config: `variant=NAME` with NAME here applies variants[NAME]
+    # (each of its keys replaces the config's whole value), then the command's other overrides
+    variants: dict = dataclasses.field(default_factory=dict)
     interval: str = "std"  # std: mean ± std over seeds; ci95: mean ± the 95% t-interval half-width
     # method -> candidate override lists, tried on tune_seeds against the validation split; the best
     # (mean final validation accuracy, per teacher) is run on `seeds` as the arm <method>@tuned
@@ -93,6 +96,22 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _with_variant(d: dict, overrides: list[str]) -> dict:
+    """d with the overrides applied, over the bundled variant they name (if any): its keys replace
+    the config's values whole (a variant's `tune: {}` empties the tuning, not a merge), and the
+    command's overrides still come last."""
+    out = apply_overrides(d, overrides)
+    bundled = out.get("variants") or {}
+    name = out.get("variant") or ""
+    if name not in bundled:
+        return out
+    if not isinstance(bundled[name], dict):
+        raise ConfigError(f"variants.{name}: expected a mapping of config keys, got {bundled[name]!r}")
+    if "variants" in bundled[name] or "variant" in bundled[name]:
+        raise ConfigError(f"variants.{name}: a variant cannot set 'variant' or 'variants'")
+    return apply_overrides({**d, **bundled[name]}, overrides)
+
+
 def load_experiment_config(
     path: str, *, quick: bool = False, out_dir: str | None = None, overrides=()
 ) -> ExperimentConfig:
@@ -106,7 +125,7 @@ def load_experiment_config(
         d = _merge(d, q)
         if "tune" in q:  # the quick tuning replaces the full one (a merge would keep every method's)
             d["tune"] = q["tune"]
-    d = apply_overrides(d, list(overrides))
+    d = _with_variant(d, list(overrides))
     if out_dir:
         d["out_dir"] = out_dir
     cfg = from_dict(ExperimentConfig, d)
