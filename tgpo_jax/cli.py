@@ -407,7 +407,8 @@ def _add_study_commands(sub) -> None:
             "overrides",
             nargs="*",
             help="key.path=value overrides of the experiment config, e.g. variant=lam002 'methods=[tgpo_reg]' "
-            "'seeds=[0]'",
+            "'seeds=[0]'; variant=NAME with NAME under the config's `variants:` applies that bundled variant "
+            "(e.g. `experiment hard variant=long`)",
         )
         s.set_defaults(fn=cmd_experiment)
 
