@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tgpo_jax.bench.rollout_bench import DISTS, RolloutBenchSettings, engine_steps, stop_lengths
+from tgpo_jax.bench.rollout_bench import (
+    DISTS,
+    RolloutBenchSettings,
+    engine_steps,
+    matched_chunks,
+    matched_steps,
+    stop_lengths,
+)
 from tgpo_jax.cli import main
 from tgpo_jax.models.decoder import Decoder
 from tgpo_jax.models.tiny import tiny_config
@@ -119,12 +126,27 @@ def test_quick_command_reports_json(capsys, tmp_path):
     assert r == json.loads(out_file.read_text())
     assert r["model"] == "demo" and r["batch"] == 8 and r["slots"] == 4 and r["new_tokens"] == 16
     assert r["device"] == "cpu" and r["jax_version"] == jax.__version__
+    assert r["matched_calls"] == 2 and r["matched_rows"] == 4  # 4 slots = one prompt of n = 4 per call
     for d in DISTS:
-        for k in (f"ratio_{d}", f"static_tokens_per_s_{d}", f"engine_tokens_per_s_{d}"):
+        keys = [f"ratio_{d}", f"ratio_matched_{d}"]
+        keys += [f"{side}_tokens_per_s_{d}" for side in ("static", "static_matched", "engine")]
+        for k in keys:
             assert isinstance(r[k], float) and r[k] > 0 and math.isfinite(r[k]), k
         per = r["dists"][d]
-        assert per["useful_tokens"] == int(stop_lengths(d, 8, 16, 0).sum())
+        L = stop_lengths(d, 8, 16, 0)
+        assert per["useful_tokens"] == int(L.sum())
         assert per["static_steps"] == per["max_len"] - 1 and per["engine_steps"] >= per["static_steps"]
+        assert per["static_matched_steps"] == L[:4].max() - 1 + L[4:].max() - 1  # each call to its longest
+        assert per["ratio_matched"] == per["static_matched_median_s"] / per["engine_median_s"]
+
+
+def test_matched_static_chunks():
+    s = RolloutBenchSettings(prompts=5, n=4, slots=8)
+    assert matched_chunks(s) == [(0, 2), (2, 2), (4, 1)]  # 8 rows = 2 whole prompts per call; the rest last
+    L = np.arange(1, 21, dtype=np.int32)  # request r stops after r + 1 tokens
+    assert matched_steps(L, s) == (8 - 1) + (16 - 1) + (20 - 1)
+    assert matched_chunks(RolloutBenchSettings(prompts=3, n=4, slots=2)) == [(0, 1), (1, 1), (2, 1)]  # >= 1 prompt
+    assert matched_chunks(RolloutBenchSettings(prompts=3, n=4, slots=12)) == [(0, 3)]  # all rows: one call
 
 
 def test_bad_settings_are_rejected(capsys):

@@ -25,6 +25,14 @@ with FINISH_STOP, or the benchmark fails.
 useful tokens/s = sum of stop_at over the B requests / median seconds of one call (prefill
 included); ratio = engine tokens/s / static tokens/s (the same tokens: the ratio of the times).
 
+Two static peers, both timed in every run:
+- `static`: all B rows in one call (twice the engine's KV cache at the default slots);
+- `static_matched`: the static sampler at the engine's KV-cache rows, the requests in consecutive
+  calls of `slots // n` whole prompts each (at least one prompt); what a static sampler does when
+  its cache, not the request count, sets its batch (the paper's shapes). Equal rows per step, so
+  the ratio counts the row-steps batching saves: up to max(stop_at) / mean(stop_at) (about 1.9 for
+  `uniform`) as the requests per slot grow. `ratio_matched_*` in the JSON.
+
 Default slots: the rollout's own default, half the requests (B // 2 rounded up). slots >= B gives
 the engine nothing to refill (every request is inserted at step 0 and the loop runs to the longest,
 as the static one does): that would measure only the engine's per-step overhead. B // 2 keeps
@@ -145,8 +153,9 @@ def model_config(name: str, s: RolloutBenchSettings):
 
 
 # ---------------------------------------------------------------------- timing
-def _samplers(s: RolloutBenchSettings) -> dict[str, Callable]:
-    """The two jitted samplers, by side; graphdef static, stop_at_B a traced argument."""
+def _samplers(s: RolloutBenchSettings, inputs: tuple) -> dict[str, Callable]:
+    """The jitted samplers, by side; graphdef static, stop_at_B a traced argument. The matched
+    static side is the static function called per chunk of prompts (`_chunked`)."""
     import jax
 
     from tgpo_jax.rollout.decode_loop import rollout_fn
@@ -154,12 +163,48 @@ def _samplers(s: RolloutBenchSettings) -> dict[str, Callable]:
     from tgpo_jax.rollout.sampling import SamplingParams
 
     params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, max_new_tokens=s.new_tokens, n=s.n)
+    static = jax.jit(functools.partial(rollout_fn, params=params, stop_ids=()), static_argnums=0)
     return dict(
-        static=jax.jit(functools.partial(rollout_fn, params=params, stop_ids=()), static_argnums=0),
+        static=static,
+        static_matched=_chunked(static, s, inputs),
         engine=jax.jit(
             functools.partial(engine_fn, params=params, stop_ids=(), slots=s.engine_slots), static_argnums=0
         ),
     )
+
+
+def matched_chunks(s: RolloutBenchSettings) -> list[tuple[int, int]]:
+    """(first prompt, prompts) of each call of the matched static side: slots // n whole prompts per
+    call (at least one), in order; the last call takes the remainder."""
+    per = max(1, s.engine_slots // s.n)
+    return [(p, min(per, s.prompts - p)) for p in range(0, s.prompts, per)]
+
+
+def _chunked(static_fn: Callable, s: RolloutBenchSettings, inputs: tuple) -> Callable:
+    """The static sampler run chunk by chunk (`matched_chunks`) on `inputs`, sliced here once so the
+    timed calls do no device slicing; each chunk gets its own key. Returns (lengths, finish) of all
+    requests in order, as the other sides' outputs 3 and 4."""
+    import jax
+
+    graphdef, state, prompt_PT, mask_PT, key = inputs
+    parts = [
+        (prompt_PT[p0 : p0 + k], mask_PT[p0 : p0 + k], jax.random.fold_in(key, i), slice(p0 * s.n, (p0 + k) * s.n))
+        for i, (p0, k) in enumerate(matched_chunks(s))
+    ]
+
+    def call(*_inputs, stop_at_B):
+        stop_B = np.asarray(stop_at_B)
+        outs = [static_fn(graphdef, state, p, m, k, stop_at_B=stop_B[rows]) for p, m, k, rows in parts]
+        jax.block_until_ready(outs)
+        lengths, finish = (np.concatenate([np.asarray(o[i]) for o in outs]) for i in (3, 4))
+        return None, None, None, lengths, finish
+
+    return call
+
+
+def matched_steps(stop_at_B: np.ndarray, s: RolloutBenchSettings) -> int:
+    """Decode steps of the matched static side: each call runs to its longest request."""
+    return sum(int(stop_at_B[p0 * s.n : (p0 + np_) * s.n].max()) - 1 for p0, np_ in matched_chunks(s))
 
 
 def _call(fn, inputs: tuple, stop_at) -> tuple[float, np.ndarray, np.ndarray]:
@@ -198,19 +243,21 @@ def bench_dist(fns: dict, inputs: tuple, dist: str, s: RolloutBenchSettings) -> 
             runs[side].append(dt)
     useful = int(stop_at.sum())
     med = {side: statistics.median(r) for side, r in runs.items()}
+    per_side = {}
+    for side in fns:
+        per_side[f"{side}_median_s"] = med[side]
+        per_side[f"{side}_runs_s"] = runs[side]
+        per_side[f"{side}_tokens_per_s"] = useful / med[side]
     return dict(
         useful_tokens=useful,
         mean_len=float(stop_at.mean()),
         max_len=int(stop_at.max()),
         static_steps=int(stop_at.max()) - 1,
+        static_matched_steps=matched_steps(stop_at, s),
         engine_steps=engine_steps(stop_at, s.engine_slots),
-        static_median_s=med["static"],
-        engine_median_s=med["engine"],
-        static_runs_s=runs["static"],
-        engine_runs_s=runs["engine"],
-        static_tokens_per_s=useful / med["static"],
-        engine_tokens_per_s=useful / med["engine"],
+        **per_side,
         ratio=med["static"] / med["engine"],
+        ratio_matched=med["static_matched"] / med["engine"],
     )
 
 
@@ -220,16 +267,27 @@ def _table(per: dict[str, dict], emit: Callable[[str], None]) -> None:
         (
             dist,
             f"{r['mean_len']:.1f}",
-            f"{r['static_steps']} / {r['engine_steps']}",
+            f"{r['static_steps']} / {r['static_matched_steps']} / {r['engine_steps']}",
             f"{r['static_median_s']:.3f}",
+            f"{r['static_matched_median_s']:.3f}",
             f"{r['engine_median_s']:.3f}",
-            f"{r['static_tokens_per_s']:,.0f}",
             f"{r['engine_tokens_per_s']:,.0f}",
             f"{r['ratio']:.2f}",
+            f"{r['ratio_matched']:.2f}",
         )
         for dist, r in per.items()
     ]
-    head = ("dist", "mean len", "steps st/eng", "static_s", "engine_s", "static tok/s", "engine tok/s", "ratio")
+    head = (
+        "dist",
+        "mean len",
+        "steps st/matched/eng",
+        "static_s",
+        "matched_s",
+        "engine_s",
+        "engine tok/s",
+        "ratio",
+        "ratio matched",
+    )
     emit_table(head, rows, emit)
 
 
@@ -240,8 +298,9 @@ def _result(s: RolloutBenchSettings, cfg, dev, warm: dict, per: dict[str, dict])
     from tgpo_jax.models.kv_cache import scans_cache
 
     out = {f"ratio_{d}": per[d]["ratio"] if d in per else None for d in DISTS}
+    out |= {f"ratio_matched_{d}": per[d]["ratio_matched"] if d in per else None for d in DISTS}
     for d in DISTS:
-        for side in ("static", "engine"):
+        for side in ("static", "static_matched", "engine"):
             out[f"{side}_tokens_per_s_{d}"] = per[d][f"{side}_tokens_per_s"] if d in per else None
     return dict(
         out,
@@ -256,7 +315,10 @@ def _result(s: RolloutBenchSettings, cfg, dev, warm: dict, per: dict[str, dict])
         seed=s.seed,
         dtype=s.dtype,
         cache_layers="scan" if scans_cache(cfg) else "unroll",
+        matched_calls=len(matched_chunks(s)),
+        matched_rows=max(1, s.engine_slots // s.n) * s.n,
         static_warmup_s=warm["static"],  # the first call: compile + one run
+        static_matched_warmup_s=warm["static_matched"],
         engine_warmup_s=warm["engine"],
         params=param_count(cfg),
         dists={d: per[d] for d in s.dists},
@@ -280,7 +342,8 @@ def run(s: RolloutBenchSettings, emit: Callable[[str], None] = print) -> dict:
     )
     emit(
         f"  prompts={s.prompts} x n={s.n} = {s.batch} requests, prompt_len={s.prompt_len}, new_tokens (cap)="
-        f"{s.new_tokens}; static: {s.batch} rows; engine: {s.engine_slots} slots; repeats={s.repeats} "
+        f"{s.new_tokens}; static: {s.batch} rows; static matched: {len(matched_chunks(s))} calls of <= "
+        f"{max(1, s.engine_slots // s.n) * s.n} rows; engine: {s.engine_slots} slots; repeats={s.repeats} "
         "(median after 1 warm-up)"
     )
     graphdef, state = nnx.split(Decoder(cfg, nnx.Rngs(s.seed)))
@@ -288,13 +351,13 @@ def run(s: RolloutBenchSettings, emit: Callable[[str], None] = print) -> dict:
     prompt_PT = rng.integers(1, cfg.valid_vocab_size or cfg.vocab_size, (s.prompts, s.prompt_len)).astype(np.int32)
     # on the device once: the timed calls transfer nothing but their stop lengths' handle
     inputs = (graphdef, state, *jax.device_put((prompt_PT, np.ones_like(prompt_PT))), jax.random.key(s.seed))
-    fns = _samplers(s)
+    fns = _samplers(s, inputs)
     first = jax.device_put(stop_lengths(s.dists[0], s.batch, s.new_tokens, s.seed))
     warm = {}
     for side, fn in fns.items():  # compile + one run, untimed in the figures
         warm[side], lengths, finish = _call(fn, inputs, first)
         _check(side, s.dists[0], np.asarray(first), lengths, finish)
-    emit(f"  warm-up (compile + 1 run): static {warm['static']:.2f}s, engine {warm['engine']:.2f}s")
+    emit("  warm-up (compile + 1 run): " + ", ".join(f"{side} {t:.2f}s" for side, t in warm.items()))
     per = {d: bench_dist(fns, inputs, d, s) for d in s.dists}
     _table(per, emit)
     return _result(s, cfg, dev, warm, per)
