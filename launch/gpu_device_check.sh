@@ -3,6 +3,8 @@
 #   bash launch/gpu_device_check.sh sampler   # smoke test, cuDNN-vs-ours attention check, sampler bench
 #   bash launch/gpu_device_check.sh train     # smoke test, train-step bench: einsum, then cuDNN attention
 #   bash launch/gpu_device_check.sh long      # the same two at the paper's 1,024 + 8,192 positions (MFU)
+#   bash launch/gpu_device_check.sh rollout   # smoke test, the rollout engine vs the static sampler (issue 24
+#                                             # item 5): Qwen2.5-1.5B shape, bf16, and the engine's HBM fraction
 # (`all` runs both in one go, for machines without that limit). The benchmarks are
 # launch/gpu_bench_sampler.sh and launch/gpu_bench_train_step.sh. Each part has its own time limit
 # so that one slow or failing part leaves the others' results; logs land under $OUT (default
@@ -13,8 +15,8 @@ OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 PART="${1:-all}"
-case "$PART" in all|sampler|train|long) ;; *) echo "usage: $0 [all|sampler|train|long]" >&2; exit 2;; esac
-T_SAMPLER="${T_SAMPLER:-330}" T_TRAIN="${T_TRAIN:-240}" T_LONG="${T_LONG:-270}"
+case "$PART" in all|sampler|train|long|rollout) ;; *) echo "usage: $0 [all|sampler|train|long|rollout]" >&2; exit 2;; esac
+T_SAMPLER="${T_SAMPLER:-330}" T_TRAIN="${T_TRAIN:-240}" T_LONG="${T_LONG:-270}" T_ROLLOUT="${T_ROLLOUT:-420}"
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/device.log"; }
 
 smoke() {
@@ -90,5 +92,15 @@ for impl in cudnn einsum; do
   OUT= timeout "$T_LONG" bash launch/gpu_bench_train_step.sh --attn-impl "$impl" "${LONG[@]}" > "$OUT/long_$impl.log" 2>&1; log "rc=$?"
   tail -n 8 "$OUT/long_$impl.log" | cut -c1-2500
 done
+fi
+if [ "$PART" = all ] || [ "$PART" = rollout ]; then
+# 32 prompts x 8 = 256 requests, 64-token prompts, cap 1,024; the engine at 128 slots (half), the
+# static sampler at all 256 rows and at 128 (2 calls); uniform and long_tail lengths
+log "rollout engine vs static sampler, Qwen2.5-1.5B shape"
+unset JAX_PLATFORMS
+timeout "$T_ROLLOUT" python3 -m tgpo_jax.cli bench rollout --model qwen2.5-1.5b --dtype bfloat16 --prompts 32 --n 8 \
+  --prompt-len 64 --new-tokens 1024 --slots 128 --dist uniform long_tail --repeats 2 ${ROLLOUT_ARGS:-} \
+  --json-out "$OUT/bench_rollout_gpu.json" > "$OUT/rollout.log" 2>&1; log "rollout rc=$?"
+tail -n 12 "$OUT/rollout.log" | cut -c1-3000
 fi
 log "done"

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tgpo_jax.bench.device_peaks import hbm_gbps
 from tgpo_jax.bench.rollout_bench import (
     DISTS,
     RolloutBenchSettings,
+    engine_bytes,
     engine_steps,
     matched_chunks,
     matched_steps,
@@ -149,6 +151,38 @@ def test_matched_static_chunks():
     assert matched_chunks(RolloutBenchSettings(prompts=3, n=4, slots=12)) == [(0, 3)]  # all rows: one call
 
 
+def test_engine_bytes_by_hand():
+    """2 layers x 2 kv heads x head_dim 16, float32: K and V of one position = 2 x 2 x 2 x 16 x 4 B."""
+    cfg = tiny_config("qwen2", tie_word_embeddings=False).replace(num_layers=2, num_kv_heads=2, head_dim=16)
+    s = RolloutBenchSettings(prompts=1, n=2, prompt_len=5, new_tokens=4, slots=1)
+    L = np.array([1, 4], np.int32)  # request 0: prefill only; request 1: decode tokens 1, 2, 3
+    weights = sum(x.size for x in jax.tree.leaves(nnx.state(Decoder(cfg, nnx.Rngs(0)), nnx.Param)))
+    weights -= cfg.vocab_size * cfg.hidden_size  # untied: the embedding table is gathered, not read
+    per_position = 2 * 2 * 2 * 16 * 4
+    positions = (5 + 1) + (5 + 2) + (5 + 3)  # request 1's tokens 1..3 attend to prompt + j positions
+    assert engine_steps(L, 1) == 3
+    assert engine_bytes(cfg, s, L) == 3 * weights * 4 + positions * per_position
+
+
+def test_device_peaks():
+    assert hbm_gbps("NVIDIA H100 80GB HBM3") == 3350.0
+    assert hbm_gbps("NVIDIA H100 PCIe") == 2000.0
+    assert hbm_gbps("NVIDIA H200") == 4800.0
+    assert hbm_gbps("NVIDIA GH200 480GB") == 4000.0
+    assert hbm_gbps("TPU v5 lite") == 819.0 and hbm_gbps("TPU v5") == 2765.0 and hbm_gbps("TPU v6 lite") == 1640.0
+    assert hbm_gbps("cpu", "cpu") is None and hbm_gbps("Some Future Chip") is None
+
+
+def test_hbm_fraction_reported_when_a_bandwidth_is_given(capsys):
+    small = ["--prompts", "2", "--n", "2", "--new-tokens", "8", "--repeats", "1", "--dist", "uniform"]
+    assert main(["bench", "rollout", "--quick", *small, "--hbm-gbps", "10"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    per = r["dists"]["uniform"]
+    assert r["hbm_gbps"] == 10.0 and per["engine_bytes"] > 0
+    assert r["engine_hbm_fraction_uniform"] == per["engine_bytes"] / per["engine_median_s"] / 1e9 / 10.0
+    assert r["engine_hbm_fraction_fixed"] is None  # not run
+
+
 def test_bad_settings_are_rejected(capsys):
     with pytest.raises(ValueError):
         RolloutBenchSettings(slots=0)
@@ -156,3 +190,5 @@ def test_bad_settings_are_rejected(capsys):
         RolloutBenchSettings(dists=("bimodal",))
     with pytest.raises(ValueError):
         RolloutBenchSettings(new_tokens=0)
+    with pytest.raises(ValueError, match="hbm_gbps"):
+        RolloutBenchSettings(hbm_gbps=0.0)

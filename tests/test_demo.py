@@ -39,11 +39,15 @@ def test_task_data_split_is_disjoint_and_correct(tmp_path):
     assert make_task_data(str(tmp_path), QUICK.task)[2] == stats and os.path.getmtime(train) == mtime
 
 
+def _demo_env() -> dict[str, str]:
+    """The demo subprocesses' environment: this process's (XLA_FLAGS from conftest included), offline."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
 def _demo_held_at(out, stage: str, step: int, sig: int, tmp_path) -> subprocess.CompletedProcess:
     """`tgpo-jax demo --quick --out OUT` in a subprocess, sent `sig` from here while it holds still
     right after the checkpoint of `step` of `stage`'s SFT (tests/demo_interrupt_driver.py)."""
     trigger = tmp_path / f"held_{stage}_{step}"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [
         sys.executable,
         os.path.join(os.path.dirname(__file__), "demo_interrupt_driver.py"),
@@ -56,7 +60,7 @@ def _demo_held_at(out, stage: str, step: int, sig: int, tmp_path) -> subprocess.
         "--out",
         str(out),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_demo_env())
     deadline = time.monotonic() + 600
     while not trigger.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -93,9 +97,8 @@ def test_quick_demo_interrupted_twice_then_completes_and_caches(tmp_path, capsys
 
     # the third run in a subprocess too: a native abort there fails this test with its stderr,
     # instead of killing the whole pytest process with the reason lost to output capture
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "tgpo_jax.cli", "demo", "--out", str(out), "--quick"]
-    third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    third = subprocess.run(cmd, capture_output=True, text=True, env=_demo_env(), timeout=1200)
     assert third.returncode == 0, third.stderr[-3000:]
     printed = third.stdout
     assert "[demo] teacher: cached SFT model" in printed and "[demo] student: continuing the unfinished SFT" in printed

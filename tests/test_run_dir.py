@@ -393,7 +393,7 @@ def test_changed_config_refused_then_accepted_and_a_flipped_checkpoint_rerun(roo
 
 
 def test_sigkill_mid_run_then_rerun_keeps_one_record_per_iteration(root):
-    from train_e2e_helpers import tiny_config
+    from train_e2e_helpers import eight_cpu_device_env, tiny_config
 
     from tgpo_jax.train.config import load_train_config
     from tgpo_jax.train.loop import train
@@ -406,13 +406,7 @@ def test_sigkill_mid_run_then_rerun_keeps_one_record_per_iteration(root):
     cache = os.environ.get("TGPO_TEST_COMPILE_CACHE") or os.path.join(
         __import__("tempfile").gettempdir(), f"tgpo_jax_test_compile_cache_{os.getuid()}"
     )
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-        JAX_COMPILATION_CACHE_DIR=cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
+    env = eight_cpu_device_env(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tgpo_jax.cli", "train", "--config", path],
         cwd=REPO,

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from train_e2e_helpers import comparable, last_per_iteration, tiny_config
+from train_e2e_helpers import comparable, eight_cpu_device_env, last_per_iteration, tiny_config
 
 from tgpo_jax.train.config import load_train_config
 from tgpo_jax.train.loop import TrainingDiverged, train
@@ -67,16 +67,11 @@ def test_authors_matching_settings_reach_the_score_and_train_steps(root):
 
 
 def _spawn(config_path: str):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-    )
     return subprocess.Popen(
         [sys.executable, "-m", "tgpo_jax.cli", "train", "--config", config_path],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=env,
+        env=eight_cpu_device_env(),
         text=True,
     )
 

@@ -10,6 +10,13 @@ from tgpo_jax.models.tiny import make_tiny_checkpoint
 SYSTEM = "Think in <think></think>, answer in \\boxed{}."
 
 
+def eight_cpu_device_env(**extra: str) -> dict[str, str]:
+    """A subprocess environment with 8 fake CPU devices: this process's XLA_FLAGS (conftest's
+    collective timeouts) plus the device count, then `extra`."""
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip(), **extra)
+
+
 def tiny_models(root: str) -> tuple[str, str]:
     s, t = os.path.join(root, "student"), os.path.join(root, "teacher")
     if not os.path.exists(os.path.join(s, "config.json")):

@@ -33,6 +33,11 @@ Two static peers, both timed in every run:
   the ratio counts the row-steps batching saves: up to max(stop_at) / mean(stop_at) (about 1.9 for
   `uniform`) as the requests per slot grow. `ratio_matched_*` in the JSON.
 
+Decode bandwidth (accelerators; `--hbm-gbps` anywhere): the bytes the engine's decode must read at
+least (`engine_bytes`: the weights once per step, each generated token's cached positions) over its
+median time, as a fraction of the device's data-sheet peak (tgpo_jax/bench/device_peaks.py).
+`engine_hbm_fraction_*` in the JSON.
+
 Default slots: the rollout's own default, half the requests (B // 2 rounded up). slots >= B gives
 the engine nothing to refill (every request is inserted at step 0 and the loop runs to the longest,
 as the static one does): that would measure only the engine's per-step overhead. B // 2 keeps
@@ -54,11 +59,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tgpo_jax.bench import emit_table
+from tgpo_jax.bench import device_peaks, emit_table
 from tgpo_jax.bench.flops import param_count
 from tgpo_jax.bench.harness import print_result
 
-MODELS = ("demo", "smollm2-135m")
+MODELS = ("demo", "smollm2-135m", "qwen2.5-1.5b")
 DISTS = ("fixed", "uniform", "long_tail")
 LONG_TAIL_CAP_FRAC = 0.15  # long_tail: the fraction of requests that run to the cap
 
@@ -80,6 +85,7 @@ class RolloutBenchSettings:
     dtype: str = "float32"
     cache_layers: str = "auto"  # ModelConfig.cache_layers (unroll | scan | auto)
     seed: int = 0
+    hbm_gbps: float | None = None  # the roofline's bandwidth; None: the device's peak (device_peaks.py)
 
     def __post_init__(self):
         from tgpo_jax.models.runtime_options import runtime_option_problems
@@ -96,6 +102,8 @@ class RolloutBenchSettings:
             raise ValueError(f"dists={self.dists!r}; accepted: one or more of {', '.join(DISTS)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}; accepted: float32, bfloat16")
+        if self.hbm_gbps is not None and not self.hbm_gbps > 0:
+            raise ValueError(f"hbm_gbps={self.hbm_gbps}: a bandwidth in GB/s must be > 0")
 
     @property
     def batch(self) -> int:
@@ -135,6 +143,20 @@ def engine_steps(stop_at_B: np.ndarray, slots: int) -> int:
     for need in (int(x) - 1 for x in stop_at_B if x > 1):
         heapq.heappush(free, heapq.heappop(free) + need)
     return max(free, default=0)
+
+
+def engine_bytes(cfg, s: RolloutBenchSettings, stop_at_B: np.ndarray) -> int:
+    """The bytes the engine's decode steps must read from memory at least: the weights once per step
+    (`engine_steps`; sampler_bench.decode_param_bytes) plus, for each generated token j = 1 .. L-1
+    of a request of length L, the prompt_len + j cached positions its attention reads. Token 0
+    comes from the prefill, whose reads are not counted (its time is: a lower bound on the
+    fraction)."""
+    from tgpo_jax.bench.sampler_bench import decode_param_bytes, kv_bytes_per_position
+
+    L = stop_at_B.astype(np.int64)
+    positions = int(((L - 1) * s.prompt_len + (L - 1) * L // 2).sum())
+    weights = engine_steps(stop_at_B, s.engine_slots) * decode_param_bytes(cfg, s.dtype)
+    return weights + positions * kv_bytes_per_position(cfg, s.dtype)
 
 
 def model_config(name: str, s: RolloutBenchSettings):
@@ -299,6 +321,7 @@ def _result(s: RolloutBenchSettings, cfg, dev, warm: dict, per: dict[str, dict])
 
     out = {f"ratio_{d}": per[d]["ratio"] if d in per else None for d in DISTS}
     out |= {f"ratio_matched_{d}": per[d]["ratio_matched"] if d in per else None for d in DISTS}
+    out |= {f"engine_hbm_fraction_{d}": per[d].get("engine_hbm_fraction") if d in per else None for d in DISTS}
     for d in DISTS:
         for side in ("static", "static_matched", "engine"):
             out[f"{side}_tokens_per_s_{d}"] = per[d][f"{side}_tokens_per_s"] if d in per else None
@@ -360,7 +383,20 @@ def run(s: RolloutBenchSettings, emit: Callable[[str], None] = print) -> dict:
     emit("  warm-up (compile + 1 run): " + ", ".join(f"{side} {t:.2f}s" for side, t in warm.items()))
     per = {d: bench_dist(fns, inputs, d, s) for d in s.dists}
     _table(per, emit)
-    return _result(s, cfg, dev, warm, per)
+    hbm = s.hbm_gbps if s.hbm_gbps is not None else device_peaks.hbm_gbps(dev.device_kind, dev.platform)
+    if hbm is not None:
+        _add_bandwidth(cfg, s, per, hbm, emit)
+    return dict(_result(s, cfg, dev, warm, per), hbm_gbps=hbm)
+
+
+def _add_bandwidth(cfg, s: RolloutBenchSettings, per: dict[str, dict], hbm: float, emit) -> None:
+    """The engine's decode bandwidth per distribution (`engine_bytes` / its median time) and its
+    fraction of the peak `hbm` GB/s, into each distribution's entry."""
+    for d, r in per.items():
+        nbytes = engine_bytes(cfg, s, stop_lengths(d, s.batch, s.new_tokens, s.seed))
+        gbps = nbytes / r["engine_median_s"] / 1e9
+        r.update(engine_bytes=nbytes, engine_gbps=gbps, engine_hbm_fraction=gbps / hbm)
+        emit(f"  {d}: engine reads >= {nbytes / 1e9:,.1f} GB, {gbps:,.0f} GB/s = {gbps / hbm:.1%} of {hbm:,.0f} GB/s")
 
 
 def add_arguments(p) -> None:
@@ -395,6 +431,13 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--quick", action="store_true", help="small batch and cap: well under a minute on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts, key and stop lengths")
+    p.add_argument(
+        "--hbm-gbps",
+        type=float,
+        default=None,
+        help="memory bandwidth (GB/s) for the engine's roofline fraction (default: the device's data-sheet "
+        "peak, tgpo_jax/bench/device_peaks.py; none on CPU or an unknown device unless given)",
+    )
     p.add_argument("--json-out", default=None, help="also write the result JSON to this file")
 
 
@@ -408,6 +451,7 @@ def settings_from_args(args) -> RolloutBenchSettings:
         dtype=args.dtype,
         cache_layers=args.cache_layers,
         seed=args.seed,
+        hbm_gbps=args.hbm_gbps,
     )
 
 

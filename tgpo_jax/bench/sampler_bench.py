@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tgpo_jax.bench import emit_table
+from tgpo_jax.bench import device_peaks, emit_table
 from tgpo_jax.bench.flops import param_count
 from tgpo_jax.bench.harness import print_result
 
@@ -44,7 +44,7 @@ class BenchSettings:
     repeats: int = 3
     dtype: str = "float32"
     peer: bool = True
-    hbm_gbps: float | None = None  # None: 4800 (H200) on accelerators, no roofline on CPU
+    hbm_gbps: float | None = None  # None: the device's peak (device_peaks.py); none on CPU
     seed: int = 0
     decode_split: bool = True  # also time prefill alone, for the decode-only rate (one more compile)
     peer_threads: int | None = None  # torch intra-op threads; None: os.cpu_count()
@@ -65,9 +65,6 @@ class BenchSettings:
     @property
     def batch(self) -> int:
         return self.prompts * self.n
-
-
-DEFAULT_HBM_GBPS = 4800.0  # NVIDIA H200 SXM: 4.8 TB/s
 
 
 def model_config(name: str, dtype: str = "float32"):
@@ -92,6 +89,20 @@ def model_config(name: str, dtype: str = "float32"):
     return cfg.replace(param_dtype=dtype, dtype=dtype, eos_token_id=None, bos_token_id=None, pad_token_id=None)
 
 
+def decode_param_bytes(cfg, dtype: str) -> int:
+    """Bytes of weights one decode step must read: all parameters, less an untied embedding table
+    (only its B rows are gathered); a tied table is read whole, as the head."""
+    params = param_count(cfg)
+    if not cfg.tie_word_embeddings:
+        params -= cfg.vocab_size * cfg.hidden_size
+    return int(params * (2 if dtype == "bfloat16" else 4))
+
+
+def kv_bytes_per_position(cfg, dtype: str) -> int:
+    """Bytes of K and V that one cached position holds over all layers."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (2 if dtype == "bfloat16" else 4)
+
+
 def roofline(cfg, s: BenchSettings, hbm_gbps: float) -> dict:
     """HBM-bandwidth bound on decode tokens/s: every decode step must read the weights used by a
     one-token forward once, plus the valid part of every row's KV cache.
@@ -102,13 +113,9 @@ def roofline(cfg, s: BenchSettings, hbm_gbps: float) -> dict:
                       ctx = prompt_len + new_tokens / 2 (the mean context over the decode steps)
         bound       = batch / ((param_bytes + kv_bytes) / (hbm_gbps x 1e9))   [tokens/s]
     """
-    nbytes = 2 if s.dtype == "bfloat16" else 4
-    params = param_count(cfg)
-    if not cfg.tie_word_embeddings:
-        params -= cfg.vocab_size * cfg.hidden_size
-    param_bytes = params * nbytes
+    param_bytes = decode_param_bytes(cfg, s.dtype)
     ctx = s.prompt_len + s.new_tokens / 2
-    kv_bytes = 2 * cfg.num_layers * s.batch * ctx * cfg.num_kv_heads * cfg.head_dim * nbytes
+    kv_bytes = s.batch * ctx * kv_bytes_per_position(cfg, s.dtype)
     step_s = (param_bytes + kv_bytes) / (hbm_gbps * 1e9)
     return dict(
         hbm_gbps=hbm_gbps,
@@ -307,7 +314,7 @@ def run(s: BenchSettings, emit: Callable[[str], None] = print) -> dict:
     prompts = random_prompts(cfg, s)
     tokens = s.batch * s.new_tokens
 
-    hbm = s.hbm_gbps if s.hbm_gbps is not None else (DEFAULT_HBM_GBPS if dev.platform != "cpu" else None)
+    hbm = s.hbm_gbps if s.hbm_gbps is not None else device_peaks.hbm_gbps(dev.device_kind, dev.platform)
     ours = bench_ours(model, prompts, s, decode_split=s.decode_split or hbm is not None)
     decode_tps = None
     if ours["prefill_median_s"] is not None and s.new_tokens > 1:
@@ -349,8 +356,8 @@ def add_arguments(p) -> None:
         "--hbm-gbps",
         type=float,
         default=None,
-        help=f"memory bandwidth for the roofline (default {DEFAULT_HBM_GBPS:.0f}, H200, on accelerators; "
-        "no roofline on CPU unless given)",
+        help="memory bandwidth for the roofline (default: the device's data-sheet peak, "
+        "tgpo_jax/bench/device_peaks.py; no roofline on CPU or an unknown device unless given)",
     )
     p.add_argument(
         "--decode-split",
