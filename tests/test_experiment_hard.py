@@ -92,6 +92,10 @@ def test_bundled_variant_replaces_keys_and_the_command_still_wins():
     other = load_experiment_config(HARD, overrides=["variant=mine"])
     assert other.methods == load_experiment_config(HARD).methods and other.report_dir.endswith("variants/mine")
     assert load_experiment_config(HARD, overrides=["variant=long_grpo_lr3e3"]).methods == ("grpo",)
+    reg = load_experiment_config(HARD, overrides=["variant=long_reg_lr3e4"])
+    tc = load_train_config(cell_train_dict(reg, Cell("tgpo_reg", "same_style", 0), *paths))
+    assert reg.methods == ("tgpo_reg",) and tc.train.iterations == 300 and tc.optimizer.lr == 0.0003
+    assert tc.objective.schedule()[:2] == (1.0, 0.0)
 
 
 def test_bundled_variant_errors(tmp_path):
