@@ -195,10 +195,15 @@ def _samplers(s: RolloutBenchSettings, inputs: tuple) -> dict[str, Callable]:
     )
 
 
+def matched_prompts(s: RolloutBenchSettings) -> int:
+    """Prompts per call of the matched static side: slots // n whole prompts, at least one."""
+    return max(1, s.engine_slots // s.n)
+
+
 def matched_chunks(s: RolloutBenchSettings) -> list[tuple[int, int]]:
-    """(first prompt, prompts) of each call of the matched static side: slots // n whole prompts per
-    call (at least one), in order; the last call takes the remainder."""
-    per = max(1, s.engine_slots // s.n)
+    """(first prompt, prompts) of each call of the matched static side, `matched_prompts` each, in
+    order; the last call takes the remainder."""
+    per = matched_prompts(s)
     return [(p, min(per, s.prompts - p)) for p in range(0, s.prompts, per)]
 
 
@@ -339,7 +344,7 @@ def _result(s: RolloutBenchSettings, cfg, dev, warm: dict, per: dict[str, dict])
         dtype=s.dtype,
         cache_layers="scan" if scans_cache(cfg) else "unroll",
         matched_calls=len(matched_chunks(s)),
-        matched_rows=max(1, s.engine_slots // s.n) * s.n,
+        matched_rows=matched_prompts(s) * s.n,
         static_warmup_s=warm["static"],  # the first call: compile + one run
         static_matched_warmup_s=warm["static_matched"],
         engine_warmup_s=warm["engine"],
@@ -366,7 +371,7 @@ def run(s: RolloutBenchSettings, emit: Callable[[str], None] = print) -> dict:
     emit(
         f"  prompts={s.prompts} x n={s.n} = {s.batch} requests, prompt_len={s.prompt_len}, new_tokens (cap)="
         f"{s.new_tokens}; static: {s.batch} rows; static matched: {len(matched_chunks(s))} calls of <= "
-        f"{max(1, s.engine_slots // s.n) * s.n} rows; engine: {s.engine_slots} slots; repeats={s.repeats} "
+        f"{matched_prompts(s) * s.n} rows; engine: {s.engine_slots} slots; repeats={s.repeats} "
         "(median after 1 warm-up)"
     )
     graphdef, state = nnx.split(Decoder(cfg, nnx.Rngs(s.seed)))
